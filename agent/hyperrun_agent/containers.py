@@ -1,0 +1,297 @@
+"""Containers in the guest, run by crun from OCI specs the agent writes.
+
+Layout per container under /run/hyperrun/containers/<id>/ (the bundle):
+config.json, rootfs/ (the mounted storage, or an overlay on it), crun.log,
+and the pid files crun writes. crun create leaves the container's init
+process to us (PID 1), so the reaper sees its exit status directly.
+"""
+import json
+import os
+import re
+import select
+import shutil
+import socket
+import threading
+import time
+
+from hyperrun.channel import frame
+
+from . import oci, syscalls, users
+from .errors import AgentError, failed, invalid, not_found
+from .log import log
+from .reaper import ExitStatus, Reaper
+from .stdio import Stdio
+
+CRUN = "/usr/bin/crun"
+CRUN_ROOT = "/run/crun"
+STATE_ROOT = "/run/hyperrun/containers"
+CRUN_TIMEOUT = 60.0
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def _check_id(value: str, what: str) -> str:
+    if not _ID.match(value):
+        raise invalid(f"invalid {what} {value!r}")
+    return value
+
+
+class Process:
+    def __init__(self, container_id: str, exec_id: str, stdio: Stdio) -> None:
+        self.container_id = container_id
+        self.exec_id = exec_id
+        self.stdio = stdio
+        self.pid = 0
+
+
+class Container:
+    def __init__(self, container_id: str, bundle: str) -> None:
+        self.id = container_id
+        self.bundle = bundle
+        self.rootfs = os.path.join(bundle, "rootfs")
+        self.mounts: list[str] = []  # to unmount on removal, innermost last
+        self.init: Process | None = None
+        self.execs: dict[str, Process] = {}
+        self.started = False
+        self.user_home = "/"
+
+
+class Containers:
+    def __init__(self, reaper: Reaper) -> None:
+        self.reaper = reaper
+        self._lock = threading.Lock()
+        self._containers: dict[str, Container] = {}
+        os.makedirs(STATE_ROOT, exist_ok=True)
+
+    # --- lookup -----------------------------------------------------------
+    def get(self, container_id: str) -> Container:
+        with self._lock:
+            container = self._containers.get(container_id)
+        if container is None:
+            raise not_found(f"container {container_id!r}")
+        return container
+
+    def process(self, container_id: str, exec_id: str) -> Process:
+        container = self.get(container_id)
+        proc = container.init if not exec_id else container.execs.get(exec_id)
+        if proc is None:
+            raise not_found(f"process {exec_id!r} of container {container_id!r}")
+        return proc
+
+    # --- lifecycle --------------------------------------------------------
+    def create(self, req) -> None:
+        cid = _check_id(req.container_id, "container id")
+        if not req.process.args:
+            raise invalid("process args are empty")
+        bundle = os.path.join(STATE_ROOT, cid)
+        with self._lock:
+            if cid in self._containers:
+                raise AgentError(frame.ALREADY_EXISTS, f"container {cid!r} already exists")
+            container = self._containers[cid] = Container(cid, bundle)
+        try:
+            os.makedirs(container.rootfs)
+            self._mount_rootfs(container, req.rootfs)
+            process = self._process_spec(container, req.process)
+            spec = oci.container_spec(cid, process, req.hostname, req.readonly_rootfs)
+            with open(os.path.join(bundle, "config.json"), "w") as f:
+                json.dump(spec, f)
+            container.init = self._run_crun(
+                container, "", req.process,
+                ["create", "--bundle", bundle, "--pid-file", os.path.join(bundle, "init.pid")])
+        except BaseException:
+            self._teardown(container)
+            raise
+
+    def start(self, container_id: str) -> None:
+        container = self.get(container_id)
+        if container.started:
+            raise failed(f"container {container_id!r} is already started")
+        self._crun_checked(container, ["start", container_id])
+        container.started = True
+
+    def exec(self, req) -> None:
+        container = self.get(req.container_id)
+        eid = _check_id(req.exec_id, "exec id")
+        if eid in container.execs:
+            raise AgentError(frame.ALREADY_EXISTS, f"exec {eid!r} already exists")
+        if not req.process.args:
+            raise invalid("process args are empty")
+        if container.init is None or self._exited(container.init):
+            raise failed(f"container {container.id!r} is not running")
+        spec_path = os.path.join(container.bundle, f"exec-{eid}.json")
+        with open(spec_path, "w") as f:
+            json.dump(self._process_spec(container, req.process), f)
+        container.execs[eid] = self._run_crun(
+            container, eid, req.process,
+            ["exec", "--detach", "--process", spec_path,
+             "--pid-file", os.path.join(container.bundle, f"exec-{eid}.pid")])
+
+    def wait(self, container_id: str, exec_id: str) -> ExitStatus:
+        proc = self.process(container_id, exec_id)
+        status = self.reaper.wait(proc.pid)
+        assert status is not None
+        return status
+
+    def signal(self, container_id: str, exec_id: str, signum: int) -> None:
+        proc = self.process(container_id, exec_id)
+        if self._exited(proc):
+            raise failed(f"process {exec_id or 'init'} of {container_id!r} has exited")
+        try:
+            os.kill(proc.pid, signum)
+        except ProcessLookupError:
+            raise failed(f"process {exec_id or 'init'} of {container_id!r} has exited") from None
+
+    def remove(self, container_id: str) -> None:
+        container = self.get(container_id)
+        self._teardown(container)
+
+    # --- internals --------------------------------------------------------
+    def _exited(self, proc: Process) -> bool:
+        return self.reaper.wait(proc.pid, timeout=0) is not None
+
+    def _mount_rootfs(self, container: Container, storage) -> None:
+        if storage.fstype in ("9p", "virtiofs"):
+            opts = ["trans=virtio", "version=9p2000.L", "msize=262144", "cache=mmap"] \
+                if storage.fstype == "9p" else []
+            source = storage.source
+        elif storage.fstype in ("erofs", "ext4"):
+            opts, source = ["ro"] if storage.overlay else [], storage.source
+        else:
+            raise invalid(f"unsupported rootfs type {storage.fstype!r}")
+        opts += list(storage.options)
+        target = container.rootfs
+        if storage.overlay:
+            target = os.path.join(container.bundle, "lower")
+            os.makedirs(target)
+        flags = syscalls.MS_RDONLY if storage.overlay else 0
+        syscalls.mount(source, target, storage.fstype, flags, ",".join(opts))
+        container.mounts.append(target)
+        if storage.overlay:
+            upper = os.path.join(container.bundle, "upper")
+            work = os.path.join(container.bundle, "work")
+            os.makedirs(upper)
+            os.makedirs(work)
+            syscalls.mount("overlay", container.rootfs, "overlay", 0,
+                           f"lowerdir={target},upperdir={upper},workdir={work}")
+            container.mounts.append(container.rootfs)
+
+    def _process_spec(self, container: Container, process) -> dict:
+        try:
+            uid, gid, extra, home = users.resolve(container.rootfs, process.user.spec)
+        except users.UserError as exc:
+            raise invalid(str(exc)) from None
+        extra += [g for g in process.user.additional_gids if g not in extra]
+        return oci.process_spec(list(process.args), list(process.env), process.cwd,
+                                uid, gid, extra, home, process.terminal,
+                                process.console_size.rows, process.console_size.cols)
+
+    def _run_crun(self, container: Container, exec_id: str, process, args: list[str]) -> Process:
+        """crun create/exec: returns the started Process, whose pid we now watch."""
+        stdio = Stdio(process.terminal, process.stdin)
+        proc = Process(container.id, exec_id, stdio)
+        listener = None
+        try:
+            if process.terminal:
+                path = os.path.join(container.bundle, f"console-{exec_id or 'init'}.sock")
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                listener.bind(path)
+                listener.listen(1)
+                args = args[:1] + ["--tty", "--console-socket", path] + args[1:] \
+                    if args[0] == "exec" else args + ["--console-socket", path]
+            pid = self._spawn_crun(container, args + [container.id], stdio.child_fds)
+            if listener is not None:
+                stdio.attach_master(self._receive_console(listener, pid))
+                if process.console_size.rows and process.console_size.cols:
+                    stdio.resize(process.console_size.rows, process.console_size.cols)
+            self._check_crun(container, pid)
+            pid_file = args[args.index("--pid-file") + 1]
+            with open(pid_file) as f:
+                proc.pid = int(f.read().strip())
+            self.reaper.watch(proc.pid)
+            return proc
+        except BaseException:
+            stdio.close()
+            raise
+        finally:
+            stdio.close_child_fds()
+            if listener is not None:
+                listener.close()
+
+    def _spawn_crun(self, container: Container, args: list[str], child_fds: list[int]) -> int:
+        if child_fds:
+            stdin, stdout, stderr = child_fds
+            close = []
+        else:
+            null = os.open("/dev/null", os.O_RDWR)
+            stdin = stdout = stderr = null
+            close = [null]
+        try:
+            argv = [CRUN, "--root", CRUN_ROOT, "--log", os.path.join(container.bundle, "crun.log"),
+                    "--log-format", "text"] + args
+            return self.reaper.spawn(argv, stdin, stdout, stderr)
+        finally:
+            for fd in close:
+                os.close(fd)
+
+    def _check_crun(self, container: Container, pid: int) -> None:
+        status = self.reaper.wait(pid, timeout=CRUN_TIMEOUT)
+        if status is None:
+            os.kill(pid, 9)
+            self.reaper.wait(pid)
+            raise AgentError(frame.DEADLINE_EXCEEDED, f"crun did not finish in {CRUN_TIMEOUT:.0f}s")
+        self.reaper.forget(pid)
+        if status.exit_code != 0:
+            raise AgentError(frame.INTERNAL, f"crun failed: {self._crun_error(container)}")
+
+    def _crun_checked(self, container: Container, args: list[str]) -> None:
+        self._check_crun(container, self._spawn_crun(container, args, []))
+
+    @staticmethod
+    def _crun_error(container: Container) -> str:
+        try:
+            with open(os.path.join(container.bundle, "crun.log"), errors="replace") as f:
+                lines = [line.strip() for line in f if line.strip()]
+        except OSError:
+            lines = []
+        return lines[-1] if lines else "no error message"
+
+    def _receive_console(self, listener: socket.socket, crun_pid: int) -> int:
+        deadline = time.monotonic() + CRUN_TIMEOUT
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([listener], [], [], 0.05)
+            if ready:
+                conn, _ = listener.accept()
+                with conn:
+                    _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+                if not fds:
+                    raise AgentError(frame.INTERNAL, "crun sent no terminal")
+                os.set_inheritable(fds[0], False)
+                return fds[0]
+            if self.reaper.wait(crun_pid, timeout=0) is not None:
+                break
+        raise AgentError(frame.INTERNAL, "crun did not hand over the terminal")
+
+    def _teardown(self, container: Container) -> None:
+        """Kill everything of the container, unmount, forget it. Idempotent."""
+        if container.init is not None:
+            try:
+                self._crun_checked(container, ["delete", "--force", container.id])
+            except AgentError as exc:
+                log("crun delete", container.id, exc)
+            for proc in [container.init, *container.execs.values()]:
+                if proc.pid:
+                    try:
+                        os.kill(proc.pid, 9)
+                    except ProcessLookupError:
+                        pass
+                    self.reaper.wait(proc.pid, timeout=5)
+                    self.reaper.forget(proc.pid)
+                proc.stdio.close()
+        for target in reversed(container.mounts):
+            try:
+                syscalls.umount(target)
+            except OSError as exc:
+                log(exc)
+        container.mounts.clear()
+        shutil.rmtree(container.bundle, ignore_errors=True)
+        with self._lock:
+            self._containers.pop(container.id, None)

@@ -1,0 +1,123 @@
+"""The Agent service (proto/agent.proto): requests to container operations."""
+import os
+import subprocess
+import threading
+
+from hyperrun.proto import agent_pb2 as pb
+
+from . import VERSION, syscalls
+from .containers import Containers
+from .errors import failed
+from .log import log
+
+SERVICE = "hyperrun.agent.v1.Agent"
+
+
+class AgentService:
+    def __init__(self, containers: Containers) -> None:
+        self.containers = containers
+        self._crun_version = ""
+
+    def methods(self) -> dict:
+        return {
+            "Health": (pb.HealthRequest, self.health),
+            "GetGuestDetails": (pb.GuestDetailsRequest, self.guest_details),
+            "CreateContainer": (pb.CreateContainerRequest, self.create_container),
+            "StartContainer": (pb.ContainerRequest, self.start_container),
+            "ExecProcess": (pb.ExecProcessRequest, self.exec_process),
+            "WaitProcess": (pb.ProcessRequest, self.wait_process),
+            "SignalProcess": (pb.SignalProcessRequest, self.signal_process),
+            "RemoveContainer": (pb.ContainerRequest, self.remove_container),
+            "WriteStdin": (pb.WriteStdinRequest, self.write_stdin),
+            "CloseStdin": (pb.ProcessRequest, self.close_stdin),
+            "ReadStdout": (pb.ReadStreamRequest, self.read_stdout),
+            "ReadStderr": (pb.ReadStreamRequest, self.read_stderr),
+            "ResizeTty": (pb.ResizeTtyRequest, self.resize_tty),
+            "Shutdown": (pb.Empty, self.shutdown),
+        }
+
+    def health(self, req):
+        return pb.HealthResponse(status=pb.HealthResponse.SERVING)
+
+    def guest_details(self, req):
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        mem_total = 0
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem_total = int(line.split()[1]) * 1024
+                    break
+        try:
+            with open("/sys/fs/cgroup/cgroup.controllers") as f:
+                controllers = f.read().split()
+        except OSError:
+            controllers = []
+        if not self._crun_version:
+            out = subprocess.run(["/usr/bin/crun", "--version"], capture_output=True, text=True)
+            self._crun_version = out.stdout.splitlines()[0] if out.stdout else ""
+        return pb.GuestDetails(agent_version=VERSION, kernel_release=os.uname().release,
+                               cpus=os.cpu_count() or 1, mem_total_bytes=mem_total,
+                               uptime_seconds=uptime, crun_version=self._crun_version,
+                               cgroup_controllers=controllers)
+
+    def create_container(self, req):
+        self.containers.create(req)
+        return pb.Empty()
+
+    def start_container(self, req):
+        self.containers.start(req.container_id)
+        return pb.Empty()
+
+    def exec_process(self, req):
+        self.containers.exec(req)
+        return pb.Empty()
+
+    def wait_process(self, req):
+        status = self.containers.wait(req.container_id, req.exec_id)
+        return pb.WaitProcessResponse(exit_code=status.exit_code, signal=status.signal)
+
+    def signal_process(self, req):
+        self.containers.signal(req.container_id, req.exec_id, req.signal)
+        return pb.Empty()
+
+    def remove_container(self, req):
+        self.containers.remove(req.container_id)
+        return pb.Empty()
+
+    def write_stdin(self, req):
+        proc = self.containers.process(req.container_id, req.exec_id)
+        try:
+            written = proc.stdio.stdin.write(req.data)
+        except BrokenPipeError:
+            raise failed("stdin is closed") from None
+        return pb.WriteStdinResponse(written=written)
+
+    def close_stdin(self, req):
+        self.containers.process(req.container_id, req.exec_id).stdio.close_stdin()
+        return pb.Empty()
+
+    def _read(self, req, stream_name: str):
+        stream = getattr(self.containers.process(req.container_id, req.exec_id).stdio, stream_name)
+        data = stream.read(min(req.max_bytes or 65536, 1 << 20))
+        return pb.ReadStreamResponse(data=data, eof=not data)
+
+    def read_stdout(self, req):
+        return self._read(req, "stdout")
+
+    def read_stderr(self, req):
+        return self._read(req, "stderr")
+
+    def resize_tty(self, req):
+        proc = self.containers.process(req.container_id, req.exec_id)
+        try:
+            proc.stdio.resize(req.rows, req.cols)
+        except ValueError as exc:
+            raise failed(str(exc)) from None
+        return pb.Empty()
+
+    def shutdown(self, req):
+        log("shutdown requested")
+        # Reply first; power off a moment later.
+        threading.Timer(0.05, syscalls.reboot).start()
+        return pb.Empty()

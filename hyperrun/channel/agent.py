@@ -1,0 +1,78 @@
+"""Typed client for the guest agent's API (proto/agent.proto)."""
+from __future__ import annotations
+
+from hyperrun.proto import agent_pb2 as pb
+
+from .ttrpc import Opener, TtrpcClient
+
+SERVICE = "hyperrun.agent.v1.Agent"
+
+
+class AgentClient:
+    def __init__(self, name: str = "agent") -> None:
+        self.session = TtrpcClient(name)
+
+    async def connect(self, opener: Opener) -> None:
+        await self.session.connect(opener)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def _call(self, method, request, response_type, timeout=None):
+        return await self.session.call(SERVICE, method, request, response_type, timeout)
+
+    async def health(self, timeout: float | None = None) -> bool:
+        resp = await self._call("Health", pb.HealthRequest(), pb.HealthResponse, timeout)
+        return resp.status == pb.HealthResponse.SERVING
+
+    async def guest_details(self) -> pb.GuestDetails:
+        return await self._call("GetGuestDetails", pb.GuestDetailsRequest(), pb.GuestDetails)
+
+    async def create_container(self, container_id: str, rootfs: pb.Storage, process: pb.Process,
+                               hostname: str = "", readonly_rootfs: bool = False) -> None:
+        await self._call("CreateContainer", pb.CreateContainerRequest(
+            container_id=container_id, rootfs=rootfs, process=process, hostname=hostname,
+            readonly_rootfs=readonly_rootfs), pb.Empty)
+
+    async def start_container(self, container_id: str) -> None:
+        await self._call("StartContainer", pb.ContainerRequest(container_id=container_id), pb.Empty)
+
+    async def exec_process(self, container_id: str, exec_id: str, process: pb.Process) -> None:
+        await self._call("ExecProcess", pb.ExecProcessRequest(
+            container_id=container_id, exec_id=exec_id, process=process), pb.Empty)
+
+    async def wait_process(self, container_id: str, exec_id: str = "") -> pb.WaitProcessResponse:
+        return await self._call("WaitProcess", pb.ProcessRequest(
+            container_id=container_id, exec_id=exec_id), pb.WaitProcessResponse)
+
+    async def signal_process(self, container_id: str, exec_id: str, signal: int) -> None:
+        await self._call("SignalProcess", pb.SignalProcessRequest(
+            container_id=container_id, exec_id=exec_id, signal=signal), pb.Empty)
+
+    async def remove_container(self, container_id: str) -> None:
+        await self._call("RemoveContainer", pb.ContainerRequest(container_id=container_id), pb.Empty)
+
+    async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int:
+        resp = await self._call("WriteStdin", pb.WriteStdinRequest(
+            container_id=container_id, exec_id=exec_id, data=data), pb.WriteStdinResponse)
+        return resp.written
+
+    async def close_stdin(self, container_id: str, exec_id: str = "") -> None:
+        await self._call("CloseStdin", pb.ProcessRequest(
+            container_id=container_id, exec_id=exec_id), pb.Empty)
+
+    async def read_stream(self, stream: str, container_id: str, exec_id: str = "",
+                          max_bytes: int = 0) -> bytes:
+        """stream is "stdout" or "stderr"; returns b"" at end of stream."""
+        method = {"stdout": "ReadStdout", "stderr": "ReadStderr"}[stream]
+        resp = await self._call(method, pb.ReadStreamRequest(
+            container_id=container_id, exec_id=exec_id, max_bytes=max_bytes),
+            pb.ReadStreamResponse)
+        return b"" if resp.eof else resp.data
+
+    async def resize_tty(self, container_id: str, exec_id: str, rows: int, cols: int) -> None:
+        await self._call("ResizeTty", pb.ResizeTtyRequest(
+            container_id=container_id, exec_id=exec_id, rows=rows, cols=cols), pb.Empty)
+
+    async def shutdown(self) -> None:
+        await self._call("Shutdown", pb.Empty(), pb.Empty, timeout=5)

@@ -1,0 +1,145 @@
+"""The ttRPC client (host) against the real agent server (guest code),
+over a socketpair: framing, multiplexing, errors, reconnection."""
+import asyncio
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "agent"))
+
+from hyperrun.channel import frame  # noqa: E402
+from hyperrun.channel.ttrpc import ConnectionLost, TtrpcClient, TtrpcError  # noqa: E402
+from hyperrun.proto import agent_pb2 as pb  # noqa: E402
+from hyperrun_agent.errors import not_found  # noqa: E402
+from hyperrun_agent.server import Server  # noqa: E402
+from hyperrun_agent.transport import SocketConnection  # noqa: E402
+
+SERVICE = "hyperrun.agent.v1.Agent"
+
+
+def make_server():
+    release = threading.Event()
+
+    def health(req):
+        return pb.HealthResponse(status=pb.HealthResponse.SERVING)
+
+    def slow_wait(req):
+        release.wait(10)
+        return pb.WaitProcessResponse(exit_code=int(req.exec_id or 0))
+
+    def missing(req):
+        raise not_found("container 'x'")
+
+    def crash(req):
+        raise RuntimeError("boom")
+
+    server = Server(SERVICE, {
+        "Health": (pb.HealthRequest, health),
+        "WaitProcess": (pb.ProcessRequest, slow_wait),
+        "RemoveContainer": (pb.ContainerRequest, missing),
+        "StartContainer": (pb.ContainerRequest, crash),
+    })
+    return server, release
+
+
+def serve_in_thread(server, sock):
+    conn = SocketConnection(sock)
+    t = threading.Thread(target=server.serve, args=(conn,), daemon=True)
+    t.start()
+    return t
+
+
+async def connected_client(sock):
+    client = TtrpcClient("test")
+    await client.connect(lambda: asyncio.open_connection(sock=sock))
+    return client
+
+
+def test_frame_roundtrip_and_limits():
+    data = frame.encode(7, frame.TYPE_REQUEST, b"abc")
+    assert data[:10] == b"\x00\x00\x00\x03\x00\x00\x00\x07\x01\x00"
+    dec = frame.Decoder()
+    assert dec.feed(data[:5]) == []
+    assert dec.feed(data[5:] + data) == [(7, 1, 0, b"abc"), (7, 1, 0, b"abc")]
+    with pytest.raises(frame.FrameError):
+        frame.Decoder().feed(b"\xff\xff\xff\xff\x00\x00\x00\x01\x01\x00")
+    with pytest.raises(frame.FrameError):
+        frame.Decoder().feed(b"\x00\x00\x00\x00\x00\x00\x00\x01\x09\x00")
+
+
+def test_calls_multiplex_and_errors():
+    async def main():
+        server, release = make_server()
+        host, guest = socket.socketpair()
+        serve_in_thread(server, guest)
+        client = await connected_client(host)
+        # A blocked call does not hold up the ones after it.
+        slow = asyncio.create_task(client.call(SERVICE, "WaitProcess",
+                                               pb.ProcessRequest(exec_id="42"), pb.WaitProcessResponse))
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        for _ in range(20):
+            resp = await client.call(SERVICE, "Health", pb.HealthRequest(), pb.HealthResponse)
+            assert resp.status == pb.HealthResponse.SERVING
+        assert not slow.done()
+        assert time.monotonic() - t0 < 5
+        release.set()
+        assert (await slow).exit_code == 42
+
+        with pytest.raises(TtrpcError) as err:
+            await client.call(SERVICE, "RemoveContainer", pb.ContainerRequest(), pb.Empty)
+        assert err.value.code == frame.NOT_FOUND and "not found" in str(err.value)
+        with pytest.raises(TtrpcError) as err:
+            await client.call(SERVICE, "StartContainer", pb.ContainerRequest(), pb.Empty)
+        assert err.value.code == frame.INTERNAL and "boom" in str(err.value)
+        with pytest.raises(TtrpcError) as err:
+            await client.call(SERVICE, "Nope", pb.Empty(), pb.Empty)
+        assert err.value.code == frame.UNIMPLEMENTED
+        await client.close()
+    asyncio.run(main())
+
+
+def test_pending_call_fails_when_peer_goes_away():
+    async def main():
+        server, release = make_server()
+        host, guest = socket.socketpair()
+        serve_in_thread(server, guest)
+        client = await connected_client(host)
+        pending = asyncio.create_task(client.call(SERVICE, "WaitProcess", pb.ProcessRequest(),
+                                                  pb.WaitProcessResponse))
+        await asyncio.sleep(0.05)
+        guest.shutdown(socket.SHUT_RDWR)
+        with pytest.raises(ConnectionLost):
+            await asyncio.wait_for(pending, 5)
+        release.set()
+        await client.close()
+    asyncio.run(main())
+
+
+def test_server_survives_host_reconnect():
+    """The same server object serves a second host session after the first
+    one disconnects, as the agent does across a daemon restart."""
+    async def main():
+        server, release = make_server()
+        release.set()
+        for _ in range(3):
+            host, guest = socket.socketpair()
+            serve_in_thread(server, guest)
+            client = await connected_client(host)
+            assert (await client.call(SERVICE, "Health", pb.HealthRequest(),
+                                      pb.HealthResponse)).status == 1
+            await client.close()
+    asyncio.run(main())
+
+
+def test_server_ends_session_on_garbage():
+    server, _ = make_server()
+    host, guest = socket.socketpair()
+    t = serve_in_thread(server, guest)
+    host.sendall(b"\xff" * 10)
+    t.join(5)
+    assert not t.is_alive()
