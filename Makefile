@@ -1,0 +1,61 @@
+# hyperrun: `make demo` and `make test` are all a fresh machine needs.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+
+# Debian packages hyperrun and its tests need on the host.
+APT_PACKAGES := qemu-system-x86 qemu-utils linux-source-6.1 build-essential flex bison bc \
+	libelf-dev libssl-dev dwarves erofs-utils busybox-static crun binutils xz-utils \
+	python3-venv
+
+.PHONY: setup apt venv proto kernel guest assets demo test test-unit bench check clean
+
+setup: apt venv
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else echo "Debian packages: all present"; fi
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+proto: venv
+	$(PY) hyperrun/proto/generate.py
+
+kernel: setup
+	$(PY) kernel-config/build.py
+
+guest: setup
+	$(PY) agent/build_image.py
+
+assets: kernel guest
+
+check: venv
+	$(VENV)/bin/hyperrun check
+
+demo: assets
+	@echo "== building a busybox root filesystem in build/demo-rootfs"
+	$(PY) -m hyperrun.busybox build/demo-rootfs
+	@echo "== booting a VM and running a container in it"
+	time $(VENV)/bin/hyperrun run --rootfs build/demo-rootfs -- \
+		sh -c 'echo "hello from a container in a VM: kernel $$(uname -r), hostname $$(hostname)"; id'
+
+test: assets
+	$(PY) -m pytest -v tests
+
+test-unit: venv
+	$(PY) -m pytest -v tests/unit
+
+bench: assets
+	$(PY) -m hyperrun.bench
+
+clean:
+	rm -rf build

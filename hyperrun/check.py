@@ -1,0 +1,69 @@
+"""`hyperrun check`: what this host can do, and whether hyperrun can run."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+from hyperrun import assets
+from hyperrun.channel import transport
+from hyperrun.vm import accel, qemu, rundir
+
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+
+
+def _size(path) -> str:
+    return f"{path.stat().st_size / 2**20:.1f} MiB"
+
+
+def main() -> int:
+    rows: list[tuple[str, bool, str]] = []  # (what, ok/required-ok, detail)
+    fatal = False
+
+    binary = shutil.which(qemu.QEMU_BINARY)
+    if binary:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True)
+        rows.append(("qemu", True, f"{binary}: {out.stdout.splitlines()[0] if out.stdout else '?'}"))
+    else:
+        rows.append(("qemu", False, f"{qemu.QEMU_BINARY} not found (apt install qemu-system-x86)"))
+        fatal = True
+
+    try:
+        a = accel.choose()
+        rows.append(("accelerator", True, f"{a.name}: {a.reason}"))
+    except ValueError as exc:
+        rows.append(("accelerator", False, str(exc)))
+        fatal = True
+
+    if transport.vsock_available():
+        rows.append(("vsock", True, "/dev/vhost-vsock present"))
+    else:
+        rows.append(("vsock", True, "no /dev/vhost-vsock: the agent channel uses virtio-serial"))
+
+    if os.path.exists(VIRTIOFSD):
+        rows.append(("virtiofsd", True, VIRTIOFSD))
+    else:
+        rows.append(("virtiofsd", True, f"{VIRTIOFSD} missing: shares use 9p"))
+
+    for what, path, how in (("kernel", assets.kernel_path(), "make kernel"),
+                            ("guest image", assets.guest_image_path(), "make guest")):
+        if path.exists():
+            rows.append((what, True, f"{path.resolve()} ({_size(path)})"))
+        else:
+            rows.append((what, False, f"not built ({path}): run `{how}`"))
+            fatal = True
+
+    root = rundir.run_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        writable = os.access(root, os.W_OK)
+    except OSError:
+        writable = False
+    rows.append(("run directory", writable, str(root)))
+    fatal |= not writable
+
+    width = max(len(r[0]) for r in rows)
+    for what, ok, detail in rows:
+        print(f"{'ok ' if ok else 'NO '} {what.ljust(width)}  {detail}")
+    print("hyperrun can run" if not fatal else "hyperrun cannot run on this host (see NO above)")
+    return 1 if fatal else 0

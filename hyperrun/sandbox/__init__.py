@@ -1,0 +1,1 @@
+"""Sandboxes: one VM and its agent, the unit that containers run in."""

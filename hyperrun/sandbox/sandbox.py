@@ -1,0 +1,131 @@
+"""A sandbox is one VM plus the agent session in it.
+
+boot() launches the VM and waits until the agent answers its health
+check, racing QEMU's exit so that a VM that dies during boot is reported
+with its console instead of a timeout.
+"""
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hyperrun import assets
+from hyperrun.channel import transport
+from hyperrun.channel.agent import AgentClient
+from hyperrun.vm import VMError, accel
+from hyperrun.vm.config import Channel, Share, VMConfig
+from hyperrun.vm.qemu import QemuVM
+
+BOOT_TIMEOUT = 60.0
+
+
+class AssetMissing(VMError):
+    pass
+
+
+@dataclass
+class SandboxConfig:
+    vcpus: int = 1
+    memory_mib: int = 256
+    machine: str = "microvm"
+    shares: list[Share] = field(default_factory=list)
+    die_with_parent: bool = False
+    kernel: Path | None = None
+    root_image: Path | None = None
+    init: str = "/sbin/init"
+    cmdline_extra: list[str] = field(default_factory=list)
+    # "serial", "vsock", or "auto": vsock where the host has vhost-vsock.
+    channel: str = "auto"
+
+    def channel_config(self) -> Channel:
+        kind = self.channel
+        if kind == "auto":
+            kind = "vsock" if transport.vsock_available() else "serial"
+        if kind == "vsock":
+            # Guest CIDs are host-wide; 3 and up are free for guests.
+            return Channel("vsock", cid=secrets.randbelow(2**31 - 3) + 3)
+        if kind != "serial":
+            raise VMError(f"unknown channel {kind!r}: expected serial, vsock or auto")
+        return Channel("serial")
+
+    def vm_config(self) -> VMConfig:
+        kernel = self.kernel or assets.kernel_path()
+        image = self.root_image or assets.guest_image_path()
+        if not kernel.exists():
+            raise AssetMissing(f"guest kernel not found at {kernel}: run `make kernel`")
+        if not image.exists():
+            raise AssetMissing(f"guest image not found at {image}: run `make guest`")
+        return VMConfig(kernel=kernel, root_image=image, machine=self.machine, vcpus=self.vcpus,
+                        memory_mib=self.memory_mib, accel=accel.choose().name, init=self.init,
+                        shares=list(self.shares), channel=self.channel_config(),
+                        die_with_parent=self.die_with_parent,
+                        cmdline_extra=list(self.cmdline_extra))
+
+
+class Sandbox:
+    def __init__(self, vm: QemuVM, agent: AgentClient) -> None:
+        self.vm = vm
+        self.agent = agent
+
+    @property
+    def id(self) -> str:
+        return self.vm.id
+
+    @classmethod
+    async def boot(cls, config: SandboxConfig, timeout: float = BOOT_TIMEOUT) -> "Sandbox":
+        vm = QemuVM(config.vm_config())
+        await vm.launch()
+        agent = AgentClient(f"agent-{vm.id}")
+        sandbox = cls(vm, agent)
+        try:
+            await sandbox._wait_agent(timeout)
+        except BaseException:
+            await sandbox.destroy()
+            raise
+        return sandbox
+
+    def agent_opener(self):
+        channel = self.vm.config.channel
+        if channel.kind == "vsock":
+            return transport.vsock(channel.cid)
+        return transport.unix(str(self.vm.agent_socket))
+
+    async def _connect_agent(self, timeout: float) -> bool:
+        if self.vm.config.channel.kind == "serial":
+            # QEMU's socket accepts at once; the request waits there until
+            # the agent opens its port.
+            await self.agent.connect(self.agent_opener())
+            return await self.agent.health(timeout=timeout)
+        while True:  # vsock: nothing listens until the agent is up
+            try:
+                await self.agent.connect(self.agent_opener())
+                return await self.agent.health(timeout=timeout)
+            except (ConnectionError, OSError):
+                await self.agent.close()
+                await asyncio.sleep(0.02)
+
+    async def _wait_agent(self, timeout: float) -> None:
+        health = asyncio.create_task(self._connect_agent(timeout))
+        exited = asyncio.create_task(self.vm.wait_exited())
+        try:
+            done, _ = await asyncio.wait({health, exited}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+        if health in done:
+            if health.result():
+                return
+            raise VMError("agent answered but is not serving")
+        health.cancel()
+        if exited in done or self.vm.exited:
+            raise VMError(f"VM {self.id} died during boot: {self.vm.failure_reason()}")
+        raise VMError(f"agent in VM {self.id} did not answer within {timeout:.0f}s; "
+                      f"console: {self.vm.failure_reason()}")
+
+    async def destroy(self) -> None:
+        """Stop the VM and remove everything of it. Idempotent."""
+        await self.agent.close()
+        await self.vm.stop(timeout=3)
+        await self.vm.remove()

@@ -1,0 +1,78 @@
+"""Per-VM run directories: private (0700), holding the QMP socket, the
+agent channel socket, QEMU's pid file and the serial console log. A
+directory whose QEMU is gone is stale and may be collected."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+QMP_SOCKET = "qmp.sock"
+AGENT_SOCKET = "agent.sock"
+PID_FILE = "qemu.pid"
+CONSOLE_LOG = "console.log"
+
+
+def run_root() -> Path:
+    if env := os.environ.get("HYPERRUN_RUN_DIR"):
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/run/hyperrun")
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/hyperrun-{os.getuid()}"
+    return Path(base) / "hyperrun"
+
+
+def vm_root() -> Path:
+    return run_root() / "vm"
+
+
+def create(vm_id: str) -> Path:
+    root = vm_root()
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = root / vm_id
+    path.mkdir(mode=0o700)  # fails if it exists: ids are unique
+    os.chmod(path, 0o700)   # whatever the umask
+    return path
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def qemu_pid(path: Path) -> int | None:
+    try:
+        return int((path / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive_qemu(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"qemu-system" in f.read().split(b"\0", 1)[0]
+    except OSError:
+        return False
+
+
+def collect_stale() -> list[Path]:
+    """Remove run directories whose QEMU no longer runs (left by a killed
+    `hyperrun run`); a directory still being set up has a fresh mtime and
+    is spared."""
+    import time
+
+    removed = []
+    root = vm_root()
+    if not root.is_dir():
+        return removed
+    for path in root.iterdir():
+        pid = qemu_pid(path)
+        if pid is not None and _alive_qemu(pid):
+            continue
+        try:
+            if pid is None and time.time() - path.stat().st_mtime < 60:
+                continue
+        except OSError:
+            continue
+        remove(path)
+        removed.append(path)
+    return removed

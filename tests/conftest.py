@@ -1,0 +1,59 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hyperrun import assets
+from hyperrun.vm import rundir
+
+ROOT = Path(__file__).resolve().parents[1]
+HYPERRUN = str(Path(sys.executable).parent / "hyperrun")
+
+
+def qemu_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}
+
+
+@pytest.fixture(scope="session")
+def vm_assets():
+    """Skip VM tests (with the reason) when the guest assets are missing;
+    `make test` builds them first, so there they always run."""
+    missing = [str(p) for p in (assets.kernel_path(), assets.guest_image_path()) if not p.exists()]
+    if missing:
+        pytest.skip(f"guest assets not built ({', '.join(missing)}): run `make assets`")
+
+
+@pytest.fixture(scope="session")
+def busybox_rootfs(tmp_path_factory, vm_assets):
+    from hyperrun.busybox import make_rootfs
+
+    return make_rootfs(tmp_path_factory.mktemp("busybox") / "rootfs")
+
+
+@pytest.fixture
+def no_leaks():
+    """Asserts that a test leaves no QEMU, run directory or mount behind."""
+    before_qemu = qemu_pids()
+    before_dirs = set(rundir.vm_root().iterdir()) if rundir.vm_root().is_dir() else set()
+    with open("/proc/mounts") as f:
+        before_mounts = f.read()
+    yield
+    import time
+
+    deadline = time.monotonic() + 10
+    while qemu_pids() - before_qemu and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert qemu_pids() - before_qemu == set(), "QEMU processes left behind"
+    after_dirs = set(rundir.vm_root().iterdir()) if rundir.vm_root().is_dir() else set()
+    assert after_dirs - before_dirs == set(), "run directories left behind"
+    with open("/proc/mounts") as f:
+        assert f.read() == before_mounts, "mounts changed"
+
+
+def hyperrun(*args: str, input: bytes | None = None, timeout: float = 120,
+             **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([HYPERRUN, *args], input=input, capture_output=True,
+                          timeout=timeout, **kwargs)

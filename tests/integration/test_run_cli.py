@@ -1,0 +1,131 @@
+"""`hyperrun run --rootfs` end to end: real QEMU, real guest kernel, the
+agent as PID 1, crun in the guest."""
+import os
+import pty
+import signal
+import subprocess
+import time
+
+from tests.conftest import HYPERRUN, hyperrun, qemu_pids
+
+
+def test_stdout_stderr_and_exit_code(busybox_rootfs, no_leaks):
+    r = hyperrun("run", "--rootfs", str(busybox_rootfs), "--",
+                 "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert r.stdout == b"out\n", r
+    assert r.stderr == b"err\n", r
+    assert r.returncode == 3
+
+
+def test_stdin_is_relayed_with_eof(busybox_rootfs, no_leaks):
+    r = hyperrun("run", "-i", "--rootfs", str(busybox_rootfs), "--", "cat", input=b"abc")
+    assert (r.returncode, r.stdout) == (0, b"abc"), r
+
+
+def test_stdin_closed_without_i(busybox_rootfs):
+    r = hyperrun("run", "--rootfs", str(busybox_rootfs), "--", "cat", input=b"abc")
+    assert (r.returncode, r.stdout) == (0, b""), r
+
+
+def test_env_workdir_user(busybox_rootfs):
+    r = hyperrun("run", "-e", "FOO=bar baz", "-w", "/tmp", "-u", "app",
+                 "--rootfs", str(busybox_rootfs), "--",
+                 "sh", "-c", 'echo "$FOO"; pwd; id -u; id -g; id -G; echo "$HOME"')
+    assert r.returncode == 0, r
+    assert r.stdout.decode().split("\n") == ["bar baz", "/tmp", "1000", "1000", "1000 100",
+                                             "/home/app", ""]
+
+
+def test_numeric_user_and_group(busybox_rootfs):
+    r = hyperrun("run", "-u", "4242:4343", "--rootfs", str(busybox_rootfs), "--",
+                 "sh", "-c", "id -u; id -g")
+    assert r.stdout == b"4242\n4343\n", r
+
+
+def test_unknown_user_is_a_clear_error(busybox_rootfs, no_leaks):
+    r = hyperrun("run", "-u", "nosuchuser", "--rootfs", str(busybox_rootfs), "--", "true")
+    assert r.returncode == 125
+    assert b"unable to find user nosuchuser" in r.stderr
+
+
+def test_command_not_found(busybox_rootfs, no_leaks):
+    r = hyperrun("run", "--rootfs", str(busybox_rootfs), "--", "/no/such/binary")
+    assert r.returncode == 127, r
+    assert b"/no/such/binary" in r.stderr
+
+
+def test_writes_reach_the_rootfs(busybox_rootfs):
+    marker = busybox_rootfs / "tmp" / "written-in-vm"
+    marker.unlink(missing_ok=True)
+    r = hyperrun("run", "--rootfs", str(busybox_rootfs), "--",
+                 "sh", "-c", "echo hi > /tmp/written-in-vm")
+    assert r.returncode == 0, r
+    assert marker.read_text() == "hi\n"
+    marker.unlink()
+
+
+def test_tty(busybox_rootfs, no_leaks):
+    """-t gives the process a pty of the local terminal's size."""
+    master, slave = pty.openpty()
+    import fcntl
+    import struct
+    import termios
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+    proc = subprocess.Popen([HYPERRUN, "run", "-t", "--rootfs", str(busybox_rootfs), "--",
+                             "sh", "-c", "tty; stty size; exit 5"],
+                            stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert proc.wait(30) == 5
+    os.close(master)
+    assert b"/dev/pts/0" in out, out
+    assert b"33 101" in out, out
+
+
+def test_signal_proxied_to_container(busybox_rootfs, no_leaks):
+    """SIGTERM to `hyperrun run` reaches the container (docker's sig-proxy)."""
+    proc = subprocess.Popen([HYPERRUN, "run", "--rootfs", str(busybox_rootfs), "--", "sh", "-c",
+                             "trap 'echo got TERM; exit 7' TERM; echo ready; "
+                             "while true; do sleep 0.1; done"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"ready\n"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 7, (out, err)
+    assert out == b"got TERM\n"
+
+
+def test_twenty_runs_leave_nothing_behind(busybox_rootfs, no_leaks):
+    for i in range(20):
+        r = hyperrun("run", "--rootfs", str(busybox_rootfs), "--", "true")
+        assert r.returncode == 0, (i, r)
+
+
+def test_kill_9_of_run_leaves_no_qemu(busybox_rootfs):
+    before = qemu_pids()
+    proc = subprocess.Popen([HYPERRUN, "run", "--rootfs", str(busybox_rootfs), "--",
+                             "sh", "-c", "echo started; sleep 600"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout.readline() == b"started\n"
+    assert qemu_pids() - before, "no QEMU was started"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while qemu_pids() - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert qemu_pids() - before == set(), "QEMU still running 10 s after kill -9"
+    # The next run collects the run directory the killed one left.
+    r = hyperrun("run", "--rootfs", str(busybox_rootfs), "--", "true")
+    assert r.returncode == 0
+    from hyperrun.vm import rundir
+    left = [p for p in rundir.vm_root().iterdir()] if rundir.vm_root().is_dir() else []
+    assert left == [], left

@@ -1,0 +1,170 @@
+"""The sandbox API against a real VM: the agent's RPCs, QMP, reconnects."""
+import asyncio
+import os
+import signal
+
+import pytest
+
+from hyperrun.channel import frame, transport
+from hyperrun.channel.agent import AgentClient
+from hyperrun.channel.ttrpc import TtrpcError
+from hyperrun.proto import agent_pb2 as pb
+from hyperrun.sandbox.sandbox import Sandbox, SandboxConfig
+from hyperrun.vm.config import Share
+
+ROOTFS = pb.Storage(source="rootfs", fstype="9p")
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 240))
+
+
+async def booted(rootfs):
+    return await Sandbox.boot(SandboxConfig(shares=[Share("rootfs", rootfs)]))
+
+
+async def read_all(agent, stream, cid, eid=""):
+    out = b""
+    while data := await agent.read_stream(stream, cid, eid):
+        out += data
+    return out
+
+
+def test_sandbox_lifecycle_and_agent_api(busybox_rootfs, no_leaks):
+    async def main():
+        sb = await booted(busybox_rootfs)
+        try:
+            assert await sb.vm.status() == "running"
+            details = await sb.agent.guest_details()
+            assert details.kernel_release.startswith("6.1")
+            assert {"cpu", "memory", "pids"} <= set(details.cgroup_controllers)
+            assert details.crun_version.startswith("crun version")
+            assert sb.vm.run_dir.stat().st_mode & 0o777 == 0o700
+            for name in ("qmp.sock", "agent.sock", "qemu.pid", "console.log"):
+                assert (sb.vm.run_dir / name).exists(), name
+
+            # A long-running container, signalled to death inside the VM.
+            await sb.agent.create_container("c1", ROOTFS, pb.Process(args=["sleep", "300"]))
+            await sb.agent.start_container("c1")
+            wait = asyncio.create_task(sb.agent.wait_process("c1"))
+
+            # Exec while the init blocks in WaitProcess: calls multiplex.
+            await sb.agent.exec_process("c1", "e1", pb.Process(
+                args=["sh", "-c", "read x; echo got $x; echo oops >&2; exit 4"], stdin=True))
+            await sb.agent.write_stdin("c1", "e1", b"hello\n")
+            await sb.agent.close_stdin("c1", "e1")
+            out, err = await asyncio.gather(read_all(sb.agent, "stdout", "c1", "e1"),
+                                            read_all(sb.agent, "stderr", "c1", "e1"))
+            assert (out, err) == (b"got hello\n", b"oops\n")
+            assert (await sb.agent.wait_process("c1", "e1")).exit_code == 4
+
+            # Concurrent execs, each with its own output.
+            async def echo(i):
+                await sb.agent.exec_process("c1", f"x{i}", pb.Process(args=["echo", str(i)]))
+                data = await read_all(sb.agent, "stdout", "c1", f"x{i}")
+                return data, (await sb.agent.wait_process("c1", f"x{i}")).exit_code
+            results = await asyncio.gather(*(echo(i) for i in range(5)))
+            assert results == [(f"{i}\n".encode(), 0) for i in range(5)]
+
+            assert not wait.done()
+            await sb.agent.signal_process("c1", "", signal.SIGKILL)
+            status = await wait
+            assert (status.exit_code, status.signal) == (137, 9)
+
+            with pytest.raises(TtrpcError) as e:
+                await sb.agent.start_container("nope")
+            assert e.value.code == frame.NOT_FOUND
+            with pytest.raises(TtrpcError) as e:
+                await sb.agent.create_container("../x", ROOTFS, pb.Process(args=["true"]))
+            assert e.value.code == frame.INVALID_ARGUMENT
+
+            await sb.agent.remove_container("c1")
+            with pytest.raises(TtrpcError):
+                await sb.agent.wait_process("c1")
+        finally:
+            await sb.destroy()
+        assert not sb.vm.run_dir.exists()
+        assert sb.vm.exited
+    run(main())
+
+
+def test_agent_serves_a_reconnecting_host(busybox_rootfs, no_leaks):
+    """The host side disconnects (as a restarting daemon would) and a new
+    session on the same socket finds the agent and its containers."""
+    async def main():
+        sb = await booted(busybox_rootfs)
+        try:
+            await sb.agent.create_container("c", ROOTFS, pb.Process(args=["sleep", "300"]))
+            await sb.agent.start_container("c")
+            for _ in range(3):
+                await sb.agent.close()
+                sb.agent = AgentClient("again")
+                await sb.agent.connect(sb.agent_opener())
+                assert await sb.agent.health(timeout=30)
+                await sb.agent.exec_process("c", f"e{os.urandom(3).hex()}", pb.Process(args=["true"]))
+        finally:
+            await sb.destroy()
+    run(main())
+
+
+def test_tty_exec_and_resize(busybox_rootfs, no_leaks):
+    async def main():
+        sb = await booted(busybox_rootfs)
+        try:
+            await sb.agent.create_container("t", ROOTFS, pb.Process(args=["sleep", "300"]))
+            await sb.agent.start_container("t")
+            await sb.agent.exec_process("t", "sh", pb.Process(
+                args=["sh"], terminal=True, stdin=True,
+                console_size=pb.ConsoleSize(rows=20, cols=70)))
+            await sb.agent.resize_tty("t", "sh", 40, 120)
+            await sb.agent.write_stdin("t", "sh", b"stty size; exit 3\n")
+            out = await read_all(sb.agent, "stdout", "t", "sh")
+            assert b"40 120" in out, out
+            assert (await sb.agent.wait_process("t", "sh")).exit_code == 3
+        finally:
+            await sb.destroy()
+    run(main())
+
+
+def test_vm_dying_is_noticed(busybox_rootfs, no_leaks):
+    async def main():
+        sb = await booted(busybox_rootfs)
+        try:
+            await sb.agent.create_container("c", ROOTFS, pb.Process(args=["sleep", "300"]))
+            await sb.agent.start_container("c")
+            wait = asyncio.create_task(sb.agent.wait_process("c"))
+            await asyncio.sleep(0.2)
+            os.kill(sb.vm.pid, signal.SIGKILL)
+            await asyncio.wait_for(sb.vm.wait_exited(), 10)
+            assert sb.vm.exited
+            from hyperrun.channel.ttrpc import ConnectionLost
+            with pytest.raises(ConnectionLost):
+                await asyncio.wait_for(wait, 10)
+        finally:
+            await sb.destroy()
+    run(main())
+
+
+def test_graceful_stop_through_qmp(busybox_rootfs, no_leaks):
+    async def main():
+        sb = await booted(busybox_rootfs)
+        await sb.vm.stop(timeout=10)
+        assert sb.vm.exited
+        assert await sb.vm.wait_exited() == 0  # QEMU quit on request, not killed
+        await sb.destroy()
+    run(main())
+
+
+def test_vsock_channel(vm_assets):
+    if not transport.vsock_available():
+        pytest.skip("no /dev/vhost-vsock on this host: vsock cannot be tested end to end "
+                    "(virtio-serial is used and tested instead)")
+
+    async def main():
+        sb = await Sandbox.boot(SandboxConfig(channel="vsock"))
+        try:
+            assert sb.vm.config.channel.kind == "vsock"
+            assert await sb.agent.health(timeout=10)
+        finally:
+            await sb.destroy()
+    run(main())

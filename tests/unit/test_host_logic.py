@@ -1,0 +1,77 @@
+"""Host-side pieces that need no VM: accelerator choice, QEMU command
+line, run directories, generated code."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hyperrun.vm import accel, rundir
+from hyperrun.vm.config import Channel, Share, VMConfig
+from hyperrun.vm.qemu import command_line
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_accel_override(monkeypatch):
+    monkeypatch.setenv("HYPERRUN_ACCEL", "kvm")
+    assert accel.choose().name == "kvm"
+    monkeypatch.setenv("HYPERRUN_ACCEL", "tcg")
+    assert accel.choose().name == "tcg"
+    monkeypatch.setenv("HYPERRUN_ACCEL", "xen")
+    with pytest.raises(ValueError):
+        accel.choose()
+
+
+def test_accel_needs_vmx_or_svm(monkeypatch):
+    monkeypatch.delenv("HYPERRUN_ACCEL", raising=False)
+    monkeypatch.setattr(accel, "_kvm_opens", lambda: (True, ""))
+    monkeypatch.setattr(accel, "_cpu_has_virt", lambda: False)
+    assert accel.choose().name == "tcg"
+    monkeypatch.setattr(accel, "_cpu_has_virt", lambda: True)
+    assert accel.choose().name == "kvm"
+    monkeypatch.setattr(accel, "_kvm_opens", lambda: (False, "/dev/kvm: No such file"))
+    assert accel.choose().name == "tcg"
+
+
+def test_command_line_microvm(tmp_path):
+    cfg = VMConfig(kernel=Path("/k"), root_image=Path("/img"), vcpus=2, memory_mib=300,
+                   shares=[Share("rootfs", Path("/data"), readonly=True)])
+    argv = command_line(cfg, tmp_path, qmp_fd=5, agent_fd=6)
+    joined = " ".join(argv)
+    assert argv[argv.index("-M") + 1].startswith("microvm,acpi=off")
+    assert argv[argv.index("-smp") + 1] == "2" and argv[argv.index("-m") + 1] == "300"
+    assert "virtio-blk-device,drive=root" in joined
+    assert "socket,id=agent,fd=6,server=on,wait=off" in joined
+    assert "virtserialport,chardev=agent,name=hyperrun.agent" in joined
+    assert "socket,id=qmp,fd=5,server=on,wait=off" in joined
+    assert "mount_tag=rootfs" in joined and "readonly=on" in joined
+    assert "-no-reboot" in argv
+    append = argv[argv.index("-append") + 1]
+    assert "root=/dev/vda" in append and "init=/sbin/init" in append and "reboot=t" in append
+
+
+def test_command_line_q35_vsock(tmp_path):
+    cfg = VMConfig(kernel=Path("/k"), root_image=Path("/img"), machine="q35",
+                   channel=Channel("vsock", cid=7), accel="kvm")
+    argv = command_line(cfg, tmp_path, qmp_fd=5, agent_fd=None)
+    assert "vhost-vsock-pci,guest-cid=7" in argv
+    assert "virtio-blk-pci,drive=root" in argv
+    assert argv[argv.index("-cpu") + 1] == "host"
+
+
+def test_rundir_private_and_collect(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPERRUN_RUN_DIR", str(tmp_path))
+    path = rundir.create("abc")
+    assert path.stat().st_mode & 0o777 == 0o700
+    (path / rundir.PID_FILE).write_text("999999999")  # no such process
+    fresh = rundir.create("fresh")  # no pid file yet: being set up
+    assert rundir.collect_stale() == [path]
+    assert fresh.exists() and not path.exists()
+
+
+def test_generated_proto_is_current():
+    r = subprocess.run([sys.executable, str(ROOT / "hyperrun/proto/generate.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
