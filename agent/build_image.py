@@ -36,6 +36,7 @@ import hashlib
 import importlib.machinery
 import importlib.metadata
 import importlib.util
+import json
 import modulefinder
 import os
 import py_compile
@@ -60,7 +61,7 @@ from hyperrun import assets  # noqa: E402
 try:
     from rich.console import Console
 
-    _console = Console(highlight=False)
+    _console = Console(highlight=False, soft_wrap=True)
 except ImportError:  # pragma: no cover - rich is a project dependency
     _console = None
 
@@ -107,6 +108,8 @@ ALWAYS_STDLIB = [
     "posixpath", "genericpath", "_collections_abc",
     "linecache", "tokenize", "traceback", "warnings", "importlib",
     "importlib.machinery", "importlib.util", "zipimport",
+    # So that a plain `python3` (no -S) works from a debugging shell.
+    "site", "_sitebuiltins",
 ]
 # Imported from C by protobuf's upb extension, so invisible to modulefinder.
 ALWAYS_PROTOBUF = [
@@ -117,9 +120,6 @@ ALWAYS_PROTOBUF = [
     "copy",
     "enum",
 ]
-# Optional imports of the standard library (inside try/except, or for
-# features the guest does not use) whose closure is large: not followed.
-# An import of one of these by the agent itself fails the build.
 # Imports made by the standard library lazily (inside functions) or
 # optionally (``try: import x except ImportError``) into things the guest does
 # without: not followed from the stdlib. An import of one of these by the
@@ -130,8 +130,10 @@ SOFT_EXCLUDES = [
     "tarfile", "zipfile",                        # shutil's archive functions
     "importlib.metadata", "importlib.resources", "importlib.readers",
     "readline", "pydoc", "_ctypes_test", "_testcapi", "_testinternalcapi",
+    "sitecustomize", "usercustomize",           # Debian's hooks (apport)
 ]
 
+VERIFY_TIMEOUT = 120  # seconds
 DEBUG = False
 
 
@@ -238,9 +240,8 @@ def resolve_packages(roots: list[str]) -> dict[str, str]:
                 else:
                     pick = a
                     break
-            if pick is None:
-                raise BuildError(f"cannot satisfy {alts} for {name}")
-            todo.append(pick)
+            if pick is not None:  # else only skipped packages provide it
+                todo.append(pick)
     show = run(["apt-cache", "show", "--no-all-versions", *chosen],
                capture_output=True, text=True)
     versions: dict[str, str] = {}
@@ -252,6 +253,35 @@ def resolve_packages(roots: list[str]) -> dict[str, str]:
     if missing:
         raise BuildError(f"no candidate version for {missing} (apt-get update?)")
     return dict(sorted(versions.items()))
+
+
+def apt_state() -> str:
+    """A fingerprint of apt's package lists and configuration: while it
+    holds, so does a previous resolution (apt-cache takes ~1 s a call)."""
+    h = hashlib.sha256()
+    for d in (Path("/var/lib/apt/lists"), Path("/etc/apt")):
+        if not d.is_dir():
+            continue
+        for p in sorted(d.rglob("*")):
+            if p.is_file() and p.name != "lock" and "partial" not in p.parts:
+                st = p.stat()
+                h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def resolve_packages_cached(roots: list[str], memo: Path) -> dict[str, str]:
+    tag = hashlib.sha256(
+        apt_state().encode() + Path(__file__).read_bytes() + " ".join(roots).encode()
+    ).hexdigest()
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        data = json.loads(memo.read_text())
+        if data["tag"] == tag:
+            return data["versions"]
+    versions = resolve_packages(roots)
+    tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"tag": tag, "versions": versions}, indent=1))
+    os.replace(tmp, memo)
+    return versions
 
 
 def deb_filename(name: str, version_arch: str) -> str:
@@ -607,7 +637,7 @@ def host_closure(agent_dir: Path) -> list[Path]:
     cache key can be computed before anything is downloaded."""
     f = GuestFinder([str(agent_dir.parent), str(REPO)], sys.builtin_module_names)
     for name in agent_modules(agent_dir):
-        with contextlib.suppress(ImportError):
+        with contextlib.suppress(ImportError, SyntaxError):  # reported by the build
             f.import_hook(name)
     host = REPO / "hyperrun"
     return sorted(Path(m.__file__) for m in f.modules.values()
@@ -623,10 +653,10 @@ def is_under(p: str | None, root: Path) -> bool:
 def guest_facts(stage: Path) -> dict:
     """Ask the staged Debian interpreter (through its own loader) about itself."""
     code = (
-        "import sys, importlib.util, importlib.machinery as m; "
+        "import sys, importlib.util; "
         "print(repr({'builtins': sys.builtin_module_names, "
         "'magic': importlib.util.MAGIC_NUMBER, 'tag': sys.implementation.cache_tag, "
-        "'ext': m.EXTENSION_SUFFIXES, 'version': sys.version.split()[0]}))"
+        "'version': sys.version.split()[0]}))"
     )
     ld = staged(stage, INTERP)
     libpath = ":".join(str(stage / d) for d in LIB_SEARCH[:2])
@@ -709,12 +739,13 @@ print(repr({"impl": impl, "modules": len(sys.modules), "nopyc": nosrc}))
 
 
 def build(args, prog: Progress, key: str, versions: dict[str, str], pb_version: str,
-          host_files: list[Path], out: Path) -> None:
+          host_files: list[Path], out: Path) -> int:
+    """Build the image into ``out``; returns the size of the tree."""
     cache = assets.cache_root() / "guest"
     agent_dir: Path = args.agent_dir
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
     try:
-        _build(args, prog, key, versions, pb_version, host_files, out, cache, agent_dir, work)
+        return _build(args, prog, key, versions, pb_version, host_files, out, cache, agent_dir, work)
     finally:
         if args.keep_tree:
             prog.step(f"kept the work tree in {work}")
@@ -722,7 +753,7 @@ def build(args, prog: Progress, key: str, versions: dict[str, str], pb_version: 
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _build(args, prog, key, versions, pb_version, host_files, out, cache, agent_dir, work):
+def _build(args, prog, key, versions, pb_version, host_files, out, cache, agent_dir, work) -> int:
     stage = work / "stage"
     pbdir = work / "protobuf"
     tree = Tree(work / "root")
@@ -758,10 +789,15 @@ def _build(args, prog, key, versions, pb_version, host_files, out, cache, agent_
     host_root = REPO / "hyperrun"
     finder = GuestFinder(path, facts["builtins"])
     finder.soft_excludes = frozenset(SOFT_EXCLUDES)
+    if args.protobuf == "python":  # the C backends' glue, unusable without them
+        finder.soft_excludes |= {"google._upb", "google.protobuf.pyext.cpp_message"}
     finder.project_roots = (agent_dir, host_root)
     ours = agent_modules(agent_dir)
     for name in ours:
-        finder.import_hook(name)
+        try:
+            finder.import_hook(name)
+        except SyntaxError as e:
+            raise BuildError(f"{name}: {e}") from None
     extras = list(ALWAYS_STDLIB)
     if args.protobuf == "upb":
         extras += ALWAYS_PROTOBUF
@@ -800,6 +836,7 @@ def _build(args, prog, key, versions, pb_version, host_files, out, cache, agent_
         p = Path(f)
         if p.is_relative_to(stdlib):
             rel = f"{STDLIB}/{p.relative_to(stdlib)}"
+            p = staged(stage, rel)  # a symlink in the package points inside it
             shipped_std.append(name)
         elif p.is_relative_to(pbdir):
             rel = f"{GUEST_PATH[1:]}/{p.relative_to(pbdir)}"
@@ -891,9 +928,12 @@ def _build(args, prog, key, versions, pb_version, host_files, out, cache, agent_
     for rel in sources:
         src = tree.root / rel
         cfile = importlib.util.cache_from_source(str(src))
-        py_compile.compile(
-            str(src), cfile=cfile, dfile="/" + rel, doraise=True,
-            invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+        try:
+            py_compile.compile(
+                str(src), cfile=cfile, dfile="/" + rel, doraise=True,
+                invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+        except py_compile.PyCompileError as e:
+            raise BuildError(str(e)) from None
         os.chmod(cfile, 0o644)
         os.chmod(os.path.dirname(cfile), 0o755)
 
@@ -915,11 +955,9 @@ def _build(args, prog, key, versions, pb_version, host_files, out, cache, agent_
         capture_output=True, text=True)
     os.chmod(tmp, 0o644)
     os.replace(tmp, out)
-    (out.parent / "tree-size").write_text(f"{size}\n")
-    prog.step(f"[bold]guest image: {out} {mib(out.stat().st_size)}[/bold] (tree {mib(size)}, "
-              f"{len(shipped_std)} stdlib modules, protobuf {pb_version} {args.protobuf})"
-              if _console else
-              f"guest image: {out} {mib(out.stat().st_size)} (tree {mib(size)})")
+    prog.step(f"image: {mib(out.stat().st_size)} ({len(shipped_std)} stdlib modules, "
+              f"protobuf {pb_version} {args.protobuf})")
+    return size
 
 
 def verify(root: Path, names: list[str], prog: Progress) -> None:
@@ -950,8 +988,12 @@ def verify(root: Path, names: list[str], prog: Progress) -> None:
                 str(root / LIBDIR), str(root) + argv[0], *argv[1:]]
 
     prog.step(f"verifying: importing {len(names)} modules with the guest interpreter ({mode})")
-    r = subprocess.run(guest(f"/usr/bin/{PY}", "-I", "-S", "-c", code),
-                       capture_output=True, text=True, env=env)
+    try:
+        r = subprocess.run(guest(f"/usr/bin/{PY}", "-I", "-S", "-c", code),
+                           capture_output=True, text=True, env=env, timeout=VERIFY_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise BuildError(f"importing the shipped modules took over {VERIFY_TIMEOUT}s: does an "
+                         "agent module do work at import (it must not)?") from None
     if r.returncode != 0:
         raise BuildError(f"the guest interpreter failed to import the shipped modules:\n"
                          f"{r.stdout[-4000:]}{r.stderr[-4000:]}")
@@ -964,7 +1006,8 @@ def verify(root: Path, names: list[str], prog: Progress) -> None:
     else:
         prog.warn("crun not run (it needs /proc: run the build as root); its libraries were checked")
     for argv in checks:
-        r = subprocess.run(guest(*argv), capture_output=True, text=True, env=env)
+        r = subprocess.run(guest(*argv), capture_output=True, text=True, env=env,
+                           timeout=VERIFY_TIMEOUT)
         if r.returncode != 0:
             raise BuildError(f"{' '.join(argv)} fails in the tree:\n{r.stderr}")
     prog.step(f"verified: imports ok (protobuf implementation: {result['impl']}), "
@@ -1015,13 +1058,16 @@ def main(argv: list[str] | None = None) -> int:
         cache = assets.cache_root() / "guest"
         cache.mkdir(parents=True, exist_ok=True)
         roots = ROOT_PACKAGES + (UPB_PACKAGES if args.protobuf == "upb" else [])
-        versions = resolve_packages(roots)
+        versions = resolve_packages_cached(roots, cache / "packages.json")
         pb_version = importlib.metadata.version("protobuf")
         host_files = host_closure(args.agent_dir)
         key = compute_key(args, versions, pb_version, host_files)
 
         if args.output:
-            build(args, prog, key, versions, pb_version, host_files, args.output.resolve())
+            out = args.output.resolve()
+            size = build(args, prog, key, versions, pb_version, host_files, out)
+            print(f"guest image: {out} {mib(out.stat().st_size)} (built in "
+                  f"{time.monotonic() - prog.t0:.1f}s, tree {mib(size)})")
             return 0
 
         image = cache / key / assets.GUEST_FILE
@@ -1029,14 +1075,17 @@ def main(argv: list[str] | None = None) -> int:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time per cache
             if image.exists():
                 assets.publish("guest", key)
-                size = (image.parent / "tree-size")
-                tree = f", tree {mib(int(size.read_text()))}" if size.exists() else ""
+                sizefile = image.parent / "tree-size"
+                tree = f", tree {mib(int(sizefile.read_text()))}" if sizefile.exists() else ""
                 print(f"guest image: {image} {mib(image.stat().st_size)} (cached{tree})")
                 return 0
             prog.step(f"building guest image {key}: {len(versions)} packages, protobuf {pb_version}")
-            build(args, prog, key, versions, pb_version, host_files, image)
+            size = build(args, prog, key, versions, pb_version, host_files, image)
+            (image.parent / "tree-size").write_text(f"{size}\n")
             assets.publish("guest", key)
         prog.step(f"published {cache / 'current'} -> {key}")
+        print(f"guest image: {image} {mib(image.stat().st_size)} (built in "
+              f"{time.monotonic() - prog.t0:.1f}s, tree {mib(size)})")
         return 0
     except BuildError as e:
         if _console:

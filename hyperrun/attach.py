@@ -91,9 +91,9 @@ class Relay:
 
 
 @contextlib.contextmanager
-def raw_terminal(fd: int = 0):
+def raw_terminal(fd: int = 0, enabled: bool = True):
     """Raw mode on a local tty for the duration; no-op when fd is not a tty."""
-    if not os.isatty(fd):
+    if not enabled or not os.isatty(fd):
         yield
         return
     saved = termios.tcgetattr(fd)

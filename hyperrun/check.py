@@ -6,8 +6,8 @@ import shutil
 import subprocess
 
 from hyperrun import assets
-from hyperrun.channel import transport
 from hyperrun.vm import accel, qemu, rundir
+from hyperrun.vm.config import vsock_available
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 
@@ -35,7 +35,7 @@ def main() -> int:
         rows.append(("accelerator", False, str(exc)))
         fatal = True
 
-    if transport.vsock_available():
+    if vsock_available():
         rows.append(("vsock", True, "/dev/vhost-vsock present"))
     else:
         rows.append(("vsock", True, "no /dev/vhost-vsock: the agent channel uses virtio-serial"))

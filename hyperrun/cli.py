@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 
@@ -45,8 +44,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from hyperrun.run import RunSpec, run
-    from hyperrun.sandbox.sandbox import SandboxConfig
+    from hyperrun.run import RunSpec, execute
+    from hyperrun.sandbox.config import SandboxConfig
 
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
@@ -61,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
                    hostname=args.hostname, readonly=args.read_only,
                    sandbox=SandboxConfig(vcpus=args.cpus, memory_mib=args.memory,
                                          machine=args.machine))
-    return asyncio.run(run(spec))
+    return execute(spec)
 
 
 if __name__ == "__main__":

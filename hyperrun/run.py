@@ -1,20 +1,21 @@
 """`hyperrun run`: one container in a fresh sandbox VM, attached to the
 local terminal, torn down when it exits. Exit code as Docker's: the
 container's own, 128+N when killed by signal N, 125 when hyperrun itself
-failed, 126/127 when the command cannot be run / was not found."""
+failed, 126/127 when the command cannot be run / was not found.
+
+execute() starts QEMU before it loads asyncio, protobuf and QMP: the guest
+boots while the rest of hyperrun is imported (worth ~0.1 s per run).
+"""
 from __future__ import annotations
 
-import asyncio
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hyperrun import attach
-from hyperrun.channel.ttrpc import TtrpcError
-from hyperrun.proto import agent_pb2 as pb
-from hyperrun.sandbox.sandbox import Sandbox, SandboxConfig
+from hyperrun.sandbox.config import SandboxConfig
 from hyperrun.vm import VMError, rundir
 from hyperrun.vm.config import Share
+from hyperrun.vm.qemu import QemuVM
 
 EXIT_RUNTIME_ERROR = 125
 EXIT_CANNOT_INVOKE = 126
@@ -36,8 +37,29 @@ class RunSpec:
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
-def _start_error_code(exc: TtrpcError) -> int:
-    text = exc.remote_message.lower()
+def _error(message: str) -> int:
+    print(f"hyperrun: {message}", file=sys.stderr)
+    return EXIT_RUNTIME_ERROR
+
+
+def execute(spec: RunSpec) -> int:
+    if not spec.rootfs.is_dir():
+        return _error(f"rootfs {spec.rootfs} is not a directory")
+    rundir.collect_stale()
+    spec.sandbox.shares = [Share(ROOTFS_TAG, spec.rootfs.resolve(), readonly=spec.readonly)]
+    spec.sandbox.die_with_parent = True
+    try:
+        vm = QemuVM(spec.sandbox.vm_config())
+        vm.spawn()
+    except VMError as exc:
+        return _error(str(exc))
+    import asyncio
+
+    return asyncio.run(_run(spec, vm))
+
+
+def _start_error_code(message: str) -> int:
+    text = message.lower()
     if "no such file" in text or "not found" in text:
         return EXIT_NOT_FOUND
     if "permission denied" in text or "exec format" in text:
@@ -45,25 +67,24 @@ def _start_error_code(exc: TtrpcError) -> int:
     return EXIT_RUNTIME_ERROR
 
 
-async def run(spec: RunSpec) -> int:
-    if not spec.rootfs.is_dir():
-        print(f"hyperrun: rootfs {spec.rootfs} is not a directory", file=sys.stderr)
-        return EXIT_RUNTIME_ERROR
-    rundir.collect_stale()
-    spec.sandbox.shares = [Share(ROOTFS_TAG, spec.rootfs.resolve(), readonly=spec.readonly)]
-    spec.sandbox.die_with_parent = True
+async def _run(spec: RunSpec, vm: QemuVM) -> int:
+    from hyperrun.sandbox.sandbox import Sandbox
+
     try:
-        sandbox = await Sandbox.boot(spec.sandbox)
+        sandbox = await Sandbox.start(vm)
     except VMError as exc:
-        print(f"hyperrun: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME_ERROR
+        return _error(str(exc))
     try:
         return await _run_in(sandbox, spec)
     finally:
         await sandbox.destroy()
 
 
-async def _run_in(sandbox: Sandbox, spec: RunSpec) -> int:
+async def _run_in(sandbox, spec: RunSpec) -> int:
+    from hyperrun import attach
+    from hyperrun.channel.ttrpc import TtrpcError
+    from hyperrun.proto import agent_pb2 as pb
+
     agent = sandbox.agent
     cid = sandbox.id
     rows, cols = attach.terminal_size() if spec.terminal else (0, 0)
@@ -75,26 +96,18 @@ async def _run_in(sandbox: Sandbox, spec: RunSpec) -> int:
                                      hostname=spec.hostname, readonly_rootfs=spec.readonly)
     except TtrpcError as exc:
         print(f"hyperrun: cannot create container: {exc.remote_message}", file=sys.stderr)
-        return _start_error_code(exc)
+        return _start_error_code(exc.remote_message)
     relay = attach.Relay(agent, cid, stdin=spec.stdin, terminal=spec.terminal)
     relay.start()
-    with attach.raw_terminal() if spec.terminal and spec.stdin else _nullcontext():
+    with attach.raw_terminal(enabled=spec.terminal and spec.stdin):
         try:
             await agent.start_container(cid)
         except TtrpcError as exc:
             relay.cancel()
             print(f"hyperrun: cannot start container: {exc.remote_message}", file=sys.stderr)
-            return _start_error_code(exc)
+            return _start_error_code(exc.remote_message)
         attach.forward_signals(agent, cid, terminal=spec.terminal)
         status = await agent.wait_process(cid)
         await relay.drain()
         relay.cancel()
     return status.exit_code
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -1,4 +1,8 @@
 """Agent entry point: /sbin/init in the guest image runs main()."""
+import time as _t
+
+_T_START = _t.monotonic()
+
 import os
 import sys
 import threading
@@ -40,8 +44,10 @@ def serve_vsock(server: Server) -> None:
 def main() -> None:
     pid1 = os.getpid() == 1
     try:
+        log(f"imported in {time.monotonic() - _T_START:.3f}s")
         if pid1:
             init.setup()
+        log("init done")
         service = AgentService(Containers(Reaper()))
         server = Server(SERVICE, service.methods())
         path = transport.find_serial_port()

@@ -6,7 +6,6 @@ multiplex on the one connection as in containerd/ttrpc. Responses are
 written whole under a lock.
 """
 import threading
-import traceback
 
 from hyperrun.channel import frame
 from hyperrun.proto import ttrpc_pb2
@@ -77,6 +76,8 @@ class Server:
             response.status.code = frame.INTERNAL
             response.status.message = f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, OSError):
+                import traceback
+
                 log("".join(traceback.format_exception(exc)))
         data = frame.encode(stream_id, frame.TYPE_RESPONSE, response.SerializeToString())
         with write_lock:

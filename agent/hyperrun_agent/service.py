@@ -1,6 +1,5 @@
 """The Agent service (proto/agent.proto): requests to container operations."""
 import os
-import subprocess
 import threading
 
 from hyperrun.proto import agent_pb2 as pb
@@ -54,6 +53,8 @@ class AgentService:
         except OSError:
             controllers = []
         if not self._crun_version:
+            import subprocess
+
             out = subprocess.run(["/usr/bin/crun", "--version"], capture_output=True, text=True)
             self._crun_version = out.stdout.splitlines()[0] if out.stdout else ""
         return pb.GuestDetails(agent_version=VERSION, kernel_release=os.uname().release,

@@ -1,7 +1,5 @@
 """How the agent reaches the host: a virtio-serial port or vsock."""
-import glob
 import os
-import socket
 import time
 
 from .server import Connection
@@ -11,10 +9,18 @@ VSOCK_PORT = 1024
 
 
 def find_serial_port(name: str = PORT_NAME) -> str | None:
-    for path in glob.glob("/sys/class/virtio-ports/*/name"):
-        with open(path) as f:
-            if f.read().strip() == name:
-                return "/dev/" + path.split("/")[-2]
+    base = "/sys/class/virtio-ports"
+    try:
+        ports = sorted(os.listdir(base))
+    except FileNotFoundError:
+        return None
+    for port in ports:
+        try:
+            with open(f"{base}/{port}/name") as f:
+                if f.read().strip() == name:
+                    return "/dev/" + port
+        except OSError:
+            continue
     return None
 
 
@@ -47,7 +53,7 @@ class SerialConnection(Connection):
 
 
 class SocketConnection(Connection):
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock) -> None:
         self.sock = sock
 
     def read(self, size: int) -> bytes:
@@ -60,7 +66,9 @@ class SocketConnection(Connection):
         self.sock.close()
 
 
-def vsock_listener(port: int = VSOCK_PORT) -> socket.socket:
+def vsock_listener(port: int = VSOCK_PORT):
+    import socket
+
     sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
     sock.bind((socket.VMADDR_CID_ANY, port))
     sock.listen(8)

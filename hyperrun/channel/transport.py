@@ -27,10 +27,3 @@ def vsock(cid: int, port: int = VSOCK_PORT) -> ttrpc.Opener:
         return await asyncio.open_connection(sock=sock)
 
     return open_
-
-
-def vsock_available() -> bool:
-    """vsock to guests needs the vhost-vsock device on the host."""
-    import os
-
-    return os.path.exists("/dev/vhost-vsock") and os.access("/dev/vhost-vsock", os.R_OK | os.W_OK)

@@ -1,6 +1,7 @@
 """Typed VM configuration, turned into a QEMU command line by vm.qemu."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,11 @@ class Share:
     tag: str
     path: Path
     readonly: bool = False
+
+
+def vsock_available() -> bool:
+    """vsock to guests needs the vhost-vsock device on the host."""
+    return os.access("/dev/vhost-vsock", os.R_OK | os.W_OK)
 
 
 @dataclass(frozen=True)

@@ -5,19 +5,19 @@ The QMP and agent sockets are created and bound here and handed to QEMU
 as listening file descriptors: connecting to them then succeeds at once,
 with no polling for QEMU to create them, and they stay at their paths in
 the run directory for as long as QEMU lives.
+
+asyncio and qemu.qmp are imported where first used: spawn() needs neither,
+so the CLI can start QEMU before loading them (~0.1 s) while the guest boots.
 """
 from __future__ import annotations
 
-import asyncio
 import ctypes
-import logging
 import os
 import secrets
 import signal
 import socket
+import subprocess
 from pathlib import Path
-
-from qemu.qmp import QMPClient
 
 from . import VM, VMError, rundir
 from .config import VMConfig
@@ -25,9 +25,6 @@ from .config import VMConfig
 QEMU_BINARY = os.environ.get("HYPERRUN_QEMU", "qemu-system-x86_64")
 AGENT_PORT_NAME = "hyperrun.agent"
 
-# qemu.qmp logs every negotiation at INFO/WARNING; the VM's own errors are
-# reported by this module instead.
-logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 def new_id() -> str:
@@ -46,7 +43,7 @@ def machine_args(config: VMConfig) -> tuple[list[str], str]:
     if config.machine == "microvm":
         # acpi=off: QEMU then lists its virtio-mmio devices on the kernel
         # command line, and the guest kernel needs no ACPI.
-        machine, bus = "microvm,acpi=off,x-option-roms=off,pit=off,pic=off,rtc=off", "device"
+        machine, bus = "microvm,acpi=off", "device"
     elif config.machine in ("q35", "pc"):
         machine, bus = config.machine, "pci"
     else:
@@ -93,13 +90,17 @@ def _die_with_parent(parent: int) -> None:
 
 
 class QemuVM(VM):
+    """One QEMU process. spawn() is synchronous and light (no asyncio, no
+    QMP) so that a caller can start QEMU first and load the rest of its
+    code while the guest boots; launch() then attaches QMP."""
+
     def __init__(self, config: VMConfig, vm_id: str | None = None) -> None:
         self.config = config
         self.id = vm_id or new_id()
         self.run_dir = rundir.vm_root() / self.id
-        self.qmp: QMPClient | None = None
-        self._proc: asyncio.subprocess.Process | None = None
-        self._exit_task: asyncio.Task | None = None
+        self.qmp = None  # qemu.qmp.QMPClient once launched
+        self._proc: subprocess.Popen | None = None
+        self._exit_task = None  # asyncio.Task resolving to QEMU's exit status
 
     @property
     def agent_socket(self) -> Path:
@@ -113,15 +114,19 @@ class QemuVM(VM):
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    async def launch(self) -> None:
+    def spawn(self) -> None:
+        """Create the run directory and start QEMU."""
         self.run_dir = rundir.create(self.id)
         try:
-            await self._launch()
+            self._spawn()
         except BaseException:
-            await self.remove()
+            if self._proc is not None:
+                self._proc.kill()
+                self._proc.wait()
+            rundir.remove(self.run_dir)
             raise
 
-    async def _launch(self) -> None:
+    def _spawn(self) -> None:
         qmp_sock = _listen(self.run_dir / rundir.QMP_SOCKET)
         agent_sock = _listen(self.agent_socket) if self.config.channel.kind == "serial" else None
         fds = [qmp_sock.fileno()] + ([agent_sock.fileno()] if agent_sock else [])
@@ -130,22 +135,60 @@ class QemuVM(VM):
         parent = os.getpid()
         try:
             with open(self.run_dir / "qemu.log", "wb") as errlog:
-                self._proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=errlog, stderr=errlog,
+                self._proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
                     pass_fds=fds, start_new_session=True,
                     preexec_fn=(lambda: _die_with_parent(parent)) if self.config.die_with_parent else None)
+        except OSError as exc:
+            raise VMError(f"cannot start {argv[0]}: {exc}") from exc
         finally:
             qmp_sock.close()
             if agent_sock:
                 agent_sock.close()
-        self._exit_task = asyncio.create_task(self._proc.wait(), name=f"qemu-{self.id}-exit")
+
+    async def launch(self) -> None:
+        """Start QEMU (unless spawned already) and connect QMP."""
+        import asyncio
+
+        import logging
+
+        from qemu.qmp import QMPClient
+
+        # qemu.qmp logs every negotiation; the VM's errors are reported here.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+        if self._proc is None:
+            self.spawn()
+        self._exit_task = asyncio.ensure_future(self._watch_exit())
         self.qmp = QMPClient(f"qemu-{self.id}")
-        connect = asyncio.create_task(self.qmp.connect(str(self.run_dir / rundir.QMP_SOCKET)))
-        await asyncio.wait({connect, self._exit_task}, return_when=asyncio.FIRST_COMPLETED)
-        if not connect.done():
-            connect.cancel()
-            raise VMError(f"QEMU exited during start-up: {self.failure_reason()}")
-        connect.result()
+        connect = asyncio.ensure_future(self.qmp.connect(str(self.run_dir / rundir.QMP_SOCKET)))
+        try:
+            await asyncio.wait({connect, self._exit_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not connect.done():
+                connect.cancel()
+                raise VMError(f"QEMU exited during start-up: {self.failure_reason()}")
+            connect.result()
+        except BaseException:
+            await self.remove()
+            raise
+
+    async def _watch_exit(self) -> int:
+        """QEMU's exit status, noticed through a pidfd (no polling)."""
+        import asyncio
+
+        assert self._proc is not None
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+        try:
+            pidfd = os.pidfd_open(self._proc.pid)
+        except ProcessLookupError:
+            return self._proc.wait()
+        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+        try:
+            await exited
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        return self._proc.wait()
 
     def failure_reason(self) -> str:
         """QEMU's own error output, or the end of the console log."""
@@ -161,11 +204,15 @@ class QemuVM(VM):
 
     @property
     def exited(self) -> bool:
-        return self._exit_task is None or self._exit_task.done()
+        if self._exit_task is not None:
+            return self._exit_task.done()
+        return self._proc is None or self._proc.poll() is not None
 
     async def wait_exited(self) -> int:
+        import asyncio
+
         if self._exit_task is None:
-            return 0
+            return self._proc.wait() if self._proc else 0
         return await asyncio.shield(self._exit_task)
 
     async def status(self) -> str:
@@ -175,6 +222,8 @@ class QemuVM(VM):
         return result["status"]
 
     async def stop(self, timeout: float = 5.0) -> None:
+        import asyncio
+
         if self.exited:
             return
         if self.qmp is not None:
@@ -188,7 +237,7 @@ class QemuVM(VM):
             await self.kill()
 
     async def kill(self) -> None:
-        if self.exited or self._proc is None:
+        if self._proc is None or self.exited:
             return
         try:
             self._proc.kill()

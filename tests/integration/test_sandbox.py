@@ -9,8 +9,9 @@ from hyperrun.channel import frame, transport
 from hyperrun.channel.agent import AgentClient
 from hyperrun.channel.ttrpc import TtrpcError
 from hyperrun.proto import agent_pb2 as pb
-from hyperrun.sandbox.sandbox import Sandbox, SandboxConfig
-from hyperrun.vm.config import Share
+from hyperrun.sandbox.config import SandboxConfig
+from hyperrun.sandbox.sandbox import Sandbox
+from hyperrun.vm.config import Share, vsock_available
 
 ROOTFS = pb.Storage(source="rootfs", fstype="9p")
 
@@ -156,7 +157,7 @@ def test_graceful_stop_through_qmp(busybox_rootfs, no_leaks):
 
 
 def test_vsock_channel(vm_assets):
-    if not transport.vsock_available():
+    if not vsock_available():
         pytest.skip("no /dev/vhost-vsock on this host: vsock cannot be tested end to end "
                     "(virtio-serial is used and tested instead)")
 
