@@ -13,8 +13,19 @@ HYPERRUN = str(Path(sys.executable).parent / "hyperrun")
 
 
 def qemu_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True)
-    return {int(p) for p in out.stdout.split()}
+    """Live (not zombie) QEMU processes started by hyperrun."""
+    out = subprocess.run(["pgrep", "-f", "qemu-system.* -name hyperrun"], capture_output=True,
+                         text=True)
+    pids = set()
+    for pid in out.stdout.split():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            pids.add(int(pid))
+    return pids
 
 
 @pytest.fixture(scope="session")
