@@ -1,35 +1,41 @@
 """`make bench`: cold-start cost of `hyperrun run` against the floor.
 
-The floor is the same QEMU, machine, kernel and root image booting an init
-that exits at once (/bin/true): what any VM-based run pays at minimum on
-this host. Both are measured in the same invocation, interleaved, and
+The floor is the very VM `hyperrun run` boots — same QEMU command line,
+machine, devices, kernel and root image — with an init that exits at once
+(/bin/true): what any VM-based run pays at minimum on this host. Both are measured in the same invocation, interleaved, and
 reported as medians and their ratio, never as absolute asserts.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from hyperrun import assets
 from hyperrun.busybox import make_rootfs
-from hyperrun.vm import accel
-from hyperrun.vm.config import VMConfig
-from hyperrun.vm.qemu import command_line
+from hyperrun.run import ROOTFS_TAG
+from hyperrun.sandbox.config import SandboxConfig
+from hyperrun.vm import accel, rundir
+from hyperrun.vm.config import Share
+from hyperrun.vm.qemu import QemuVM
 
 HYPERRUN = str(Path(sys.executable).parent / "hyperrun")
 
 
-def floor_argv(run_dir: Path) -> list[str]:
-    config = VMConfig(kernel=assets.kernel_path(), root_image=assets.guest_image_path(),
-                      accel=accel.choose().name, init="/bin/true")
-    return command_line(config, run_dir, qmp_fd=None, agent_fd=None)
+def timed_floor(rootfs: Path) -> float:
+    config = SandboxConfig(shares=[Share(ROOTFS_TAG, rootfs.resolve())], init="/bin/true")
+    vm = QemuVM(config.vm_config())
+    start = time.perf_counter()
+    vm.spawn()
+    code = vm.process.wait()
+    elapsed = time.perf_counter() - start
+    rundir.remove(vm.run_dir)
+    if code != 0:
+        raise SystemExit(f"floor VM failed ({code})")
+    return elapsed
 
 
 def timed(argv: list[str]) -> float:
@@ -48,18 +54,15 @@ def main() -> None:
     args = ap.parse_args()
 
     rootfs = make_rootfs(Path("build/bench-rootfs"))
-    tmp = Path(tempfile.mkdtemp(prefix="hyperrun-bench-"))
+    run_argv = [HYPERRUN, "run", "--rootfs", str(rootfs), "--", "true"]
     floor, run = [], []
-    try:
-        timed(floor_argv(tmp))  # warm the page cache for both
-        timed([HYPERRUN, "run", "--rootfs", str(rootfs), "--", "true"])
-        for i in range(args.runs):
-            floor.append(timed(floor_argv(tmp)))
-            run.append(timed([HYPERRUN, "run", "--rootfs", str(rootfs), "--", "true"]))
-            print(f"  round {i + 1}/{args.runs}: floor {floor[-1]:.3f}s  run {run[-1]:.3f}s",
-                  flush=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    timed_floor(rootfs)  # warm the page cache for both
+    timed(run_argv)
+    for i in range(args.runs):
+        floor.append(timed_floor(rootfs))
+        run.append(timed(run_argv))
+        print(f"  round {i + 1}/{args.runs}: floor {floor[-1]:.3f}s  run {run[-1]:.3f}s",
+              flush=True)
     f, r = statistics.median(floor), statistics.median(run)
     result = {"accelerator": accel.choose().name, "runs": args.runs,
               "floor_median_s": round(f, 3), "run_median_s": round(r, 3),

@@ -2,8 +2,13 @@
 
 Layout per container under /run/hyperrun/containers/<id>/ (the bundle):
 config.json, rootfs/ (the mounted storage, or an overlay on it), crun.log,
-and the pid files crun writes. crun create leaves the container's init
-process to us (PID 1), so the reaper sees its exit status directly.
+and the pid files crun writes.
+
+CreateContainer prepares everything (rootfs, user, spec, stdio) and checks
+it; StartContainer runs `crun run --detach`. One crun execution per
+container instead of create + start: each costs tens of milliseconds under
+TCG. crun leaves the container's init process to us (PID 1), so the reaper
+sees its real exit status.
 """
 import os
 import threading
@@ -42,11 +47,16 @@ def _write_json(path: str, value: dict) -> None:
 
 
 class Process:
-    def __init__(self, container_id: str, exec_id: str, stdio: Stdio) -> None:
+    def __init__(self, container_id: str, exec_id: str, stdio: Stdio, terminal: bool,
+                 console_size) -> None:
         self.container_id = container_id
         self.exec_id = exec_id
         self.stdio = stdio
+        self.terminal = terminal
+        self.rows, self.cols = console_size.rows, console_size.cols
         self.pid = 0
+        # Set once the process runs (pid known) or can no longer run.
+        self.started = threading.Event()
 
 
 class Container:
@@ -99,19 +109,21 @@ class Containers:
             process = self._process_spec(container, req.process)
             spec = oci.container_spec(cid, process, req.hostname, req.readonly_rootfs)
             _write_json(os.path.join(bundle, "config.json"), spec)
-            container.init = self._run_crun(
-                container, "", req.process,
-                ["create", "--bundle", bundle, "--pid-file", os.path.join(bundle, "init.pid")])
+            container.init = self._new_process(container, "", req.process)
         except BaseException:
             self._teardown(container)
             raise
 
     def start(self, container_id: str) -> None:
         container = self.get(container_id)
-        if container.started:
-            raise failed(f"container {container_id!r} is already started")
-        self._crun_checked(container, ["start", container_id])
-        container.started = True
+        with self._lock:
+            if container.started:
+                raise failed(f"container {container_id!r} is already started")
+            container.started = True
+        assert container.init is not None
+        self._run_crun(container, container.init,
+                       ["run", "--detach", "--bundle", container.bundle,
+                        "--pid-file", os.path.join(container.bundle, "init.pid")])
 
     def exec(self, req) -> None:
         container = self.get(req.container_id)
@@ -120,23 +132,32 @@ class Containers:
             raise AgentError(frame.ALREADY_EXISTS, f"exec {eid!r} already exists")
         if not req.process.args:
             raise invalid("process args are empty")
-        if container.init is None or self._exited(container.init):
+        if container.init is None or not container.init.pid or self._exited(container.init):
             raise failed(f"container {container.id!r} is not running")
         spec_path = os.path.join(container.bundle, f"exec-{eid}.json")
         _write_json(spec_path, self._process_spec(container, req.process))
-        container.execs[eid] = self._run_crun(
-            container, eid, req.process,
-            ["exec", "--detach", "--process", spec_path,
-             "--pid-file", os.path.join(container.bundle, f"exec-{eid}.pid")])
+        proc = container.execs[eid] = self._new_process(container, eid, req.process)
+        try:
+            self._run_crun(container, proc,
+                           ["exec", "--detach", "--process", spec_path,
+                            "--pid-file", os.path.join(container.bundle, f"exec-{eid}.pid")])
+        except BaseException:
+            del container.execs[eid]
+            raise
 
     def wait(self, container_id: str, exec_id: str) -> ExitStatus:
         proc = self.process(container_id, exec_id)
+        proc.started.wait()
+        if not proc.pid:
+            raise failed(f"process {exec_id or 'init'} of {container_id!r} never started")
         status = self.reaper.wait(proc.pid)
         assert status is not None
         return status
 
     def signal(self, container_id: str, exec_id: str, signum: int) -> None:
         proc = self.process(container_id, exec_id)
+        if not proc.pid:
+            raise failed(f"process {exec_id or 'init'} of {container_id!r} is not running")
         if self._exited(proc):
             raise failed(f"process {exec_id or 'init'} of {container_id!r} has exited")
         try:
@@ -188,16 +209,19 @@ class Containers:
                                 uid, gid, extra, home, process.terminal,
                                 process.console_size.rows, process.console_size.cols)
 
-    def _run_crun(self, container: Container, exec_id: str, process, args: list[str]) -> Process:
-        """crun create/exec: returns the started Process, whose pid we now watch."""
-        stdio = Stdio(process.terminal, process.stdin)
-        proc = Process(container.id, exec_id, stdio)
+    def _new_process(self, container: Container, exec_id: str, process) -> Process:
+        return Process(container.id, exec_id, Stdio(process.terminal, process.stdin),
+                       process.terminal, process.console_size)
+
+    def _run_crun(self, container: Container, proc: Process, args: list[str]) -> None:
+        """crun run/exec --detach of proc, whose pid we then watch."""
+        stdio = proc.stdio
         listener = None
         try:
-            if process.terminal:
+            if proc.terminal:
                 import socket
 
-                path = os.path.join(container.bundle, f"console-{exec_id or 'init'}.sock")
+                path = os.path.join(container.bundle, f"console-{proc.exec_id or 'init'}.sock")
                 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 listener.bind(path)
                 listener.listen(1)
@@ -206,18 +230,18 @@ class Containers:
             pid = self._spawn_crun(container, args + [container.id], stdio.child_fds)
             if listener is not None:
                 stdio.attach_master(self._receive_console(listener, pid))
-                if process.console_size.rows and process.console_size.cols:
-                    stdio.resize(process.console_size.rows, process.console_size.cols)
+                if proc.rows and proc.cols:
+                    stdio.resize(proc.rows, proc.cols)
             self._check_crun(container, pid)
             pid_file = args[args.index("--pid-file") + 1]
             with open(pid_file) as f:
                 proc.pid = int(f.read().strip())
             self.reaper.watch(proc.pid)
-            return proc
         except BaseException:
             stdio.close()
             raise
         finally:
+            proc.started.set()
             stdio.close_child_fds()
             if listener is not None:
                 listener.close()
@@ -282,11 +306,13 @@ class Containers:
     def _teardown(self, container: Container) -> None:
         """Kill everything of the container, unmount, forget it. Idempotent."""
         if container.init is not None:
-            try:
-                self._crun_checked(container, ["delete", "--force", container.id])
-            except AgentError as exc:
-                log("crun delete", container.id, exc)
+            if container.started:
+                try:
+                    self._crun_checked(container, ["delete", "--force", container.id])
+                except AgentError as exc:
+                    log("crun delete", container.id, exc)
             for proc in [container.init, *container.execs.values()]:
+                proc.started.set()  # a waiter on a never-started process gives up
                 if proc.pid:
                     try:
                         os.kill(proc.pid, 9)

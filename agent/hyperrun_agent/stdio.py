@@ -15,12 +15,21 @@ CHUNK = 65536
 
 
 class Stream:
-    def __init__(self, fd: int | None) -> None:
+    def __init__(self, fd: int | None, ready: bool = True) -> None:
         self.fd = fd
         self.lock = threading.Lock()
+        # A pty stream exists only once crun hands over the terminal.
+        self.ready = threading.Event()
+        if ready:
+            self.ready.set()
+
+    def attach(self, fd: int | None) -> None:
+        self.fd = fd
+        self.ready.set()
 
     def read(self, size: int) -> bytes:
         """Blocks for data; returns b"" at end of stream (and closes)."""
+        self.ready.wait()
         with self.lock:
             if self.fd is None:
                 return b""
@@ -36,6 +45,7 @@ class Stream:
             return data
 
     def write(self, data: bytes) -> int:
+        self.ready.wait()
         with self.lock:
             if self.fd is None:
                 raise BrokenPipeError(errno.EPIPE, "stdin is closed")
@@ -46,6 +56,7 @@ class Stream:
 
     def close(self) -> None:
         """Close unless a reader holds the stream (it will see EOF itself)."""
+        self.ready.set()
         if self.lock.acquire(blocking=False):
             try:
                 if self.fd is not None:
@@ -64,9 +75,9 @@ class Stdio:
         self.master: int | None = None
         if terminal:
             # Filled in by attach_master once crun hands over the pty.
-            self.stdin = Stream(None)
-            self.stdout = Stream(None)
-            self.stderr = Stream(None)
+            self.stdin = Stream(None, ready=False)
+            self.stdout = Stream(None, ready=False)
+            self.stderr = Stream(None)  # a pty merges stderr into stdout
             self.open_stdin = open_stdin
             return
         if open_stdin:
@@ -83,9 +94,9 @@ class Stdio:
 
     def attach_master(self, master: int) -> None:
         self.master = master
-        self.stdout = Stream(master)
         # stdin shares the master; a dup keeps stdout's EOF close independent.
-        self.stdin = Stream(os.dup(master) if self.open_stdin else None)
+        self.stdin.attach(os.dup(master) if self.open_stdin else None)
+        self.stdout.attach(master)
 
     def close_child_fds(self) -> None:
         for fd in self.child_fds:

@@ -114,6 +114,10 @@ class QemuVM(VM):
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    @property
+    def process(self) -> subprocess.Popen | None:
+        return self._proc
+
     def spawn(self) -> None:
         """Create the run directory and start QEMU."""
         self.run_dir = rundir.create(self.id)
