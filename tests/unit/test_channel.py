@@ -1,6 +1,7 @@
 """The ttRPC client (host) against the real agent server (guest code),
 over a socketpair: framing, multiplexing, errors, reconnection."""
 import asyncio
+import os
 import socket
 import sys
 import threading
@@ -143,3 +144,22 @@ def test_server_ends_session_on_garbage():
     host.sendall(b"\xff" * 10)
     t.join(5)
     assert not t.is_alive()
+
+
+def test_agent_vsock_listener_binds():
+    """The agent's vsock side, as far as this host allows: AF_VSOCK listen
+    on the agent port. End to end needs /dev/vhost-vsock (see
+    tests/integration/test_sandbox.py::test_vsock_channel)."""
+    from hyperrun_agent import transport
+
+    if not hasattr(socket, "AF_VSOCK"):
+        pytest.skip("this Python has no AF_VSOCK")
+    try:
+        sock = transport.vsock_listener(port=40000 + os.getpid() % 20000)
+    except OSError as exc:
+        pytest.skip(f"AF_VSOCK not usable on this host kernel: {exc}")
+    try:
+        assert sock.family == socket.AF_VSOCK
+        assert sock.getsockname()[1] == 40000 + os.getpid() % 20000
+    finally:
+        sock.close()
