@@ -52,9 +52,16 @@ class Relay:
             self._input = asyncio.create_task(self._pump_in())
 
     async def _pump_out(self, stream: str) -> None:
-        fd = self.fds[stream]
+        fd: int | None = self.fds[stream]
         while data := await self.agent.read_stream(stream, self.cid, self.eid, CHUNK):
-            _write_all(fd, data)
+            if fd is None:
+                continue
+            try:
+                _write_all(fd, data)
+            except BrokenPipeError:
+                # The local reader left (`| head`): keep draining so the
+                # container never blocks on a full pipe, as Docker does.
+                fd = None
 
     async def _pump_in(self) -> None:
         loop = asyncio.get_running_loop()
@@ -66,10 +73,9 @@ class Relay:
                     data = os.read(self.stdin_fd, CHUNK)
                 except OSError:
                     data = b""
-                fut = asyncio.run_coroutine_threadsafe(queue.put(data), loop)
                 try:
-                    fut.result()
-                except Exception:
+                    asyncio.run_coroutine_threadsafe(queue.put(data), loop).result()
+                except Exception:  # the relay or its loop has ended
                     return
                 if not data:
                     return

@@ -60,7 +60,10 @@ def _run(args: argparse.Namespace) -> int:
                    hostname=args.hostname, readonly=args.read_only,
                    sandbox=SandboxConfig(vcpus=args.cpus, memory_mib=args.memory,
                                          machine=args.machine))
-    return execute(spec)
+    try:
+        return execute(spec)
+    except KeyboardInterrupt:  # before the container ran; the VM is gone with us
+        return 130
 
 
 if __name__ == "__main__":

@@ -129,3 +129,12 @@ def test_kill_9_of_run_leaves_no_qemu(busybox_rootfs):
     from hyperrun.vm import rundir
     left = [p for p in rundir.vm_root().iterdir()] if rundir.vm_root().is_dir() else []
     assert left == [], left
+
+
+def test_output_reader_going_away(busybox_rootfs, no_leaks):
+    """`hyperrun run ... | head -1`: the run still ends with the container's
+    exit code and leaves nothing behind."""
+    r = subprocess.run(f"{HYPERRUN} run --rootfs {busybox_rootfs} -- "
+                       "sh -c 'seq 1 200000; exit 4' | head -1; echo ${{PIPESTATUS[0]}}",
+                       shell=True, executable="/bin/bash", capture_output=True, timeout=120)
+    assert r.stdout.split() == [b"1", b"4"], r
