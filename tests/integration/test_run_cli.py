@@ -135,6 +135,6 @@ def test_output_reader_going_away(busybox_rootfs, no_leaks):
     """`hyperrun run ... | head -1`: the run still ends with the container's
     exit code and leaves nothing behind."""
     r = subprocess.run(f"{HYPERRUN} run --rootfs {busybox_rootfs} -- "
-                       "sh -c 'seq 1 200000; exit 4' | head -1; echo ${{PIPESTATUS[0]}}",
+                       "sh -c 'seq 1 200000; exit 4' | head -1; echo ${PIPESTATUS[0]}",
                        shell=True, executable="/bin/bash", capture_output=True, timeout=120)
     assert r.stdout.split() == [b"1", b"4"], r
