@@ -114,7 +114,37 @@ def requested_options(frags: list[Path]) -> dict[str, tuple[str, str]]:
     return want
 
 
-def verify(frags: list[Path], final_config: Path) -> None:
+def kconfig_hint(tree: Path | None, name: str) -> str:
+    """The 'depends on' lines of a symbol's Kconfig entry, to explain a drop."""
+    if tree is None:
+        return ""
+    sym = name.removeprefix("CONFIG_")
+    head = re.compile(rf"^\s*(?:menu)?config\s+{re.escape(sym)}\s*$")
+    deps: list[str] = []
+    found = False
+    for kc in tree.rglob("Kconfig*"):
+        try:
+            lines = kc.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for i, line in enumerate(lines):
+            if not head.match(line):
+                continue
+            found = True
+            for nxt in lines[i + 1:]:
+                st = nxt.strip()
+                if re.match(r"^(?:menu)?config\s|^(?:choice|endchoice|menu|endmenu|if|endif|source)\b", st):
+                    break
+                if st.startswith("depends on"):
+                    deps.append(st)
+    if not found:
+        return "\n      no such symbol in this kernel's Kconfig"
+    if not deps:
+        return ""
+    return "\n      " + "\n      ".join(dict.fromkeys(deps))
+
+
+def verify(frags: list[Path], final_config: Path, tree: Path | None = None) -> None:
     final = parse_config(final_config)
     problems = []
     for name, (value, frag) in sorted(requested_options(frags).items(), key=lambda kv: (kv[1][1], kv[0])):
@@ -124,11 +154,11 @@ def verify(frags: list[Path], final_config: Path) -> None:
                 problems.append(f"  {name}: {frag} asks 'not set', final .config has {name}={got}")
         elif got is None:
             problems.append(f"  {name}={value} ({frag}): not in the final .config "
-                            "(unknown symbol, or its dependencies are not met)")
+                            "(unknown symbol, or its dependencies are not met)" + kconfig_hint(tree, name))
         elif got != value:
             shown = "not set" if got == "n" else got
             problems.append(f"  {name}={value} ({frag}): final .config has {shown} "
-                            "(dependencies not met, or selected/forced otherwise)")
+                            "(dependencies not met, or selected/forced otherwise)" + kconfig_hint(tree, name))
     if problems:
         raise BuildError(
             f"{len(problems)} requested option(s) were dropped or changed by Kconfig:\n"
@@ -179,7 +209,7 @@ def configure(tree: Path, frags: list[Path], logf) -> Path:
                tree, logf, "merge_config.sh")
     run_logged(["make", "olddefconfig"], tree, logf, "make olddefconfig")
     config = tree / ".config"
-    verify(frags, config)
+    verify(frags, config, tree)
     log(f"config verified: all {len(requested_options(frags))} requested options present")
     return config
 

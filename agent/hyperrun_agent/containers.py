@@ -21,6 +21,7 @@ from .errors import AgentError, failed, invalid, not_found
 from .log import log
 from .reaper import ExitStatus, Reaper
 from .stdio import Stdio
+from .storage import Storages
 
 CRUN = "/usr/bin/crun"
 CRUN_ROOT = "/run/crun"
@@ -65,6 +66,7 @@ class Container:
         self.bundle = bundle
         self.rootfs = os.path.join(bundle, "rootfs")
         self.mounts: list[str] = []  # to unmount on removal, innermost last
+        self.storage_key: tuple | None = None  # the shared storage it uses
         self.init: Process | None = None
         self.execs: dict[str, Process] = {}
         self.started = False
@@ -74,6 +76,7 @@ class Container:
 class Containers:
     def __init__(self, reaper: Reaper) -> None:
         self.reaper = reaper
+        self.storages = Storages()
         self._lock = threading.Lock()
         self._containers: dict[str, Container] = {}
         os.makedirs(STATE_ROOT, exist_ok=True)
@@ -174,30 +177,20 @@ class Containers:
         return self.reaper.wait(proc.pid, timeout=0) is not None
 
     def _mount_rootfs(self, container: Container, storage) -> None:
-        if storage.fstype in ("9p", "virtiofs"):
-            opts = ["trans=virtio", "version=9p2000.L", "msize=262144", "cache=mmap"] \
-                if storage.fstype == "9p" else []
-            source = storage.source
-        elif storage.fstype in ("erofs", "ext4"):
-            opts, source = ["ro"] if storage.overlay else [], storage.source
-        else:
-            raise invalid(f"unsupported rootfs type {storage.fstype!r}")
-        opts += list(storage.options)
-        target = container.rootfs
-        if storage.overlay:
-            target = os.path.join(container.bundle, "lower")
-            os.makedirs(target)
-        flags = syscalls.MS_RDONLY if storage.overlay else 0
-        syscalls.mount(source, target, storage.fstype, flags, ",".join(opts))
-        container.mounts.append(target)
+        """The container's rootfs: a bind mount of the shared storage, or a
+        writable overlay (upper on guest tmpfs) on top of it."""
+        lower = self.storages.acquire(storage)
+        container.storage_key = self.storages.key(storage)
         if storage.overlay:
             upper = os.path.join(container.bundle, "upper")
             work = os.path.join(container.bundle, "work")
             os.makedirs(upper)
             os.makedirs(work)
             syscalls.mount("overlay", container.rootfs, "overlay", 0,
-                           f"lowerdir={target},upperdir={upper},workdir={work}")
-            container.mounts.append(container.rootfs)
+                           f"lowerdir={lower},upperdir={upper},workdir={work}")
+        else:
+            syscalls.mount(lower, container.rootfs, "", syscalls.MS_BIND)
+        container.mounts.append(container.rootfs)
 
     def _process_spec(self, container: Container, process) -> dict:
         try:
@@ -327,6 +320,12 @@ class Containers:
             except OSError as exc:
                 log(exc)
         container.mounts.clear()
+        if container.storage_key is not None:
+            try:
+                self.storages.release(container.storage_key)
+            except OSError as exc:
+                log(exc)
+            container.storage_key = None
         import shutil
 
         shutil.rmtree(container.bundle, ignore_errors=True)

@@ -169,3 +169,28 @@ def test_vsock_channel(vm_assets):
         finally:
             await sb.destroy()
     run(main())
+
+
+def test_two_containers_share_one_rootfs(busybox_rootfs, no_leaks):
+    """A 9p channel serves one mount: the agent mounts a share once and
+    gives each container its own bind mount of it."""
+    async def main():
+        sb = await booted(busybox_rootfs)
+        try:
+            for c in ("a", "b"):
+                await sb.agent.create_container(c, ROOTFS, pb.Process(
+                    args=["sh", "-c", f"echo {c} > /tmp/from-{c}; sleep 300"]), hostname=c)
+                await sb.agent.start_container(c)
+            await sb.agent.exec_process("b", "cat", pb.Process(
+                args=["sh", "-c", "sleep 0.2; cat /tmp/from-a /tmp/from-b; hostname"]))
+            assert await read_all(sb.agent, "stdout", "b", "cat") == b"a\nb\nb\n"
+            await sb.agent.remove_container("a")
+            # b still has its rootfs after a is gone.
+            await sb.agent.exec_process("b", "ls", pb.Process(args=["ls", "/bin/busybox"]))
+            assert await read_all(sb.agent, "stdout", "b", "ls") == b"/bin/busybox\n"
+            await sb.agent.remove_container("b")
+        finally:
+            for name in ("from-a", "from-b"):
+                (busybox_rootfs / "tmp" / name).unlink(missing_ok=True)
+            await sb.destroy()
+    run(main())
