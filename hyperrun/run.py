@@ -68,14 +68,22 @@ def _start_error_code(message: str) -> int:
 
 
 async def _run(spec: RunSpec, vm: QemuVM) -> int:
+    import asyncio
+
     from hyperrun.sandbox.sandbox import Sandbox
 
     try:
         sandbox = await Sandbox.start(vm)
     except VMError as exc:
         return _error(str(exc))
+    from hyperrun.channel.ttrpc import ConnectionLost
+
     try:
         return await _run_in(sandbox, spec)
+    except ConnectionLost:
+        await asyncio.sleep(0.1)  # let QEMU's exit be noticed for the reason
+        reason = sandbox.vm.failure_reason() if sandbox.vm.exited else "agent channel closed"
+        return _error(f"the VM ended while the container ran: {reason}")
     finally:
         await sandbox.destroy()
 

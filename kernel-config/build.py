@@ -302,10 +302,14 @@ def install(tree: Path, key: str, kroot: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=kroot))
     try:
         vmlinux = tmp / assets.KERNEL_FILE
-        subprocess.run(["objcopy", "--strip-debug", str(tree / "vmlinux"), str(vmlinux)], check=True)
+        # No debug info is built; drop the symbol table too (QEMU spends a few
+        # ms loading it on every start). System.map keeps the symbols for
+        # decoding oops addresses (the kernel has no kallsyms).
+        subprocess.run(["objcopy", "--strip-all", str(tree / "vmlinux"), str(vmlinux)], check=True)
         if not has_pvh_note(vmlinux):
             raise BuildError("vmlinux has no PVH entry note (CONFIG_PVH); QEMU could not boot it")
         shutil.copy2(tree / ".config", tmp / "config")
+        shutil.copy2(tree / "System.map", tmp / "System.map")
         os.chmod(tmp, 0o755)
         try:
             os.rename(tmp, out)

@@ -138,3 +138,20 @@ def test_output_reader_going_away(busybox_rootfs, no_leaks):
                        "sh -c 'seq 1 200000; exit 4' | head -1; echo ${PIPESTATUS[0]}",
                        shell=True, executable="/bin/bash", capture_output=True, timeout=120)
     assert r.stdout.split() == [b"1", b"4"], r
+
+
+def test_vm_killed_mid_run_is_reported(busybox_rootfs, no_leaks):
+    proc = subprocess.Popen([HYPERRUN, "run", "--rootfs", str(busybox_rootfs), "--",
+                             "sh", "-c", "echo started; sleep 600"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"started\n"
+    (vm_pid,) = [p for p in qemu_pids() if parent_pid(p) == proc.pid]
+    os.kill(vm_pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 125
+    assert b"the VM ended while the container ran" in err, err
+
+
+def parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
