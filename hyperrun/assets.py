@@ -8,15 +8,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hyperrun.paths import cache_root
+
 KERNEL_FILE = "vmlinux"
 GUEST_FILE = "rootfs.erofs"
-
-
-def cache_root() -> Path:
-    if env := os.environ.get("HYPERRUN_CACHE"):
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base) / "hyperrun"
 
 
 def kernel_path() -> Path:

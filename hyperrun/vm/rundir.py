@@ -7,19 +7,12 @@ import os
 import shutil
 from pathlib import Path
 
+from hyperrun.paths import run_root
+
 QMP_SOCKET = "qmp.sock"
 AGENT_SOCKET = "agent.sock"
 PID_FILE = "qemu.pid"
 CONSOLE_LOG = "console.log"
-
-
-def run_root() -> Path:
-    if env := os.environ.get("HYPERRUN_RUN_DIR"):
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/run/hyperrun")
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/hyperrun-{os.getuid()}"
-    return Path(base) / "hyperrun"
 
 
 def vm_root() -> Path:

@@ -1,0 +1,1 @@
+"""Images: content store, metadata, pull, unpack, rootfs images."""

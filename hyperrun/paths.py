@@ -1,0 +1,38 @@
+"""The three places hyperrun keeps files, each overridable:
+
+- data root (images, blobs, metadata): HYPERRUN_ROOT or --root; default
+  /var/lib/hyperrun as root, else ~/.local/share/hyperrun;
+- cache root (built kernel and guest image): HYPERRUN_CACHE; default
+  ~/.cache/hyperrun;
+- run root (per-VM sockets, pid files, consoles; gone at reboot):
+  HYPERRUN_RUN_DIR; default /run/hyperrun as root, else $XDG_RUNTIME_DIR.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def data_root() -> Path:
+    if env := os.environ.get("HYPERRUN_ROOT"):
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/hyperrun")
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "hyperrun"
+
+
+def cache_root() -> Path:
+    if env := os.environ.get("HYPERRUN_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "hyperrun"
+
+
+def run_root() -> Path:
+    if env := os.environ.get("HYPERRUN_RUN_DIR"):
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/run/hyperrun")
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/hyperrun-{os.getuid()}"
+    return Path(base) / "hyperrun"
