@@ -23,6 +23,7 @@ import hashlib
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,29 @@ def log(msg: str) -> None:
 
 def human_size(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
+
+
+def describe(vmlinux: Path) -> str:
+    """File size, plus what the guest actually loads (the ELF file pads its
+    segments to 2 MiB boundaries, so it is much larger than the image)."""
+    size = vmlinux.stat().st_size
+    try:
+        with open(vmlinux, "rb") as f:
+            ehdr = f.read(64)
+            if ehdr[:4] != b"\x7fELF" or ehdr[4] != 2:
+                raise ValueError
+            phoff, = struct.unpack_from("<Q", ehdr, 32)
+            phentsize, phnum = struct.unpack_from("<HH", ehdr, 54)
+            f.seek(phoff)
+            ph = f.read(phentsize * phnum)
+        loaded = 0
+        for i in range(phnum):
+            p_type, = struct.unpack_from("<I", ph, i * phentsize)
+            if p_type == 1:  # PT_LOAD: add p_filesz
+                loaded += struct.unpack_from("<Q", ph, i * phentsize + 32)[0]
+        return f"{human_size(size)} ({human_size(loaded)} loaded)"
+    except (OSError, ValueError, struct.error):
+        return human_size(size)
 
 
 def fragments() -> list[Path]:
@@ -266,6 +290,8 @@ def build_vmlinux(tree: Path, jobs: int, logf, steps_file: Path) -> None:
                     total = max(expected, state["steps"]) if expected else None
                     progress.update(task, completed=state["steps"], total=total,
                                     description=state["last"][:48])
+                done = max(expected, state["steps"])
+                progress.update(task, completed=done, total=done, description="")
         else:
             last_print = 0.0
             while t.is_alive():
@@ -311,12 +337,13 @@ def install(tree: Path, key: str, kroot: Path) -> Path:
         shutil.copy2(tree / ".config", tmp / "config")
         shutil.copy2(tree / "System.map", tmp / "System.map")
         os.chmod(tmp, 0o755)
-        try:
+        if out.exists():  # --force: swap the new build in, then drop the old one
+            old = kroot / f".{key}.old.{os.getpid()}"
+            os.rename(out, old)
             os.rename(tmp, out)
-        except OSError:
-            if not (out / assets.KERNEL_FILE).exists():
-                raise
-            shutil.rmtree(tmp)  # someone else finished the same build first
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -327,7 +354,8 @@ def install(tree: Path, key: str, kroot: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Build (or reuse) the hyperrun guest kernel.")
-    ap.add_argument("--force", action="store_true", help="rebuild even if cached")
+    ap.add_argument("--force", action="store_true",
+                    help="configure, verify and build again even if cached (make is incremental)")
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
 
@@ -342,17 +370,15 @@ def main(argv: list[str] | None = None) -> int:
 
         if vmlinux.exists() and not args.force:
             assets.publish("kernel", key)
-            log(f"{vmlinux} {human_size(vmlinux.stat().st_size)} (cached, key {key})")
+            log(f"{vmlinux} {describe(vmlinux)} (cached, key {key})")
             return 0
 
         with open(kroot / ".build.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if vmlinux.exists() and not args.force:  # built while we waited
                 assets.publish("kernel", key)
-                log(f"{vmlinux} {human_size(vmlinux.stat().st_size)} (cached, key {key})")
+                log(f"{vmlinux} {describe(vmlinux)} (cached, key {key})")
                 return 0
-            if args.force and out.exists():
-                shutil.rmtree(out)
             log(f"building key {key} ({SOURCE_PACKAGE} {version})")
             tree = ensure_source(kroot, version)
             with open(kroot / f"build-{key}.log", "w") as logf:
@@ -361,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             install(tree, key, kroot)
             (kroot / f"build-{key}.log").rename(out / "build.log")
             assets.publish("kernel", key)
-        log(f"{vmlinux} {human_size(vmlinux.stat().st_size)} (built, key {key})")
+        log(f"{vmlinux} {describe(vmlinux)} (built, key {key})")
         return 0
     except BuildError as e:
         print(f"kernel: error: {e}", file=sys.stderr)

@@ -49,7 +49,9 @@ def machine_args(config: VMConfig) -> tuple[list[str], str]:
     else:
         raise VMError(f"unsupported machine type {config.machine!r}")
     accel = f"tcg,tb-size={config.tb_size_mib}" if config.accel == "tcg" else config.accel
-    cpu = "host" if config.accel == "kvm" else "max"
+    # Under TCG, -erms: glibc and the kernel then avoid `rep movsb`, which
+    # TCG runs a byte per iteration (pipe throughput 2.7x, see kernel-config/).
+    cpu = "host" if config.accel == "kvm" else "max,-erms"
     return ["-M", machine, "-accel", accel, "-cpu", cpu], bus
 
 
