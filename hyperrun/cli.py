@@ -11,59 +11,177 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Run OCI containers in lightweight virtual machines.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a command in a new container, in its own VM")
-    run.add_argument("--rootfs", type=Path, required=True,
-                     help="directory to use as the container's root filesystem")
+    run = sub.add_parser("run", help="run a command in a new container, in its own VM",
+                         usage="hyperrun run [OPTIONS] IMAGE [CMD...]\n"
+                               "       hyperrun run [OPTIONS] --rootfs DIR [--] CMD...")
+    run.add_argument("--rootfs", type=Path,
+                     help="host directory to use as the root filesystem instead of an image")
+    run.add_argument("--rm", action="store_true",
+                     help="remove the container when it exits (always so without a daemon)")
     run.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
     run.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
     run.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("-w", "--workdir", default="", help="working directory in the container")
     run.add_argument("-u", "--user", default="", help="user[:group] (name or id)")
+    run.add_argument("--entrypoint", default=None, help="override the image's entrypoint")
     run.add_argument("--hostname", default="")
     run.add_argument("--read-only", action="store_true", help="mount the rootfs read-only")
+    run.add_argument("--platform", default="linux/amd64", help="os/arch of the image to pull")
+    run.add_argument("--pull", default="missing", choices=["missing", "always", "never"])
     run.add_argument("--cpus", type=int, default=1, help="vCPUs of the VM")
     run.add_argument("--memory", type=int, default=256, metavar="MIB", help="VM memory in MiB")
     run.add_argument("--machine", default="microvm", choices=["microvm", "q35"])
-    run.add_argument("cmd", nargs=argparse.REMAINDER, help="command and arguments")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="image, command and arguments")
+
+    pull = sub.add_parser("pull", help="pull an image from a registry")
+    pull.add_argument("image")
+    pull.add_argument("--platform", default="linux/amd64")
+    pull.add_argument("-q", "--quiet", action="store_true")
+
+    sub.add_parser("images", help="list images")
+
+    rmi = sub.add_parser("rmi", help="remove images")
+    rmi.add_argument("images", nargs="+")
+
+    load = sub.add_parser("load", help="load images from a docker save archive or OCI layout")
+    load.add_argument("-i", "--input", required=True, type=Path)
 
     sub.add_parser("check", help="show what this host can do and whether hyperrun can run")
     sub.add_parser("version", help="print the version")
+    for sp in (run, pull, sub.choices["images"], rmi, load):
+        sp.add_argument("--root", type=Path, help="data root (images, metadata)")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    if args.command == "run":
-        sys.exit(_run(args))
-    if args.command == "check":
-        from hyperrun import check
-        sys.exit(check.main())
-    if args.command == "version":
-        from importlib.metadata import version
-        print(f"hyperrun {version('hyperrun')}")
+    if getattr(args, "root", None):
+        import os
+        os.environ["HYPERRUN_ROOT"] = str(args.root)
+    handler = {"run": _run, "pull": _pull, "images": _images, "rmi": _rmi, "load": _load,
+               "check": _check, "version": _version}[args.command]
+    sys.exit(handler(args))
+
+
+def _fail(message: str) -> int:
+    print(f"hyperrun: {message}", file=sys.stderr)
+    return 1
 
 
 def _run(args: argparse.Namespace) -> int:
     from hyperrun.run import RunSpec, execute
     from hyperrun.sandbox.config import SandboxConfig
 
-    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-    if not cmd:
-        print("hyperrun run: no command given", file=sys.stderr)
-        return 125
+    rest = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    image = None
+    if args.rootfs is None:
+        if not rest:
+            print("hyperrun run: give an IMAGE, or --rootfs DIR", file=sys.stderr)
+            return 125
+        image, rest = rest[0], rest[1:]
+        rest = rest[1:] if rest[:1] == ["--"] else rest
     for item in args.env:
         if "=" not in item:
             print(f"hyperrun run: -e {item!r}: expected KEY=VALUE", file=sys.stderr)
             return 125
-    spec = RunSpec(args=cmd, rootfs=args.rootfs, env=args.env, workdir=args.workdir,
-                   user=args.user, stdin=args.interactive, terminal=args.tty,
-                   hostname=args.hostname, readonly=args.read_only,
+    spec = RunSpec(args=rest, rootfs=args.rootfs, image=image,
+                   entrypoint=None if args.entrypoint is None else [args.entrypoint],
+                   env=args.env, workdir=args.workdir, user=args.user,
+                   stdin=args.interactive, terminal=args.tty, hostname=args.hostname,
+                   readonly=args.read_only, platform=args.platform, pull=args.pull,
                    sandbox=SandboxConfig(vcpus=args.cpus, memory_mib=args.memory,
                                          machine=args.machine))
     try:
         return execute(spec)
     except KeyboardInterrupt:  # before the container ran; the VM is gone with us
         return 130
+
+
+def _images_service():
+    from hyperrun.image.service import ImageService
+    return ImageService()
+
+
+def _pull(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from hyperrun.image.distribution import PullError
+    from hyperrun.image.reference import InvalidReference
+    from hyperrun.image.service import ImageError
+
+    service = _images_service()
+    try:
+        image = asyncio.run(service.pull(args.image, platform=args.platform,
+                                         progress=not args.quiet and sys.stderr.isatty()))
+    except (PullError, InvalidReference, ImageError) as exc:
+        return _fail(str(exc))
+    finally:
+        service.close()
+    print(f"Digest: {image.digest}" if not args.quiet else image.digest)
+    return 0
+
+
+def _images(args: argparse.Namespace) -> int:
+    from hyperrun.image import reference
+
+    service = _images_service()
+    rows = [("REPOSITORY", "TAG", "DIGEST", "IMAGE ID", "SIZE")]
+    for summary in service.list():
+        image = summary.image
+        size = f"{summary.image.size / 1e6:.1f}MB"
+        image_id = image.config_digest[7:19]
+        if not summary.names:
+            rows.append(("<none>", "<none>", image.digest[:19], image_id, size))
+        for name in summary.names:
+            ref = reference.parse(name.name)
+            repo = reference.Reference(ref.registry, ref.repository).familiar
+            rows.append((repo, ref.tag or "<none>", name.repo_digest[:19], image_id, size))
+    service.close()
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for row in rows:
+        print("   ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _rmi(args: argparse.Namespace) -> int:
+    from hyperrun.image.service import ImageError
+
+    service = _images_service()
+    status = 0
+    for name in args.images:
+        try:
+            for line in service.remove(name):
+                print(line)
+        except ImageError as exc:
+            status = _fail(str(exc))
+    service.close()
+    return status
+
+
+def _load(args: argparse.Namespace) -> int:
+    from hyperrun.image.archive import load
+    from hyperrun.image.service import ImageError
+
+    service = _images_service()
+    try:
+        for line in load(service, args.input):
+            print(line)
+    except ImageError as exc:
+        return _fail(str(exc))
+    finally:
+        service.close()
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from hyperrun import check
+    return check.main()
+
+
+def _version(args: argparse.Namespace) -> int:
+    from importlib.metadata import version
+    print(f"hyperrun {version('hyperrun')}")
+    return 0
 
 
 if __name__ == "__main__":

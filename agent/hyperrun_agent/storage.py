@@ -9,7 +9,7 @@ import os
 import threading
 
 from . import syscalls
-from .errors import invalid
+from .errors import invalid, not_found
 
 ROOT = "/run/hyperrun/storage"
 
@@ -20,6 +20,19 @@ _OPTIONS = {
     "erofs": [],
     "ext4": [],
 }
+
+
+def block_device_by_serial(serial: str) -> str:
+    """/dev/vdX (virtio-blk) or /dev/sdX (scsi) whose serial is serial."""
+    for name in sorted(os.listdir("/sys/block")):
+        for attr in ("serial", "device/serial"):
+            try:
+                with open(f"/sys/block/{name}/{attr}") as f:
+                    if f.read().strip() == serial:
+                        return "/dev/" + name
+            except OSError:
+                continue
+    raise not_found(f"disk with serial {serial!r}")
 
 
 class Storages:
@@ -39,6 +52,9 @@ class Storages:
             raise invalid(f"unsupported storage type {storage.fstype!r}")
         if not storage.source:
             raise invalid("storage has no source")
+        source = storage.source
+        if source.startswith("serial:"):
+            source = block_device_by_serial(source[len("serial:"):])
         key = self.key(storage)
         with self._lock:
             entry = self._mounts.get(key)
@@ -49,7 +65,7 @@ class Storages:
                 flags = syscalls.MS_RDONLY if key[3] else 0
                 options = _OPTIONS[storage.fstype] + list(storage.options)
                 try:
-                    syscalls.mount(storage.source, path, storage.fstype, flags, ",".join(options))
+                    syscalls.mount(source, path, storage.fstype, flags, ",".join(options))
                 except OSError:
                     os.rmdir(path)
                     raise

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hyperrun import assets
 from hyperrun.vm import VMError, accel
-from hyperrun.vm.config import Channel, Share, VMConfig, vsock_available
+from hyperrun.vm.config import Channel, Disk, Share, VMConfig, vsock_available
 
 
 class AssetMissing(VMError):
@@ -21,6 +21,7 @@ class SandboxConfig:
     memory_mib: int = 256
     machine: str = "microvm"
     shares: list[Share] = field(default_factory=list)
+    disks: list[Disk] = field(default_factory=list)
     die_with_parent: bool = False
     kernel: Path | None = None
     root_image: Path | None = None
@@ -49,7 +50,7 @@ class SandboxConfig:
             raise AssetMissing(f"guest image not found at {image}: run `make guest`")
         return VMConfig(kernel=kernel, root_image=image, machine=self.machine, vcpus=self.vcpus,
                         memory_mib=self.memory_mib, accel=accel.choose().name, init=self.init,
-                        shares=list(self.shares), channel=self.channel_config(),
+                        shares=list(self.shares), disks=list(self.disks), channel=self.channel_config(),
                         die_with_parent=self.die_with_parent,
                         cmdline_extra=list(self.cmdline_extra))
 

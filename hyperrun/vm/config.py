@@ -42,6 +42,15 @@ def tcg_cmdline(vcpus: int) -> list[str]:
 
 
 @dataclass(frozen=True)
+class Disk:
+    """A host file attached as a virtio-blk disk; the guest finds it by
+    serial (/sys/block/*/serial), not by name, which depends on order."""
+    path: Path
+    serial: str
+    readonly: bool = True
+
+
+@dataclass(frozen=True)
 class Share:
     """A host directory shared into the guest over virtio-9p."""
     tag: str
@@ -72,6 +81,7 @@ class VMConfig:
     init: str = "/sbin/init"
     cmdline_extra: list[str] = field(default_factory=list)
     shares: list[Share] = field(default_factory=list)
+    disks: list[Disk] = field(default_factory=list)
     channel: Channel = field(default_factory=Channel)
     # End QEMU when the launching process dies (embedded `hyperrun run`).
     die_with_parent: bool = False

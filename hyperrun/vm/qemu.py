@@ -72,6 +72,10 @@ def command_line(config: VMConfig, run_dir: Path, qmp_fd: int | None, agent_fd: 
         argv += ["-device", f"virtio-serial-{bus},max_ports=2",
                  "-chardev", f"socket,id=agent,fd={agent_fd},server=on,wait=off",
                  "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}"]
+    for i, disk in enumerate(config.disks):
+        ro = ",readonly=on" if disk.readonly else ""
+        argv += ["-drive", f"id=disk{i},file={disk.path},format=raw,if=none{ro}",
+                 "-device", f"virtio-blk-{bus},drive=disk{i},serial={disk.serial}"]
     security = "passthrough" if os.geteuid() == 0 else "none"
     for i, share in enumerate(config.shares):
         ro = ",readonly=on" if share.readonly else ""

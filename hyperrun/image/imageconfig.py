@@ -1,0 +1,68 @@
+"""An image's config applied to a container's process, as Docker does:
+Entrypoint + Cmd (with --entrypoint and a user command overriding),
+Env (user values override by key), WorkingDir, User, StopSignal."""
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+
+
+class ImageConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Overrides:
+    args: list[str] = field(default_factory=list)     # the user's command, if any
+    entrypoint: list[str] | None = None               # --entrypoint (replaces, resets Cmd)
+    env: list[str] = field(default_factory=list)      # KEY=VALUE, win over the image's
+    workdir: str = ""
+    user: str = ""
+
+
+@dataclass
+class ProcessDefaults:
+    args: list[str]
+    env: list[str]
+    cwd: str
+    user: str
+    stop_signal: int
+
+
+def parse_signal(name: str | int | None) -> int:
+    """"SIGTERM", "TERM", "15" -> 15; empty -> SIGTERM."""
+    if name in (None, ""):
+        return signal.SIGTERM
+    if isinstance(name, int) or str(name).isdigit():
+        return int(name)
+    upper = str(name).upper()
+    upper = upper if upper.startswith("SIG") else "SIG" + upper
+    try:
+        return signal.Signals[upper].value
+    except KeyError:
+        raise ImageConfigError(f"unknown stop signal {name!r}") from None
+
+
+def merge_env(base: list[str], extra: list[str]) -> list[str]:
+    merged: dict[str, str] = {}
+    for item in [*base, *extra]:
+        key, sep, value = item.partition("=")
+        merged[key] = item if sep else f"{key}="
+    return list(merged.values())
+
+
+def apply(image_config: dict, o: Overrides) -> ProcessDefaults:
+    cfg = image_config.get("config") or {}
+    entrypoint = o.entrypoint if o.entrypoint is not None else list(cfg.get("Entrypoint") or [])
+    # Docker: --entrypoint resets the image's Cmd; a user command replaces it.
+    cmd = o.args or ([] if o.entrypoint is not None else list(cfg.get("Cmd") or []))
+    args = [a for a in entrypoint if a != ""] + cmd if entrypoint != [""] else cmd
+    if not args:
+        raise ImageConfigError("no command: the image has no Entrypoint or Cmd and none was given")
+    return ProcessDefaults(
+        args=args,
+        env=merge_env(list(cfg.get("Env") or []), o.env),
+        cwd=o.workdir or cfg.get("WorkingDir") or "/",
+        user=o.user or cfg.get("User") or "",
+        stop_signal=parse_signal(cfg.get("StopSignal")),
+    )

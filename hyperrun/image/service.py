@@ -1,0 +1,182 @@
+"""The image service: pull, load, list, remove; and each image's read-only
+root filesystem image (erofs), built once and shared by every sandbox.
+
+    <data root>/content/        blobs (image/store.py)
+    <data root>/metadata.db     images and names (image/metadata.py)
+    <data root>/rootfs/<chain>.erofs   one per distinct layer chain
+    <data root>/tmp/            unpack work space
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from hyperrun import paths
+
+from . import reference
+from .metadata import ImageRecord, Metadata, NameRecord
+from .store import ContentStore, StoreError
+
+
+class ImageError(Exception):
+    pass
+
+
+class ImageNotFound(ImageError):
+    pass
+
+
+@dataclass
+class ImageSummary:
+    image: ImageRecord
+    names: list[NameRecord]
+
+
+def chain_id(image: ImageRecord) -> str:
+    """Names a layer stack: images sharing their layers share a rootfs."""
+    h = hashlib.sha256("\n".join(l.digest for l in image.layers).encode())
+    return h.hexdigest()
+
+
+class ImageService:
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or paths.data_root()
+        self.store = ContentStore(self.root / "content")
+        self.meta = Metadata(self.root / "metadata.db")
+        self.rootfs_dir = self.root / "rootfs"
+        self.tmp_dir = self.root / "tmp"
+        self.rootfs_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        self.meta.close()
+
+    # --- names ------------------------------------------------------------
+    def resolve(self, text: str) -> ImageRecord:
+        """An image by name (any form Docker accepts), digest or id prefix."""
+        image = self.find(text)
+        if image is None:
+            raise ImageNotFound(f"no such image: {text}")
+        return image
+
+    def find(self, text: str) -> ImageRecord | None:
+        candidate = text.removeprefix("sha256:")
+        if 12 <= len(candidate) <= 64 and all(c in "0123456789abcdef" for c in candidate):
+            matches = [i for i in self.meta.images()
+                       if i.digest[7:].startswith(candidate)
+                       or i.config_digest[7:].startswith(candidate)]
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise ImageError(f"{text} matches {len(matches)} images: give more digits")
+        try:
+            ref = reference.parse(text)
+        except reference.InvalidReference:
+            return None
+        if ref.digest is not None:
+            for name in self.meta.names():
+                if name.name.startswith(ref.name + ":") or name.name.startswith(ref.name + "@"):
+                    if ref.digest in (name.repo_digest, name.image):
+                        return self.meta.image(name.image)
+            return self.meta.image(ref.digest)
+        record = self.meta.lookup(ref.key)
+        return self.meta.image(record.image) if record else None
+
+    def list(self) -> list[ImageSummary]:
+        return [ImageSummary(i, self.meta.names(i.digest)) for i in self.meta.images()]
+
+    def config(self, image: ImageRecord) -> dict:
+        try:
+            return json.loads(self.store.read(image.config_digest))
+        except (OSError, ValueError, StoreError) as exc:
+            raise ImageError(f"image {image.digest}: unreadable config: {exc}") from exc
+
+    # --- pull / record ----------------------------------------------------
+    async def pull(self, text: str, *, platform: str = "linux/amd64", progress=None,
+                   auth=None) -> ImageRecord:
+        from . import distribution
+
+        ref = reference.parse(text)
+        result = await distribution.pull(ref, self.store, platform=platform, progress=progress,
+                                         auth=auth)
+        self.meta.add(result.image, ref.key, result.repo_digest)
+        return result.image
+
+    def record(self, image: ImageRecord, name: str | None, repo_digest: str) -> None:
+        """Register an image whose blobs are already in the store."""
+        missing = [b for b in image.blobs if not self.store.has(b)]
+        if missing:
+            raise ImageError(f"image {image.digest} lacks blobs: {', '.join(missing)}")
+        self.meta.add(image, name, repo_digest)
+
+    # --- removal ----------------------------------------------------------
+    def remove(self, text: str) -> list[str]:
+        """By name: untag, and delete the image once no name is left. By
+        digest or id: delete the image and all its names. Docker-style
+        report lines."""
+        image = self.resolve(text)
+        done = []
+        try:
+            ref = reference.parse(text)
+        except reference.InvalidReference:
+            ref = None
+        if ref is not None and ref.digest is None and self.meta.lookup(ref.key):
+            self.meta.untag(ref.key)
+            done.append(f"Untagged: {ref.familiar}")
+            if self.meta.names(image.digest):
+                return done
+        else:
+            done += [f"Untagged: {n.name}" for n in self.meta.names(image.digest)]
+        self.meta.remove_image(image.digest)
+        done.append(f"Deleted: {image.digest}")
+        self.gc()
+        return done
+
+    def gc(self) -> list[str]:
+        """Delete blobs and rootfs images no image refers to."""
+        referenced = self.meta.referenced_blobs()
+        removed = [d for d in self.store.digests() if d not in referenced]
+        for digest in removed:
+            self.store.delete(digest)
+        chains = {chain_id(i) for i in self.meta.images()}
+        for path in self.rootfs_dir.glob("*.erofs"):
+            if path.stem not in chains:
+                path.unlink(missing_ok=True)
+        return removed
+
+    # --- root filesystem --------------------------------------------------
+    def rootfs(self, image: ImageRecord) -> Path:
+        """The image's read-only erofs root, building it on first use."""
+        out = self.rootfs_dir / f"{chain_id(image)}.erofs"
+        if out.exists():
+            return out
+        with open(self.rootfs_dir / f"{chain_id(image)}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait and reuse
+            try:
+                if not out.exists():
+                    self._build_rootfs(image, out)
+            finally:
+                os.unlink(lock.name)
+        return out
+
+    def _build_rootfs(self, image: ImageRecord, out: Path) -> None:
+        from .rootfs import build_rootfs_image
+        from .unpack import Layer as UnpackLayer
+        from .unpack import unpack_layers
+
+        work = Path(tempfile.mkdtemp(prefix="unpack-", dir=self.tmp_dir))
+        try:
+            tree = work / "rootfs"
+            tree.mkdir()
+            layers = [UnpackLayer(self.store.path(l.digest), l.media_type, l.digest)
+                      for l in image.layers]
+            unpack_layers(layers, tree)
+            build_rootfs_image(tree, out)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
