@@ -49,7 +49,7 @@ demo: assets
 		sh -c 'echo "hello from a container in a VM: kernel $$(uname -r), hostname $$(hostname)"; id'
 
 test: assets
-	$(PY) -m pytest -v tests
+	$(PY) -m pytest -v -rs tests
 
 test-unit: venv
 	$(PY) -m pytest -v tests/unit
