@@ -68,3 +68,7 @@ def hyperrun(*args: str, input: bytes | None = None, timeout: float = 120,
              **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([HYPERRUN, *args], input=input, capture_output=True,
                           timeout=timeout, **kwargs)
+
+
+# Registry and test-image fixtures (real docker-registry, umoci, skopeo).
+pytest_plugins = ["tests.registry"]
