@@ -823,3 +823,59 @@ def pushed(registry, images) -> Pushed:
         "library/busybox:latest": registry.push(lay, images.busybox, "library/busybox:latest"),
     }
     return Pushed(registry, digests)
+
+
+# ------------------------------------------------------------------ a Debian image
+
+def debian_minbase(cache: Path) -> Path:
+    """A `debootstrap --variant=minbase bookworm` tree, made once per machine
+    (about 30 s from the Debian mirror) and kept under cache."""
+    tree = cache / "debian-minbase"
+    if (tree / "etc" / "debian_version").exists():
+        return tree
+    partial = cache / "debian-minbase.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    run("debootstrap", "--variant=minbase", "bookworm", partial, "http://deb.debian.org/debian")
+    shutil.rmtree(partial / "var" / "cache" / "apt" / "archives", ignore_errors=True)
+    partial.rename(tree)
+    return tree
+
+
+def build_debian(layout: Layout, tag: str, work: Path, tree: Path) -> str:
+    """The Debian tree as an image of two layers (/usr/share apart)."""
+    layout.umoci("new", "--image", layout.image(tag))
+
+    def base(root: Path) -> None:
+        run("cp", "-a", "--", *[str(p) for p in tree.iterdir() if p.name != "usr"], str(root))
+        (root / "usr").mkdir(exist_ok=True)
+        run("cp", "-a", "--", *[str(p) for p in (tree / "usr").iterdir() if p.name != "share"],
+            str(root / "usr"))
+
+    def share(root: Path) -> None:
+        run("cp", "-a", "--", str(tree / "usr" / "share"), str(root / "usr"))
+
+    layout.edit(tag, work, base)
+    layout.edit(tag, work, share)
+    layout.umoci("config", "--image", layout.image(tag), "--os", "linux",
+                 "--architecture", "amd64", "--config.cmd", "bash",
+                 "--config.env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                 "--no-history")
+    return layout.digest(tag)
+
+
+@pytest.fixture(scope="session")
+def debian(registry, tmp_path_factory) -> str:
+    """A Debian minbase image (debootstrap, umoci) pushed to `registry`;
+    returns its reference."""
+    require_tools()
+    if not shutil.which("debootstrap"):
+        pytest.skip("debootstrap is not installed (apt install debootstrap)")
+    from hyperrun.paths import cache_root
+
+    tree = debian_minbase(cache_root() / "test")
+    d = tmp_path_factory.mktemp("debian")
+    layout = Layout(d / "oci")
+    build_debian(layout, "debian", d, tree)
+    registry.push(layout.path, "debian", "debian:bookworm")
+    return registry.ref("debian:bookworm")

@@ -84,8 +84,8 @@ def load(service: ImageService, path: Path, platform: str = "linux/amd64") -> li
         raise ImageError(f"{path}: no such file or directory")
     try:
         source = _Source(path)
-    except tarfile.TarError as exc:
-        raise ImageError(f"{path}: not a tar archive: {exc}") from None
+    except tarfile.TarError:
+        raise ImageError(f"{path}: neither a tar archive nor an OCI layout directory") from None
     try:
         if source.exists("oci-layout") and source.exists("index.json"):
             return _load_oci(service, source, platform)

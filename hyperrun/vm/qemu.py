@@ -160,12 +160,8 @@ class QemuVM(VM):
         """Start QEMU (unless spawned already) and connect QMP."""
         import asyncio
 
-        import logging
+        from .qmp import QMPClient
 
-        from qemu.qmp import QMPClient
-
-        # qemu.qmp logs every negotiation; the VM's errors are reported here.
-        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
         if self._proc is None:
             self.spawn()
         self._exit_task = asyncio.ensure_future(self._watch_exit())

@@ -75,3 +75,39 @@ def test_generated_proto_is_current():
     r = subprocess.run([sys.executable, str(ROOT / "hyperrun/proto/generate.py"), "--check"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_qmp_tolerates_events_before_the_greeting(tmp_path):
+    """QEMU may send VSERPORT_CHANGE before its greeting (seen under load)."""
+    import asyncio
+    import json
+
+    from hyperrun.vm.qmp import QMPClient
+
+    async def main():
+        async def serve(reader, writer):
+            writer.write(json.dumps({"event": "VSERPORT_CHANGE", "data": {"id": "agent", "open": True},
+                                     "timestamp": {"seconds": 1, "microseconds": 0}}).encode() + b"\n")
+            writer.write(json.dumps({"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7},
+                                                         "package": ""}, "capabilities": []}}).encode() + b"\n")
+            await writer.drain()
+            buf = b""
+            while True:  # QMP is a JSON stream: no newline after a command
+                buf += await reader.read(4096)
+                try:
+                    command = json.loads(buf)
+                    break
+                except ValueError:
+                    continue
+            assert command["execute"] == "qmp_capabilities"
+            writer.write(json.dumps({"return": {}}).encode() + b"\n")
+            await writer.drain()
+            await reader.read()
+
+        path = str(tmp_path / "qmp.sock")
+        server = await asyncio.start_unix_server(serve, path)
+        client = QMPClient("t")
+        await asyncio.wait_for(client.connect(path), 5)
+        await client.disconnect()
+        server.close()
+    asyncio.run(main())

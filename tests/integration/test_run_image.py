@@ -1,0 +1,107 @@
+"""`hyperrun pull` then `hyperrun run IMAGE`, end to end: images built by
+umoci/skopeo (tests/registry.py), served by a real docker-registry, run in
+real VMs from their erofs root with an overlay per container."""
+import subprocess
+
+import pytest
+
+from tests.conftest import hyperrun
+from tests.registry import LAYERED_EXPECT
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch, vm_assets):
+    """A private data root for each test: its own store and metadata."""
+    monkeypatch.setenv("HYPERRUN_ROOT", str(tmp_path / "root"))
+    return tmp_path / "root"
+
+
+def run_ok(*args, input=None):
+    r = hyperrun(*args, input=input)
+    assert r.returncode == 0, r
+    return r.stdout.decode()
+
+
+def test_pull_then_run_applies_image_config(pushed, root, no_leaks):
+    ref = pushed.ref("busybox-config:latest")
+    out = run_ok("pull", ref)
+    assert pushed.digests["busybox-config:latest"] in out
+    # Entrypoint sh -c, Cmd echo ..., Env GREETING, WorkingDir, User user:users.
+    assert run_ok("run", ref) == "hello from /home/user as 1000:100\n"
+    # Overrides: a command, env, workdir and user of our own.
+    assert run_ok("run", "-e", "GREETING=hi", "-w", "/tmp", "-u", "0", ref,
+                  'echo "$GREETING $(pwd) $(id -u)"') == "hi /tmp 0\n"
+    assert run_ok("run", "--entrypoint", "cat", ref, "/etc/hyperrun-test") == "busybox\n"
+
+
+def test_exit_codes_and_writes_stay_in_the_container(pushed, root, no_leaks):
+    ref = pushed.ref("busybox:latest")
+    r = hyperrun("run", ref, "sh", "-c", "echo x > /etc/new; cat /etc/new; exit 7")
+    assert (r.returncode, r.stdout) == (7, b"x\n"), r
+    # A new container starts from the image again, not from the last one's writes.
+    r = hyperrun("run", ref, "cat", "/etc/new")
+    assert r.returncode == 1 and b"No such file" in r.stderr
+    assert hyperrun("run", ref, "/nope").returncode == 127
+
+
+def test_layers_whiteouts_and_opaque_dirs(pushed, root):
+    checks = []
+    for path, want in LAYERED_EXPECT.items():
+        if want is None:
+            checks.append(f'[ -e "/{path}" ] || [ -L "/{path}" ] && echo "BAD {path} exists"')
+        elif want == "dir":
+            checks.append(f'[ -d "/{path}" ] || echo "BAD {path} not a dir"')
+        elif want.startswith("symlink:"):
+            checks.append(f'[ "$(readlink /{path})" = "{want[8:]}" ] || echo "BAD {path} link"')
+        else:
+            checks.append(f'[ "$(cat /{path})" = "{want.rstrip()}" ] || echo "BAD {path} content"')
+    out = run_ok("run", pushed.ref("layered:latest"), "sh", "-c", "; ".join(checks) + "; echo done")
+    assert out == "done\n", out
+
+
+def test_platform_from_index(pushed, root):
+    assert run_ok("run", pushed.ref("multi:latest"), "cat", "/etc/hyperrun-test") == "amd64\n"
+    r = hyperrun("pull", "--platform", "linux/s390x", pushed.ref("multi:latest"))
+    assert r.returncode != 0 and b"linux/amd64" in r.stderr, r
+
+
+def test_second_container_reuses_the_prepared_rootfs(pushed, root):
+    r = hyperrun("run", pushed.ref("busybox:latest"), "true")
+    assert r.returncode == 0
+    (rootfs,) = list((root / "rootfs").glob("*.erofs"))
+    before = rootfs.stat()
+    assert run_ok("run", pushed.ref("busybox:latest"), "echo", "again") == "again\n"
+    after = rootfs.stat()
+    assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
+    assert not any((root / "tmp").iterdir())
+
+
+def test_images_rmi_and_gc(pushed, root):
+    ref = pushed.ref("busybox:latest")
+    run_ok("pull", ref)
+    listing = run_ok("images")
+    assert f"{pushed.registry.host}/busybox" in listing and "latest" in listing
+    blobs = root / "content" / "blobs" / "sha256"
+    assert any(blobs.iterdir())
+    out = run_ok("rmi", ref)
+    assert "Untagged" in out and "Deleted" in out
+    assert not any(blobs.iterdir())
+    r = hyperrun("rmi", ref)
+    assert r.returncode != 0 and b"no such image" in r.stderr
+
+
+def test_load_docker_archive_and_oci_layout(images, root, tmp_path):
+    archive = tmp_path / "busybox.tar"
+    subprocess.run(["skopeo", "copy", "-q", f"oci:{images.layout.path}:{images.busybox}",
+                    f"docker-archive:{archive}:example.com/team/busybox:1.0"], check=True)
+    out = run_ok("load", "-i", str(archive))
+    assert "example.com/team/busybox:1.0" in out
+    assert run_ok("run", "example.com/team/busybox:1.0", "cat", "/etc/hyperrun-test") == "busybox\n"
+    layout_out = run_ok("load", "-i", str(images.layout.path))
+    assert "Loaded image" in layout_out
+
+
+def test_debian_image(debian, root, no_leaks):
+    """An image made with debootstrap --variant=minbase runs in a VM."""
+    assert run_ok("run", debian, "cat", "/etc/debian_version").startswith("12.")
+    assert run_ok("run", debian, "bash", "-c", "ls /usr/share/doc | wc -l").strip() != "0"
