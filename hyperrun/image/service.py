@@ -99,12 +99,18 @@ class ImageService:
 
     # --- pull / record ----------------------------------------------------
     async def pull(self, text: str, *, platform: str = "linux/amd64", progress=None,
-                   auth=None) -> ImageRecord:
+                   auth=None, unpack: bool = True) -> ImageRecord:
+        """Fetch an image and, as containerd does, unpack it: its erofs
+        root is then ready for the first container."""
+        import asyncio
+
         from . import distribution
 
         ref = reference.parse(text)
         result = await distribution.pull(ref, self.store, platform=platform, progress=progress,
                                          auth=auth)
+        if unpack:
+            await asyncio.to_thread(self.rootfs, result.image)
         self.meta.add(result.image, ref.key, result.repo_digest)
         return result.image
 

@@ -12,8 +12,9 @@ entry types this module does not know. A symlink entry is data: it may point
 anywhere, because it is never followed here.
 
 The tar reader is our own (a streaming ustar/GNU/PAX parser): it writes file
-data straight from the decompressor's buffers, and decompression (zlib,
-zstd) runs on a second thread, both of which release the GIL.
+data straight from the decompressor's buffers. Decompression (gzip with
+ISA-L when `isal` is installed, else zlib; zstd) runs on a second thread and
+releases the GIL, as do the writes, so the two overlap.
 """
 from __future__ import annotations
 
@@ -171,6 +172,9 @@ def _gzip_chunks(f) -> Iterator[bytes]:
     while True:
         data = f.read(CHUNK)
         if not data:
+            out = d.flush()   # output still held back by the max_length bound
+            if out:
+                yield out
             if not d.eof:
                 raise _LayerError("compressed stream is truncated")
             return
@@ -774,9 +778,7 @@ class _Unpacker:
             self.warn(f"aufs metadata entry {_show(name)!r} ignored")
         else:
             target = base[len(WHITEOUT):]
-            if target in (b".", b".."):
-                raise _LayerError("malformed whiteout")
-            if not target:   # ".wh." alone
+            if target in (b"", b".", b".."):
                 raise _LayerError("malformed whiteout")
             self.stats.whiteouts += 1
             parent = self._dir(parts[:-1], create=False)

@@ -104,4 +104,5 @@ def test_load_docker_archive_and_oci_layout(images, root, tmp_path):
 def test_debian_image(debian, root, no_leaks):
     """An image made with debootstrap --variant=minbase runs in a VM."""
     assert run_ok("run", debian, "cat", "/etc/debian_version").startswith("12.")
+    assert run_ok("run", debian, "python3", "-c", "print(1)") == "1\n"
     assert run_ok("run", debian, "bash", "-c", "ls /usr/share/doc | wc -l").strip() != "0"
