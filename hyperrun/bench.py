@@ -137,10 +137,13 @@ def bench_images(runs: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("sections", nargs="*", default=["boot", "images"], choices=["boot", "images"])
+    ap.add_argument("sections", nargs="*", help="boot and/or images (default: both)")
     ap.add_argument("-n", "--runs", type=int, default=0, help="runs per measurement")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
+    args.sections = args.sections or ["boot", "images"]
+    if unknown := set(args.sections) - {"boot", "images"}:
+        ap.error(f"unknown sections: {', '.join(sorted(unknown))}")
     result = {"accelerator": accel.choose().name}
     print(f"accelerator: {result['accelerator']}")
     if "boot" in args.sections:

@@ -831,34 +831,41 @@ def debian_minbase(cache: Path) -> Path:
     """A `debootstrap --variant=minbase --include=python3 bookworm` tree,
     made once per machine (about 40 s from the Debian mirror) and kept
     under cache."""
-    tree = cache / "debian-minbase-python3"
+    tree = cache / "debian-bookworm-minbase-python3"
     if (tree / "etc" / "debian_version").exists():
         return tree
-    partial = cache / "debian-minbase-python3.partial"
+    partial = cache / "debian-bookworm-minbase-python3.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
     run("debootstrap", "--variant=minbase", "--include=python3", "bookworm", partial,
         "http://deb.debian.org/debian")
-    shutil.rmtree(partial / "var" / "cache" / "apt" / "archives", ignore_errors=True)
     partial.rename(tree)
     return tree
 
 
 def build_debian(layout: Layout, tag: str, work: Path, tree: Path) -> str:
-    """The Debian tree as an image of two layers (/usr/share apart)."""
+    """The Debian tree as an image of three layers: the base system,
+    /usr/share, and the .debs debootstrap left in /var/cache/apt/archives
+    (already compressed: they keep the image above 100 MB compressed)."""
+    share, archives = Path("usr/share"), Path("var/cache/apt/archives")
     layout.umoci("new", "--image", layout.image(tag))
 
-    def base(root: Path) -> None:
-        run("cp", "-a", "--", *[str(p) for p in tree.iterdir() if p.name != "usr"], str(root))
-        (root / "usr").mkdir(exist_ok=True)
-        run("cp", "-a", "--", *[str(p) for p in (tree / "usr").iterdir() if p.name != "share"],
-            str(root / "usr"))
+    def copy_tree_except(src: Path, dst: Path, skip: set[Path], rel: Path = Path()) -> None:
+        for child in (src / rel).iterdir():
+            child_rel = rel / child.name
+            if child_rel in skip:
+                (dst / child_rel).mkdir(parents=True, exist_ok=True)
+            elif any(s.is_relative_to(child_rel) for s in skip):
+                (dst / child_rel).mkdir(parents=True, exist_ok=True)
+                shutil.copystat(child, dst / child_rel)
+                copy_tree_except(src, dst, skip, child_rel)
+            else:
+                run("cp", "-a", "--", str(child), str(dst / rel))
 
-    def share(root: Path) -> None:
-        run("cp", "-a", "--", str(tree / "usr" / "share"), str(root / "usr"))
-
-    layout.edit(tag, work, base)
-    layout.edit(tag, work, share)
+    layout.edit(tag, work, lambda root: copy_tree_except(tree, root, {share, archives}))
+    for part in (share, archives):
+        layout.edit(tag, work, lambda root, part=part: run(
+            "cp", "-a", "--", *[str(p) for p in (tree / part).iterdir()], str(root / part)))
     layout.umoci("config", "--image", layout.image(tag), "--os", "linux",
                  "--architecture", "amd64", "--config.cmd", "bash",
                  "--config.env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",

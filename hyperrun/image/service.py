@@ -24,6 +24,9 @@ from .metadata import ImageRecord, Metadata, NameRecord
 from .store import ContentStore, StoreError
 
 
+SCRATCH_TMPFS = "/dev/shm"
+
+
 class ImageError(Exception):
     pass
 
@@ -171,12 +174,26 @@ class ImageService:
                 os.unlink(lock.name)
         return out
 
+    def _scratch_dir(self, image: ImageRecord) -> Path:
+        """Where to unpack: the tree only lives until mkfs.erofs has read it,
+        so tmpfs (/dev/shm) when it has ample room — writing thousands of
+        small files to disk first costs seconds of writeback and doubles
+        the disk writes — else the data root's tmp/."""
+        estimate = 4 * image.size + (256 << 20)  # layers are ~2-4x smaller unpacked
+        try:
+            st = os.statvfs(SCRATCH_TMPFS)
+            if st.f_bavail * st.f_frsize > estimate:
+                return Path(SCRATCH_TMPFS)
+        except OSError:
+            pass
+        return self.tmp_dir
+
     def _build_rootfs(self, image: ImageRecord, out: Path) -> None:
         from .rootfs import build_rootfs_image
         from .unpack import Layer as UnpackLayer
         from .unpack import unpack_layers
 
-        work = Path(tempfile.mkdtemp(prefix="unpack-", dir=self.tmp_dir))
+        work = Path(tempfile.mkdtemp(prefix="hyperrun-unpack-", dir=self._scratch_dir(image)))
         try:
             tree = work / "rootfs"
             tree.mkdir()

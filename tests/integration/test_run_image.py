@@ -2,6 +2,7 @@
 umoci/skopeo (tests/registry.py), served by a real docker-registry, run in
 real VMs from their erofs root with an overlay per container."""
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -74,6 +75,7 @@ def test_second_container_reuses_the_prepared_rootfs(pushed, root):
     after = rootfs.stat()
     assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
     assert not any((root / "tmp").iterdir())
+    assert not list(Path("/dev/shm").glob("hyperrun-unpack-*"))
 
 
 def test_images_rmi_and_gc(pushed, root):
