@@ -113,7 +113,16 @@ class ImageService:
         result = await distribution.pull(ref, self.store, platform=platform, progress=progress,
                                          auth=auth)
         if unpack:
-            await asyncio.to_thread(self.rootfs, result.image)
+            try:
+                await asyncio.to_thread(self.rootfs, result.image)
+            except ImageError:
+                # A layer that cannot be unpacked (e.g. a hostile one): the
+                # store is left as it was before the pull.
+                referenced = self.meta.referenced_blobs()
+                for blob in result.image.blobs:
+                    if blob not in referenced:
+                        self.store.delete(blob)
+                raise
         self.meta.add(result.image, ref.key, result.repo_digest)
         return result.image
 
@@ -189,9 +198,9 @@ class ImageService:
         return self.tmp_dir
 
     def _build_rootfs(self, image: ImageRecord, out: Path) -> None:
-        from .rootfs import build_rootfs_image
+        from .rootfs import RootfsError, build_rootfs_image
         from .unpack import Layer as UnpackLayer
-        from .unpack import unpack_layers
+        from .unpack import UnpackError, unpack_layers
 
         work = Path(tempfile.mkdtemp(prefix="hyperrun-unpack-", dir=self._scratch_dir(image)))
         try:
@@ -199,7 +208,10 @@ class ImageService:
             tree.mkdir()
             layers = [UnpackLayer(self.store.path(l.digest), l.media_type, l.digest)
                       for l in image.layers]
-            unpack_layers(layers, tree)
-            build_rootfs_image(tree, out)
+            try:
+                unpack_layers(layers, tree)
+                build_rootfs_image(tree, out)
+            except (UnpackError, RootfsError) as exc:
+                raise ImageError(f"cannot unpack image {image.digest}: {exc}") from None
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -101,6 +101,12 @@ def test_load_docker_archive_and_oci_layout(images, root, tmp_path):
     assert run_ok("run", "example.com/team/busybox:1.0", "cat", "/etc/hyperrun-test") == "busybox\n"
     layout_out = run_ok("load", "-i", str(images.layout.path))
     assert "Loaded image" in layout_out
+    # The same layout as a tar (as `docker save` of recent Docker writes).
+    layout_tar = tmp_path / "layout.tar"
+    subprocess.run(["tar", "-C", str(images.layout.path), "-cf", str(layout_tar), "."], check=True)
+    assert "Loaded image" in run_ok("load", "-i", str(layout_tar))
+    r = hyperrun("load", "-i", str(tmp_path / "missing.tar"))
+    assert r.returncode != 0 and b"no such file" in r.stderr
 
 
 def test_debian_image(debian, root, no_leaks):
@@ -108,3 +114,53 @@ def test_debian_image(debian, root, no_leaks):
     assert run_ok("run", debian, "cat", "/etc/debian_version").startswith("12.")
     assert run_ok("run", debian, "python3", "-c", "print(1)") == "1\n"
     assert run_ok("run", debian, "bash", "-c", "ls /usr/share/doc | wc -l").strip() != "0"
+
+
+@pytest.mark.parametrize("entries", [
+    [("../escape", "file")],
+    [("/etc/absolute", "file")],
+    [("evil", "symlink:/etc"), ("evil/pwned", "file")],
+    [("hard", "hardlink:../../outside")],
+], ids=["dotdot", "absolute", "symlink-escape", "hardlink-outside"])
+def test_hostile_layer_is_refused_and_store_unchanged(entries, images, registry, root, tmp_path):
+    import io
+    import tarfile
+
+    from tests.registry import run as run_tool
+
+    tar_path = tmp_path / "hostile.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for name, kind in entries:
+            info = tarfile.TarInfo(name)
+            if kind.startswith("symlink:"):
+                info.type, info.linkname = tarfile.SYMTYPE, kind[8:]
+                tar.addfile(info)
+            elif kind.startswith("hardlink:"):
+                info.type, info.linkname = tarfile.LNKTYPE, kind[9:]
+                tar.addfile(info)
+            else:
+                info.size = 5
+                tar.addfile(info, io.BytesIO(b"owned"))
+    layout = images.layout
+    tag = f"hostile-{tmp_path.name}"
+    layout.tag_descriptor(tag, {k: v for k, v in layout.descriptor(images.busybox).items()
+                                if k != "annotations"})
+    run_tool("umoci", "raw", "add-layer", "--image", layout.image(tag), str(tar_path))
+    registry.push(layout.path, tag, f"hostile:{tag}")
+
+    # The store holds one good image before.
+    good = registry.push(layout.path, images.busybox, "good:latest")
+    run_ok("pull", registry.ref("good:latest"))
+    blobs = root / "content" / "blobs" / "sha256"
+    before = sorted(p.name for p in blobs.iterdir())
+
+    r = hyperrun("pull", registry.ref(f"hostile:{tag}"))
+    assert r.returncode != 0
+    assert b"Traceback" not in r.stderr, r.stderr
+    assert entries[-1][0].encode() in r.stderr, r.stderr  # the error names the entry
+    assert sorted(p.name for p in blobs.iterdir()) == before
+    assert not (tmp_path.parent / "escape").exists() and not Path("/etc/absolute").exists()
+    assert not Path("/etc/pwned").exists()
+    images_out = run_ok("images")
+    assert "hostile" not in images_out and "good" in images_out
+    assert good
