@@ -43,11 +43,7 @@ check: venv
 	$(VENV)/bin/hyperrun check
 
 demo: assets
-	@echo "== building a busybox root filesystem in build/demo-rootfs"
-	$(PY) -m hyperrun.busybox build/demo-rootfs
-	@echo "== booting a VM and running a container in it"
-	time $(VENV)/bin/hyperrun run --rootfs build/demo-rootfs -- \
-		sh -c 'echo "hello from a container in a VM: kernel $$(uname -r), hostname $$(hostname)"; id'
+	$(PY) -m hyperrun.demo
 
 test: assets
 	$(PY) -m pytest -v -rs tests
