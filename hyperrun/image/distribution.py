@@ -40,7 +40,7 @@ from hyperrun.image.auth import (Challenge, Credentials, CredentialsError, docke
 from hyperrun.image.hosts import Endpoint, Hosts, HostsConfigError, default_ssl_context
 from hyperrun.image.metadata import ImageRecord, Layer
 from hyperrun.image.reference import DOCKER_HUB, InvalidReference, Reference, parse
-from hyperrun.image.store import ContentStore, DigestError, StoreError, check_digest
+from hyperrun.image.store import ContentStore, DigestError, StoreError, check_digest, fsync_path
 
 USER_AGENT = "hyperrun/0.1"
 
@@ -790,7 +790,7 @@ class _Puller:
         if got == digest:
             # Flush it to disk now, while other layers still download; the
             # commit's own fsync is then quick.
-            await asyncio.to_thread(_fsync_path, ing.path)
+            await asyncio.to_thread(fsync_path, ing.path)
         else:
             st.discard()
             error = DigestMismatch(f"{self.ref}: layer {digest} from {s.name} does not match "
@@ -960,14 +960,6 @@ async def _read_limited(resp: httpx.Response, limit: int, what: str,
 
 _WRITERS = concurrent.futures.ThreadPoolExecutor(max_workers=4,
                                                  thread_name_prefix="hyperrun-pull")
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _Pipe:

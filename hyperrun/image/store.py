@@ -99,7 +99,7 @@ class Ingest:
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(self.path, 0o444)
         os.replace(self.path, dest)
-        _fsync_dir(dest.parent)
+        fsync_path(dest.parent)
         self._committed = True
         return dest
 
@@ -115,8 +115,9 @@ class Ingest:
             self._file = None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by path."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
