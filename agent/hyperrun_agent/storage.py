@@ -22,17 +22,35 @@ _OPTIONS = {
 }
 
 
-def block_device_by_serial(serial: str) -> str:
-    """/dev/vdX (virtio-blk) or /dev/sdX (scsi) whose serial is serial."""
-    for name in sorted(os.listdir("/sys/block")):
-        for attr in ("serial", "device/serial"):
-            try:
-                with open(f"/sys/block/{name}/{attr}") as f:
-                    if f.read().strip() == serial:
-                        return "/dev/" + name
-            except OSError:
-                continue
-    raise not_found(f"disk with serial {serial!r}")
+def _disk_serial(name: str) -> str | None:
+    """virtio-blk shows its serial in sysfs; a SCSI disk in its VPD page
+    0x80 (unit serial number: a 4-byte header, then the serial)."""
+    try:
+        with open(f"/sys/block/{name}/serial") as f:
+            return f.read().strip()
+    except OSError:
+        pass
+    try:
+        with open(f"/sys/block/{name}/device/vpd_pg80", "rb") as f:
+            page = f.read()
+        return page[4:4 + page[3]].decode(errors="replace").strip()
+    except (OSError, IndexError):
+        return None
+
+
+def block_device_by_serial(serial: str, timeout: float = 5.0) -> str:
+    """/dev/vdX (virtio-blk) or /dev/sdX (hot-plugged SCSI) with this serial.
+    A disk hot-plugged a moment ago may still be being scanned: wait a bit."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for name in sorted(os.listdir("/sys/block")):
+            if _disk_serial(name) == serial and os.path.exists("/dev/" + name):
+                return "/dev/" + name
+        if time.monotonic() >= deadline:
+            raise not_found(f"disk with serial {serial!r}")
+        time.sleep(0.02)
 
 
 class Storages:

@@ -22,6 +22,7 @@ class SandboxConfig:
     machine: str = "microvm"
     shares: list[Share] = field(default_factory=list)
     disks: list[Disk] = field(default_factory=list)
+    hotplug_disks: bool = False
     die_with_parent: bool = False
     kernel: Path | None = None
     root_image: Path | None = None
@@ -50,7 +51,7 @@ class SandboxConfig:
             raise AssetMissing(f"guest image not found at {image}: run `make guest`")
         return VMConfig(kernel=kernel, root_image=image, machine=self.machine, vcpus=self.vcpus,
                         memory_mib=self.memory_mib, accel=accel.choose().name, init=self.init,
-                        shares=list(self.shares), disks=list(self.disks), channel=self.channel_config(),
+                        shares=list(self.shares), disks=list(self.disks), hotplug_disks=self.hotplug_disks, channel=self.channel_config(),
                         die_with_parent=self.die_with_parent,
                         cmdline_extra=list(self.cmdline_extra))
 

@@ -82,6 +82,28 @@ class Sandbox:
         raise VMError(f"agent in VM {self.id} did not answer within {timeout:.0f}s; "
                       f"console: {self.vm.failure_reason()}")
 
+    @classmethod
+    async def reattach(cls, vm: QemuVM, timeout: float = 10.0) -> "Sandbox":
+        """Take over a running sandbox VM (after a daemon restart): QMP and
+        a new agent session on its sockets."""
+        await vm.attach()
+        sandbox = cls(vm, AgentClient(f"agent-{vm.id}"))
+        try:
+            await sandbox._wait_agent(timeout)
+        except BaseException:
+            await sandbox.agent.close()
+            if vm.qmp is not None:
+                await vm.qmp.disconnect()
+            raise
+        return sandbox
+
+    async def detach(self) -> None:
+        """Let go of the VM without stopping it (the daemon shutting down)."""
+        await self.agent.close()
+        if self.vm.qmp is not None:
+            await self.vm.qmp.disconnect()
+            self.vm.qmp = None
+
     async def destroy(self) -> None:
         """Stop the VM and remove everything of it. Idempotent."""
         await self.agent.close()

@@ -82,6 +82,8 @@ class VMConfig:
     cmdline_extra: list[str] = field(default_factory=list)
     shares: list[Share] = field(default_factory=list)
     disks: list[Disk] = field(default_factory=list)
+    # A virtio-scsi bus for disks that arrive after boot (a pod's images).
+    hotplug_disks: bool = False
     channel: Channel = field(default_factory=Channel)
     # End QEMU when the launching process dies (embedded `hyperrun run`).
     die_with_parent: bool = False

@@ -20,9 +20,10 @@ import subprocess
 from pathlib import Path
 
 from . import VM, VMError, rundir
-from .config import VMConfig
+from .config import Disk, VMConfig
 
 QEMU_BINARY = os.environ.get("HYPERRUN_QEMU", "qemu-system-x86_64")
+SCSI_BUS = "scsi0"  # for disks hot-plugged after boot
 AGENT_PORT_NAME = "hyperrun.agent"
 
 
@@ -76,6 +77,8 @@ def command_line(config: VMConfig, run_dir: Path, qmp_fd: int | None, agent_fd: 
         ro = ",readonly=on" if disk.readonly else ""
         argv += ["-drive", f"id=disk{i},file={disk.path},format=raw,if=none{ro}",
                  "-device", f"virtio-blk-{bus},drive=disk{i},serial={disk.serial}"]
+    if config.hotplug_disks:
+        argv += ["-device", f"virtio-scsi-{bus},id={SCSI_BUS}"]
     security = "passthrough" if os.geteuid() == 0 else "none"
     for i, share in enumerate(config.shares):
         ro = ",readonly=on" if share.readonly else ""
@@ -106,6 +109,7 @@ class QemuVM(VM):
         self.run_dir = rundir.vm_root() / self.id
         self.qmp = None  # qemu.qmp.QMPClient once launched
         self._proc: subprocess.Popen | None = None
+        self._attached_pid: int | None = None  # a QEMU we re-attached to, not our child
         self._exit_task = None  # asyncio.Task resolving to QEMU's exit status
 
     @property
@@ -118,7 +122,7 @@ class QemuVM(VM):
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        return self._proc.pid if self._proc else self._attached_pid
 
     @property
     def process(self) -> subprocess.Popen | None:
@@ -156,13 +160,22 @@ class QemuVM(VM):
             if agent_sock:
                 agent_sock.close()
 
+    async def attach(self) -> None:
+        """Re-attach to the QEMU of this VM's run directory, started by an
+        earlier process (a daemon that was restarted): QMP and exit watch."""
+        pid = rundir.qemu_pid(self.run_dir)
+        if pid is None or not rundir.alive_qemu(pid):
+            raise VMError(f"VM {self.id}: its QEMU is not running")
+        self._attached_pid = pid
+        await self.launch()
+
     async def launch(self) -> None:
-        """Start QEMU (unless spawned already) and connect QMP."""
+        """Start QEMU (unless spawned or attached already) and connect QMP."""
         import asyncio
 
         from .qmp import QMPClient
 
-        if self._proc is None:
+        if self._proc is None and self._attached_pid is None:
             self.spawn()
         self._exit_task = asyncio.ensure_future(self._watch_exit())
         self.qmp = QMPClient(f"qemu-{self.id}")
@@ -181,20 +194,21 @@ class QemuVM(VM):
         """QEMU's exit status, noticed through a pidfd (no polling)."""
         import asyncio
 
-        assert self._proc is not None
+        assert self.pid is not None
         loop = asyncio.get_running_loop()
         exited = loop.create_future()
         try:
-            pidfd = os.pidfd_open(self._proc.pid)
+            pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError:
-            return self._proc.wait()
+            return self._proc.wait() if self._proc else -1
         loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
         try:
             await exited
         finally:
             loop.remove_reader(pidfd)
             os.close(pidfd)
-        return self._proc.wait()
+        # An attached QEMU is not our child: its exit status is not ours to read.
+        return self._proc.wait() if self._proc else -1
 
     def failure_reason(self) -> str:
         """QEMU's own error output, or the end of the console log."""
@@ -212,6 +226,8 @@ class QemuVM(VM):
     def exited(self) -> bool:
         if self._exit_task is not None:
             return self._exit_task.done()
+        if self._attached_pid is not None:
+            return not rundir.alive_qemu(self._attached_pid)
         return self._proc is None or self._proc.poll() is not None
 
     async def wait_exited(self) -> int:
@@ -243,13 +259,47 @@ class QemuVM(VM):
             await self.kill()
 
     async def kill(self) -> None:
-        if self._proc is None or self.exited:
+        if self.pid is None or self.exited:
             return
         try:
-            self._proc.kill()
+            os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         await self.wait_exited()
+
+    async def hotplug_disk(self, disk: Disk) -> None:
+        """Attach a read-only disk to the running VM on its virtio-scsi bus
+        (microvm's virtio-mmio devices cannot be hot-added; SCSI disks can).
+        The guest finds it by serial."""
+        node = f"disk-{disk.serial}"
+        await self.qmp.execute("blockdev-add", {
+            "node-name": node, "driver": "raw", "read-only": disk.readonly,
+            "file": {"driver": "file", "filename": str(disk.path), "read-only": disk.readonly}})
+        try:
+            await self.qmp.execute("device_add", {"driver": "scsi-hd", "id": f"dev-{disk.serial}",
+                                                  "drive": node, "serial": disk.serial,
+                                                  "bus": f"{SCSI_BUS}.0"})
+        except Exception:
+            await self.qmp.execute("blockdev-del", {"node-name": node})
+            raise
+
+    async def unplug_disk(self, serial: str, timeout: float = 10.0) -> None:
+        """Detach a hot-plugged disk; the guest must have unmounted it."""
+        import asyncio
+
+        from qemu.qmp import EventListener
+
+        events = EventListener(("DEVICE_DELETED",))
+        with self.qmp.listen(events):
+            await self.qmp.execute("device_del", {"id": f"dev-{serial}"})
+
+            async def deleted():
+                async for event in events:
+                    if event["event"] == "DEVICE_DELETED" and \
+                            event.get("data", {}).get("device") == f"dev-{serial}":
+                        return
+            await asyncio.wait_for(deleted(), timeout)
+        await self.qmp.execute("blockdev-del", {"node-name": f"disk-{serial}"})
 
     async def remove(self) -> None:
         await self.kill()

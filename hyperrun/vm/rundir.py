@@ -39,7 +39,7 @@ def qemu_pid(path: Path) -> int | None:
         return None
 
 
-def _alive_qemu(pid: int) -> bool:
+def alive_qemu(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return b"qemu-system" in f.read().split(b"\0", 1)[0]
@@ -59,7 +59,7 @@ def collect_stale() -> list[Path]:
         return removed
     for path in root.iterdir():
         pid = qemu_pid(path)
-        if pid is not None and _alive_qemu(pid):
+        if pid is not None and alive_qemu(pid):
             continue
         try:
             if pid is None and time.time() - path.stat().st_mtime < 60:

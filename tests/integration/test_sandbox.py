@@ -12,6 +12,7 @@ from hyperrun.proto import agent_pb2 as pb
 from hyperrun.sandbox.config import SandboxConfig
 from hyperrun.sandbox.sandbox import Sandbox
 from hyperrun.vm.config import Share, vsock_available
+from hyperrun.vm.qemu import QemuVM
 
 ROOTFS = pb.Storage(source="rootfs", fstype="9p")
 
@@ -192,5 +193,53 @@ def test_two_containers_share_one_rootfs(busybox_rootfs, no_leaks):
         finally:
             for name in ("from-a", "from-b"):
                 (busybox_rootfs / "tmp" / name).unlink(missing_ok=True)
+            await sb.destroy()
+    run(main())
+
+
+def test_image_disk_hotplug_and_unplug(busybox_rootfs, tmp_path, no_leaks):
+    """A pod's image arriving after boot: its erofs is hot-plugged on the
+    virtio-scsi bus (QMP blockdev-add + device_add), found by serial,
+    mounted with an overlay, and unplugged when no container uses it."""
+    from hyperrun.image.rootfs import build_rootfs_image
+    from hyperrun.vm.config import Disk
+
+    image = tmp_path / "busybox.erofs"
+    build_rootfs_image(busybox_rootfs, image)
+
+    async def main():
+        sb = await Sandbox.boot(SandboxConfig(hotplug_disks=True))
+        try:
+            await sb.vm.hotplug_disk(Disk(image, serial="img1"))
+            storage = pb.Storage(source="serial:img1", fstype="erofs", overlay=True)
+            await sb.agent.create_container("c", storage, pb.Process(
+                args=["sh", "-c", "echo hi > /tmp/x; cat /tmp/x; ls /bin/busybox"]))
+            await sb.agent.start_container("c")
+            assert await read_all(sb.agent, "stdout", "c") == b"hi\n/bin/busybox\n"
+            assert (await sb.agent.wait_process("c")).exit_code == 0
+            await sb.agent.remove_container("c")
+            await sb.vm.unplug_disk("img1")
+            with pytest.raises(TtrpcError, match="disk with serial"):
+                await sb.agent.create_container("d", storage, pb.Process(args=["true"]))
+        finally:
+            await sb.destroy()
+    run(main())
+
+
+def test_sandbox_survives_its_host_process(busybox_rootfs, no_leaks):
+    """A restarted daemon re-attaches: QMP and the agent on the same VM,
+    containers still there."""
+    async def main():
+        sb = await booted(busybox_rootfs)
+        try:
+            await sb.agent.create_container("c", ROOTFS, pb.Process(args=["sleep", "300"]))
+            await sb.agent.start_container("c")
+            await sb.detach()  # as if the daemon died: nothing stopped
+            again = await Sandbox.reattach(QemuVM(sb.vm.config, vm_id=sb.vm.id))
+            assert await again.vm.status() == "running"
+            await again.agent.exec_process("c", "e", pb.Process(args=["echo", "still here"]))
+            assert await read_all(again.agent, "stdout", "c", "e") == b"still here\n"
+            sb = again
+        finally:
             await sb.destroy()
     run(main())
