@@ -46,9 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     load = sub.add_parser("load", help="load images from a docker save archive or OCI layout")
     load.add_argument("-i", "--input", required=True, type=Path)
 
+    daemon = sub.add_parser("daemon", help="serve the Kubernetes CRI v1 API on a unix socket")
+    daemon.add_argument("--socket", type=Path, help="default /run/hyperrun/hyperrun.sock as root")
+
     sub.add_parser("check", help="show what this host can do and whether hyperrun can run")
     sub.add_parser("version", help="print the version")
-    for sp in (run, pull, sub.choices["images"], rmi, load):
+    for sp in (run, pull, sub.choices["images"], rmi, load, daemon):
         sp.add_argument("--root", type=Path, help="data root (images, metadata)")
     return p
 
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         import os
         os.environ["HYPERRUN_ROOT"] = str(args.root)
     handler = {"run": _run, "pull": _pull, "images": _images, "rmi": _rmi, "load": _load,
-               "check": _check, "version": _version}[args.command]
+               "daemon": _daemon, "check": _check, "version": _version}[args.command]
     sys.exit(handler(args))
 
 
@@ -171,6 +174,11 @@ def _load(args: argparse.Namespace) -> int:
     finally:
         service.close()
     return 0
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    from hyperrun.api.server import main
+    return main(args.socket)
 
 
 def _check(args: argparse.Namespace) -> int:

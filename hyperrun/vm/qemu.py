@@ -103,10 +103,10 @@ class QemuVM(VM):
     QMP) so that a caller can start QEMU first and load the rest of its
     code while the guest boots; launch() then attaches QMP."""
 
-    def __init__(self, config: VMConfig, vm_id: str | None = None) -> None:
+    def __init__(self, config: VMConfig, vm_id: str | None = None, root: Path | None = None) -> None:
         self.config = config
         self.id = vm_id or new_id()
-        self.run_dir = rundir.vm_root() / self.id
+        self.run_dir = (root or rundir.vm_root()) / self.id
         self.qmp = None  # qemu.qmp.QMPClient once launched
         self._proc: subprocess.Popen | None = None
         self._attached_pid: int | None = None  # a QEMU we re-attached to, not our child
@@ -130,7 +130,7 @@ class QemuVM(VM):
 
     def spawn(self) -> None:
         """Create the run directory and start QEMU."""
-        self.run_dir = rundir.create(self.id)
+        self.run_dir = rundir.create(self.run_dir)
         try:
             self._spawn()
         except BaseException:

@@ -16,13 +16,17 @@ CONSOLE_LOG = "console.log"
 
 
 def vm_root() -> Path:
+    """Run directories of VMs started by `hyperrun run` (embedded)."""
     return run_root() / "vm"
 
 
-def create(vm_id: str) -> Path:
-    root = vm_root()
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = root / vm_id
+def sandbox_root() -> Path:
+    """Run directories of the daemon's sandbox VMs, which outlive it."""
+    return run_root() / "sandboxes"
+
+
+def create(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.mkdir(mode=0o700)  # fails if it exists: ids are unique
     os.chmod(path, 0o700)   # whatever the umask
     return path

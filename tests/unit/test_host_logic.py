@@ -63,10 +63,10 @@ def test_command_line_q35_vsock(tmp_path):
 
 def test_rundir_private_and_collect(tmp_path, monkeypatch):
     monkeypatch.setenv("HYPERRUN_RUN_DIR", str(tmp_path))
-    path = rundir.create("abc")
+    path = rundir.create(tmp_path / "vm" / "abc")
     assert path.stat().st_mode & 0o777 == 0o700
     (path / rundir.PID_FILE).write_text("999999999")  # no such process
-    fresh = rundir.create("fresh")  # no pid file yet: being set up
+    fresh = rundir.create(tmp_path / "vm" / "fresh")  # no pid file yet: being set up
     assert rundir.collect_stale() == [path]
     assert fresh.exists() and not path.exists()
 

@@ -1,0 +1,42 @@
+"""Mapping hyperrun's exceptions to gRPC status codes, in one place."""
+from __future__ import annotations
+
+import functools
+
+import grpc
+
+from hyperrun.channel.ttrpc import ConnectionLost, TtrpcError
+from hyperrun.image.distribution import PullError
+from hyperrun.image.imageconfig import ImageConfigError
+from hyperrun.image.reference import InvalidReference
+from hyperrun.image.service import ImageError, ImageNotFound
+from hyperrun.sandbox.manager import Conflict, Invalid, NotFound
+from hyperrun.vm import VMError
+
+_CODES = [
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (ImageNotFound, grpc.StatusCode.NOT_FOUND),
+    (Invalid, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidReference, grpc.StatusCode.INVALID_ARGUMENT),
+    (ImageConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (PullError, grpc.StatusCode.UNKNOWN),
+    (ImageError, grpc.StatusCode.UNKNOWN),
+    (VMError, grpc.StatusCode.UNAVAILABLE),
+    (ConnectionLost, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def rpc(method):
+    """Run an RPC handler; turn known failures into their status codes."""
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except TtrpcError as exc:
+            await context.abort(grpc.StatusCode.UNKNOWN, f"guest agent: {exc.remote_message}")
+        except tuple(e for e, _ in _CODES) as exc:
+            code = next(c for e, c in _CODES if isinstance(exc, e))
+            await context.abort(code, str(exc))
+    return wrapper

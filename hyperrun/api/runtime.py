@@ -1,0 +1,184 @@
+"""runtime.v1.RuntimeService over the sandbox manager."""
+from __future__ import annotations
+
+from importlib.metadata import version
+
+import grpc
+
+from hyperrun.proto import cri_api_pb2 as cri
+from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
+from hyperrun.sandbox.manager import CREATED, EXITED, READY, RUNNING, SandboxManager
+from hyperrun.sandbox.state import ContainerRow, SandboxRow
+
+from .errors import rpc
+
+_POD_STATE = {READY: cri.SANDBOX_READY}
+_CONTAINER_STATE = {CREATED: cri.CONTAINER_CREATED, RUNNING: cri.CONTAINER_RUNNING,
+                    EXITED: cri.CONTAINER_EXITED}
+NOT_BUILT = {
+    "Exec": "the streaming server (exec, attach, port-forward) is not built yet; use ExecSync",
+    "Attach": "the streaming server (exec, attach, port-forward) is not built yet",
+    "PortForward": "the streaming server (exec, attach, port-forward) is not built yet",
+    "ContainerStats": "container stats from the guest's cgroups are not built yet",
+    "ListContainerStats": "container stats from the guest's cgroups are not built yet",
+    "PodSandboxStats": "pod stats from the guest's cgroups are not built yet",
+    "ListPodSandboxStats": "pod stats from the guest's cgroups are not built yet",
+    "UpdateContainerResources": "updating a running container's resources is not built yet",
+    "CheckpointContainer": "checkpointing containers is not supported",
+    "ListMetricDescriptors": "metrics are not supported",
+    "ListPodSandboxMetrics": "metrics are not supported",
+}
+
+
+def _labels_match(selector, labels) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
+    def __init__(self, manager: SandboxManager) -> None:
+        self.m = manager
+
+    # --- runtime ----------------------------------------------------------
+    async def Version(self, request, context):
+        return cri.VersionResponse(version="0.1.0", runtime_name="hyperrun",
+                                   runtime_version=version("hyperrun"),
+                                   runtime_api_version="v1")
+
+    async def Status(self, request, context):
+        conditions = [
+            cri.RuntimeCondition(type="RuntimeReady", status=True),
+            cri.RuntimeCondition(type="NetworkReady", status=False, reason="NetworkPluginNotReady",
+                                 message="pod networking (CNI) is not built yet"),
+        ]
+        return cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions))
+
+    async def UpdateRuntimeConfig(self, request, context):
+        return cri.UpdateRuntimeConfigResponse()  # the pod CIDR matters once CNI is in
+
+    # --- sandboxes --------------------------------------------------------
+    @rpc
+    async def RunPodSandbox(self, request, context):
+        if request.runtime_handler not in ("", "hyperrun"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"unknown runtime handler {request.runtime_handler!r}")
+        return cri.RunPodSandboxResponse(pod_sandbox_id=await self.m.run_pod(request.config))
+
+    @rpc
+    async def StopPodSandbox(self, request, context):
+        await self.m.stop_pod(request.pod_sandbox_id)
+        return cri.StopPodSandboxResponse()
+
+    @rpc
+    async def RemovePodSandbox(self, request, context):
+        await self.m.remove_pod(request.pod_sandbox_id)
+        return cri.RemovePodSandboxResponse()
+
+    def _pod_status(self, row: SandboxRow) -> cri.PodSandboxStatus:
+        config = cri.PodSandboxConfig.FromString(row.config)
+        return cri.PodSandboxStatus(
+            id=row.id, metadata=config.metadata, state=_POD_STATE.get(row.state, cri.SANDBOX_NOTREADY),
+            created_at=row.created_at, network=cri.PodSandboxNetworkStatus(),
+            labels=config.labels, annotations=config.annotations)
+
+    @rpc
+    async def PodSandboxStatus(self, request, context):
+        row = self.m.sandbox_row(request.pod_sandbox_id)
+        info = {}
+        if request.verbose and (sb := self.m.sandboxes.get(row.id)):
+            info["vm"] = f"{sb.vm.id} pid {sb.vm.pid} run dir {sb.vm.run_dir}"
+        return cri.PodSandboxStatusResponse(status=self._pod_status(row), info=info)
+
+    @rpc
+    async def ListPodSandbox(self, request, context):
+        f = request.filter
+        items = []
+        for row in self.m.state.sandboxes():
+            s = self._pod_status(row)
+            if f.id and not row.id.startswith(f.id):
+                continue
+            if f.HasField("state") and s.state != f.state.state:
+                continue
+            if not _labels_match(f.label_selector, s.labels):
+                continue
+            items.append(cri.PodSandbox(id=s.id, metadata=s.metadata, state=s.state,
+                                        created_at=s.created_at, labels=s.labels,
+                                        annotations=s.annotations))
+        return cri.ListPodSandboxResponse(items=items)
+
+    # --- containers -------------------------------------------------------
+    @rpc
+    async def CreateContainer(self, request, context):
+        cid = await self.m.create_container(request.pod_sandbox_id, request.config,
+                                            request.sandbox_config)
+        return cri.CreateContainerResponse(container_id=cid)
+
+    @rpc
+    async def StartContainer(self, request, context):
+        await self.m.start_container(request.container_id)
+        return cri.StartContainerResponse()
+
+    @rpc
+    async def StopContainer(self, request, context):
+        await self.m.stop_container(request.container_id, request.timeout)
+        return cri.StopContainerResponse()
+
+    @rpc
+    async def RemoveContainer(self, request, context):
+        await self.m.remove_container(request.container_id)
+        return cri.RemoveContainerResponse()
+
+    def _container_status(self, row: ContainerRow) -> cri.ContainerStatus:
+        config = cri.ContainerConfig.FromString(row.config)
+        return cri.ContainerStatus(
+            id=row.id, metadata=config.metadata, state=_CONTAINER_STATE.get(row.state, cri.CONTAINER_UNKNOWN),
+            created_at=row.created_at, started_at=row.started_at, finished_at=row.finished_at,
+            exit_code=row.exit_code, image=config.image, image_ref=row.image_ref,
+            reason=row.reason, message=row.message, labels=config.labels,
+            annotations=config.annotations, log_path=self.m.log_path(row))
+
+    @rpc
+    async def ContainerStatus(self, request, context):
+        return cri.ContainerStatusResponse(
+            status=self._container_status(self.m.container_row(request.container_id)))
+
+    @rpc
+    async def ListContainers(self, request, context):
+        f = request.filter
+        out = []
+        for row in self.m.state.containers():
+            s = self._container_status(row)
+            if f.id and not row.id.startswith(f.id):
+                continue
+            if f.pod_sandbox_id and not row.sandbox_id.startswith(f.pod_sandbox_id):
+                continue
+            if f.HasField("state") and s.state != f.state.state:
+                continue
+            if not _labels_match(f.label_selector, s.labels):
+                continue
+            out.append(cri.Container(id=row.id, pod_sandbox_id=row.sandbox_id, metadata=s.metadata,
+                                     image=s.image, image_ref=s.image_ref, state=s.state,
+                                     created_at=s.created_at, labels=s.labels,
+                                     annotations=s.annotations))
+        return cri.ListContainersResponse(containers=out)
+
+    @rpc
+    async def ExecSync(self, request, context):
+        out, err, code = await self.m.exec_sync(request.container_id, list(request.cmd),
+                                                request.timeout)
+        return cri.ExecSyncResponse(stdout=out, stderr=err, exit_code=code)
+
+    @rpc
+    async def ReopenContainerLog(self, request, context):
+        self.m.reopen_log(request.container_id)
+        return cri.ReopenContainerLogResponse()
+
+
+def _not_built(name: str, message: str):
+    async def handler(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name}: {message}")
+    handler.__name__ = name
+    return handler
+
+
+for _name, _message in NOT_BUILT.items():
+    setattr(RuntimeServicer, _name, _not_built(_name, _message))

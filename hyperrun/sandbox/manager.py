@@ -1,0 +1,384 @@
+"""Pods and their containers, for the daemon: one VM per pod sandbox (as
+Hyper and Kata), its containers agent containers in it.
+
+State lives in SQLite (sandbox/state.py) so that a daemon killed with -9
+and restarted re-attaches to every running VM (QMP and agent channel) and
+carries on: statuses, exit codes, log pumping. A pod's images arrive as
+read-only erofs disks hot-plugged on the VM's virtio-scsi bus, found in the
+guest by serial, and unplugged when no container of the pod uses them.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import time
+from pathlib import Path
+
+from hyperrun.channel.ttrpc import ConnectionLost, TtrpcError
+from hyperrun.image.imageconfig import Overrides, apply
+from hyperrun.image.service import ImageService, chain_id
+from hyperrun.proto import agent_pb2 as apb
+from hyperrun.proto import cri_api_pb2 as cri
+from hyperrun.vm import VMError, rundir
+from hyperrun.vm.config import Channel, Disk
+from hyperrun.vm.qemu import QemuVM
+
+from .config import SandboxConfig
+from .logs import LogFile
+from .sandbox import Sandbox
+from .state import ContainerRow, SandboxRow, State
+
+READY, NOTREADY = "ready", "notready"
+CREATED, RUNNING, EXITED, UNKNOWN = "created", "running", "exited", "unknown"
+
+
+class NotFound(Exception):
+    pass
+
+
+class Invalid(Exception):
+    pass
+
+
+class Conflict(Exception):
+    pass
+
+
+def _now() -> int:
+    return time.time_ns()
+
+
+def _vm_json(vm: QemuVM) -> bytes:
+    c = vm.config
+    return json.dumps({"id": vm.id, "channel": c.channel.kind, "cid": c.channel.cid,
+                       "vcpus": c.vcpus, "memory_mib": c.memory_mib}).encode()
+
+
+class SandboxManager:
+    def __init__(self, images: ImageService, state: State, defaults: SandboxConfig | None = None):
+        self.images = images
+        self.state = state
+        self.defaults = defaults or SandboxConfig()
+        self.sandboxes: dict[str, Sandbox] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: dict[str, list[asyncio.Task]] = {}   # per container: pumps and waiter
+        self._logs: dict[str, LogFile] = {}
+        self._watchers: dict[str, asyncio.Task] = {}      # per sandbox: VM exit
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        return self._locks.setdefault(key, asyncio.Lock())
+
+    # ------------------------------------------------------------ recovery
+    async def recover(self) -> None:
+        """At start-up: re-attach to the VMs of ready sandboxes, resume their
+        containers' log pumps and waiters; clean what belongs to no record."""
+        known = set()
+        for row in self.state.sandboxes():
+            vm_info = json.loads(row.vm)
+            known.add(vm_info["id"])
+            if row.state != READY:
+                continue
+            vm = QemuVM(self._vm_config(), vm_id=vm_info["id"], root=rundir.sandbox_root())
+            vm.config.channel = Channel(vm_info["channel"], vm_info["cid"])
+            try:
+                sandbox = await Sandbox.reattach(vm)
+            except (VMError, OSError, ConnectionError) as exc:
+                self._sandbox_gone(row.id, f"VM lost while the daemon was down: {exc}")
+                continue
+            self.sandboxes[row.id] = sandbox
+            self._watch_vm(row.id)
+            for c in self.state.containers(row.id):
+                if c.state == RUNNING:
+                    self._follow(c)
+        root = rundir.sandbox_root()
+        if root.is_dir():
+            for path in root.iterdir():
+                if path.name not in known:
+                    pid = rundir.qemu_pid(path)
+                    if pid is not None and rundir.alive_qemu(pid):
+                        os.kill(pid, signal.SIGKILL)
+                    rundir.remove(path)
+
+    def _vm_config(self) -> object:
+        config = self.defaults.vm_config()
+        config.hotplug_disks = True
+        return config
+
+    async def close(self) -> None:
+        """Daemon shutdown: let go of VMs without stopping them."""
+        for tasks in self._tasks.values():
+            for t in tasks:
+                t.cancel()
+        for t in self._watchers.values():
+            t.cancel()
+        for sandbox in self.sandboxes.values():
+            await sandbox.detach()
+        for log in self._logs.values():
+            log.close()
+
+    # ------------------------------------------------------------ sandboxes
+    async def run_pod(self, config: cri.PodSandboxConfig) -> str:
+        if not config.metadata.name:
+            raise Invalid("sandbox config has no metadata.name")
+        for row in self.state.sandboxes():
+            old = cri.PodSandboxConfig.FromString(row.config)
+            if (old.metadata.name, old.metadata.namespace, old.metadata.uid,
+                    old.metadata.attempt) == (config.metadata.name, config.metadata.namespace,
+                                              config.metadata.uid, config.metadata.attempt):
+                raise Conflict(f"sandbox {config.metadata.name!r} attempt {config.metadata.attempt}"
+                               f" exists already: {row.id}")
+        sandbox_id = secrets.token_hex(32)
+        vm = QemuVM(self._vm_config(), vm_id=sandbox_id[:16], root=rundir.sandbox_root())
+        sandbox = await Sandbox.start(vm)
+        self.state.add_sandbox(SandboxRow(sandbox_id, config.SerializeToString(), READY, _now(),
+                                          _vm_json(vm)))
+        self.sandboxes[sandbox_id] = sandbox
+        self._watch_vm(sandbox_id)
+        return sandbox_id
+
+    def _watch_vm(self, sandbox_id: str) -> None:
+        sandbox = self.sandboxes[sandbox_id]
+
+        async def watch() -> None:
+            await sandbox.vm.wait_exited()
+            if sandbox_id in self.sandboxes:  # not a stop we asked for
+                self._sandbox_gone(sandbox_id, f"VM exited: {sandbox.vm.failure_reason()}")
+                del self.sandboxes[sandbox_id]
+
+        self._watchers[sandbox_id] = asyncio.create_task(watch())
+
+    def _sandbox_gone(self, sandbox_id: str, reason: str) -> None:
+        self.state.set_sandbox_state(sandbox_id, NOTREADY)
+        for c in self.state.containers(sandbox_id):
+            if c.state in (CREATED, RUNNING):
+                self.state.update_container(c.id, state=EXITED, finished_at=_now(),
+                                            exit_code=255 if c.state == RUNNING else 0,
+                                            reason="VMExited", message=reason)
+
+    def sandbox_row(self, sandbox_id: str) -> SandboxRow:
+        row = self.state.sandbox(sandbox_id)
+        if row is None:
+            raise NotFound(f"pod sandbox {sandbox_id!r} not found")
+        return row
+
+    async def stop_pod(self, sandbox_id: str) -> None:
+        row = self.state.sandbox(sandbox_id)
+        if row is None:
+            return  # stop is idempotent
+        async with self._lock(sandbox_id):
+            for c in self.state.containers(sandbox_id):
+                if c.state == RUNNING:
+                    await self.stop_container(c.id, 0)
+            sandbox = self.sandboxes.pop(sandbox_id, None)
+            if watcher := self._watchers.pop(sandbox_id, None):
+                watcher.cancel()
+            if sandbox is not None:
+                await sandbox.destroy()
+            self._sandbox_gone(sandbox_id, "sandbox stopped")
+
+    async def remove_pod(self, sandbox_id: str) -> None:
+        if self.state.sandbox(sandbox_id) is None:
+            return
+        await self.stop_pod(sandbox_id)
+        for c in self.state.containers(sandbox_id):
+            self._forget_container(c.id)
+        self.state.remove_sandbox(sandbox_id)
+
+    # ------------------------------------------------------------ containers
+    def container_row(self, container_id: str) -> ContainerRow:
+        row = self.state.container(container_id)
+        if row is None:
+            raise NotFound(f"container {container_id!r} not found")
+        return row
+
+    def _running_sandbox(self, sandbox_id: str) -> Sandbox:
+        self.sandbox_row(sandbox_id)
+        sandbox = self.sandboxes.get(sandbox_id)
+        if sandbox is None:
+            raise Conflict(f"pod sandbox {sandbox_id} is not ready")
+        return sandbox
+
+    async def create_container(self, sandbox_id: str, config: cri.ContainerConfig,
+                               sandbox_config: cri.PodSandboxConfig) -> str:
+        sandbox = self._running_sandbox(sandbox_id)
+        if not config.metadata.name:
+            raise Invalid("container config has no metadata.name")
+        image = self.images.find(config.image.image)
+        if image is None:
+            raise NotFound(f"image {config.image.image!r} not found")
+        image_config = self.images.config(image)
+        sc = config.linux.security_context
+        user = sc.run_as_username or (str(sc.run_as_user.value) if sc.HasField("run_as_user") else "")
+        if sc.HasField("run_as_group"):
+            user = f"{user or 0}:{sc.run_as_group.value}"
+        defaults = apply(image_config, Overrides(
+            args=list(config.args), entrypoint=list(config.command) or None,
+            env=[f"{kv.key}={kv.value}" for kv in config.envs], workdir=config.working_dir,
+            user=user))
+        container_id = secrets.token_hex(32)
+        serial = "img-" + chain_id(image)[:16]
+        async with self._lock(sandbox_id):
+            if not any(c.disk_serial == serial for c in self.state.containers(sandbox_id)):
+                await sandbox.vm.hotplug_disk(Disk(self.images.rootfs(image), serial=serial))
+            process = apb.Process(args=defaults.args, env=defaults.env, cwd=defaults.cwd,
+                                  user=apb.User(spec=defaults.user,
+                                                additional_gids=list(sc.supplemental_groups)),
+                                  terminal=config.tty, stdin=config.stdin)
+            hostname = sandbox_config.hostname or sandbox_config.metadata.name
+            try:
+                await sandbox.agent.create_container(
+                    container_id, apb.Storage(source=f"serial:{serial}", fstype="erofs",
+                                              overlay=True),
+                    process, hostname=hostname, readonly_rootfs=sc.readonly_rootfs)
+            except TtrpcError:
+                await self._unplug_if_unused(sandbox, sandbox_id, serial)
+                raise
+            self.state.add_container(ContainerRow(container_id, sandbox_id,
+                                                  config.SerializeToString(), image.digest,
+                                                  serial, CREATED, _now(),
+                                                  stop_signal=defaults.stop_signal))
+        return container_id
+
+    async def _unplug_if_unused(self, sandbox: Sandbox, sandbox_id: str, serial: str) -> None:
+        if not any(c.disk_serial == serial for c in self.state.containers(sandbox_id)):
+            await sandbox.vm.unplug_disk(serial)
+
+    def log_path(self, row: ContainerRow) -> str:
+        config = cri.ContainerConfig.FromString(row.config)
+        pod = cri.PodSandboxConfig.FromString(self.sandbox_row(row.sandbox_id).config)
+        if not config.log_path:
+            return ""
+        return os.path.join(pod.log_directory, config.log_path)
+
+    async def start_container(self, container_id: str) -> None:
+        row = self.container_row(container_id)
+        if row.state != CREATED:
+            raise Conflict(f"container {container_id} is {row.state}, not created")
+        sandbox = self._running_sandbox(row.sandbox_id)
+        self._logs[container_id] = LogFile(self.log_path(row))
+        self._follow(row, start=True)
+        try:
+            await sandbox.agent.start_container(container_id)
+        except TtrpcError as exc:
+            for task in self._tasks.pop(container_id, []):
+                task.cancel()
+            self.state.update_container(container_id, state=EXITED, finished_at=_now(),
+                                        exit_code=128, reason="StartError",
+                                        message=exc.remote_message)
+            raise
+        self.state.update_container(container_id, state=RUNNING, started_at=_now())
+
+    def _follow(self, row: ContainerRow, start: bool = False) -> None:
+        """Pump the container's output into its log, and record its exit."""
+        sandbox = self.sandboxes[row.sandbox_id]
+        cid = row.id
+        if cid not in self._logs:
+            self._logs[cid] = LogFile(self.log_path(row))
+        log = self._logs[cid]
+        config = cri.ContainerConfig.FromString(row.config)
+
+        async def pump(stream: str) -> None:
+            try:
+                while data := await sandbox.agent.read_stream(stream, cid, "", 65536):
+                    log.write(stream, data)
+            except (ConnectionLost, TtrpcError):
+                pass
+
+        async def waiter() -> None:
+            try:
+                status = await sandbox.agent.wait_process(cid)
+            except (ConnectionLost, TtrpcError):
+                return
+            await asyncio.gather(*pumps, return_exceptions=True)
+            self.state.update_container(cid, state=EXITED, finished_at=_now(),
+                                        exit_code=status.exit_code,
+                                        reason="Completed" if status.exit_code == 0 else "Error")
+
+        streams = ["stdout"] if config.tty else ["stdout", "stderr"]
+        pumps = [asyncio.create_task(pump(s)) for s in streams]
+        self._tasks[cid] = pumps + [asyncio.create_task(waiter())]
+
+    async def stop_container(self, container_id: str, timeout: int) -> None:
+        row = self.container_row(container_id)
+        if row.state != RUNNING:
+            return
+        sandbox = self.sandboxes.get(row.sandbox_id)
+        if sandbox is None:
+            return
+        waiter = self._tasks.get(container_id, [None])[-1]
+        for signum, wait in ((row.stop_signal, max(timeout, 0)), (signal.SIGKILL, 10)):
+            try:
+                await sandbox.agent.signal_process(container_id, "", signum)
+            except TtrpcError:
+                break  # exited meanwhile
+            if waiter is None:
+                break
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), wait)
+                break
+            except asyncio.TimeoutError:
+                continue
+        if waiter is not None:
+            await asyncio.wait_for(asyncio.shield(waiter), 10)
+
+    async def remove_container(self, container_id: str) -> None:
+        row = self.state.container(container_id)
+        if row is None:
+            return  # remove is idempotent
+        sandbox = self.sandboxes.get(row.sandbox_id)
+        if row.state == RUNNING:
+            await self.stop_container(container_id, 0)
+        async with self._lock(row.sandbox_id):
+            if sandbox is not None:
+                try:
+                    await sandbox.agent.remove_container(container_id)
+                except TtrpcError as exc:
+                    if "not found" not in exc.remote_message:
+                        raise
+            self._forget_container(container_id)
+            self.state.remove_container(container_id)
+            if sandbox is not None:
+                await self._unplug_if_unused(sandbox, row.sandbox_id, row.disk_serial)
+
+    def _forget_container(self, container_id: str) -> None:
+        for task in self._tasks.pop(container_id, []):
+            task.cancel()
+        if log := self._logs.pop(container_id, None):
+            log.close()
+
+    def reopen_log(self, container_id: str) -> None:
+        row = self.container_row(container_id)
+        if row.state != RUNNING:
+            raise Conflict(f"container {container_id} is not running")
+        if log := self._logs.get(container_id):
+            log.reopen()
+
+    async def exec_sync(self, container_id: str, cmd: list[str], timeout: int) -> tuple[bytes, bytes, int]:
+        row = self.container_row(container_id)
+        if row.state != RUNNING:
+            raise Conflict(f"container {container_id} is not running")
+        if not cmd:
+            raise Invalid("exec command is empty")
+        sandbox = self._running_sandbox(row.sandbox_id)
+        agent = sandbox.agent
+        eid = "sync-" + secrets.token_hex(8)
+        await agent.exec_process(container_id, eid, apb.Process(args=cmd))
+
+        async def read(stream: str) -> bytes:
+            out = b""
+            while data := await agent.read_stream(stream, container_id, eid):
+                out += data
+            return out
+
+        async def run() -> tuple[bytes, bytes, int]:
+            out, err = await asyncio.gather(read("stdout"), read("stderr"))
+            return out, err, (await agent.wait_process(container_id, eid)).exit_code
+
+        try:
+            return await asyncio.wait_for(run(), timeout or None)
+        except asyncio.TimeoutError:
+            await agent.signal_process(container_id, eid, signal.SIGKILL)
+            raise TimeoutError(f"command {cmd!r} timed out after {timeout}s") from None

@@ -1,0 +1,171 @@
+"""The CRI daemon driven end to end by a Python gRPC client, with real VMs:
+a pod, two containers, exec, CRI-format logs, stop, remove — and a kill -9
+of the daemon in the middle, after which everything is still there."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from hyperrun.proto import cri_api_pb2 as cri
+from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
+from tests.conftest import HYPERRUN, qemu_pids
+
+
+class Daemon:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.socket = base / "cri.sock"
+        self.env = {**os.environ, "HYPERRUN_ROOT": str(base / "root"),
+                    "HYPERRUN_RUN_DIR": str(base / "run")}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([HYPERRUN, "daemon", "--socket", str(self.socket)],
+                                     env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        line = self.proc.stdout.readline()
+        assert b"serving CRI" in line, line + self.proc.stdout.read(2000)
+        channel = grpc.insecure_channel(f"unix://{self.socket}")
+        self.runtime = cri_grpc.RuntimeServiceStub(channel)
+        self.images = cri_grpc.ImageServiceStub(channel)
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(30)
+
+
+@pytest.fixture
+def daemon(vm_assets):
+    # A short base path: unix socket paths are limited to 108 bytes.
+    base = Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp"))
+    d = Daemon(base)
+    d.start()
+    yield d
+    d.stop()
+    for pid in qemu_pids():  # whatever a failed test left in *this* daemon's run dir
+        try:
+            if str(base) in open(f"/proc/{pid}/cmdline").read():
+                os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def wait_state(d: Daemon, cid: str, state, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while True:
+        status = d.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
+        if status.state == state or time.monotonic() > deadline:
+            return status
+        time.sleep(0.1)
+
+
+def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
+    d = daemon
+    before = qemu_pids()
+    v = d.runtime.Version(cri.VersionRequest())
+    assert (v.runtime_name, v.runtime_api_version) == ("hyperrun", "v1")
+
+    image = pushed.ref("busybox:latest")
+    ref = d.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image))).image_ref
+    assert ref.endswith(pushed.digests["busybox:latest"])
+    listed = d.images.ListImages(cri.ListImagesRequest()).images
+    assert [i.repo_tags for i in listed] == [[image.replace(pushed.registry.host, pushed.registry.host)]]
+
+    logs = d.base / "logs"
+    pod_config = cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name="web", uid="uid-1", namespace="default"),
+        hostname="web-pod", log_directory=str(logs), labels={"app": "web"})
+    pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
+    assert qemu_pids() - before, "no VM for the pod"
+    status = d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status
+    assert status.state == cri.SANDBOX_READY and status.metadata.name == "web"
+    with pytest.raises(grpc.RpcError) as err:  # same metadata and attempt: refused
+        d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    def create(name, args):
+        config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name),
+                                     image=cri.ImageSpec(image=image), command=["sh", "-c"],
+                                     args=[args], log_path=f"{name}.log", labels={"c": name})
+        return d.runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
+
+    long = create("long", "echo hello; echo oops >&2; hostname; sleep 300")
+    short = create("short", "echo two; exit 3")
+    assert wait_state(d, long, cri.CONTAINER_CREATED).state == cri.CONTAINER_CREATED
+    for cid in (long, short):
+        d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
+    st = wait_state(d, short, cri.CONTAINER_EXITED)
+    assert (st.state, st.exit_code, st.reason) == (cri.CONTAINER_EXITED, 3, "Error")
+    r = d.runtime.ExecSync(cri.ExecSyncRequest(container_id=long, cmd=["sh", "-c", "echo out; echo err >&2; exit 5"],
+                                               timeout=30))
+    assert (r.stdout, r.stderr, r.exit_code) == (b"out\n", b"err\n", 5)
+
+    def log_lines(name):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            lines = (logs / f"{name}.log").read_text().splitlines()
+            if len(lines) >= 2:
+                return lines
+            time.sleep(0.1)
+        return (logs / f"{name}.log").read_text().splitlines()
+
+    lines = log_lines("long")
+    parsed = sorted(line.split(" ", 1)[1] for line in lines)
+    assert parsed == ["stderr F oops", "stdout F hello", "stdout F web-pod"], lines
+    assert lines[0][:4].isdigit() and lines[0].split(" ")[0].endswith("Z")
+    assert [l.split(" ", 1)[1] for l in log_lines("short")] == ["stdout F two"]
+
+    running = cri.ContainerFilter(state=cri.ContainerStateValue(state=cri.CONTAINER_RUNNING))
+    assert [c.id for c in d.runtime.ListContainers(cri.ListContainersRequest(filter=running)).containers] == [long]
+    by_label = cri.ContainerFilter(label_selector={"c": "short"})
+    assert [c.id for c in d.runtime.ListContainers(cri.ListContainersRequest(filter=by_label)).containers] == [short]
+
+    # kill -9 of the daemon: the VM and its containers go on; a new daemon re-attaches.
+    vms = qemu_pids() - before
+    d.kill9()
+    time.sleep(0.5)
+    assert qemu_pids() - before == vms
+    d.start()
+    assert wait_state(d, long, cri.CONTAINER_RUNNING).state == cri.CONTAINER_RUNNING
+    st = wait_state(d, short, cri.CONTAINER_EXITED)
+    assert (st.exit_code, st.reason) == (3, "Error")
+    r = d.runtime.ExecSync(cri.ExecSyncRequest(container_id=long, cmd=["echo", "after restart"], timeout=30))
+    assert r.stdout == b"after restart\n"
+    assert d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status.state == cri.SANDBOX_READY
+
+    # Stop: sh as the container's init ignores SIGTERM; SIGKILL after the timeout.
+    d.runtime.StopContainer(cri.StopContainerRequest(container_id=long, timeout=1))
+    st = wait_state(d, long, cri.CONTAINER_EXITED)
+    assert (st.state, st.exit_code) == (cri.CONTAINER_EXITED, 137)
+    for cid in (long, short):
+        d.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=cid))
+        d.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=cid))  # idempotent
+    assert d.runtime.ListContainers(cri.ListContainersRequest()).containers == []
+    d.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))
+    assert d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status.state == cri.SANDBOX_NOTREADY
+    d.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
+    d.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
+    d.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))
+    assert d.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items == []
+    deadline = time.monotonic() + 10
+    while qemu_pids() - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert qemu_pids() - before == set()
+    assert not any((d.base / "run" / "sandboxes").iterdir())
+
+    with pytest.raises(grpc.RpcError) as err:
+        d.runtime.Exec(cri.ExecRequest(container_id=long, cmd=["sh"]))
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and "streaming" in err.value.details()
