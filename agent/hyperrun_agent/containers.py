@@ -58,6 +58,7 @@ class Process:
         self.pid = 0
         # Set once the process runs (pid known) or can no longer run.
         self.started = threading.Event()
+        self.waited = False  # its exit status was given to the host
 
 
 class Container:
@@ -155,7 +156,23 @@ class Containers:
             raise failed(f"process {exec_id or 'init'} of {container_id!r} never started")
         status = self.reaper.wait(proc.pid)
         assert status is not None
+        proc.waited = True
+        self.release_exec(container_id, exec_id)
         return status
+
+    def release_exec(self, container_id: str, exec_id: str) -> None:
+        """Forget an exec once the host has its exit status and has read its
+        output to the end: nothing more can be asked of it."""
+        if not exec_id:
+            return
+        with self._lock:
+            container = self._containers.get(container_id)
+            proc = container.execs.get(exec_id) if container else None
+            if proc is None or not proc.waited or not proc.stdio.drained():
+                return
+            del container.execs[exec_id]
+        self.reaper.forget(proc.pid)
+        proc.stdio.close()
 
     def signal(self, container_id: str, exec_id: str, signum: int) -> None:
         proc = self.process(container_id, exec_id)

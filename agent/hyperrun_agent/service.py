@@ -101,6 +101,8 @@ class AgentService:
     def _read(self, req, stream_name: str):
         stream = getattr(self.containers.process(req.container_id, req.exec_id).stdio, stream_name)
         data = stream.read(min(req.max_bytes or 65536, 1 << 20))
+        if not data:
+            self.containers.release_exec(req.container_id, req.exec_id)
         return pb.ReadStreamResponse(data=data, eof=not data)
 
     def read_stdout(self, req):

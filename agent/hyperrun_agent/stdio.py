@@ -116,6 +116,10 @@ class Stdio:
             raise ValueError("process has no terminal")
         fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
+    def drained(self) -> bool:
+        """Both output streams have been read to their end."""
+        return self.stdout.fd is None and self.stderr.fd is None
+
     def close(self) -> None:
         self.close_child_fds()
         for stream in (self.stdin, self.stdout, self.stderr):

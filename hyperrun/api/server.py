@@ -4,11 +4,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from pathlib import Path
 
 import grpc
 
-from hyperrun import paths
+from hyperrun import log, paths
 from hyperrun.image.service import ImageService
 from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
 from hyperrun.sandbox.manager import SandboxManager
@@ -24,9 +25,12 @@ def default_socket() -> Path:
 
 async def serve(socket_path: Path, ready: asyncio.Event | None = None) -> None:
     images = ImageService()
+    log.setup(None if sys.stderr.isatty() else images.root / "daemon.log")
+    logger = log.get("daemon")
     state = State(images.root / "state.db")
     manager = SandboxManager(images, state)
     await manager.recover()
+    logger.info("recovered", sandboxes=len(manager.sandboxes))
     server = grpc.aio.server()
     cri_grpc.add_RuntimeServiceServicer_to_server(RuntimeServicer(manager), server)
     cri_grpc.add_ImageServiceServicer_to_server(ImageServicer(images), server)
@@ -42,7 +46,9 @@ async def serve(socket_path: Path, ready: asyncio.Event | None = None) -> None:
     print(f"hyperrun daemon serving CRI v1 on unix://{socket_path}", flush=True)
     if ready is not None:
         ready.set()
+    logger.info("serving", socket=str(socket_path))
     await stop.wait()
+    logger.info("stopping")
     await server.stop(grace=2)
     await manager.close()  # sandboxes keep running; a restart re-attaches
     state.close()

@@ -31,6 +31,9 @@ from .logs import LogFile
 from .sandbox import Sandbox
 from .state import ContainerRow, SandboxRow, State
 
+from hyperrun import log
+
+logger = log.get("sandbox")
 READY, NOTREADY = "ready", "notready"
 CREATED, RUNNING, EXITED, UNKNOWN = "created", "running", "exited", "unknown"
 
@@ -86,8 +89,10 @@ class SandboxManager:
             try:
                 sandbox = await Sandbox.reattach(vm)
             except (VMError, OSError, ConnectionError) as exc:
+                logger.warning("sandbox lost", sandbox=row.id, error=str(exc))
                 self._sandbox_gone(row.id, f"VM lost while the daemon was down: {exc}")
                 continue
+            logger.info("sandbox re-attached", sandbox=row.id, vm=vm.id, pid=vm.pid)
             self.sandboxes[row.id] = sandbox
             self._watch_vm(row.id)
             for c in self.state.containers(row.id):
@@ -101,6 +106,7 @@ class SandboxManager:
                     if pid is not None and rundir.alive_qemu(pid):
                         os.kill(pid, signal.SIGKILL)
                     rundir.remove(path)
+                    logger.info("removed a VM with no record", vm=path.name, pid=pid)
 
     def _vm_config(self) -> object:
         config = self.defaults.vm_config()
@@ -137,6 +143,8 @@ class SandboxManager:
                                           _vm_json(vm)))
         self.sandboxes[sandbox_id] = sandbox
         self._watch_vm(sandbox_id)
+        logger.info("sandbox started", sandbox=sandbox_id, name=config.metadata.name,
+                    vm=vm.id, pid=vm.pid)
         return sandbox_id
 
     def _watch_vm(self, sandbox_id: str) -> None:
@@ -151,6 +159,7 @@ class SandboxManager:
         self._watchers[sandbox_id] = asyncio.create_task(watch())
 
     def _sandbox_gone(self, sandbox_id: str, reason: str) -> None:
+        logger.info("sandbox not ready", sandbox=sandbox_id, reason=reason)
         self.state.set_sandbox_state(sandbox_id, NOTREADY)
         for c in self.state.containers(sandbox_id):
             if c.state in (CREATED, RUNNING):
@@ -270,6 +279,7 @@ class SandboxManager:
                                         message=exc.remote_message)
             raise
         self.state.update_container(container_id, state=RUNNING, started_at=_now())
+        logger.info("container started", container=container_id, sandbox=row.sandbox_id)
 
     def _follow(self, row: ContainerRow, start: bool = False) -> None:
         """Pump the container's output into its log, and record its exit."""
@@ -296,6 +306,7 @@ class SandboxManager:
             self.state.update_container(cid, state=EXITED, finished_at=_now(),
                                         exit_code=status.exit_code,
                                         reason="Completed" if status.exit_code == 0 else "Error")
+            logger.info("container exited", container=cid, exit_code=status.exit_code)
 
         streams = ["stdout"] if config.tty else ["stdout", "stderr"]
         pumps = [asyncio.create_task(pump(s)) for s in streams]

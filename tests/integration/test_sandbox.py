@@ -59,6 +59,10 @@ def test_sandbox_lifecycle_and_agent_api(busybox_rootfs, no_leaks):
                                             read_all(sb.agent, "stderr", "c1", "e1"))
             assert (out, err) == (b"got hello\n", b"oops\n")
             assert (await sb.agent.wait_process("c1", "e1")).exit_code == 4
+            # Waited and read to the end: the agent has forgotten it.
+            with pytest.raises(TtrpcError) as e:
+                await sb.agent.wait_process("c1", "e1")
+            assert e.value.code == frame.NOT_FOUND
 
             # Concurrent execs, each with its own output.
             async def echo(i):
