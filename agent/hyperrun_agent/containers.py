@@ -90,6 +90,10 @@ class Containers:
             raise not_found(f"container {container_id!r}")
         return container
 
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._containers)
+
     def process(self, container_id: str, exec_id: str) -> Process:
         container = self.get(container_id)
         proc = container.init if not exec_id else container.execs.get(exec_id)

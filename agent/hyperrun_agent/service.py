@@ -32,6 +32,7 @@ class AgentService:
             "ReadStdout": (pb.ReadStreamRequest, self.read_stdout),
             "ReadStderr": (pb.ReadStreamRequest, self.read_stderr),
             "ResizeTty": (pb.ResizeTtyRequest, self.resize_tty),
+            "GetStats": (pb.StatsRequest, self.get_stats),
             "Shutdown": (pb.Empty, self.shutdown),
         }
 
@@ -118,6 +119,23 @@ class AgentService:
         except ValueError as exc:
             raise failed(str(exc)) from None
         return pb.Empty()
+
+    def get_stats(self, req):
+        import time
+
+        from . import stats
+
+        ids = list(req.container_ids) or self.containers.ids()
+        out = []
+        for cid in ids:
+            container = self.containers.get(cid)
+            item = stats.cgroup_stats(f"{stats.CGROUP_ROOT}/hyperrun/{cid}", cid)
+            upper = os.path.join(container.bundle, "upper")
+            if os.path.isdir(upper):
+                item.writable_bytes, item.writable_inodes = stats.tree_usage(upper)
+            out.append(item)
+        return pb.StatsResponse(timestamp_ns=time.time_ns(), guest=stats.guest_stats(),
+                                containers=out)
 
     def shutdown(self, req):
         log("shutdown requested")

@@ -19,10 +19,6 @@ NOT_BUILT = {
     "Exec": "the streaming server (exec, attach, port-forward) is not built yet; use ExecSync",
     "Attach": "the streaming server (exec, attach, port-forward) is not built yet",
     "PortForward": "the streaming server (exec, attach, port-forward) is not built yet",
-    "ContainerStats": "container stats from the guest's cgroups are not built yet",
-    "ListContainerStats": "container stats from the guest's cgroups are not built yet",
-    "PodSandboxStats": "pod stats from the guest's cgroups are not built yet",
-    "ListPodSandboxStats": "pod stats from the guest's cgroups are not built yet",
     "UpdateContainerResources": "updating a running container's resources is not built yet",
     "CheckpointContainer": "checkpointing containers is not supported",
     "ListMetricDescriptors": "metrics are not supported",
@@ -166,6 +162,105 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
         out, err, code = await self.m.exec_sync(request.container_id, list(request.cmd),
                                                 request.timeout)
         return cri.ExecSyncResponse(stdout=out, stderr=err, exit_code=code)
+
+    # --- stats ------------------------------------------------------------
+    @staticmethod
+    def _cpu(ts: int, item, rate: int | None) -> cri.CpuUsage:
+        cpu = cri.CpuUsage(timestamp=ts)
+        cpu.usage_core_nano_seconds.value = item.cpu_usage_ns
+        if rate is not None:
+            cpu.usage_nano_cores.value = max(rate, 0)
+        return cpu
+
+    @staticmethod
+    def _memory(ts: int, item) -> cri.MemoryUsage:
+        mem = cri.MemoryUsage(timestamp=ts)
+        mem.working_set_bytes.value = item.memory_working_set_bytes
+        mem.usage_bytes.value = item.memory_usage_bytes
+        mem.rss_bytes.value = item.memory_rss_bytes
+        mem.page_faults.value = item.page_faults
+        mem.major_page_faults.value = item.major_page_faults
+        if item.memory_limit_bytes:
+            mem.available_bytes.value = max(item.memory_limit_bytes - item.memory_working_set_bytes, 0)
+        return mem
+
+    def _container_stats(self, row: ContainerRow, ts: int, item, rate) -> cri.ContainerStats:
+        config = cri.ContainerConfig.FromString(row.config)
+        writable = cri.FilesystemUsage(timestamp=ts, fs_id=cri.FilesystemIdentifier(
+            mountpoint=f"guest:/run/hyperrun/containers/{row.id}/upper"))
+        writable.used_bytes.value = item.writable_bytes
+        writable.inodes_used.value = item.writable_inodes
+        return cri.ContainerStats(
+            attributes=cri.ContainerAttributes(id=row.id, metadata=config.metadata,
+                                               labels=config.labels, annotations=config.annotations),
+            cpu=self._cpu(ts, item, rate), memory=self._memory(ts, item), writable_layer=writable)
+
+    async def _stats_of(self, rows: list[ContainerRow]) -> list[cri.ContainerStats]:
+        out = []
+        by_pod: dict[str, list[ContainerRow]] = {}
+        for row in rows:
+            if row.state == RUNNING and row.sandbox_id in self.m.sandboxes:
+                by_pod.setdefault(row.sandbox_id, []).append(row)
+        for pod, pod_rows in by_pod.items():
+            response, rates = await self.m.stats(pod, [r.id for r in pod_rows])
+            items = {i.container_id: i for i in response.containers}
+            for row in pod_rows:
+                out.append(self._container_stats(row, response.timestamp_ns, items[row.id],
+                                                  rates.get(row.id)))
+        return out
+
+    @rpc
+    async def ContainerStats(self, request, context):
+        row = self.m.container_row(request.container_id)
+        stats = await self._stats_of([row])
+        if not stats:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"container {row.id} is not running")
+        return cri.ContainerStatsResponse(stats=stats[0])
+
+    @rpc
+    async def ListContainerStats(self, request, context):
+        f = request.filter
+        rows = [r for r in self.m.state.containers()
+                if (not f.id or r.id.startswith(f.id))
+                and (not f.pod_sandbox_id or r.sandbox_id.startswith(f.pod_sandbox_id))
+                and _labels_match(f.label_selector, cri.ContainerConfig.FromString(r.config).labels)]
+        return cri.ListContainerStatsResponse(stats=await self._stats_of(rows))
+
+    async def _pod_stats(self, row: SandboxRow) -> cri.PodSandboxStats:
+        config = cri.PodSandboxConfig.FromString(row.config)
+        running = [c for c in self.m.state.containers(row.id) if c.state == RUNNING]
+        response, rates = await self.m.stats(row.id, [c.id for c in running])
+        ts = response.timestamp_ns
+        items = {i.container_id: i for i in response.containers}
+        process = cri.ProcessUsage(timestamp=ts)
+        process.process_count.value = response.guest.pids
+        return cri.PodSandboxStats(
+            attributes=cri.PodSandboxAttributes(id=row.id, metadata=config.metadata,
+                                                labels=config.labels, annotations=config.annotations),
+            linux=cri.LinuxPodSandboxStats(
+                cpu=self._cpu(ts, response.guest, rates.get("")),
+                memory=self._memory(ts, response.guest), process=process,
+                containers=[self._container_stats(c, ts, items[c.id], rates.get(c.id))
+                            for c in running]))
+
+    @rpc
+    async def PodSandboxStats(self, request, context):
+        row = self.m.sandbox_row(request.pod_sandbox_id)
+        if row.id not in self.m.sandboxes:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"pod sandbox {row.id} is not ready")
+        return cri.PodSandboxStatsResponse(stats=await self._pod_stats(row))
+
+    @rpc
+    async def ListPodSandboxStats(self, request, context):
+        f = request.filter
+        out = []
+        for row in self.m.state.sandboxes():
+            config = cri.PodSandboxConfig.FromString(row.config)
+            if row.id in self.m.sandboxes and (not f.id or row.id.startswith(f.id)) \
+                    and _labels_match(f.label_selector, config.labels):
+                out.append(await self._pod_stats(row))
+        return cri.ListPodSandboxStatsResponse(stats=out)
 
     @rpc
     async def ReopenContainerLog(self, request, context):

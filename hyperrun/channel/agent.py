@@ -74,5 +74,9 @@ class AgentClient:
         await self._call("ResizeTty", pb.ResizeTtyRequest(
             container_id=container_id, exec_id=exec_id, rows=rows, cols=cols), pb.Empty)
 
+    async def stats(self, container_ids: list[str] | None = None) -> pb.StatsResponse:
+        return await self._call("GetStats", pb.StatsRequest(container_ids=container_ids or []),
+                                pb.StatsResponse)
+
     async def shutdown(self) -> None:
         await self._call("Shutdown", pb.Empty(), pb.Empty, timeout=5)

@@ -196,3 +196,45 @@ class ResizeTtyRequest(_message.Message):
     rows: int
     cols: int
     def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ("container_ids",)
+    CONTAINER_IDS_FIELD_NUMBER: _ClassVar[int]
+    container_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, container_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CgroupStats(_message.Message):
+    __slots__ = ("container_id", "cpu_usage_ns", "memory_usage_bytes", "memory_working_set_bytes", "memory_rss_bytes", "page_faults", "major_page_faults", "pids", "writable_bytes", "writable_inodes", "memory_limit_bytes")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    CPU_USAGE_NS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_WORKING_SET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_FAULTS_FIELD_NUMBER: _ClassVar[int]
+    MAJOR_PAGE_FAULTS_FIELD_NUMBER: _ClassVar[int]
+    PIDS_FIELD_NUMBER: _ClassVar[int]
+    WRITABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WRITABLE_INODES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    cpu_usage_ns: int
+    memory_usage_bytes: int
+    memory_working_set_bytes: int
+    memory_rss_bytes: int
+    page_faults: int
+    major_page_faults: int
+    pids: int
+    writable_bytes: int
+    writable_inodes: int
+    memory_limit_bytes: int
+    def __init__(self, container_id: _Optional[str] = ..., cpu_usage_ns: _Optional[int] = ..., memory_usage_bytes: _Optional[int] = ..., memory_working_set_bytes: _Optional[int] = ..., memory_rss_bytes: _Optional[int] = ..., page_faults: _Optional[int] = ..., major_page_faults: _Optional[int] = ..., pids: _Optional[int] = ..., writable_bytes: _Optional[int] = ..., writable_inodes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("timestamp_ns", "guest", "containers")
+    TIMESTAMP_NS_FIELD_NUMBER: _ClassVar[int]
+    GUEST_FIELD_NUMBER: _ClassVar[int]
+    CONTAINERS_FIELD_NUMBER: _ClassVar[int]
+    timestamp_ns: int
+    guest: CgroupStats
+    containers: _containers.RepeatedCompositeFieldContainer[CgroupStats]
+    def __init__(self, timestamp_ns: _Optional[int] = ..., guest: _Optional[_Union[CgroupStats, _Mapping]] = ..., containers: _Optional[_Iterable[_Union[CgroupStats, _Mapping]]] = ...) -> None: ...

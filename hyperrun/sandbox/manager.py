@@ -70,6 +70,7 @@ class SandboxManager:
         self._tasks: dict[str, list[asyncio.Task]] = {}   # per container: pumps and waiter
         self._logs: dict[str, LogFile] = {}
         self._watchers: dict[str, asyncio.Task] = {}      # per sandbox: VM exit
+        self._cpu_samples: dict[tuple[str, str], tuple[int, int]] = {}  # (ns, cpu ns)
 
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
@@ -366,6 +367,22 @@ class SandboxManager:
             raise Conflict(f"container {container_id} is not running")
         if log := self._logs.get(container_id):
             log.reopen()
+
+    # ------------------------------------------------------------ stats
+    async def stats(self, sandbox_id: str, container_ids: list[str] | None = None):
+        """The guest's and its containers' usage, with CPU rates derived
+        from the previous sample (the CRI's usage_nano_cores)."""
+        sandbox = self._running_sandbox(sandbox_id)
+        response = await sandbox.agent.stats(container_ids)
+        rates = {}
+        for item in [response.guest, *response.containers]:
+            key = (sandbox_id, item.container_id)
+            prev = self._cpu_samples.get(key)
+            if prev and response.timestamp_ns > prev[0]:
+                rates[item.container_id] = int((item.cpu_usage_ns - prev[1]) * 1e9
+                                               / (response.timestamp_ns - prev[0]))
+            self._cpu_samples[key] = (response.timestamp_ns, item.cpu_usage_ns)
+        return response, rates
 
     async def exec_sync(self, container_id: str, cmd: list[str], timeout: int) -> tuple[bytes, bytes, int]:
         row = self.container_row(container_id)

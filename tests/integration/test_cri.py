@@ -128,6 +128,20 @@ def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
     assert lines[0][:4].isdigit() and lines[0].split(" ")[0].endswith("Z")
     assert [l.split(" ", 1)[1] for l in log_lines("short")] == ["stdout F two"]
 
+    # Stats from the guest's cgroups; the second sample has a CPU rate.
+    first = d.runtime.ContainerStats(cri.ContainerStatsRequest(container_id=long)).stats
+    second = d.runtime.ContainerStats(cri.ContainerStatsRequest(container_id=long)).stats
+    assert second.cpu.usage_core_nano_seconds.value >= first.cpu.usage_core_nano_seconds.value > 0
+    assert second.cpu.HasField("usage_nano_cores")
+    assert 0 < second.memory.working_set_bytes.value < 256 << 20
+    assert second.attributes.metadata.name == "long"
+    pod_stats = d.runtime.PodSandboxStats(cri.PodSandboxStatsRequest(pod_sandbox_id=pod)).stats
+    assert pod_stats.linux.process.process_count.value > 3
+    assert 0 < pod_stats.linux.memory.working_set_bytes.value < 256 << 20
+    assert [c.attributes.id for c in pod_stats.linux.containers] == [long]
+    listed = d.runtime.ListContainerStats(cri.ListContainerStatsRequest()).stats
+    assert [s.attributes.id for s in listed] == [long]
+
     running = cri.ContainerFilter(state=cri.ContainerStateValue(state=cri.CONTAINER_RUNNING))
     assert [c.id for c in d.runtime.ListContainers(cri.ListContainersRequest(filter=running)).containers] == [long]
     by_label = cri.ContainerFilter(label_selector={"c": "short"})
