@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from hyperrun import log, paths
+from hyperrun import config, log, paths
 from hyperrun.image.service import ImageService
 from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
 from hyperrun.sandbox.manager import SandboxManager
@@ -28,7 +28,7 @@ async def serve(socket_path: Path, ready: asyncio.Event | None = None) -> None:
     log.setup(None if sys.stderr.isatty() else images.root / "daemon.log")
     logger = log.get("daemon")
     state = State(images.root / "state.db")
-    manager = SandboxManager(images, state)
+    manager = SandboxManager(images, state, config.load())
     await manager.recover()
     logger.info("recovered", sandboxes=len(manager.sandboxes))
     server = grpc.aio.server()
@@ -57,5 +57,9 @@ async def serve(socket_path: Path, ready: asyncio.Event | None = None) -> None:
 
 
 def main(socket_path: Path | None) -> int:
-    asyncio.run(serve(socket_path or default_socket()))
+    try:
+        asyncio.run(serve(socket_path or default_socket()))
+    except config.ConfigError as exc:
+        print(f"hyperrun daemon: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -31,6 +31,7 @@ from .logs import LogFile
 from .sandbox import Sandbox
 from .state import ContainerRow, SandboxRow, State
 
+from hyperrun import config as hconfig
 from hyperrun import log
 
 logger = log.get("sandbox")
@@ -61,10 +62,11 @@ def _vm_json(vm: QemuVM) -> bytes:
 
 
 class SandboxManager:
-    def __init__(self, images: ImageService, state: State, defaults: SandboxConfig | None = None):
+    def __init__(self, images: ImageService, state: State,
+                 defaults: hconfig.SandboxDefaults | None = None):
         self.images = images
         self.state = state
-        self.defaults = defaults or SandboxConfig()
+        self.defaults = defaults or hconfig.SandboxDefaults()
         self.sandboxes: dict[str, Sandbox] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: dict[str, list[asyncio.Task]] = {}   # per container: pumps and waiter
@@ -109,10 +111,10 @@ class SandboxManager:
                     rundir.remove(path)
                     logger.info("removed a VM with no record", vm=path.name, pid=pid)
 
-    def _vm_config(self) -> object:
-        config = self.defaults.vm_config()
-        config.hotplug_disks = True
-        return config
+    def _vm_config(self, vcpus: int | None = None, memory_mib: int | None = None):
+        return SandboxConfig(vcpus=vcpus or self.defaults.vcpus,
+                             memory_mib=memory_mib or self.defaults.memory_mib,
+                             machine=self.defaults.machine, hotplug_disks=True).vm_config()
 
     async def close(self) -> None:
         """Daemon shutdown: let go of VMs without stopping them."""
@@ -138,7 +140,12 @@ class SandboxManager:
                 raise Conflict(f"sandbox {config.metadata.name!r} attempt {config.metadata.attempt}"
                                f" exists already: {row.id}")
         sandbox_id = secrets.token_hex(32)
-        vm = QemuVM(self._vm_config(), vm_id=sandbox_id[:16], root=rundir.sandbox_root())
+        linux = config.linux if config.HasField("linux") else None
+        vcpus, memory = hconfig.vm_size(
+            self.defaults, linux.resources if linux and linux.HasField("resources") else None,
+            linux.overhead if linux and linux.HasField("overhead") else None)
+        vm = QemuVM(self._vm_config(vcpus, memory), vm_id=sandbox_id[:16],
+                    root=rundir.sandbox_root())
         sandbox = await Sandbox.start(vm)
         self.state.add_sandbox(SandboxRow(sandbox_id, config.SerializeToString(), READY, _now(),
                                           _vm_json(vm)))

@@ -84,13 +84,20 @@ def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
     assert [i.repo_tags for i in listed] == [[image.replace(pushed.registry.host, pushed.registry.host)]]
 
     logs = d.base / "logs"
+    # The VM is sized from the pod's resources: 2 CPUs, 300 MiB + overhead.
     pod_config = cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name="web", uid="uid-1", namespace="default"),
-        hostname="web-pod", log_directory=str(logs), labels={"app": "web"})
+        hostname="web-pod", log_directory=str(logs), labels={"app": "web"},
+        linux=cri.LinuxPodSandboxConfig(resources=cri.LinuxContainerResources(
+            cpu_period=100000, cpu_quota=150000, memory_limit_in_bytes=300 << 20)))
     pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
     assert qemu_pids() - before, "no VM for the pod"
     status = d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status
     assert status.state == cri.SANDBOX_READY and status.metadata.name == "web"
+    (vm_pid,) = qemu_pids() - before
+    argv = open(f"/proc/{vm_pid}/cmdline").read().split("\0")
+    assert argv[argv.index("-smp") + 1] == "2"
+    assert argv[argv.index("-m") + 1] == str(300 + 96)
     with pytest.raises(grpc.RpcError) as err:  # same metadata and attempt: refused
         d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -1,0 +1,83 @@
+"""hyperrun's configuration file: defaults for sandbox VMs.
+
+Looked for at HYPERRUN_CONFIG, then /etc/hyperrun/config.toml, then
+<data root>/config.toml; every key is optional:
+
+    [sandbox]
+    vcpus = 1            # default vCPUs of a pod VM
+    memory_mib = 256     # default memory of a pod VM
+    machine = "microvm"  # or "q35"
+    max_vcpus = 8        # caps what pod resources may ask for
+    max_memory_mib = 16384
+    # guest memory on top of what the pod's containers may use: the guest
+    # kernel, the agent and crun
+    overhead_mib = 96
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from hyperrun import paths
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass
+class SandboxDefaults:
+    vcpus: int = 1
+    memory_mib: int = 256
+    machine: str = "microvm"
+    max_vcpus: int = 8
+    max_memory_mib: int = 16384
+    overhead_mib: int = 96
+
+
+def config_path() -> Path | None:
+    if env := os.environ.get("HYPERRUN_CONFIG"):
+        return Path(env)
+    for candidate in (Path("/etc/hyperrun/config.toml"), paths.data_root() / "config.toml"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def load(path: Path | None = None) -> SandboxDefaults:
+    path = path or config_path()
+    defaults = SandboxDefaults()
+    if path is None:
+        return defaults
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    section = data.get("sandbox", {})
+    known = {f.name: f.type for f in fields(SandboxDefaults)}
+    for key, value in section.items():
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key sandbox.{key} (known: {', '.join(known)})")
+        expected = str if known[key] == "str" else int
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise ConfigError(f"{path}: sandbox.{key} must be {expected.__name__}")
+        setattr(defaults, key, value)
+    if defaults.machine not in ("microvm", "q35"):
+        raise ConfigError(f"{path}: sandbox.machine must be microvm or q35")
+    return defaults
+
+
+def vm_size(defaults: SandboxDefaults, resources, overhead) -> tuple[int, int]:
+    """(vCPUs, MiB) for a pod: its CPU limit rounded up, its memory limit
+    plus the pod overhead plus the guest's own overhead; defaults where the
+    pod sets no limit, capped by the configured maximums."""
+    vcpus = defaults.vcpus
+    if resources is not None and resources.cpu_quota > 0 and resources.cpu_period > 0:
+        vcpus = -(-resources.cpu_quota // resources.cpu_period)
+    memory = defaults.memory_mib
+    if resources is not None and resources.memory_limit_in_bytes > 0:
+        extra = overhead.memory_limit_in_bytes if overhead is not None else 0
+        memory = -(-(resources.memory_limit_in_bytes + extra) // (1 << 20)) + defaults.overhead_mib
+    return min(max(vcpus, 1), defaults.max_vcpus), min(max(memory, 128), defaults.max_memory_mib)

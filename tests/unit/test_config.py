@@ -1,0 +1,34 @@
+import pytest
+
+from hyperrun import config
+from hyperrun.proto import cri_api_pb2 as cri
+
+
+def test_defaults_and_file(tmp_path):
+    with pytest.raises(config.ConfigError):
+        config.load(tmp_path / "absent.toml")
+    path = tmp_path / "config.toml"
+    path.write_text("[sandbox]\nvcpus = 2\nmemory_mib = 512\n")
+    d = config.load(path)
+    assert (d.vcpus, d.memory_mib, d.machine) == (2, 512, "microvm")
+    path.write_text("[sandbox]\nvcpu = 2\n")
+    with pytest.raises(config.ConfigError, match="unknown key sandbox.vcpu"):
+        config.load(path)
+    path.write_text("[sandbox]\nmemory_mib = '1G'\n")
+    with pytest.raises(config.ConfigError, match="must be int"):
+        config.load(path)
+    path.write_text("[sandbox\n")
+    with pytest.raises(config.ConfigError):
+        config.load(path)
+
+
+def test_vm_size_from_pod_resources():
+    d = config.SandboxDefaults()
+    assert config.vm_size(d, None, None) == (1, 256)
+    res = cri.LinuxContainerResources(cpu_period=100000, cpu_quota=250000,
+                                      memory_limit_in_bytes=1 << 30)
+    overhead = cri.LinuxContainerResources(memory_limit_in_bytes=64 << 20)
+    assert config.vm_size(d, res, overhead) == (3, 1024 + 64 + d.overhead_mib)
+    huge = cri.LinuxContainerResources(cpu_period=100000, cpu_quota=10**9,
+                                       memory_limit_in_bytes=1 << 50)
+    assert config.vm_size(d, huge, None) == (d.max_vcpus, d.max_memory_mib)
