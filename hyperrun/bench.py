@@ -10,6 +10,10 @@ images  `hyperrun pull` (fetch + unpack into the erofs root) of a Debian
         against `skopeo copy` + `umoci unpack` of the same image; and the
         second `hyperrun run IMAGE true` (image prepared) against the
         first (pull, unpack, boot).
+cri     through the daemon: ExecSync round trip in a running pod against a
+        CRI call that goes to the agent and back (PodSandboxStats), and
+        RunPodSandbox to the first line of container output against the
+        boot floor.
 """
 from __future__ import annotations
 
@@ -135,14 +139,105 @@ def bench_images(runs: int) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def bench_cri(runs: int) -> dict:
+    """Through the daemon: ExecSync round trip in a running pod (floor: a
+    CRI call that goes to the guest agent and back, PodSandboxStats), and
+    pod start to the first line of container output (floor: the boot floor)."""
+    import grpc
+
+    from hyperrun.proto import cri_api_pb2 as cri
+    from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
+    from tests.registry import Layout, build_busybox, start_registry
+
+    base = Path(tempfile.mkdtemp(prefix="hr-bench-", dir="/tmp"))
+    registry = daemon = None
+    try:
+        print("== cri: daemon, busybox image from a local registry")
+        layout = Layout(base / "oci")
+        build_busybox(layout, "busybox", base)
+        registry = start_registry(base / "registry")
+        registry.push(layout.path, "busybox", "busybox:latest")
+        image = registry.ref("busybox:latest")
+        env = {**os.environ, "HYPERRUN_ROOT": str(base / "root"), "HYPERRUN_RUN_DIR": str(base / "run")}
+        sock = base / "cri.sock"
+        daemon = subprocess.Popen([HYPERRUN, "daemon", "--socket", str(sock)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        daemon.stdout.readline()
+        channel = grpc.insecure_channel(f"unix://{sock}")
+        rt, im = cri_grpc.RuntimeServiceStub(channel), cri_grpc.ImageServiceStub(channel)
+        im.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
+        logs = base / "logs"
+
+        def pod(name):
+            return cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name=name, uid=name,
+                                                                         namespace="bench"),
+                                        log_directory=str(logs))
+
+        def container(pod_id, config, name, args):
+            c = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name),
+                                    image=cri.ImageSpec(image=image), command=["sh", "-c", args],
+                                    log_path=f"{name}.log")
+            cid = rt.CreateContainer(cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=c,
+                                                                sandbox_config=config)).container_id
+            rt.StartContainer(cri.StartContainerRequest(container_id=cid))
+            return cid
+
+        first_output, floor = [], []
+        for i in range(runs):
+            floor.append(timed_floor(make_rootfs(Path("build/bench-rootfs"))))
+            config = pod(f"p{i}")
+            start = time.perf_counter()
+            pod_id = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=config)).pod_sandbox_id
+            container(pod_id, config, f"c{i}", "echo ready; sleep 600")
+            log = logs / f"c{i}.log"
+            while not (log.exists() and b"ready" in log.read_bytes()):
+                time.sleep(0.005)
+            first_output.append(time.perf_counter() - start)
+            if i < runs - 1:
+                rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+                rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+        cid = rt.ListContainers(cri.ListContainersRequest()).containers[0].id
+        execs, stats = [], []
+        for _ in range(max(runs * 4, 10)):
+            t = time.perf_counter()
+            rt.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["true"], timeout=30))
+            execs.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            rt.PodSandboxStats(cri.PodSandboxStatsRequest(pod_sandbox_id=pod_id))
+            stats.append(time.perf_counter() - t)
+        rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+        rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+        e, s_, f, b = (statistics.median(x) for x in (execs, stats, first_output, floor))
+        row("ExecSync `true` round trip, median", f"{e * 1000:.0f} ms")
+        row("floor: PodSandboxStats (CRI -> agent -> CRI), median", f"{s_ * 1000:.0f} ms")
+        row("ratio", f"{e / s_:.1f}")
+        row("RunPodSandbox to first container output, median", f"{f:.2f} s")
+        row("floor: the boot floor, median", f"{b:.2f} s")
+        row("ratio", f"{f / b:.2f}")
+        return {"exec_sync_median_ms": round(e * 1000, 1), "agent_rtt_median_ms": round(s_ * 1000, 1),
+                "pod_first_output_median_s": round(f, 3), "boot_floor_median_s": round(b, 3)}
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(30)
+            # The daemon leaves its VMs running by design; the bench cleans them.
+            for path in (base / "run" / "sandboxes").glob("*"):
+                pid = rundir.qemu_pid(path)
+                if pid and rundir.alive_qemu(pid):
+                    os.kill(pid, 9)
+        if registry is not None:
+            registry.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("sections", nargs="*", help="boot and/or images (default: both)")
+    ap.add_argument("sections", nargs="*", help="boot, images, cri (default: all)")
     ap.add_argument("-n", "--runs", type=int, default=0, help="runs per measurement")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
-    args.sections = args.sections or ["boot", "images"]
-    if unknown := set(args.sections) - {"boot", "images"}:
+    args.sections = args.sections or ["boot", "images", "cri"]
+    if unknown := set(args.sections) - {"boot", "images", "cri"}:
         ap.error(f"unknown sections: {', '.join(sorted(unknown))}")
     result = {"accelerator": accel.choose().name}
     print(f"accelerator: {result['accelerator']}")
@@ -150,6 +245,8 @@ def main() -> None:
         result["boot"] = bench_boot(args.runs or 9)
     if "images" in args.sections:
         result["images"] = bench_images(args.runs or 3)
+    if "cri" in args.sections:
+        result["cri"] = bench_cri(args.runs or 5)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
