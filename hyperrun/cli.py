@@ -18,6 +18,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="host directory to use as the root filesystem instead of an image")
     run.add_argument("--rm", action="store_true",
                      help="remove the container when it exits (always so without a daemon)")
+    run.add_argument("-d", "--detach", action="store_true",
+                     help="run in the daemon's pod VM and print the container id")
     run.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
     run.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
     run.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
@@ -46,6 +48,21 @@ def _parser() -> argparse.ArgumentParser:
     load = sub.add_parser("load", help="load images from a docker save archive or OCI layout")
     load.add_argument("-i", "--input", required=True, type=Path)
 
+    sub.add_parser("pods", help="list the daemon's pod sandboxes")
+    ps = sub.add_parser("ps", help="list the daemon's containers")
+    ps.add_argument("-a", "--all", action="store_true", help="exited ones too")
+    ex = sub.add_parser("exec", help="run a command in a running container (daemon)")
+    ex.add_argument("container")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER)
+    lg = sub.add_parser("logs", help="a container's output (daemon)")
+    lg.add_argument("-f", "--follow", action="store_true")
+    lg.add_argument("container")
+    st = sub.add_parser("stop", help="stop containers (daemon)")
+    st.add_argument("-t", "--time", type=int, default=10, help="seconds before SIGKILL")
+    st.add_argument("containers", nargs="+")
+    rmc = sub.add_parser("rm", help="remove containers (daemon)")
+    rmc.add_argument("containers", nargs="+")
+
     daemon = sub.add_parser("daemon", help="serve the Kubernetes CRI v1 API on a unix socket")
     daemon.add_argument("--socket", type=Path, help="default /run/hyperrun/hyperrun.sock as root")
 
@@ -62,8 +79,30 @@ def main(argv: list[str] | None = None) -> None:
         import os
         os.environ["HYPERRUN_ROOT"] = str(args.root)
     handler = {"run": _run, "pull": _pull, "images": _images, "rmi": _rmi, "load": _load,
-               "daemon": _daemon, "check": _check, "version": _version}[args.command]
+               "daemon": _daemon, "check": _check, "version": _version, "pods": _client,
+               "ps": _client, "exec": _client, "logs": _client, "stop": _client,
+               "rm": _client}[args.command]
     sys.exit(handler(args))
+
+
+def _client(args: argparse.Namespace) -> int:
+    from hyperrun import client
+
+    try:
+        if args.command == "pods":
+            return client.pods()
+        if args.command == "ps":
+            return client.ps(args.all)
+        if args.command == "exec":
+            cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+            return client.exec_(args.container, cmd)
+        if args.command == "logs":
+            return client.logs(args.container, args.follow)
+        if args.command == "stop":
+            return client.stop(args.containers, args.time)
+        return client.rm(args.containers)
+    except client.NoDaemon as exc:
+        return _fail(str(exc))
 
 
 def _fail(message: str) -> int:
@@ -87,6 +126,16 @@ def _run(args: argparse.Namespace) -> int:
         if "=" not in item:
             print(f"hyperrun run: -e {item!r}: expected KEY=VALUE", file=sys.stderr)
             return 125
+    if args.detach:
+        from hyperrun import client
+        if image is None:
+            return _fail("run -d needs an IMAGE (the daemon runs images, not --rootfs)")
+        try:
+            return client.run_detached(image, rest, None if args.entrypoint is None else
+                                       [args.entrypoint], args.env, args.workdir, args.cpus,
+                                       args.memory)
+        except client.NoDaemon as exc:
+            return _fail(str(exc))
     spec = RunSpec(args=rest, rootfs=args.rootfs, image=image,
                    entrypoint=None if args.entrypoint is None else [args.entrypoint],
                    env=args.env, workdir=args.workdir, user=args.user,

@@ -73,6 +73,8 @@ class SandboxManager:
         self._logs: dict[str, LogFile] = {}
         self._watchers: dict[str, asyncio.Task] = {}      # per sandbox: VM exit
         self._cpu_samples: dict[tuple[str, str], tuple[int, int]] = {}  # (ns, cpu ns)
+        # Attach sessions: the log pumps copy the init process's output to them.
+        self._attached: dict[str, list[asyncio.Queue]] = {}
 
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
@@ -302,8 +304,12 @@ class SandboxManager:
             try:
                 while data := await sandbox.agent.read_stream(stream, cid, "", 65536):
                     log.write(stream, data)
+                    for queue in self._attached.get(cid, []):
+                        queue.put_nowait((stream, data))
             except (ConnectionLost, TtrpcError):
                 pass
+            for queue in self._attached.get(cid, []):
+                queue.put_nowait((stream, b""))
 
         async def waiter() -> None:
             try:
@@ -375,6 +381,35 @@ class SandboxManager:
         if log := self._logs.get(container_id):
             log.reopen()
 
+    # ------------------------------------------------------------ streaming
+    async def exec(self, container_id: str, cmd: list[str], tty: bool, stdin: bool) -> "ExecIO":
+        """An interactive exec for the streaming server."""
+        row = self.container_row(container_id)
+        if row.state != RUNNING:
+            raise Conflict(f"container {container_id} is not running")
+        if not cmd:
+            raise Invalid("exec command is empty")
+        sandbox = self._running_sandbox(row.sandbox_id)
+        eid = "exec-" + secrets.token_hex(8)
+        await sandbox.agent.exec_process(container_id, eid, apb.Process(
+            args=cmd, terminal=tty, stdin=stdin))
+        return ExecIO(sandbox, container_id, eid)
+
+    async def attach(self, container_id: str, tty: bool, stdin: bool) -> "AttachIO":
+        """Attach to a running container's own process: its output (copied
+        from the log pumps) and, if it was created with stdin, its input."""
+        row = self.container_row(container_id)
+        if row.state != RUNNING:
+            raise Conflict(f"container {container_id} is not running")
+        sandbox = self._running_sandbox(row.sandbox_id)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._attached.setdefault(container_id, []).append(queue)
+        waiter = self._tasks.get(container_id, [None])[-1]
+        return AttachIO(self, sandbox, container_id, queue, waiter)
+
+    async def port_forward(self, sandbox_id: str, port: int):
+        raise Conflict("port forwarding needs pod networking, which is not built yet")
+
     # ------------------------------------------------------------ stats
     async def stats(self, sandbox_id: str, container_ids: list[str] | None = None):
         """The guest's and its containers' usage, with CPU rates derived
@@ -417,3 +452,64 @@ class SandboxManager:
         except asyncio.TimeoutError:
             await agent.signal_process(container_id, eid, signal.SIGKILL)
             raise TimeoutError(f"command {cmd!r} timed out after {timeout}s") from None
+
+
+class ExecIO:
+    """An exec'd process, as the streaming server sees it."""
+
+    def __init__(self, sandbox: Sandbox, container_id: str, exec_id: str) -> None:
+        self.agent = sandbox.agent
+        self.cid = container_id
+        self.eid = exec_id
+
+    async def read(self, stream: str) -> bytes:
+        try:
+            return await self.agent.read_stream(stream, self.cid, self.eid, 65536)
+        except TtrpcError:
+            return b""
+
+    async def write(self, data: bytes) -> None:
+        await self.agent.write_stdin(self.cid, self.eid, data)
+
+    async def close_stdin(self) -> None:
+        await self.agent.close_stdin(self.cid, self.eid)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self.agent.resize_tty(self.cid, self.eid, rows, cols)
+
+    async def wait(self) -> int:
+        return (await self.agent.wait_process(self.cid, self.eid)).exit_code
+
+
+class AttachIO(ExecIO):
+    """The container's init process, shared with its log pumps."""
+
+    def __init__(self, manager: SandboxManager, sandbox: Sandbox, container_id: str,
+                 queue: asyncio.Queue, waiter: asyncio.Task | None) -> None:
+        super().__init__(sandbox, container_id, "")
+        self.manager = manager
+        self.queue = queue
+        self.waiter = waiter
+        self.pending: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        self.ended: set[str] = set()
+
+    async def read(self, stream: str) -> bytes:
+        while not self.pending[stream]:
+            if stream in self.ended:
+                return b""
+            name, data = await self.queue.get()
+            if not data:
+                self.ended.add(name)
+            else:
+                self.pending[name].append(data)
+        return self.pending[stream].pop(0)
+
+    async def wait(self) -> int:
+        try:
+            if self.waiter is not None:
+                await asyncio.shield(self.waiter)
+            return self.manager.container_row(self.cid).exit_code
+        finally:
+            queues = self.manager._attached.get(self.cid, [])
+            if self.queue in queues:
+                queues.remove(self.queue)

@@ -190,3 +190,39 @@ def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
     with pytest.raises(grpc.RpcError) as err:
         d.runtime.Exec(cri.ExecRequest(container_id=long, cmd=["sh"]))
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and "streaming" in err.value.details()
+
+
+def test_cli_through_the_daemon(daemon, pushed):
+    """`hyperrun run -d / ps / exec / logs / stop / rm` are clients of the daemon."""
+    env = {**daemon.env, "HYPERRUN_SOCKET": str(daemon.socket)}
+    image = pushed.ref("busybox:latest")
+
+    def cli(*args, check=True):
+        r = subprocess.run([HYPERRUN, *args], env=env, capture_output=True, timeout=120)
+        assert not check or r.returncode == 0, r
+        return r
+
+    before = qemu_pids()
+    cid = cli("run", "-d", image, "sh", "-c", "echo started; echo warn >&2; sleep 600").stdout.decode().strip()
+    assert len(cid) == 64
+    assert cid[:13] in cli("ps").stdout.decode()
+    assert "READY" in cli("pods").stdout.decode()
+    r = cli("exec", cid[:12], "sh", "-c", "echo in; exit 4", check=False)
+    assert (r.returncode, r.stdout) == (4, b"in\n")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        r = cli("logs", cid[:12])
+        if r.stdout == b"started\n" and r.stderr == b"warn\n":
+            break
+        time.sleep(0.1)
+    assert (r.stdout, r.stderr) == (b"started\n", b"warn\n")
+    assert cli("rm", cid[:12], check=False).returncode != 0  # running: stop first
+    cli("stop", "-t", "1", cid[:12])
+    assert cid[:13] not in cli("ps").stdout.decode()
+    assert "EXITED" in cli("ps", "-a").stdout.decode()
+    cli("rm", cid[:12])
+    assert cli("ps", "-a").stdout.decode().count("\n") == 1  # the header only
+    deadline = time.monotonic() + 10
+    while qemu_pids() - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert qemu_pids() - before == set()
