@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hyperrun.db import open_db
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     digest        TEXT PRIMARY KEY,
@@ -79,11 +81,7 @@ class NameRecord:
 
 class Metadata:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
+        self.db = open_db(path, SCHEMA)
 
     def close(self) -> None:
         self.db.close()

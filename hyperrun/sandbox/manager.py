@@ -427,32 +427,23 @@ class SandboxManager:
         return response, rates
 
     async def exec_sync(self, container_id: str, cmd: list[str], timeout: int) -> tuple[bytes, bytes, int]:
-        row = self.container_row(container_id)
-        if row.state != RUNNING:
-            raise Conflict(f"container {container_id} is not running")
-        if not cmd:
-            raise Invalid("exec command is empty")
-        sandbox = self._running_sandbox(row.sandbox_id)
-        agent = sandbox.agent
-        eid = "sync-" + secrets.token_hex(8)
-        await agent.exec_process(container_id, eid, apb.Process(args=cmd))
+        io = await self.exec(container_id, cmd, tty=False, stdin=False)
 
         async def read(stream: str) -> bytes:
             out = b""
-            while data := await agent.read_stream(stream, container_id, eid):
+            while data := await io.read(stream):
                 out += data
             return out
 
         async def run() -> tuple[bytes, bytes, int]:
             out, err = await asyncio.gather(read("stdout"), read("stderr"))
-            return out, err, (await agent.wait_process(container_id, eid)).exit_code
+            return out, err, await io.wait()
 
         try:
             return await asyncio.wait_for(run(), timeout or None)
         except asyncio.TimeoutError:
-            await agent.signal_process(container_id, eid, signal.SIGKILL)
+            await io.agent.signal_process(container_id, io.eid, signal.SIGKILL)
             raise TimeoutError(f"command {cmd!r} timed out after {timeout}s") from None
-
 
 class ExecIO:
     """An exec'd process, as the streaming server sees it."""

@@ -3,9 +3,10 @@ finds them again. The CRI configs are kept as serialized protobufs: they
 are the record of what was asked for."""
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+
+from hyperrun.db import open_db
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -61,11 +62,7 @@ class ContainerRow:
 
 class State:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
+        self.db = open_db(path, SCHEMA)
 
     def close(self) -> None:
         self.db.close()
