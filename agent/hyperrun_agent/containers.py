@@ -10,6 +10,7 @@ container instead of create + start: each costs tens of milliseconds under
 TCG. crun leaves the container's init process to us (PID 1), so the reaper
 sees its real exit status.
 """
+import itertools
 import os
 import threading
 import time
@@ -27,6 +28,7 @@ CRUN = "/usr/bin/crun"
 CRUN_ROOT = "/run/crun"
 STATE_ROOT = "/run/hyperrun/containers"
 CRUN_TIMEOUT = 60.0
+_tty_ids = itertools.count()
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 # Modules needed only by some requests are imported where used: every
@@ -235,7 +237,9 @@ class Containers:
             if proc.terminal:
                 import socket
 
-                path = os.path.join(container.bundle, f"console-{proc.exec_id or 'init'}.sock")
+                # Not in the bundle: unix socket paths are limited to 108
+                # bytes, and container ids alone can be 64.
+                path = f"/run/hyperrun/tty-{os.getpid()}-{next(_tty_ids)}.sock"
                 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 listener.bind(path)
                 listener.listen(1)
@@ -259,6 +263,7 @@ class Containers:
             stdio.close_child_fds()
             if listener is not None:
                 listener.close()
+                os.unlink(path)
 
     def _spawn_crun(self, container: Container, args: list[str], child_fds: list[int]) -> int:
         if child_fds:

@@ -13,6 +13,8 @@ from hyperrun.image.service import ImageError, ImageNotFound
 from hyperrun.sandbox.manager import Conflict, Invalid, NotFound
 from hyperrun.vm import VMError
 
+from .streaming import InvalidRequest, TooManyRequests
+
 _CODES = [
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (ImageNotFound, grpc.StatusCode.NOT_FOUND),
@@ -20,6 +22,8 @@ _CODES = [
     (InvalidReference, grpc.StatusCode.INVALID_ARGUMENT),
     (ImageConfigError, grpc.StatusCode.INVALID_ARGUMENT),
     (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (TooManyRequests, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (PullError, grpc.StatusCode.UNKNOWN),
     (ImageError, grpc.StatusCode.UNKNOWN),

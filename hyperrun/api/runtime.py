@@ -11,14 +11,12 @@ from hyperrun.sandbox.manager import CREATED, EXITED, READY, RUNNING, SandboxMan
 from hyperrun.sandbox.state import ContainerRow, SandboxRow
 
 from .errors import rpc
+from .streaming import AttachRequestInfo, ExecRequestInfo, PortForwardRequestInfo, StreamingServer
 
 _POD_STATE = {READY: cri.SANDBOX_READY}
 _CONTAINER_STATE = {CREATED: cri.CONTAINER_CREATED, RUNNING: cri.CONTAINER_RUNNING,
                     EXITED: cri.CONTAINER_EXITED}
 NOT_BUILT = {
-    "Exec": "the streaming server (exec, attach, port-forward) is not built yet; use ExecSync",
-    "Attach": "the streaming server (exec, attach, port-forward) is not built yet",
-    "PortForward": "the streaming server (exec, attach, port-forward) is not built yet",
     "UpdateContainerResources": "updating a running container's resources is not built yet",
     "CheckpointContainer": "checkpointing containers is not supported",
     "ListMetricDescriptors": "metrics are not supported",
@@ -31,8 +29,9 @@ def _labels_match(selector, labels) -> bool:
 
 
 class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
-    def __init__(self, manager: SandboxManager) -> None:
+    def __init__(self, manager: SandboxManager, streaming: StreamingServer) -> None:
         self.m = manager
+        self.streaming = streaming
 
     # --- runtime ----------------------------------------------------------
     async def Version(self, request, context):
@@ -261,6 +260,30 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
                     and _labels_match(f.label_selector, config.labels):
                 out.append(await self._pod_stats(row))
         return cri.ListPodSandboxStatsResponse(stats=out)
+
+    # --- streaming: the URL of our streaming server, which does the rest -----
+    @rpc
+    async def Exec(self, request, context):
+        row = self.m.container_row(request.container_id)
+        if row.state != RUNNING:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"container {row.id} is not running")
+        return cri.ExecResponse(url=self.streaming.register_exec(ExecRequestInfo.from_cri(request)))
+
+    @rpc
+    async def Attach(self, request, context):
+        row = self.m.container_row(request.container_id)
+        if row.state != RUNNING:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"container {row.id} is not running")
+        return cri.AttachResponse(
+            url=self.streaming.register_attach(AttachRequestInfo.from_cri(request)))
+
+    @rpc
+    async def PortForward(self, request, context):
+        self.m.sandbox_row(request.pod_sandbox_id)
+        return cri.PortForwardResponse(
+            url=self.streaming.register_port_forward(PortForwardRequestInfo.from_cri(request)))
 
     @rpc
     async def ReopenContainerLog(self, request, context):

@@ -17,6 +17,7 @@ from hyperrun.sandbox.state import State
 
 from .images import ImageServicer
 from .runtime import RuntimeServicer
+from .streaming import StreamingServer
 
 
 def default_socket() -> Path:
@@ -31,8 +32,10 @@ async def serve(socket_path: Path, ready: asyncio.Event | None = None) -> None:
     manager = SandboxManager(images, state, config.load())
     await manager.recover()
     logger.info("recovered", sandboxes=len(manager.sandboxes))
+    streaming = StreamingServer(manager)
+    await streaming.start()
     server = grpc.aio.server()
-    cri_grpc.add_RuntimeServiceServicer_to_server(RuntimeServicer(manager), server)
+    cri_grpc.add_RuntimeServiceServicer_to_server(RuntimeServicer(manager, streaming), server)
     cri_grpc.add_ImageServiceServicer_to_server(ImageServicer(images), server)
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     socket_path.unlink(missing_ok=True)
@@ -50,6 +53,7 @@ async def serve(socket_path: Path, ready: asyncio.Event | None = None) -> None:
     await stop.wait()
     logger.info("stopping")
     await server.stop(grace=2)
+    await streaming.stop()
     await manager.close()  # sandboxes keep running; a restart re-attaches
     state.close()
     images.close()

@@ -149,6 +149,43 @@ def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
     listed = d.runtime.ListContainerStats(cri.ListContainerStatsRequest()).stats
     assert [s.attributes.id for s in listed] == [long]
 
+    # Exec through the streaming server, as a websocket client (v4.channel.k8s.io).
+    import json
+
+    from websockets.sync.client import connect as ws_connect
+    url = d.runtime.Exec(cri.ExecRequest(container_id=long, cmd=["sh", "-c", "read x; echo got $x; echo e >&2; exit 3"],
+                                         stdin=True, stdout=True, stderr=True)).url
+    assert url.startswith("http://127.0.0.1:")
+    with ws_connect("ws" + url[4:], subprotocols=["v4.channel.k8s.io"]) as ws:
+        ws.send(b"\x00hello\n")
+        got = {1: b"", 2: b"", 3: b""}
+        while True:
+            try:
+                msg = ws.recv(timeout=30)
+            except Exception:
+                break
+            if isinstance(msg, bytes) and msg:
+                got[msg[0]] = got.get(msg[0], b"") + msg[1:]
+    assert (got[1], got[2]) == (b"got hello\n", b"e\n")
+    status = json.loads(got[3])
+    assert status["status"] == "Failure" and status["details"]["causes"][0]["message"] == "3"
+
+    # A terminal (64-hex container ids must not break the console socket path).
+    url = d.runtime.Exec(cri.ExecRequest(container_id=long, cmd=["sh"], tty=True, stdin=True,
+                                         stdout=True)).url
+    with ws_connect("ws" + url[4:], subprotocols=["v4.channel.k8s.io"]) as ws:
+        ws.send(b'\x04{"Width":100,"Height":30}')
+        ws.send(b"\x00stty size; tty; exit 0\n")
+        out = b""
+        while True:
+            try:
+                msg = ws.recv(timeout=30)
+            except Exception:
+                break
+            if isinstance(msg, bytes) and msg[:1] == b"\x01":
+                out += msg[1:]
+    assert b"30 100" in out and b"/dev/pts/" in out, out
+
     running = cri.ContainerFilter(state=cri.ContainerStateValue(state=cri.CONTAINER_RUNNING))
     assert [c.id for c in d.runtime.ListContainers(cri.ListContainersRequest(filter=running)).containers] == [long]
     by_label = cri.ContainerFilter(label_selector={"c": "short"})
@@ -188,8 +225,8 @@ def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
     assert not any((d.base / "run" / "sandboxes").iterdir())
 
     with pytest.raises(grpc.RpcError) as err:
-        d.runtime.Exec(cri.ExecRequest(container_id=long, cmd=["sh"]))
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and "streaming" in err.value.details()
+        d.runtime.Exec(cri.ExecRequest(container_id=long, cmd=["sh"], stdout=True))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND  # the container is gone
 
 
 def test_cli_through_the_daemon(daemon, pushed):
