@@ -30,7 +30,6 @@ import ssl
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Awaitable, Callable, Protocol, TypeVar
 
 import httpx

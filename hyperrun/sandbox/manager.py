@@ -15,7 +15,6 @@ import os
 import secrets
 import signal
 import time
-from pathlib import Path
 
 from hyperrun.channel.ttrpc import ConnectionLost, TtrpcError
 from hyperrun.image.imageconfig import Overrides, apply
@@ -127,8 +126,8 @@ class SandboxManager:
             t.cancel()
         for sandbox in self.sandboxes.values():
             await sandbox.detach()
-        for log in self._logs.values():
-            log.close()
+        for logfile in self._logs.values():
+            logfile.close()
 
     # ------------------------------------------------------------ sandboxes
     async def run_pod(self, config: cri.PodSandboxConfig) -> str:
@@ -297,13 +296,13 @@ class SandboxManager:
         cid = row.id
         if cid not in self._logs:
             self._logs[cid] = LogFile(self.log_path(row))
-        log = self._logs[cid]
+        logfile = self._logs[cid]
         config = cri.ContainerConfig.FromString(row.config)
 
         async def pump(stream: str) -> None:
             try:
                 while data := await sandbox.agent.read_stream(stream, cid, "", 65536):
-                    log.write(stream, data)
+                    logfile.write(stream, data)
                     for queue in self._attached.get(cid, []):
                         queue.put_nowait((stream, data))
             except (ConnectionLost, TtrpcError):
@@ -371,15 +370,15 @@ class SandboxManager:
     def _forget_container(self, container_id: str) -> None:
         for task in self._tasks.pop(container_id, []):
             task.cancel()
-        if log := self._logs.pop(container_id, None):
-            log.close()
+        if logfile := self._logs.pop(container_id, None):
+            logfile.close()
 
     def reopen_log(self, container_id: str) -> None:
         row = self.container_row(container_id)
         if row.state != RUNNING:
             raise Conflict(f"container {container_id} is not running")
-        if log := self._logs.get(container_id):
-            log.reopen()
+        if logfile := self._logs.get(container_id):
+            logfile.reopen()
 
     # ------------------------------------------------------------ streaming
     async def exec(self, container_id: str, cmd: list[str], tty: bool, stdin: bool) -> "ExecIO":

@@ -23,9 +23,8 @@ from hyperrun.image.distribution import (OCI_INDEX, OCI_MANIFEST, DigestMismatch
 from hyperrun.image.hosts import Hosts, HostsConfigError, is_loopback
 from hyperrun.image.reference import InvalidReference, parse
 from hyperrun.image.store import ContentStore
-from tests.registry import (FakeRegistry, Layout, TCPProxy, basic_auth_entry,  # noqa: F401
-                            build_random, docker_config, free_port, images, pushed, registry,
-                            tls_registry)
+from tests.registry import (FakeRegistry, Layout, TCPProxy, basic_auth_entry, build_random,
+                            docker_config, free_port)
 
 NO_HOSTS = Hosts()   # tests do not depend on this machine's registries.toml
 

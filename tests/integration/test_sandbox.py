@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from hyperrun.channel import frame, transport
+from hyperrun.channel import frame
 from hyperrun.channel.agent import AgentClient
 from hyperrun.channel.ttrpc import TtrpcError
 from hyperrun.proto import agent_pb2 as pb

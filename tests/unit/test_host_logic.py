@@ -1,6 +1,5 @@
 """Host-side pieces that need no VM: accelerator choice, QEMU command
 line, run directories, generated code."""
-import os
 import subprocess
 import sys
 from pathlib import Path
