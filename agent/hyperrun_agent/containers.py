@@ -117,7 +117,8 @@ class Containers:
             os.makedirs(container.rootfs)
             self._mount_rootfs(container, req.rootfs)
             process = self._process_spec(container, req.process)
-            spec = oci.container_spec(cid, process, req.hostname, req.readonly_rootfs)
+            spec = oci.container_spec(cid, process, req.hostname, req.readonly_rootfs,
+                                      oci.resources_spec(req.resources))
             _write_json(os.path.join(bundle, "config.json"), spec)
             container.init = self._new_process(container, "", req.process)
         except BaseException:
@@ -154,6 +155,15 @@ class Containers:
         except BaseException:
             del container.execs[eid]
             raise
+
+    def update(self, container_id: str, resources) -> None:
+        """New cgroup limits for a running container, through `crun update`."""
+        container = self.get(container_id)
+        if container.init is None or not container.init.pid or self._exited(container.init):
+            raise failed(f"container {container_id!r} is not running")
+        path = os.path.join(container.bundle, "resources.json")
+        _write_json(path, oci.resources_spec(resources))
+        self._crun_checked(container, ["update", "--resources", path, container_id])
 
     def wait(self, container_id: str, exec_id: str) -> ExitStatus:
         proc = self.process(container_id, exec_id)

@@ -79,7 +79,25 @@ def process_spec(args: list[str], env: list[str], cwd: str, uid: int, gid: int,
     return proc
 
 
-def container_spec(container_id: str, process: dict, hostname: str, readonly: bool) -> dict:
+def resources_spec(r) -> dict:
+    """OCI linux.resources from the agent's Resources message (unset fields omitted)."""
+    cpu = {k: v for k, v in (("period", r.cpu_period), ("quota", r.cpu_quota),
+                             ("shares", r.cpu_shares), ("cpus", r.cpuset_cpus),
+                             ("mems", r.cpuset_mems)) if v}
+    memory = {k: v for k, v in (("limit", r.memory_limit_bytes),
+                                ("swap", r.memory_swap_limit_bytes)) if v}
+    spec: dict = {}
+    if cpu:
+        spec["cpu"] = cpu
+    if memory:
+        spec["memory"] = memory
+    if r.unified:
+        spec["unified"] = dict(r.unified)
+    return spec
+
+
+def container_spec(container_id: str, process: dict, hostname: str, readonly: bool,
+                   resources: dict | None = None) -> dict:
     return {
         "ociVersion": "1.0.2",
         "process": process,
@@ -89,7 +107,7 @@ def container_spec(container_id: str, process: dict, hostname: str, readonly: bo
         "linux": {
             "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],
             "cgroupsPath": f"/hyperrun/{container_id}",
-            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "resources": {"devices": [{"allow": False, "access": "rwm"}], **(resources or {})},
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
         },

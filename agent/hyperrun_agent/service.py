@@ -32,6 +32,7 @@ class AgentService:
             "ReadStdout": (pb.ReadStreamRequest, self.read_stdout),
             "ReadStderr": (pb.ReadStreamRequest, self.read_stderr),
             "ResizeTty": (pb.ResizeTtyRequest, self.resize_tty),
+            "UpdateContainer": (pb.UpdateContainerRequest, self.update_container),
             "GetStats": (pb.StatsRequest, self.get_stats),
             "Shutdown": (pb.Empty, self.shutdown),
         }
@@ -118,6 +119,10 @@ class AgentService:
             proc.stdio.resize(req.rows, req.cols)
         except ValueError as exc:
             raise failed(str(exc)) from None
+        return pb.Empty()
+
+    def update_container(self, req):
+        self.containers.update(req.container_id, req.resources)
         return pb.Empty()
 
     def get_stats(self, req):

@@ -17,7 +17,6 @@ _POD_STATE = {READY: cri.SANDBOX_READY}
 _CONTAINER_STATE = {CREATED: cri.CONTAINER_CREATED, RUNNING: cri.CONTAINER_RUNNING,
                     EXITED: cri.CONTAINER_EXITED}
 NOT_BUILT = {
-    "UpdateContainerResources": "updating a running container's resources is not built yet",
     "CheckpointContainer": "checkpointing containers is not supported",
     "ListMetricDescriptors": "metrics are not supported",
     "ListPodSandboxMetrics": "metrics are not supported",
@@ -129,7 +128,8 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
             created_at=row.created_at, started_at=row.started_at, finished_at=row.finished_at,
             exit_code=row.exit_code, image=config.image, image_ref=row.image_ref,
             reason=row.reason, message=row.message, labels=config.labels,
-            annotations=config.annotations, log_path=self.m.log_path(row))
+            annotations=config.annotations, log_path=self.m.log_path(row),
+            resources=cri.ContainerResources(linux=config.linux.resources))
 
     @rpc
     async def ContainerStatus(self, request, context):
@@ -284,6 +284,11 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
         self.m.sandbox_row(request.pod_sandbox_id)
         return cri.PortForwardResponse(
             url=self.streaming.register_port_forward(PortForwardRequestInfo.from_cri(request)))
+
+    @rpc
+    async def UpdateContainerResources(self, request, context):
+        await self.m.update_container(request.container_id, request.linux)
+        return cri.UpdateContainerResourcesResponse()
 
     @rpc
     async def ReopenContainerLog(self, request, context):

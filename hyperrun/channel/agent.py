@@ -29,10 +29,15 @@ class AgentClient:
         return await self._call("GetGuestDetails", pb.GuestDetailsRequest(), pb.GuestDetails)
 
     async def create_container(self, container_id: str, rootfs: pb.Storage, process: pb.Process,
-                               hostname: str = "", readonly_rootfs: bool = False) -> None:
+                               hostname: str = "", readonly_rootfs: bool = False,
+                               resources: pb.Resources | None = None) -> None:
         await self._call("CreateContainer", pb.CreateContainerRequest(
             container_id=container_id, rootfs=rootfs, process=process, hostname=hostname,
-            readonly_rootfs=readonly_rootfs), pb.Empty)
+            readonly_rootfs=readonly_rootfs, resources=resources), pb.Empty)
+
+    async def update_container(self, container_id: str, resources: pb.Resources) -> None:
+        await self._call("UpdateContainer", pb.UpdateContainerRequest(
+            container_id=container_id, resources=resources), pb.Empty)
 
     async def start_container(self, container_id: str) -> None:
         await self._call("StartContainer", pb.ContainerRequest(container_id=container_id), pb.Empty)

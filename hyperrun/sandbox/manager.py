@@ -54,6 +54,14 @@ def _now() -> int:
     return time.time_ns()
 
 
+def agent_resources(r: cri.LinuxContainerResources) -> apb.Resources:
+    """CRI linux resources as the agent's (OCI) resources."""
+    return apb.Resources(cpu_period=r.cpu_period, cpu_quota=r.cpu_quota,
+                         cpu_shares=max(r.cpu_shares, 0), memory_limit_bytes=r.memory_limit_in_bytes,
+                         memory_swap_limit_bytes=r.memory_swap_limit_in_bytes,
+                         cpuset_cpus=r.cpuset_cpus, cpuset_mems=r.cpuset_mems, unified=r.unified)
+
+
 def _vm_json(vm: QemuVM) -> bytes:
     c = vm.config
     return json.dumps({"id": vm.id, "channel": c.channel.kind, "cid": c.channel.cid,
@@ -250,7 +258,8 @@ class SandboxManager:
                 await sandbox.agent.create_container(
                     container_id, apb.Storage(source=f"serial:{serial}", fstype="erofs",
                                               overlay=True),
-                    process, hostname=hostname, readonly_rootfs=sc.readonly_rootfs)
+                    process, hostname=hostname, readonly_rootfs=sc.readonly_rootfs,
+                    resources=agent_resources(config.linux.resources))
             except TtrpcError:
                 await self._unplug_if_unused(sandbox, sandbox_id, serial)
                 raise
@@ -372,6 +381,17 @@ class SandboxManager:
             task.cancel()
         if logfile := self._logs.pop(container_id, None):
             logfile.close()
+
+    async def update_container(self, container_id: str,
+                               resources: cri.LinuxContainerResources) -> None:
+        row = self.container_row(container_id)
+        if row.state != RUNNING:
+            raise Conflict(f"container {container_id} is not running")
+        sandbox = self._running_sandbox(row.sandbox_id)
+        await sandbox.agent.update_container(container_id, agent_resources(resources))
+        config = cri.ContainerConfig.FromString(row.config)
+        config.linux.resources.CopyFrom(resources)
+        self.state.update_container(container_id, config=config.SerializeToString())
 
     def reopen_log(self, container_id: str) -> None:
         row = self.container_row(container_id)

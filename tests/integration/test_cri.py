@@ -101,14 +101,17 @@ def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
         d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
-    def create(name, args):
+    def create(name, args, resources=None):
         config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name),
                                      image=cri.ImageSpec(image=image), command=["sh", "-c"],
-                                     args=[args], log_path=f"{name}.log", labels={"c": name})
+                                     args=[args], log_path=f"{name}.log", labels={"c": name},
+                                     linux=cri.LinuxContainerConfig(resources=resources))
         return d.runtime.CreateContainer(cri.CreateContainerRequest(
             pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
 
-    long = create("long", "echo hello; echo oops >&2; hostname; sleep 300")
+    long = create("long", "echo hello; echo oops >&2; hostname; sleep 300",
+                  cri.LinuxContainerResources(memory_limit_in_bytes=64 << 20, cpu_period=100000,
+                                              cpu_quota=50000))
     short = create("short", "echo two; exit 3")
     assert wait_state(d, long, cri.CONTAINER_CREATED).state == cri.CONTAINER_CREATED
     for cid in (long, short):
@@ -118,6 +121,18 @@ def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
     r = d.runtime.ExecSync(cri.ExecSyncRequest(container_id=long, cmd=["sh", "-c", "echo out; echo err >&2; exit 5"],
                                                timeout=30))
     assert (r.stdout, r.stderr, r.exit_code) == (b"out\n", b"err\n", 5)
+
+    # Limits applied in the guest's cgroups at create, and changed while running.
+    limits = ["cat", "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/cpu.max"]
+    r = d.runtime.ExecSync(cri.ExecSyncRequest(container_id=long, cmd=limits, timeout=30))
+    assert r.stdout == b"67108864\n50000 100000\n", r
+    d.runtime.UpdateContainerResources(cri.UpdateContainerResourcesRequest(
+        container_id=long, linux=cri.LinuxContainerResources(
+            memory_limit_in_bytes=128 << 20, cpu_period=100000, cpu_quota=150000)))
+    r = d.runtime.ExecSync(cri.ExecSyncRequest(container_id=long, cmd=limits, timeout=30))
+    assert r.stdout == b"134217728\n150000 100000\n", r
+    status = d.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=long)).status
+    assert status.resources.linux.memory_limit_in_bytes == 128 << 20
 
     def log_lines(name):
         deadline = time.monotonic() + 10
