@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("ps", help="list the daemon's containers")
     ps.add_argument("-a", "--all", action="store_true", help="exited ones too")
     ex = sub.add_parser("exec", help="run a command in a running container (daemon)")
+    ex.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
+    ex.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
     ex.add_argument("container")
     ex.add_argument("cmd", nargs=argparse.REMAINDER)
     lg = sub.add_parser("logs", help="a container's output (daemon)")
@@ -95,7 +97,7 @@ def _client(args: argparse.Namespace) -> int:
             return client.ps(args.all)
         if args.command == "exec":
             cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-            return client.exec_(args.container, cmd)
+            return client.exec_(args.container, cmd, args.interactive, args.tty)
         if args.command == "logs":
             return client.logs(args.container, args.follow)
         if args.command == "stop":

@@ -89,14 +89,82 @@ def _full_id(runtime, prefix: str) -> str:
     return matches[0]
 
 
-def exec_(container: str, cmd: list[str]) -> int:
+def exec_(container: str, cmd: list[str], interactive: bool = False, tty: bool = False) -> int:
     from hyperrun.proto import cri_api_pb2 as cri
 
     runtime, _ = connect()
-    r = runtime.ExecSync(cri.ExecSyncRequest(container_id=_full_id(runtime, container), cmd=cmd))
-    sys.stdout.buffer.write(r.stdout)
-    sys.stderr.buffer.write(r.stderr)
-    return r.exit_code
+    cid = _full_id(runtime, container)
+    if not interactive and not tty:
+        r = runtime.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=cmd))
+        sys.stdout.buffer.write(r.stdout)
+        sys.stderr.buffer.write(r.stderr)
+        return r.exit_code
+    url = runtime.Exec(cri.ExecRequest(container_id=cid, cmd=cmd, tty=tty, stdin=interactive,
+                                       stdout=True, stderr=not tty)).url
+    return _stream(url, interactive, tty)
+
+
+def _stream(url: str, interactive: bool, tty: bool) -> int:
+    """Be the client of the daemon's streaming server (channel.k8s.io over
+    a websocket): local stdin to channel 0, channels 1/2 to stdout/stderr,
+    window sizes to channel 4, the exit status from channel 3."""
+    import json
+    import signal
+    import threading
+
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect as ws_connect
+
+    from hyperrun.attach import raw_terminal, terminal_size
+
+    with ws_connect("ws" + url[4:], subprotocols=["v5.channel.k8s.io", "v4.channel.k8s.io"]) as ws:
+        v5 = ws.subprotocol == "v5.channel.k8s.io"
+
+        def send_size(*_):
+            rows, cols = terminal_size()
+            if rows and cols:
+                ws.send(b"\x04" + json.dumps({"Width": cols, "Height": rows}).encode())
+
+        def pump_stdin():
+            try:
+                while data := os.read(0, 65536):
+                    ws.send(b"\x00" + data)
+                if v5:
+                    ws.send(b"\xff\x00")  # v5: close stdin
+            except (OSError, ConnectionClosed):
+                pass
+
+        if tty:
+            send_size()
+            signal.signal(signal.SIGWINCH, send_size)
+        if interactive:
+            threading.Thread(target=pump_stdin, daemon=True).start()
+        status = b""
+        with raw_terminal(enabled=tty and interactive):
+            while True:
+                try:
+                    msg = ws.recv()
+                except ConnectionClosed:
+                    break
+                if not isinstance(msg, bytes) or not msg:
+                    continue
+                channel, data = msg[0], msg[1:]
+                if channel in (1, 2):
+                    out = sys.stdout.buffer if channel == 1 else sys.stderr.buffer
+                    out.write(data)
+                    out.flush()
+                elif channel == 3:
+                    status += data
+    if not status:
+        return 0
+    parsed = json.loads(status)
+    if parsed.get("status") == "Success":
+        return 0
+    for cause in (parsed.get("details") or {}).get("causes") or []:
+        if cause.get("reason") == "ExitCode":
+            return int(cause.get("message", 1))
+    print(f"hyperrun: {parsed.get('message', 'exec failed')}", file=sys.stderr)
+    return 126
 
 
 def logs(container: str, follow: bool) -> int:

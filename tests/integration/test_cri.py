@@ -260,6 +260,10 @@ def test_cli_through_the_daemon(daemon, pushed):
     assert "READY" in cli("pods").stdout.decode()
     r = cli("exec", cid[:12], "sh", "-c", "echo in; exit 4", check=False)
     assert (r.returncode, r.stdout) == (4, b"in\n")
+    # -i: through the streaming server, stdin relayed and closed.
+    r = subprocess.run([HYPERRUN, "exec", "-i", cid[:12], "sh", "-c", "read x; echo got $x; exit 6"],
+                       env=env, input=b"hi\n", capture_output=True, timeout=60)
+    assert (r.returncode, r.stdout) == (6, b"got hi\n"), r
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         r = cli("logs", cid[:12])
