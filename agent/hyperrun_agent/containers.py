@@ -118,7 +118,7 @@ class Containers:
             self._mount_rootfs(container, req.rootfs)
             process = self._process_spec(container, req.process)
             spec = oci.container_spec(cid, process, req.hostname, req.readonly_rootfs,
-                                      oci.resources_spec(req.resources))
+                                      oci.resources_spec(req.resources), dict(req.sysctls))
             _write_json(os.path.join(bundle, "config.json"), spec)
             container.init = self._new_process(container, "", req.process)
         except BaseException:

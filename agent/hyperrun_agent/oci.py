@@ -97,7 +97,7 @@ def resources_spec(r) -> dict:
 
 
 def container_spec(container_id: str, process: dict, hostname: str, readonly: bool,
-                   resources: dict | None = None) -> dict:
+                   resources: dict | None = None, sysctls: dict | None = None) -> dict:
     return {
         "ociVersion": "1.0.2",
         "process": process,
@@ -110,5 +110,6 @@ def container_spec(container_id: str, process: dict, hostname: str, readonly: bo
             "resources": {"devices": [{"allow": False, "access": "rwm"}], **(resources or {})},
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
+            "sysctl": dict(sysctls or {}),
         },
     }

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\x12\x11hyperrun.agent.v1\"\x07\n\x05\x45mpty\"\x0f\n\rHealthRequest\"|\n\x0eHealthResponse\x12?\n\x06status\x18\x01 \x01(\x0e\x32/.hyperrun.agent.v1.HealthResponse.ServingStatus\")\n\rServingStatus\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\"\x15\n\x13GuestDetailsRequest\"\xae\x01\n\x0cGuestDetails\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x16\n\x0ekernel_release\x18\x02 \x01(\t\x12\x0c\n\x04\x63pus\x18\x03 \x01(\r\x12\x17\n\x0fmem_total_bytes\x18\x04 \x01(\x04\x12\x16\n\x0euptime_seconds\x18\x05 \x01(\x01\x12\x14\n\x0c\x63run_version\x18\x06 \x01(\t\x12\x1a\n\x12\x63group_controllers\x18\x07 \x03(\t\"K\n\x07Storage\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06\x66stype\x18\x02 \x01(\t\x12\x0f\n\x07options\x18\x03 \x03(\t\x12\x0f\n\x07overlay\x18\x04 \x01(\x08\"-\n\x04User\x12\x0c\n\x04spec\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x64\x64itional_gids\x18\x02 \x03(\r\")\n\x0b\x43onsoleSize\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0c\n\x04\x63ols\x18\x02 \x01(\r\"\xaf\x01\n\x07Process\x12\x0c\n\x04\x61rgs\x18\x01 \x03(\t\x12\x0b\n\x03\x65nv\x18\x02 \x03(\t\x12\x0b\n\x03\x63wd\x18\x03 \x01(\t\x12%\n\x04user\x18\x04 \x01(\x0b\x32\x17.hyperrun.agent.v1.User\x12\x10\n\x08terminal\x18\x05 \x01(\x08\x12\r\n\x05stdin\x18\x06 \x01(\x08\x12\x34\n\x0c\x63onsole_size\x18\x07 \x01(\x0b\x32\x1e.hyperrun.agent.v1.ConsoleSize\"\xe3\x01\n\x16\x43reateContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12*\n\x06rootfs\x18\x02 \x01(\x0b\x32\x1a.hyperrun.agent.v1.Storage\x12+\n\x07process\x18\x03 \x01(\x0b\x32\x1a.hyperrun.agent.v1.Process\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x17\n\x0freadonly_rootfs\x18\x05 \x01(\x08\x12/\n\tresources\x18\x06 \x01(\x0b\x32\x1c.hyperrun.agent.v1.Resources\"\x99\x02\n\tResources\x12\x12\n\ncpu_period\x18\x01 \x01(\x03\x12\x11\n\tcpu_quota\x18\x02 \x01(\x03\x12\x12\n\ncpu_shares\x18\x03 \x01(\x04\x12\x1a\n\x12memory_limit_bytes\x18\x04 \x01(\x03\x12\x1f\n\x17memory_swap_limit_bytes\x18\x05 \x01(\x03\x12\x13\n\x0b\x63puset_cpus\x18\x06 \x01(\t\x12\x13\n\x0b\x63puset_mems\x18\x07 \x01(\t\x12:\n\x07unified\x18\x08 \x03(\x0b\x32).hyperrun.agent.v1.Resources.UnifiedEntry\x1a.\n\x0cUnifiedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"_\n\x16UpdateContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12/\n\tresources\x18\x02 \x01(\x0b\x32\x1c.hyperrun.agent.v1.Resources\"(\n\x10\x43ontainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"h\n\x12\x45xecProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12+\n\x07process\x18\x03 \x01(\x0b\x32\x1a.hyperrun.agent.v1.Process\"7\n\x0eProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"8\n\x13WaitProcessResponse\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\x0e\n\x06signal\x18\x02 \x01(\x05\"M\n\x14SignalProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\r\"H\n\x11WriteStdinRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"%\n\x12WriteStdinResponse\x12\x0f\n\x07written\x18\x01 \x01(\r\"M\n\x11ReadStreamRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x11\n\tmax_bytes\x18\x03 \x01(\r\"/\n\x12ReadStreamResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0b\n\x03\x65of\x18\x02 \x01(\x08\"U\n\x10ResizeTtyRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0c\n\x04\x63ols\x18\x04 \x01(\r\"%\n\x0cStatsRequest\x12\x15\n\rcontainer_ids\x18\x01 \x03(\t\"\x9c\x02\n\x0b\x43groupStats\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63pu_usage_ns\x18\x02 \x01(\x04\x12\x1a\n\x12memory_usage_bytes\x18\x03 \x01(\x04\x12 \n\x18memory_working_set_bytes\x18\x04 \x01(\x04\x12\x18\n\x10memory_rss_bytes\x18\x05 \x01(\x04\x12\x13\n\x0bpage_faults\x18\x06 \x01(\x04\x12\x19\n\x11major_page_faults\x18\x07 \x01(\x04\x12\x0c\n\x04pids\x18\x08 \x01(\x04\x12\x16\n\x0ewritable_bytes\x18\t \x01(\x04\x12\x17\n\x0fwritable_inodes\x18\n \x01(\x04\x12\x1a\n\x12memory_limit_bytes\x18\x0b \x01(\x04\"\x88\x01\n\rStatsResponse\x12\x14\n\x0ctimestamp_ns\x18\x01 \x01(\x04\x12-\n\x05guest\x18\x02 \x01(\x0b\x32\x1e.hyperrun.agent.v1.CgroupStats\x12\x32\n\ncontainers\x18\x03 \x03(\x0b\x32\x1e.hyperrun.agent.v1.CgroupStats2\xba\n\n\x05\x41gent\x12M\n\x06Health\x12 .hyperrun.agent.v1.HealthRequest\x1a!.hyperrun.agent.v1.HealthResponse\x12Z\n\x0fGetGuestDetails\x12&.hyperrun.agent.v1.GuestDetailsRequest\x1a\x1f.hyperrun.agent.v1.GuestDetails\x12V\n\x0f\x43reateContainer\x12).hyperrun.agent.v1.CreateContainerRequest\x1a\x18.hyperrun.agent.v1.Empty\x12O\n\x0eStartContainer\x12#.hyperrun.agent.v1.ContainerRequest\x1a\x18.hyperrun.agent.v1.Empty\x12N\n\x0b\x45xecProcess\x12%.hyperrun.agent.v1.ExecProcessRequest\x1a\x18.hyperrun.agent.v1.Empty\x12X\n\x0bWaitProcess\x12!.hyperrun.agent.v1.ProcessRequest\x1a&.hyperrun.agent.v1.WaitProcessResponse\x12R\n\rSignalProcess\x12\'.hyperrun.agent.v1.SignalProcessRequest\x1a\x18.hyperrun.agent.v1.Empty\x12P\n\x0fRemoveContainer\x12#.hyperrun.agent.v1.ContainerRequest\x1a\x18.hyperrun.agent.v1.Empty\x12Y\n\nWriteStdin\x12$.hyperrun.agent.v1.WriteStdinRequest\x1a%.hyperrun.agent.v1.WriteStdinResponse\x12I\n\nCloseStdin\x12!.hyperrun.agent.v1.ProcessRequest\x1a\x18.hyperrun.agent.v1.Empty\x12Y\n\nReadStdout\x12$.hyperrun.agent.v1.ReadStreamRequest\x1a%.hyperrun.agent.v1.ReadStreamResponse\x12Y\n\nReadStderr\x12$.hyperrun.agent.v1.ReadStreamRequest\x1a%.hyperrun.agent.v1.ReadStreamResponse\x12J\n\tResizeTty\x12#.hyperrun.agent.v1.ResizeTtyRequest\x1a\x18.hyperrun.agent.v1.Empty\x12V\n\x0fUpdateContainer\x12).hyperrun.agent.v1.UpdateContainerRequest\x1a\x18.hyperrun.agent.v1.Empty\x12M\n\x08GetStats\x12\x1f.hyperrun.agent.v1.StatsRequest\x1a .hyperrun.agent.v1.StatsResponse\x12>\n\x08Shutdown\x12\x18.hyperrun.agent.v1.Empty\x1a\x18.hyperrun.agent.v1.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\x12\x11hyperrun.agent.v1\"\x07\n\x05\x45mpty\"\x0f\n\rHealthRequest\"|\n\x0eHealthResponse\x12?\n\x06status\x18\x01 \x01(\x0e\x32/.hyperrun.agent.v1.HealthResponse.ServingStatus\")\n\rServingStatus\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\"\x15\n\x13GuestDetailsRequest\"\xae\x01\n\x0cGuestDetails\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x16\n\x0ekernel_release\x18\x02 \x01(\t\x12\x0c\n\x04\x63pus\x18\x03 \x01(\r\x12\x17\n\x0fmem_total_bytes\x18\x04 \x01(\x04\x12\x16\n\x0euptime_seconds\x18\x05 \x01(\x01\x12\x14\n\x0c\x63run_version\x18\x06 \x01(\t\x12\x1a\n\x12\x63group_controllers\x18\x07 \x03(\t\"K\n\x07Storage\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06\x66stype\x18\x02 \x01(\t\x12\x0f\n\x07options\x18\x03 \x03(\t\x12\x0f\n\x07overlay\x18\x04 \x01(\x08\"-\n\x04User\x12\x0c\n\x04spec\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x64\x64itional_gids\x18\x02 \x03(\r\")\n\x0b\x43onsoleSize\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0c\n\x04\x63ols\x18\x02 \x01(\r\"\xaf\x01\n\x07Process\x12\x0c\n\x04\x61rgs\x18\x01 \x03(\t\x12\x0b\n\x03\x65nv\x18\x02 \x03(\t\x12\x0b\n\x03\x63wd\x18\x03 \x01(\t\x12%\n\x04user\x18\x04 \x01(\x0b\x32\x17.hyperrun.agent.v1.User\x12\x10\n\x08terminal\x18\x05 \x01(\x08\x12\r\n\x05stdin\x18\x06 \x01(\x08\x12\x34\n\x0c\x63onsole_size\x18\x07 \x01(\x0b\x32\x1e.hyperrun.agent.v1.ConsoleSize\"\xdc\x02\n\x16\x43reateContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12*\n\x06rootfs\x18\x02 \x01(\x0b\x32\x1a.hyperrun.agent.v1.Storage\x12+\n\x07process\x18\x03 \x01(\x0b\x32\x1a.hyperrun.agent.v1.Process\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x17\n\x0freadonly_rootfs\x18\x05 \x01(\x08\x12/\n\tresources\x18\x06 \x01(\x0b\x32\x1c.hyperrun.agent.v1.Resources\x12G\n\x07sysctls\x18\x07 \x03(\x0b\x32\x36.hyperrun.agent.v1.CreateContainerRequest.SysctlsEntry\x1a.\n\x0cSysctlsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x99\x02\n\tResources\x12\x12\n\ncpu_period\x18\x01 \x01(\x03\x12\x11\n\tcpu_quota\x18\x02 \x01(\x03\x12\x12\n\ncpu_shares\x18\x03 \x01(\x04\x12\x1a\n\x12memory_limit_bytes\x18\x04 \x01(\x03\x12\x1f\n\x17memory_swap_limit_bytes\x18\x05 \x01(\x03\x12\x13\n\x0b\x63puset_cpus\x18\x06 \x01(\t\x12\x13\n\x0b\x63puset_mems\x18\x07 \x01(\t\x12:\n\x07unified\x18\x08 \x03(\x0b\x32).hyperrun.agent.v1.Resources.UnifiedEntry\x1a.\n\x0cUnifiedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"_\n\x16UpdateContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12/\n\tresources\x18\x02 \x01(\x0b\x32\x1c.hyperrun.agent.v1.Resources\"(\n\x10\x43ontainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"h\n\x12\x45xecProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12+\n\x07process\x18\x03 \x01(\x0b\x32\x1a.hyperrun.agent.v1.Process\"7\n\x0eProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"8\n\x13WaitProcessResponse\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\x0e\n\x06signal\x18\x02 \x01(\x05\"M\n\x14SignalProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\r\"H\n\x11WriteStdinRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"%\n\x12WriteStdinResponse\x12\x0f\n\x07written\x18\x01 \x01(\r\"M\n\x11ReadStreamRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x11\n\tmax_bytes\x18\x03 \x01(\r\"/\n\x12ReadStreamResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0b\n\x03\x65of\x18\x02 \x01(\x08\"U\n\x10ResizeTtyRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0c\n\x04\x63ols\x18\x04 \x01(\r\"%\n\x0cStatsRequest\x12\x15\n\rcontainer_ids\x18\x01 \x03(\t\"\x9c\x02\n\x0b\x43groupStats\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63pu_usage_ns\x18\x02 \x01(\x04\x12\x1a\n\x12memory_usage_bytes\x18\x03 \x01(\x04\x12 \n\x18memory_working_set_bytes\x18\x04 \x01(\x04\x12\x18\n\x10memory_rss_bytes\x18\x05 \x01(\x04\x12\x13\n\x0bpage_faults\x18\x06 \x01(\x04\x12\x19\n\x11major_page_faults\x18\x07 \x01(\x04\x12\x0c\n\x04pids\x18\x08 \x01(\x04\x12\x16\n\x0ewritable_bytes\x18\t \x01(\x04\x12\x17\n\x0fwritable_inodes\x18\n \x01(\x04\x12\x1a\n\x12memory_limit_bytes\x18\x0b \x01(\x04\"\x88\x01\n\rStatsResponse\x12\x14\n\x0ctimestamp_ns\x18\x01 \x01(\x04\x12-\n\x05guest\x18\x02 \x01(\x0b\x32\x1e.hyperrun.agent.v1.CgroupStats\x12\x32\n\ncontainers\x18\x03 \x03(\x0b\x32\x1e.hyperrun.agent.v1.CgroupStats2\xba\n\n\x05\x41gent\x12M\n\x06Health\x12 .hyperrun.agent.v1.HealthRequest\x1a!.hyperrun.agent.v1.HealthResponse\x12Z\n\x0fGetGuestDetails\x12&.hyperrun.agent.v1.GuestDetailsRequest\x1a\x1f.hyperrun.agent.v1.GuestDetails\x12V\n\x0f\x43reateContainer\x12).hyperrun.agent.v1.CreateContainerRequest\x1a\x18.hyperrun.agent.v1.Empty\x12O\n\x0eStartContainer\x12#.hyperrun.agent.v1.ContainerRequest\x1a\x18.hyperrun.agent.v1.Empty\x12N\n\x0b\x45xecProcess\x12%.hyperrun.agent.v1.ExecProcessRequest\x1a\x18.hyperrun.agent.v1.Empty\x12X\n\x0bWaitProcess\x12!.hyperrun.agent.v1.ProcessRequest\x1a&.hyperrun.agent.v1.WaitProcessResponse\x12R\n\rSignalProcess\x12\'.hyperrun.agent.v1.SignalProcessRequest\x1a\x18.hyperrun.agent.v1.Empty\x12P\n\x0fRemoveContainer\x12#.hyperrun.agent.v1.ContainerRequest\x1a\x18.hyperrun.agent.v1.Empty\x12Y\n\nWriteStdin\x12$.hyperrun.agent.v1.WriteStdinRequest\x1a%.hyperrun.agent.v1.WriteStdinResponse\x12I\n\nCloseStdin\x12!.hyperrun.agent.v1.ProcessRequest\x1a\x18.hyperrun.agent.v1.Empty\x12Y\n\nReadStdout\x12$.hyperrun.agent.v1.ReadStreamRequest\x1a%.hyperrun.agent.v1.ReadStreamResponse\x12Y\n\nReadStderr\x12$.hyperrun.agent.v1.ReadStreamRequest\x1a%.hyperrun.agent.v1.ReadStreamResponse\x12J\n\tResizeTty\x12#.hyperrun.agent.v1.ResizeTtyRequest\x1a\x18.hyperrun.agent.v1.Empty\x12V\n\x0fUpdateContainer\x12).hyperrun.agent.v1.UpdateContainerRequest\x1a\x18.hyperrun.agent.v1.Empty\x12M\n\x08GetStats\x12\x1f.hyperrun.agent.v1.StatsRequest\x1a .hyperrun.agent.v1.StatsResponse\x12>\n\x08Shutdown\x12\x18.hyperrun.agent.v1.Empty\x1a\x18.hyperrun.agent.v1.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CREATECONTAINERREQUEST_SYSCTLSENTRY']._loaded_options = None
+  _globals['_CREATECONTAINERREQUEST_SYSCTLSENTRY']._serialized_options = b'8\001'
   _globals['_RESOURCES_UNIFIEDENTRY']._loaded_options = None
   _globals['_RESOURCES_UNIFIEDENTRY']._serialized_options = b'8\001'
   _globals['_EMPTY']._serialized_start=34
@@ -54,39 +56,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROCESS']._serialized_start=554
   _globals['_PROCESS']._serialized_end=729
   _globals['_CREATECONTAINERREQUEST']._serialized_start=732
-  _globals['_CREATECONTAINERREQUEST']._serialized_end=959
-  _globals['_RESOURCES']._serialized_start=962
-  _globals['_RESOURCES']._serialized_end=1243
-  _globals['_RESOURCES_UNIFIEDENTRY']._serialized_start=1197
-  _globals['_RESOURCES_UNIFIEDENTRY']._serialized_end=1243
-  _globals['_UPDATECONTAINERREQUEST']._serialized_start=1245
-  _globals['_UPDATECONTAINERREQUEST']._serialized_end=1340
-  _globals['_CONTAINERREQUEST']._serialized_start=1342
-  _globals['_CONTAINERREQUEST']._serialized_end=1382
-  _globals['_EXECPROCESSREQUEST']._serialized_start=1384
-  _globals['_EXECPROCESSREQUEST']._serialized_end=1488
-  _globals['_PROCESSREQUEST']._serialized_start=1490
-  _globals['_PROCESSREQUEST']._serialized_end=1545
-  _globals['_WAITPROCESSRESPONSE']._serialized_start=1547
-  _globals['_WAITPROCESSRESPONSE']._serialized_end=1603
-  _globals['_SIGNALPROCESSREQUEST']._serialized_start=1605
-  _globals['_SIGNALPROCESSREQUEST']._serialized_end=1682
-  _globals['_WRITESTDINREQUEST']._serialized_start=1684
-  _globals['_WRITESTDINREQUEST']._serialized_end=1756
-  _globals['_WRITESTDINRESPONSE']._serialized_start=1758
-  _globals['_WRITESTDINRESPONSE']._serialized_end=1795
-  _globals['_READSTREAMREQUEST']._serialized_start=1797
-  _globals['_READSTREAMREQUEST']._serialized_end=1874
-  _globals['_READSTREAMRESPONSE']._serialized_start=1876
-  _globals['_READSTREAMRESPONSE']._serialized_end=1923
-  _globals['_RESIZETTYREQUEST']._serialized_start=1925
-  _globals['_RESIZETTYREQUEST']._serialized_end=2010
-  _globals['_STATSREQUEST']._serialized_start=2012
-  _globals['_STATSREQUEST']._serialized_end=2049
-  _globals['_CGROUPSTATS']._serialized_start=2052
-  _globals['_CGROUPSTATS']._serialized_end=2336
-  _globals['_STATSRESPONSE']._serialized_start=2339
-  _globals['_STATSRESPONSE']._serialized_end=2475
-  _globals['_AGENT']._serialized_start=2478
-  _globals['_AGENT']._serialized_end=3816
+  _globals['_CREATECONTAINERREQUEST']._serialized_end=1080
+  _globals['_CREATECONTAINERREQUEST_SYSCTLSENTRY']._serialized_start=1034
+  _globals['_CREATECONTAINERREQUEST_SYSCTLSENTRY']._serialized_end=1080
+  _globals['_RESOURCES']._serialized_start=1083
+  _globals['_RESOURCES']._serialized_end=1364
+  _globals['_RESOURCES_UNIFIEDENTRY']._serialized_start=1318
+  _globals['_RESOURCES_UNIFIEDENTRY']._serialized_end=1364
+  _globals['_UPDATECONTAINERREQUEST']._serialized_start=1366
+  _globals['_UPDATECONTAINERREQUEST']._serialized_end=1461
+  _globals['_CONTAINERREQUEST']._serialized_start=1463
+  _globals['_CONTAINERREQUEST']._serialized_end=1503
+  _globals['_EXECPROCESSREQUEST']._serialized_start=1505
+  _globals['_EXECPROCESSREQUEST']._serialized_end=1609
+  _globals['_PROCESSREQUEST']._serialized_start=1611
+  _globals['_PROCESSREQUEST']._serialized_end=1666
+  _globals['_WAITPROCESSRESPONSE']._serialized_start=1668
+  _globals['_WAITPROCESSRESPONSE']._serialized_end=1724
+  _globals['_SIGNALPROCESSREQUEST']._serialized_start=1726
+  _globals['_SIGNALPROCESSREQUEST']._serialized_end=1803
+  _globals['_WRITESTDINREQUEST']._serialized_start=1805
+  _globals['_WRITESTDINREQUEST']._serialized_end=1877
+  _globals['_WRITESTDINRESPONSE']._serialized_start=1879
+  _globals['_WRITESTDINRESPONSE']._serialized_end=1916
+  _globals['_READSTREAMREQUEST']._serialized_start=1918
+  _globals['_READSTREAMREQUEST']._serialized_end=1995
+  _globals['_READSTREAMRESPONSE']._serialized_start=1997
+  _globals['_READSTREAMRESPONSE']._serialized_end=2044
+  _globals['_RESIZETTYREQUEST']._serialized_start=2046
+  _globals['_RESIZETTYREQUEST']._serialized_end=2131
+  _globals['_STATSREQUEST']._serialized_start=2133
+  _globals['_STATSREQUEST']._serialized_end=2170
+  _globals['_CGROUPSTATS']._serialized_start=2173
+  _globals['_CGROUPSTATS']._serialized_end=2457
+  _globals['_STATSRESPONSE']._serialized_start=2460
+  _globals['_STATSRESPONSE']._serialized_end=2596
+  _globals['_AGENT']._serialized_start=2599
+  _globals['_AGENT']._serialized_end=3937
 # @@protoc_insertion_point(module_scope)

@@ -96,20 +96,29 @@ class Process(_message.Message):
     def __init__(self, args: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., terminal: _Optional[bool] = ..., stdin: _Optional[bool] = ..., console_size: _Optional[_Union[ConsoleSize, _Mapping]] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("container_id", "rootfs", "process", "hostname", "readonly_rootfs", "resources")
+    __slots__ = ("container_id", "rootfs", "process", "hostname", "readonly_rootfs", "resources", "sysctls")
+    class SysctlsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     ROOTFS_FIELD_NUMBER: _ClassVar[int]
     PROCESS_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     READONLY_ROOTFS_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    SYSCTLS_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     rootfs: Storage
     process: Process
     hostname: str
     readonly_rootfs: bool
     resources: Resources
-    def __init__(self, container_id: _Optional[str] = ..., rootfs: _Optional[_Union[Storage, _Mapping]] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., hostname: _Optional[str] = ..., readonly_rootfs: _Optional[bool] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ...) -> None: ...
+    sysctls: _containers.ScalarMap[str, str]
+    def __init__(self, container_id: _Optional[str] = ..., rootfs: _Optional[_Union[Storage, _Mapping]] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., hostname: _Optional[str] = ..., readonly_rootfs: _Optional[bool] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., sysctls: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Resources(_message.Message):
     __slots__ = ("cpu_period", "cpu_quota", "cpu_shares", "memory_limit_bytes", "memory_swap_limit_bytes", "cpuset_cpus", "cpuset_mems", "unified")

@@ -54,6 +54,14 @@ def _now() -> int:
     return time.time_ns()
 
 
+def pod_hostname(config: cri.PodSandboxConfig) -> str:
+    """The pod's hostname, or its name cut to a valid hostname (63 bytes:
+    sethostname refuses more; pod names can be longer)."""
+    if config.hostname:
+        return config.hostname
+    return config.metadata.name[:63].rstrip("-.") or "pod"
+
+
 def agent_resources(r: cri.LinuxContainerResources) -> apb.Resources:
     """CRI linux resources as the agent's (OCI) resources."""
     return apb.Resources(cpu_period=r.cpu_period, cpu_quota=r.cpu_quota,
@@ -253,13 +261,14 @@ class SandboxManager:
                                   user=apb.User(spec=defaults.user,
                                                 additional_gids=list(sc.supplemental_groups)),
                                   terminal=config.tty, stdin=config.stdin)
-            hostname = sandbox_config.hostname or sandbox_config.metadata.name
+            hostname = pod_hostname(sandbox_config)
             try:
                 await sandbox.agent.create_container(
                     container_id, apb.Storage(source=f"serial:{serial}", fstype="erofs",
                                               overlay=True),
                     process, hostname=hostname, readonly_rootfs=sc.readonly_rootfs,
-                    resources=agent_resources(config.linux.resources))
+                    resources=agent_resources(config.linux.resources),
+                    sysctls=dict(sandbox_config.linux.sysctls))
             except TtrpcError:
                 await self._unplug_if_unused(sandbox, sandbox_id, serial)
                 raise

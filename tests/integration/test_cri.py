@@ -88,7 +88,8 @@ def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
         metadata=cri.PodSandboxMetadata(name="web", uid="uid-1", namespace="default"),
         hostname="web-pod", log_directory=str(logs), labels={"app": "web"},
         linux=cri.LinuxPodSandboxConfig(resources=cri.LinuxContainerResources(
-            cpu_period=100000, cpu_quota=150000, memory_limit_in_bytes=300 << 20)))
+            cpu_period=100000, cpu_quota=150000, memory_limit_in_bytes=300 << 20),
+            sysctls={"kernel.shm_rmid_forced": "1"}))
     pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
     assert qemu_pids() - before, "no VM for the pod"
     status = d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status
@@ -123,6 +124,9 @@ def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
     assert (r.stdout, r.stderr, r.exit_code) == (b"out\n", b"err\n", 5)
 
     # Limits applied in the guest's cgroups at create, and changed while running.
+    r = d.runtime.ExecSync(cri.ExecSyncRequest(container_id=long, timeout=30,
+                                               cmd=["cat", "/proc/sys/kernel/shm_rmid_forced"]))
+    assert r.stdout == b"1\n"  # the pod's sysctls, in each container's namespaces
     limits = ["cat", "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/cpu.max"]
     r = d.runtime.ExecSync(cri.ExecSyncRequest(container_id=long, cmd=limits, timeout=30))
     assert r.stdout == b"67108864\n50000 100000\n", r
