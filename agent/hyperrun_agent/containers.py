@@ -265,6 +265,7 @@ class Containers:
             with open(pid_file) as f:
                 proc.pid = int(f.read().strip())
             self.reaper.watch(proc.pid)
+            self._wait_exec(proc.pid)
         except BaseException:
             stdio.close()
             raise
@@ -274,6 +275,19 @@ class Containers:
             if listener is not None:
                 listener.close()
                 os.unlink(path)
+
+    def _wait_exec(self, pid: int, timeout: float = 5.0) -> None:
+        """Return once the process runs the container's program, not crun's
+        setup code any more: crun ignores signals there, so a stop signal
+        sent in that window (a stop right after start) would be lost."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if os.readlink(f"/proc/{pid}/exe") != CRUN:
+                    return
+            except OSError:
+                return  # exited already, or not ours to see
+            time.sleep(0.002)
 
     def _spawn_crun(self, container: Container, args: list[str], child_fds: list[int]) -> int:
         if child_fds:

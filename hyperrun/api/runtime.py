@@ -46,6 +46,11 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
         ]
         return cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions))
 
+    async def RuntimeConfig(self, request, context):
+        # Containers' cgroups are managed by crun in the guest, with cgroupfs.
+        return cri.RuntimeConfigResponse(
+            linux=cri.LinuxRuntimeConfiguration(cgroup_driver=cri.CGROUPFS))
+
     async def UpdateRuntimeConfig(self, request, context):
         return cri.UpdateRuntimeConfigResponse()  # the pod CIDR matters once CNI is in
 

@@ -35,6 +35,7 @@ from hyperrun import log
 
 logger = log.get("sandbox")
 READY, NOTREADY = "ready", "notready"
+STARTUP_WINDOW_S = 3.0  # see _resend_while_starting
 CREATED, RUNNING, EXITED, UNKNOWN = "created", "running", "exited", "unknown"
 
 
@@ -295,7 +296,10 @@ class SandboxManager:
             raise Conflict(f"container {container_id} is {row.state}, not created")
         sandbox = self._running_sandbox(row.sandbox_id)
         self._logs[container_id] = LogFile(self.log_path(row))
-        self._follow(row, start=True)
+        # RUNNING before the start: a program that exits at once is then
+        # recorded EXITED by its waiter after, never overwritten by RUNNING.
+        self.state.update_container(container_id, state=RUNNING, started_at=_now())
+        self._follow(row)
         try:
             await sandbox.agent.start_container(container_id)
         except TtrpcError as exc:
@@ -305,10 +309,9 @@ class SandboxManager:
                                         exit_code=128, reason="StartError",
                                         message=exc.remote_message)
             raise
-        self.state.update_container(container_id, state=RUNNING, started_at=_now())
         logger.info("container started", container=container_id, sandbox=row.sandbox_id)
 
-    def _follow(self, row: ContainerRow, start: bool = False) -> None:
+    def _follow(self, row: ContainerRow) -> None:
         """Pump the container's output into its log, and record its exit."""
         sandbox = self.sandboxes[row.sandbox_id]
         cid = row.id
@@ -358,13 +361,33 @@ class SandboxManager:
                 break  # exited meanwhile
             if waiter is None:
                 break
+            deadline = time.monotonic() + wait
+            if signum != signal.SIGKILL:
+                await self._resend_while_starting(sandbox, row, signum, waiter, deadline)
             try:
-                await asyncio.wait_for(asyncio.shield(waiter), wait)
+                await asyncio.wait_for(asyncio.shield(waiter), max(deadline - time.monotonic(), 0))
                 break
             except asyncio.TimeoutError:
                 continue
         if waiter is not None:
             await asyncio.wait_for(asyncio.shield(waiter), 10)
+
+    async def _resend_while_starting(self, sandbox: Sandbox, row: ContainerRow, signum: int,
+                                     waiter: asyncio.Task, deadline: float) -> None:
+        """A container's program is its PID namespace's init: a signal it
+        has no handler for yet is discarded by the kernel. Under emulation
+        a program takes a while to install its handlers, so a stop right
+        after start would be lost; for the first seconds of a container's
+        life, the stop signal is sent again until it is taken."""
+        young_until = time.monotonic() + STARTUP_WINDOW_S - (_now() - row.started_at) / 1e9
+        while time.monotonic() < min(young_until, deadline) and not waiter.done():
+            await asyncio.wait({waiter}, timeout=0.2)
+            if waiter.done():
+                return
+            try:
+                await sandbox.agent.signal_process(row.id, "", signum)
+            except TtrpcError:
+                return
 
     async def remove_container(self, container_id: str) -> None:
         row = self.state.container(container_id)

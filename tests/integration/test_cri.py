@@ -222,6 +222,18 @@ def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
     assert r.stdout == b"after restart\n"
     assert d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status.state == cri.SANDBOX_READY
 
+    # A stop right after start reaches the program's handler, though the
+    # program (its PID namespace's init) installs it only after a while.
+    trap = create("trap", "trap 'exit 3' TERM; while true; do sleep 0.1; done")
+    d.runtime.StartContainer(cri.StartContainerRequest(container_id=trap))
+    t0 = time.monotonic()
+    d.runtime.StopContainer(cri.StopContainerRequest(container_id=trap, timeout=30))
+    assert time.monotonic() - t0 < 10
+    assert wait_state(d, trap, cri.CONTAINER_EXITED).exit_code == 3
+    d.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=trap))
+    rc = d.runtime.RuntimeConfig(cri.RuntimeConfigRequest())
+    assert rc.linux.cgroup_driver == cri.CGROUPFS
+
     # Stop: sh as the container's init ignores SIGTERM; SIGKILL after the timeout.
     d.runtime.StopContainer(cri.StopContainerRequest(container_id=long, timeout=1))
     st = wait_state(d, long, cri.CONTAINER_EXITED)
