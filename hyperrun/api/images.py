@@ -1,6 +1,7 @@
 """runtime.v1.ImageService over the image service."""
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -12,6 +13,19 @@ from hyperrun.proto import cri_api_pb2 as cri
 from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
 
 from .errors import rpc
+
+
+def _tree_usage(root: str) -> tuple[int, int]:
+    """(bytes allocated, files) under root."""
+    used = inodes = 0
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            try:
+                used += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+            except OSError:
+                continue
+            inodes += 1
+    return used, inodes
 
 
 def _credentials(auth: cri.AuthConfig) -> Credentials | None:
@@ -80,14 +94,8 @@ class ImageServicer(cri_grpc.ImageServiceServicer):
     @rpc
     async def ImageFsInfo(self, request, context):
         root = str(self.images.root)
-        used = inodes = 0
-        for dirpath, _, files in os.walk(root):
-            for f in files:
-                try:
-                    used += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
-                except OSError:
-                    continue
-                inodes += 1
+        # A walk of the whole store: off the event loop, which serves every RPC.
+        used, inodes = await asyncio.to_thread(_tree_usage, root)
         usage = cri.FilesystemUsage(timestamp=time.time_ns(),
                                     fs_id=cri.FilesystemIdentifier(mountpoint=root))
         usage.used_bytes.value = used

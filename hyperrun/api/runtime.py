@@ -23,8 +23,16 @@ NOT_BUILT = {
 }
 
 
-def _labels_match(selector, labels) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
+def _matches(f, id_: str, labels, state=None, sandbox_id: str = "") -> bool:
+    """A CRI list filter (pods, containers, their stats): ids by prefix as
+    crictl sends them, state when set, every label of the selector."""
+    if f.id and not id_.startswith(f.id):
+        return False
+    if getattr(f, "pod_sandbox_id", "") and not sandbox_id.startswith(f.pod_sandbox_id):
+        return False
+    if state is not None and f.HasField("state") and state != f.state.state:
+        return False
+    return all(labels.get(k) == v for k, v in f.label_selector.items())
 
 
 class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
@@ -93,11 +101,7 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
         items = []
         for row in self.m.state.sandboxes():
             s = self._pod_status(row)
-            if f.id and not row.id.startswith(f.id):
-                continue
-            if f.HasField("state") and s.state != f.state.state:
-                continue
-            if not _labels_match(f.label_selector, s.labels):
+            if not _matches(f, row.id, s.labels, s.state):
                 continue
             items.append(cri.PodSandbox(id=s.id, metadata=s.metadata, state=s.state,
                                         created_at=s.created_at, labels=s.labels,
@@ -147,13 +151,7 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
         out = []
         for row in self.m.state.containers():
             s = self._container_status(row)
-            if f.id and not row.id.startswith(f.id):
-                continue
-            if f.pod_sandbox_id and not row.sandbox_id.startswith(f.pod_sandbox_id):
-                continue
-            if f.HasField("state") and s.state != f.state.state:
-                continue
-            if not _labels_match(f.label_selector, s.labels):
+            if not _matches(f, row.id, s.labels, s.state, row.sandbox_id):
                 continue
             out.append(cri.Container(id=row.id, pod_sandbox_id=row.sandbox_id, metadata=s.metadata,
                                      image=s.image, image_ref=s.image_ref, state=s.state,
@@ -226,9 +224,8 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
     async def ListContainerStats(self, request, context):
         f = request.filter
         rows = [r for r in self.m.state.containers()
-                if (not f.id or r.id.startswith(f.id))
-                and (not f.pod_sandbox_id or r.sandbox_id.startswith(f.pod_sandbox_id))
-                and _labels_match(f.label_selector, cri.ContainerConfig.FromString(r.config).labels)]
+                if _matches(f, r.id, cri.ContainerConfig.FromString(r.config).labels,
+                            sandbox_id=r.sandbox_id)]
         return cri.ListContainerStatsResponse(stats=await self._stats_of(rows))
 
     async def _pod_stats(self, row: SandboxRow) -> cri.PodSandboxStats:
@@ -261,8 +258,7 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
         out = []
         for row in self.m.state.sandboxes():
             config = cri.PodSandboxConfig.FromString(row.config)
-            if row.id in self.m.sandboxes and (not f.id or row.id.startswith(f.id)) \
-                    and _labels_match(f.label_selector, config.labels):
+            if row.id in self.m.sandboxes and _matches(f, row.id, config.labels):
                 out.append(await self._pod_stats(row))
         return cri.ListPodSandboxStatsResponse(stats=out)
 
