@@ -8,6 +8,7 @@ STAMP := $(VENV)/.setup-done
 APT_PACKAGES := qemu-system-x86 qemu-utils linux-source-6.1 build-essential flex bison bc \
 	libelf-dev libssl-dev dwarves erofs-utils busybox-static crun binutils xz-utils \
 	docker-registry skopeo umoci apache2-utils openssl debootstrap \
+	containernetworking-plugins iptables iproute2 curl \
 	python3-venv
 
 .PHONY: setup apt venv proto kernel guest assets demo test test-unit bench check clean
