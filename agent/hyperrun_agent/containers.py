@@ -69,7 +69,7 @@ class Container:
         self.bundle = bundle
         self.rootfs = os.path.join(bundle, "rootfs")
         self.mounts: list[str] = []  # to unmount on removal, innermost last
-        self.storage_key: tuple | None = None  # the shared storage it uses
+        self.storage_keys: list[tuple] = []  # the shared storages it uses
         self.init: Process | None = None
         self.execs: dict[str, Process] = {}
         self.started = False
@@ -119,6 +119,7 @@ class Containers:
             process = self._process_spec(container, req.process)
             spec = oci.container_spec(cid, process, req.hostname, req.readonly_rootfs,
                                       oci.resources_spec(req.resources), dict(req.sysctls))
+            spec["mounts"] += [self._volume(container, m) for m in req.mounts]
             _write_json(os.path.join(bundle, "config.json"), spec)
             container.init = self._new_process(container, "", req.process)
         except BaseException:
@@ -213,7 +214,7 @@ class Containers:
         """The container's rootfs: a bind mount of the shared storage, or a
         writable overlay (upper on guest tmpfs) on top of it."""
         lower = self.storages.acquire(storage)
-        container.storage_key = self.storages.key(storage)
+        container.storage_keys.append(self.storages.key(storage))
         if storage.overlay:
             upper = os.path.join(container.bundle, "upper")
             work = os.path.join(container.bundle, "work")
@@ -224,6 +225,22 @@ class Containers:
         else:
             syscalls.mount(lower, container.rootfs, "", syscalls.MS_BIND)
         container.mounts.append(container.rootfs)
+
+    def _volume(self, container: Container, mount) -> dict:
+        """An OCI bind mount of a path inside a storage (mounted once)."""
+        if not mount.destination.startswith("/"):
+            raise invalid(f"mount destination {mount.destination!r} is not absolute")
+        subpath = os.path.normpath(mount.subpath).lstrip("/")
+        if subpath == ".." or subpath.startswith("../"):
+            raise invalid(f"mount subpath {mount.subpath!r} leaves its storage")
+        root = self.storages.acquire(mount.storage)
+        container.storage_keys.append(self.storages.key(mount.storage))
+        source = os.path.join(root, subpath) if subpath != "." else root
+        if not os.path.lexists(source):
+            raise not_found(f"volume source {mount.subpath!r} for {mount.destination}")
+        options = ["rbind", "rprivate"] + (["ro"] if mount.readonly else [])
+        return {"destination": mount.destination, "type": "bind", "source": source,
+                "options": options}
 
     def _process_spec(self, container: Container, process) -> dict:
         try:
@@ -370,12 +387,11 @@ class Containers:
             except OSError as exc:
                 log(exc)
         container.mounts.clear()
-        if container.storage_key is not None:
+        while container.storage_keys:
             try:
-                self.storages.release(container.storage_key)
+                self.storages.release(container.storage_keys.pop())
             except OSError as exc:
                 log(exc)
-            container.storage_key = None
         import shutil
 
         shutil.rmtree(container.bundle, ignore_errors=True)

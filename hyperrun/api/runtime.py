@@ -137,7 +137,7 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
             created_at=row.created_at, started_at=row.started_at, finished_at=row.finished_at,
             exit_code=row.exit_code, image=config.image, image_ref=row.image_ref,
             reason=row.reason, message=row.message, labels=config.labels,
-            annotations=config.annotations, log_path=self.m.log_path(row),
+            annotations=config.annotations, log_path=self.m.log_path(row), mounts=config.mounts,
             resources=cri.ContainerResources(linux=config.linux.resources))
 
     @rpc

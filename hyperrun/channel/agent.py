@@ -31,11 +31,12 @@ class AgentClient:
     async def create_container(self, container_id: str, rootfs: pb.Storage, process: pb.Process,
                                hostname: str = "", readonly_rootfs: bool = False,
                                resources: pb.Resources | None = None,
-                               sysctls: dict[str, str] | None = None) -> None:
+                               sysctls: dict[str, str] | None = None,
+                               mounts: list[pb.Mount] | None = None) -> None:
         await self._call("CreateContainer", pb.CreateContainerRequest(
             container_id=container_id, rootfs=rootfs, process=process, hostname=hostname,
-            readonly_rootfs=readonly_rootfs, resources=resources, sysctls=sysctls or {}),
-            pb.Empty)
+            readonly_rootfs=readonly_rootfs, resources=resources, sysctls=sysctls or {},
+            mounts=mounts or []), pb.Empty)
 
     async def update_container(self, container_id: str, resources: pb.Resources) -> None:
         await self._call("UpdateContainer", pb.UpdateContainerRequest(

@@ -96,7 +96,7 @@ class Process(_message.Message):
     def __init__(self, args: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., terminal: _Optional[bool] = ..., stdin: _Optional[bool] = ..., console_size: _Optional[_Union[ConsoleSize, _Mapping]] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("container_id", "rootfs", "process", "hostname", "readonly_rootfs", "resources", "sysctls")
+    __slots__ = ("container_id", "rootfs", "process", "hostname", "readonly_rootfs", "resources", "sysctls", "mounts")
     class SysctlsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,7 @@ class CreateContainerRequest(_message.Message):
     READONLY_ROOTFS_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     SYSCTLS_FIELD_NUMBER: _ClassVar[int]
+    MOUNTS_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     rootfs: Storage
     process: Process
@@ -118,7 +119,20 @@ class CreateContainerRequest(_message.Message):
     readonly_rootfs: bool
     resources: Resources
     sysctls: _containers.ScalarMap[str, str]
-    def __init__(self, container_id: _Optional[str] = ..., rootfs: _Optional[_Union[Storage, _Mapping]] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., hostname: _Optional[str] = ..., readonly_rootfs: _Optional[bool] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., sysctls: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    mounts: _containers.RepeatedCompositeFieldContainer[Mount]
+    def __init__(self, container_id: _Optional[str] = ..., rootfs: _Optional[_Union[Storage, _Mapping]] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., hostname: _Optional[str] = ..., readonly_rootfs: _Optional[bool] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., sysctls: _Optional[_Mapping[str, str]] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ...) -> None: ...
+
+class Mount(_message.Message):
+    __slots__ = ("storage", "subpath", "destination", "readonly")
+    STORAGE_FIELD_NUMBER: _ClassVar[int]
+    SUBPATH_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    READONLY_FIELD_NUMBER: _ClassVar[int]
+    storage: Storage
+    subpath: str
+    destination: str
+    readonly: bool
+    def __init__(self, storage: _Optional[_Union[Storage, _Mapping]] = ..., subpath: _Optional[str] = ..., destination: _Optional[str] = ..., readonly: _Optional[bool] = ...) -> None: ...
 
 class Resources(_message.Message):
     __slots__ = ("cpu_period", "cpu_quota", "cpu_shares", "memory_limit_bytes", "memory_swap_limit_bytes", "cpuset_cpus", "cpuset_mems", "unified")

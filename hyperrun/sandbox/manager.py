@@ -22,13 +22,14 @@ from hyperrun.image.service import ImageService, chain_id
 from hyperrun.proto import agent_pb2 as apb
 from hyperrun.proto import cri_api_pb2 as cri
 from hyperrun.vm import VMError, rundir
-from hyperrun.vm.config import Channel, Disk
+from hyperrun.vm.config import Channel, Disk, Share
 from hyperrun.vm.qemu import QemuVM
 
 from .config import SandboxConfig
 from .logs import LogFile
 from .sandbox import Sandbox
 from .state import ContainerRow, SandboxRow, State
+from . import volumes
 
 from hyperrun import config as hconfig
 from hyperrun import log
@@ -164,6 +165,7 @@ class SandboxManager:
             linux.overhead if linux and linux.HasField("overhead") else None)
         vm = QemuVM(self._vm_config(vcpus, memory), vm_id=sandbox_id[:16],
                     root=rundir.sandbox_root())
+        vm.config.shares.append(Share(volumes.SHARE_TAG, self._shared_dir(vm)))
         sandbox = await Sandbox.start(vm)
         self.state.add_sandbox(SandboxRow(sandbox_id, config.SerializeToString(), READY, _now(),
                                           _vm_json(vm)))
@@ -172,6 +174,10 @@ class SandboxManager:
         logger.info("sandbox started", sandbox=sandbox_id, name=config.metadata.name,
                     vm=vm.id, pid=vm.pid)
         return sandbox_id
+
+    @staticmethod
+    def _shared_dir(vm: QemuVM):
+        return vm.run_dir / volumes.SHARE_DIR
 
     def _watch_vm(self, sandbox_id: str) -> None:
         sandbox = self.sandboxes[sandbox_id]
@@ -263,14 +269,21 @@ class SandboxManager:
                                                 additional_gids=list(sc.supplemental_groups)),
                                   terminal=config.tty, stdin=config.stdin)
             hostname = pod_hostname(sandbox_config)
+            shared = self._shared_dir(sandbox.vm)
+            try:
+                mounts = volumes.bind(shared, container_id, list(config.mounts))
+            except volumes.VolumeError as exc:
+                await self._unplug_if_unused(sandbox, sandbox_id, serial)
+                raise Invalid(str(exc)) from None
             try:
                 await sandbox.agent.create_container(
                     container_id, apb.Storage(source=f"serial:{serial}", fstype="erofs",
                                               overlay=True),
                     process, hostname=hostname, readonly_rootfs=sc.readonly_rootfs,
                     resources=agent_resources(config.linux.resources),
-                    sysctls=dict(sandbox_config.linux.sysctls))
+                    sysctls=dict(sandbox_config.linux.sysctls), mounts=mounts)
             except TtrpcError:
+                volumes.unbind(shared, container_id)
                 await self._unplug_if_unused(sandbox, sandbox_id, serial)
                 raise
             self.state.add_container(ContainerRow(container_id, sandbox_id,
@@ -403,6 +416,7 @@ class SandboxManager:
                 except TtrpcError as exc:
                     if "not found" not in exc.remote_message:
                         raise
+                volumes.unbind(self._shared_dir(sandbox.vm), container_id)
             self._forget_container(container_id)
             self.state.remove_container(container_id)
             if sandbox is not None:

@@ -82,7 +82,8 @@ def command_line(config: VMConfig, run_dir: Path, qmp_fd: int | None, agent_fd: 
     security = "passthrough" if os.geteuid() == 0 else "none"
     for i, share in enumerate(config.shares):
         ro = ",readonly=on" if share.readonly else ""
-        argv += ["-fsdev", f"local,id=fs{i},path={share.path},security_model={security}{ro}",
+        argv += ["-fsdev", f"local,id=fs{i},path={share.path},security_model={security}"
+                 f",multidevs=remap{ro}",
                  "-device", f"virtio-9p-{bus},fsdev=fs{i},mount_tag={share.tag}"]
     if qmp_fd is not None:
         argv += ["-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off",
@@ -141,6 +142,9 @@ class QemuVM(VM):
             raise
 
     def _spawn(self) -> None:
+        for share in self.config.shares:  # a share the VM owns lives in its run dir
+            if share.path.parent == self.run_dir:
+                share.path.mkdir(mode=0o700, exist_ok=True)
         qmp_sock = _listen(self.run_dir / rundir.QMP_SOCKET)
         agent_sock = _listen(self.agent_socket) if self.config.channel.kind == "serial" else None
         fds = [qmp_sock.fileno()] + ([agent_sock.fileno()] if agent_sock else [])

@@ -32,8 +32,20 @@ def create(path: Path) -> Path:
     return path
 
 
-def remove(path: Path) -> None:
+def remove(path: Path) -> bool:
+    """Delete a run directory, after unmounting what a sandbox bound into
+    it (volumes): a delete must never walk into a host directory. If a
+    mount cannot be removed, the directory stays, and the log says why."""
+    from hyperrun.mounts import unmount_under
+
+    if left := unmount_under(path):
+        from hyperrun import log
+
+        log.get("vm").error("run directory kept: still mounted", path=str(path),
+                            mounts=[str(p) for p in left])
+        return False
     shutil.rmtree(path, ignore_errors=True)
+    return True
 
 
 def qemu_pid(path: Path) -> int | None:

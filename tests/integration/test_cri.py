@@ -297,3 +297,74 @@ def test_cli_through_the_daemon(daemon, pushed):
     while qemu_pids() - before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert qemu_pids() - before == set()
+
+
+def _mounts_under(path: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if str(path) in line.split()[4]]
+
+
+def test_cri_volumes(daemon, pushed, tmp_path):
+    """Host directories and files mounted into a container: read-write and
+    read-only, seen by the guest at once; the host binds go with the
+    container and nothing stays mounted."""
+    d = daemon
+    image = pushed.ref("busybox:latest")
+    d.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "in.txt").write_text("from the host\n")
+    conf = tmp_path / "app.conf"
+    conf.write_text("setting=1\n")
+    fresh = tmp_path / "made" / "by" / "runtime"  # missing: created, as containerd does
+    pod_config = cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name="vol", uid="uid-vol", namespace="default"),
+        log_directory=str(d.base / "logs"))
+    pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
+    config = cri.ContainerConfig(
+        metadata=cri.ContainerMetadata(name="v"), image=cri.ImageSpec(image=image),
+        command=["sleep", "300"], log_path="v.log",
+        mounts=[cri.Mount(container_path="/data", host_path=str(data)),
+                cri.Mount(container_path="/etc/app.conf", host_path=str(conf), readonly=True),
+                cri.Mount(container_path="/fresh", host_path=str(fresh))])
+    cid = d.runtime.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
+    d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
+    status = d.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
+    assert [m.container_path for m in status.mounts] == ["/data", "/etc/app.conf", "/fresh"]
+
+    def sh(script):
+        r = d.runtime.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["sh", "-c", script],
+                                                   timeout=30))
+        return r.exit_code, r.stdout.decode(), r.stderr.decode()
+
+    assert sh("cat /data/in.txt /etc/app.conf") == (0, "from the host\nsetting=1\n", "")
+    assert sh("echo from the guest > /data/out.txt; mkdir /data/sub; echo x > /fresh/f")[0] == 0
+    assert (data / "out.txt").read_text() == "from the guest\n"
+    assert (data / "sub").is_dir() and (fresh / "f").read_text() == "x\n"
+    (data / "later.txt").write_text("written after start\n")
+    assert sh("cat /data/later.txt")[1] == "written after start\n"
+    code, _, err = sh("echo no > /etc/app.conf")
+    assert code != 0 and "Read-only file system" in err
+    assert conf.read_text() == "setting=1\n"
+    assert _mounts_under(d.base), "the volumes are bound into the sandbox's shared directory"
+
+    d.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=cid))
+    assert _mounts_under(d.base) == []
+    assert sorted(p.name for p in data.iterdir()) == ["in.txt", "later.txt", "out.txt", "sub"]
+    # A host path that cannot be bound is a clear error, and leaves nothing.
+    bad = cri.ContainerConfig(
+        metadata=cri.ContainerMetadata(name="bad"), image=cri.ImageSpec(image=image),
+        command=["true"], mounts=[cri.Mount(container_path="rel", host_path=str(data))])
+    with pytest.raises(grpc.RpcError) as err:
+        d.runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=pod, config=bad, sandbox_config=pod_config))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not absolute" in err.value.details()
+    # The pod goes with a container still holding a volume: nothing stays mounted.
+    cid = d.runtime.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
+    d.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))
+    d.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
+    assert _mounts_under(d.base) == []
+    assert (data / "in.txt").read_text() == "from the host\n"
