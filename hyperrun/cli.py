@@ -20,6 +20,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="remove the container when it exits (always so without a daemon)")
     run.add_argument("-d", "--detach", action="store_true",
                      help="run in the daemon's pod VM and print the container id")
+    run.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:CONTAINER[:ro]",
+                     help="bind a host directory or file into the container")
     run.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
     run.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
     run.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
@@ -31,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--platform", default="linux/amd64", help="os/arch of the image to pull")
     run.add_argument("--pull", default="missing", choices=["missing", "always", "never"])
     run.add_argument("--cpus", type=int, default=1, help="vCPUs of the VM")
-    run.add_argument("--memory", type=int, default=256, metavar="MIB", help="VM memory in MiB")
+    run.add_argument("--memory", type=int, default=256, metavar="MIB",
+                     help="memory in MiB (the VM gets the pod overhead on top)")
     run.add_argument("--machine", default="microvm", choices=["microvm", "q35"])
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="image, command and arguments")
 
@@ -76,9 +79,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import os
+
     args = _parser().parse_args(argv)
     if getattr(args, "root", None):
-        import os
         os.environ["HYPERRUN_ROOT"] = str(args.root)
     handler = {"run": _run, "pull": _pull, "images": _images, "rmi": _rmi, "load": _load,
                "daemon": _daemon, "check": _check, "version": _version, "pods": _client,
@@ -113,36 +117,36 @@ def _fail(message: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from hyperrun.run import RunSpec, execute
-    from hyperrun.sandbox.config import SandboxConfig
-
+    """IMAGE runs go through the CRI services (the daemon's, or the same in
+    this process); --rootfs DIR, which no image describes, boots a VM for
+    that directory directly (hyperrun/run.py)."""
     rest = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-    image = None
     if args.rootfs is None:
         if not rest:
             print("hyperrun run: give an IMAGE, or --rootfs DIR", file=sys.stderr)
             return 125
         image, rest = rest[0], rest[1:]
         rest = rest[1:] if rest[:1] == ["--"] else rest
+        from hyperrun import client
+        return client.run(client.RunOptions(
+            image=image, args=rest, entrypoint=None if args.entrypoint is None else [args.entrypoint],
+            env=args.env, workdir=args.workdir, user=args.user, stdin=args.interactive,
+            tty=args.tty, hostname=args.hostname, readonly=args.read_only, volumes=args.volume,
+            platform=args.platform, pull=args.pull, cpus=args.cpus, memory_mib=args.memory,
+            remove=args.rm, detach=args.detach))
+    if args.detach or args.volume:
+        return _fail("-d and -v need an IMAGE (--rootfs DIR runs that directory directly)")
+    from hyperrun.run import RunSpec, execute
+    from hyperrun.sandbox.config import SandboxConfig
+
     for item in args.env:
         if "=" not in item:
             print(f"hyperrun run: -e {item!r}: expected KEY=VALUE", file=sys.stderr)
             return 125
-    if args.detach:
-        from hyperrun import client
-        if image is None:
-            return _fail("run -d needs an IMAGE (the daemon runs images, not --rootfs)")
-        try:
-            return client.run_detached(image, rest, None if args.entrypoint is None else
-                                       [args.entrypoint], args.env, args.workdir, args.cpus,
-                                       args.memory)
-        except client.NoDaemon as exc:
-            return _fail(str(exc))
-    spec = RunSpec(args=rest, rootfs=args.rootfs, image=image,
+    spec = RunSpec(args=rest, rootfs=args.rootfs, env=args.env, workdir=args.workdir,
                    entrypoint=None if args.entrypoint is None else [args.entrypoint],
-                   env=args.env, workdir=args.workdir, user=args.user,
-                   stdin=args.interactive, terminal=args.tty, hostname=args.hostname,
-                   readonly=args.read_only, platform=args.platform, pull=args.pull,
+                   user=args.user, stdin=args.interactive, terminal=args.tty,
+                   hostname=args.hostname, readonly=args.read_only,
                    sandbox=SandboxConfig(vcpus=args.cpus, memory_mib=args.memory,
                                          machine=args.machine))
     try:

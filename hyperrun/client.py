@@ -6,6 +6,7 @@ import os
 import secrets
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -19,23 +20,59 @@ def socket_path() -> Path:
     return Path(os.environ.get("HYPERRUN_SOCKET") or default_socket())
 
 
-def connect():
-    """(RuntimeService, ImageService) stubs, if a daemon answers."""
+class Host:
+    """Where the CRI services run: the daemon, or this process (embedded).
+    Everything below speaks CRI to either, through the same stubs."""
+
+    def __init__(self, path: Path, embedded=None) -> None:
+        import grpc
+
+        from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
+
+        self.embedded = embedded
+        self.channel = grpc.insecure_channel(f"unix://{path}")
+        self.runtime = cri_grpc.RuntimeServiceStub(self.channel)
+        self.images = cri_grpc.ImageServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        if self.embedded is not None:
+            self.embedded.close()
+
+    def __enter__(self) -> "Host":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def connect() -> Host:
+    """The daemon, if one answers on its socket."""
     import grpc
 
     from hyperrun.proto import cri_api_pb2 as cri
-    from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
 
     path = socket_path()
     if not path.exists():
         raise NoDaemon(f"no hyperrun daemon at {path}: start `hyperrun daemon`")
-    channel = grpc.insecure_channel(f"unix://{path}")
-    runtime = cri_grpc.RuntimeServiceStub(channel)
+    host = Host(path)
     try:
-        runtime.Version(cri.VersionRequest(), timeout=5)
+        host.runtime.Version(cri.VersionRequest(), timeout=5)
     except grpc.RpcError as exc:
+        host.close()
         raise NoDaemon(f"the daemon at {path} does not answer: {exc.details()}") from None
-    return runtime, cri_grpc.ImageServiceStub(channel)
+    return host
+
+
+def open_host() -> Host:
+    """The daemon if it answers, else the same services in this process."""
+    try:
+        return connect()
+    except NoDaemon:
+        from hyperrun.api.embedded import EmbeddedHost
+
+        embedded = EmbeddedHost()
+        return Host(embedded.socket, embedded)
 
 
 def _age(ns: int) -> str:
@@ -55,11 +92,12 @@ def _table(rows: list[tuple]) -> None:
 def pods() -> int:
     from hyperrun.proto import cri_api_pb2 as cri
 
-    runtime, _ = connect()
-    rows = [("POD ID", "NAME", "NAMESPACE", "STATE", "CREATED")]
-    for p in runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items:
-        rows.append((p.id[:13], p.metadata.name, p.metadata.namespace,
-                     cri.PodSandboxState.Name(p.state).removeprefix("SANDBOX_"), _age(p.created_at)))
+    with connect() as host:
+        rows = [("POD ID", "NAME", "NAMESPACE", "STATE", "CREATED")]
+        for p in host.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items:
+            rows.append((p.id[:13], p.metadata.name, p.metadata.namespace,
+                         cri.PodSandboxState.Name(p.state).removeprefix("SANDBOX_"),
+                         _age(p.created_at)))
     _table(rows)
     return 0
 
@@ -67,14 +105,14 @@ def pods() -> int:
 def ps(all_: bool) -> int:
     from hyperrun.proto import cri_api_pb2 as cri
 
-    runtime, _ = connect()
-    rows = [("CONTAINER ID", "IMAGE", "NAME", "STATE", "CREATED", "POD ID")]
-    for c in runtime.ListContainers(cri.ListContainersRequest()).containers:
-        if not all_ and c.state != cri.CONTAINER_RUNNING:
-            continue
-        rows.append((c.id[:13], c.image.image, c.metadata.name,
-                     cri.ContainerState.Name(c.state).removeprefix("CONTAINER_"),
-                     _age(c.created_at), c.pod_sandbox_id[:13]))
+    with connect() as host:
+        rows = [("CONTAINER ID", "IMAGE", "NAME", "STATE", "CREATED", "POD ID")]
+        for c in host.runtime.ListContainers(cri.ListContainersRequest()).containers:
+            if not all_ and c.state != cri.CONTAINER_RUNNING:
+                continue
+            rows.append((c.id[:13], c.image.image, c.metadata.name,
+                         cri.ContainerState.Name(c.state).removeprefix("CONTAINER_"),
+                         _age(c.created_at), c.pod_sandbox_id[:13]))
     _table(rows)
     return 0
 
@@ -92,22 +130,24 @@ def _full_id(runtime, prefix: str) -> str:
 def exec_(container: str, cmd: list[str], interactive: bool = False, tty: bool = False) -> int:
     from hyperrun.proto import cri_api_pb2 as cri
 
-    runtime, _ = connect()
-    cid = _full_id(runtime, container)
-    if not interactive and not tty:
-        r = runtime.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=cmd))
-        sys.stdout.buffer.write(r.stdout)
-        sys.stderr.buffer.write(r.stderr)
-        return r.exit_code
-    url = runtime.Exec(cri.ExecRequest(container_id=cid, cmd=cmd, tty=tty, stdin=interactive,
-                                       stdout=True, stderr=not tty)).url
-    return _stream(url, interactive, tty)
+    with connect() as host:
+        cid = _full_id(host.runtime, container)
+        if not interactive and not tty:
+            r = host.runtime.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=cmd))
+            sys.stdout.buffer.write(r.stdout)
+            sys.stderr.buffer.write(r.stderr)
+            return r.exit_code
+        url = host.runtime.Exec(cri.ExecRequest(container_id=cid, cmd=cmd, tty=tty,
+                                                stdin=interactive, stdout=True,
+                                                stderr=not tty)).url
+        return _stream(url, interactive, tty)
 
 
-def _stream(url: str, interactive: bool, tty: bool) -> int:
-    """Be the client of the daemon's streaming server (channel.k8s.io over
-    a websocket): local stdin to channel 0, channels 1/2 to stdout/stderr,
-    window sizes to channel 4, the exit status from channel 3."""
+def _stream(url: str, interactive: bool, tty: bool, on_open=None) -> int:
+    """Be the client of the streaming server (channel.k8s.io over a
+    websocket): local stdin to channel 0, channels 1/2 to stdout/stderr,
+    window sizes to channel 4, the exit status from channel 3. on_open
+    runs once the stream is connected (`run` starts its container then)."""
     import json
     import signal
     import threading
@@ -117,7 +157,8 @@ def _stream(url: str, interactive: bool, tty: bool) -> int:
 
     from hyperrun.attach import raw_terminal, terminal_size
 
-    with ws_connect("ws" + url[4:], subprotocols=["v5.channel.k8s.io", "v4.channel.k8s.io"]) as ws:
+    with ws_connect("ws" + url[4:], subprotocols=["v5.channel.k8s.io", "v4.channel.k8s.io"],
+                    max_size=None) as ws:
         v5 = ws.subprotocol == "v5.channel.k8s.io"
 
         def send_size(*_):
@@ -134,6 +175,8 @@ def _stream(url: str, interactive: bool, tty: bool) -> int:
             except (OSError, ConnectionClosed):
                 pass
 
+        if on_open is not None:
+            on_open()
         if tty:
             send_size()
             signal.signal(signal.SIGWINCH, send_size)
@@ -151,8 +194,11 @@ def _stream(url: str, interactive: bool, tty: bool) -> int:
                 channel, data = msg[0], msg[1:]
                 if channel in (1, 2):
                     out = sys.stdout.buffer if channel == 1 else sys.stderr.buffer
-                    out.write(data)
-                    out.flush()
+                    try:
+                        out.write(data)
+                        out.flush()
+                    except BrokenPipeError:  # our reader went away: keep draining
+                        pass
                 elif channel == 3:
                     status += data
     if not status:
@@ -171,82 +217,319 @@ def logs(container: str, follow: bool) -> int:
     """Print a container's output from its CRI log file (as `crictl logs`)."""
     from hyperrun.proto import cri_api_pb2 as cri
 
-    runtime, _ = connect()
-    cid = _full_id(runtime, container)
-    status = runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
-    if not status.log_path:
-        raise SystemExit(f"hyperrun: container {container} has no log")
-    with open(status.log_path, "rb") as f:
-        while True:
-            line = f.readline()
-            if line:
-                _, stream, tag, text = line.split(b" ", 3)
-                out = sys.stdout.buffer if stream == b"stdout" else sys.stderr.buffer
-                out.write(text if tag == b"F" else text.rstrip(b"\n"))
-                out.flush()
-                continue
-            if not follow:
-                return 0
-            state = runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status.state
-            if state != cri.CONTAINER_RUNNING:
-                return 0
-            time.sleep(0.2)
+    with connect() as host:
+        cid = _full_id(host.runtime, container)
+        status = host.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
+        if not status.log_path:
+            raise SystemExit(f"hyperrun: container {container} has no log")
+        with open(status.log_path, "rb") as f:
+            while True:
+                line = f.readline()
+                if line:
+                    _, stream, tag, text = line.split(b" ", 3)
+                    out = sys.stdout.buffer if stream == b"stdout" else sys.stderr.buffer
+                    out.write(text if tag == b"F" else text.rstrip(b"\n"))
+                    out.flush()
+                    continue
+                if not follow:
+                    return 0
+                state = host.runtime.ContainerStatus(
+                    cri.ContainerStatusRequest(container_id=cid)).status.state
+                if state != cri.CONTAINER_RUNNING:
+                    return 0
+                time.sleep(0.2)
 
 
 def stop(containers: list[str], timeout: int) -> int:
     from hyperrun.proto import cri_api_pb2 as cri
 
-    runtime, _ = connect()
-    for name in containers:
-        cid = _full_id(runtime, name)
-        runtime.StopContainer(cri.StopContainerRequest(container_id=cid, timeout=timeout))
-        print(name)
+    with connect() as host:
+        for name in containers:
+            cid = _full_id(host.runtime, name)
+            host.runtime.StopContainer(cri.StopContainerRequest(container_id=cid, timeout=timeout))
+            print(name)
     return 0
 
 
 def rm(containers: list[str]) -> int:
-    """Remove containers, and the pod `run -d` made for each."""
+    """Remove containers, and the pod `run` made for each."""
     from hyperrun.proto import cri_api_pb2 as cri
 
-    runtime, _ = connect()
-    for name in containers:
-        cid = _full_id(runtime, name)
-        status = runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
-        if status.state == cri.CONTAINER_RUNNING:
-            raise SystemExit(f"hyperrun: container {name} is running: stop it first")
-        pod = next(c.pod_sandbox_id for c in runtime.ListContainers(cri.ListContainersRequest(
-            filter=cri.ContainerFilter(id=cid))).containers)
-        runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=cid))
-        if status.labels.get("io.hyperrun.run") == "1":
-            runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))
-            runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
-        print(name)
+    with connect() as host:
+        for name in containers:
+            cid = _full_id(host.runtime, name)
+            status = host.runtime.ContainerStatus(
+                cri.ContainerStatusRequest(container_id=cid)).status
+            if status.state == cri.CONTAINER_RUNNING:
+                raise SystemExit(f"hyperrun: container {name} is running: stop it first")
+            pod = next(c.pod_sandbox_id for c in host.runtime.ListContainers(
+                cri.ListContainersRequest(filter=cri.ContainerFilter(id=cid))).containers)
+            _remove_run(host, cid, pod, status.labels.get(RUN_LABEL) == "1")
+            print(name)
     return 0
 
 
-def run_detached(image: str, args: list[str], entrypoint: list[str] | None, env: list[str],
-                 workdir: str, cpus: int, memory_mib: int) -> int:
-    """`hyperrun run -d`: a pod of one container in the daemon; prints its id."""
+# ----------------------------------------------------------------- run
+
+RUN_LABEL = "io.hyperrun.run"          # a container `hyperrun run` made, in its own pod
+EXIT_RUNTIME_ERROR, EXIT_CANNOT_INVOKE, EXIT_NOT_FOUND = 125, 126, 127
+
+
+@dataclass
+class RunOptions:
+    image: str
+    args: list[str]
+    entrypoint: list[str] | None = None
+    env: list[str] = field(default_factory=list)
+    workdir: str = ""
+    user: str = ""
+    stdin: bool = False
+    tty: bool = False
+    hostname: str = ""
+    readonly: bool = False
+    volumes: list[str] = field(default_factory=list)   # HOST:CONTAINER[:ro]
+    platform: str = "linux/amd64"
+    pull: str = "missing"                              # missing | always | never
+    cpus: int = 1
+    memory_mib: int = 256
+    remove: bool = False
+    detach: bool = False
+
+
+class RunError(Exception):
+    def __init__(self, message: str, code: int = EXIT_RUNTIME_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _exit_code_for(message: str) -> int:
+    """Docker's codes for a container that could not run its command."""
+    text = message.lower()
+    if "no such file" in text or "not found" in text:
+        return EXIT_NOT_FOUND
+    if "permission denied" in text or "exec format" in text:
+        return EXIT_CANNOT_INVOKE
+    return EXIT_RUNTIME_ERROR
+
+
+def parse_volume(text: str):
+    """-v HOST:CONTAINER[:ro|rw] as a CRI mount."""
+    from hyperrun.proto import cri_api_pb2 as cri
+
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1] or \
+            (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+        raise RunError(f"-v {text!r}: expected HOST:CONTAINER[:ro]")
+    host = Path(parts[0])
+    if not host.is_absolute():
+        raise RunError(f"-v {text!r}: the host path must be absolute")
+    return cri.Mount(host_path=str(host), container_path=parts[1],
+                     readonly=len(parts) == 3 and parts[2] == "ro")
+
+
+def _security_context(user: str):
+    """-u as the CRI's: numeric uid[:gid] as ids; names go whole in
+    run_as_username, which the guest resolves in the image's own files."""
+    from hyperrun.proto import cri_api_pb2 as cri
+
+    sc = cri.LinuxContainerSecurityContext()
+    name, _, group = user.partition(":")
+    if name.isdigit() and (not group or group.isdigit()):
+        sc.run_as_user.value = int(name)
+        if group:
+            sc.run_as_group.value = int(group)
+    elif user:
+        sc.run_as_username = user
+    return sc
+
+
+def _ensure_image(host: Host, opts: RunOptions) -> None:
+    import grpc
+
+    from hyperrun.api.images import PLATFORM_ANNOTATION
+    from hyperrun.proto import cri_api_pb2 as cri
+
+    spec = cri.ImageSpec(image=opts.image, annotations={PLATFORM_ANNOTATION: opts.platform})
+    if opts.pull != "always" and host.images.ImageStatus(
+            cri.ImageStatusRequest(image=spec)).HasField("image"):
+        return
+    if opts.pull == "never":
+        raise RunError(f"no such image: {opts.image} (and --pull=never)")
+    print(f"Unable to find image '{opts.image}' locally, pulling", file=sys.stderr)
+    try:
+        host.images.PullImage(cri.PullImageRequest(image=spec))
+    except grpc.RpcError as exc:
+        raise RunError(exc.details()) from None
+
+
+def run(opts: RunOptions) -> int:
+    """`hyperrun run IMAGE`: a pod of one container, as Docker's run: pull
+    if needed, create, attach, start, wait; with --rm (and always without
+    a daemon) everything goes when it exits. The exit code is Docker's."""
+    import grpc
+
+    try:
+        mounts = [parse_volume(v) for v in opts.volumes]
+        host = open_host() if not opts.detach else connect()
+    except RunError as exc:
+        print(f"hyperrun: {exc}", file=sys.stderr)
+        return exc.code
+    except NoDaemon as exc:
+        print(f"hyperrun: run -d keeps the container in the daemon: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME_ERROR
+    pod = cid = None
+    try:
+        _ensure_image(host, opts)
+        pod, pod_config = _run_pod(host, opts)
+        cid = _create(host, opts, pod, pod_config, mounts)
+        if opts.detach:
+            _start(host, cid)
+            print(cid)
+            return 0
+        return _attach_and_wait(host, opts, cid)
+    except RunError as exc:
+        print(f"hyperrun: {exc}", file=sys.stderr)
+        return exc.code
+    except grpc.RpcError as exc:
+        print(f"hyperrun: {exc.details()}", file=sys.stderr)
+        return _exit_code_for(exc.details() or "")
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if pod is not None and not opts.detach:
+            if opts.remove or host.embedded is not None:
+                _remove_run(host, cid, pod, True)
+            else:  # kept for `hyperrun ps -a`/`logs`; its VM is not needed any more
+                _quietly(host.runtime.StopPodSandbox, _cri().StopPodSandboxRequest(pod_sandbox_id=pod))
+        host.close()
+
+
+def _cri():
+    from hyperrun.proto import cri_api_pb2 as cri
+    return cri
+
+
+def _quietly(call, request) -> None:
+    import grpc
+
+    try:
+        call(request)
+    except grpc.RpcError:
+        pass
+
+
+def _run_pod(host: Host, opts: RunOptions):
     from hyperrun.paths import data_root
-    from hyperrun.proto import cri_api_pb2 as cri
 
-    runtime, images = connect()
-    if not images.ImageStatus(cri.ImageStatusRequest(image=cri.ImageSpec(image=image))).HasField("image"):
-        images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
+    cri = _cri()
     name = "run-" + secrets.token_hex(4)
-    pod = cri.PodSandboxConfig(
+    logs_dir = (host.embedded.dir if host.embedded else data_root()) / "logs" / name
+    pod_config = cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name=name, uid=name, namespace="hyperrun"),
-        hostname=name, log_directory=str(data_root() / "logs" / name),
+        hostname=opts.hostname or name, log_directory=str(logs_dir), labels={RUN_LABEL: "1"},
         linux=cri.LinuxPodSandboxConfig(resources=cri.LinuxContainerResources(
-            cpu_period=100000, cpu_quota=cpus * 100000, memory_limit_in_bytes=memory_mib << 20)))
-    pod_id = runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod)).pod_sandbox_id
+            cpu_period=100000, cpu_quota=opts.cpus * 100000,
+            memory_limit_in_bytes=opts.memory_mib << 20)))
+    pod = host.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
+    return pod, pod_config
+
+
+def _create(host: Host, opts: RunOptions, pod: str, pod_config, mounts) -> str:
+    import grpc
+
+    cri = _cri()
+    env = []
+    for item in opts.env:
+        key, eq, value = item.partition("=")
+        if not eq:
+            value = os.environ.get(key)  # -e NAME passes the caller's value, as Docker
+            if value is None:
+                continue
+        env.append(cri.KeyValue(key=key, value=value))
     config = cri.ContainerConfig(
-        metadata=cri.ContainerMetadata(name=name), image=cri.ImageSpec(image=image),
-        command=entrypoint or [], args=args, working_dir=workdir,
-        envs=[cri.KeyValue(key=k, value=v) for k, _, v in (e.partition("=") for e in env)],
-        log_path="container.log", labels={"io.hyperrun.run": "1"})
-    cid = runtime.CreateContainer(cri.CreateContainerRequest(
-        pod_sandbox_id=pod_id, config=config, sandbox_config=pod)).container_id
-    runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
-    print(cid)
-    return 0
+        metadata=cri.ContainerMetadata(name=pod_config.metadata.name),
+        image=cri.ImageSpec(image=opts.image), command=opts.entrypoint or [], args=opts.args,
+        working_dir=opts.workdir, envs=env, mounts=mounts, log_path="container.log",
+        labels={RUN_LABEL: "1"}, stdin=opts.stdin, stdin_once=opts.stdin, tty=opts.tty,
+        linux=cri.LinuxContainerConfig(security_context=_security_context(opts.user)))
+    config.linux.security_context.readonly_rootfs = opts.readonly
+    try:
+        return host.runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
+    except grpc.RpcError as exc:
+        raise RunError(f"cannot create container: {exc.details()}",
+                       _exit_code_for(exc.details() or "")) from None
+
+
+def _start(host: Host, cid: str) -> None:
+    import grpc
+
+    try:
+        host.runtime.StartContainer(_cri().StartContainerRequest(container_id=cid))
+    except grpc.RpcError as exc:
+        raise RunError(f"cannot start container: {exc.details()}",
+                       _exit_code_for(exc.details() or "")) from None
+
+
+def _attach_and_wait(host: Host, opts: RunOptions, cid: str) -> int:
+    """Attach first, then start, so no output is missed; the exit code
+    comes from the container's status once its output has ended."""
+    import signal
+    import threading
+
+    cri = _cri()
+    url = host.runtime.Attach(cri.AttachRequest(container_id=cid, stdin=opts.stdin, tty=opts.tty,
+                                                stdout=True, stderr=not opts.tty)).url
+
+    def stop_container(signum, frame):
+        # The CRI has no "send this signal": a stop sends the container's
+        # stop signal (SIGTERM unless the image says otherwise), then SIGKILL.
+        threading.Thread(target=_quietly, daemon=True, args=(
+            host.runtime.StopContainer, cri.StopContainerRequest(container_id=cid, timeout=10)
+        )).start()
+
+    if not opts.tty:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, stop_container)
+    failure: list[RunError] = []
+
+    def start():
+        try:
+            _start(host, cid)
+        except RunError as exc:
+            failure.append(exc)
+
+    _stream(url, opts.stdin, opts.tty, on_open=start)
+    if failure:
+        raise failure[0]
+    deadline = time.monotonic() + 30
+    while True:
+        status = host.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
+        if status.state == cri.CONTAINER_EXITED:
+            if status.reason == "VMExited":
+                raise RunError(f"the VM ended while the container ran: {status.message}")
+            return status.exit_code
+        if time.monotonic() > deadline:
+            raise RunError("the container's output ended but it did not exit")
+        time.sleep(0.05)
+
+
+def _remove_run(host: Host, cid: str | None, pod: str, with_pod: bool) -> None:
+    """A container, and the pod `run` made for it, with its log directory."""
+    import shutil
+
+    cri = _cri()
+    if cid is not None:
+        _quietly(host.runtime.RemoveContainer, cri.RemoveContainerRequest(container_id=cid))
+    if with_pod:
+        try:
+            status = host.runtime.PodSandboxStatus(
+                cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status
+        except Exception:
+            status = None
+        _quietly(host.runtime.StopPodSandbox, cri.StopPodSandboxRequest(pod_sandbox_id=pod))
+        _quietly(host.runtime.RemovePodSandbox, cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
+        if status is not None and status.labels.get(RUN_LABEL) == "1":
+            from hyperrun.paths import data_root
+
+            shutil.rmtree(data_root() / "logs" / status.metadata.name, ignore_errors=True)

@@ -39,6 +39,11 @@ def _credentials(auth: cri.AuthConfig) -> Credentials | None:
                        identity_token=auth.identity_token, registry_token=auth.registry_token)
 
 
+# hyperrun's own: the platform to pull (`hyperrun pull --platform`); the
+# CRI has none (the kubelet's node decides).
+PLATFORM_ANNOTATION = "io.hyperrun.platform"
+
+
 class ImageServicer(cri_grpc.ImageServiceServicer):
     def __init__(self, images: ImageService) -> None:
         self.images = images
@@ -76,8 +81,9 @@ class ImageServicer(cri_grpc.ImageServiceServicer):
 
     @rpc
     async def PullImage(self, request, context):
+        platform = request.image.annotations.get(PLATFORM_ANNOTATION) or "linux/amd64"
         image = await self.images.pull(request.image.image, auth=_credentials(request.auth),
-                                       progress=False)
+                                       platform=platform, progress=False)
         names = self.images.meta.names(image.digest)
         ref = reference.parse(request.image.image)
         repo_digest = next((n.repo_digest for n in names if n.name == ref.key), image.digest)

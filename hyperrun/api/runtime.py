@@ -274,9 +274,11 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
     @rpc
     async def Attach(self, request, context):
         row = self.m.container_row(request.container_id)
-        if row.state != RUNNING:
+        if row.state not in (RUNNING, CREATED):  # created: attach, then start
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"container {row.id} is not running")
+        if row.state == CREATED:
+            self.m.reserve_attach(row.id, self.streaming.token_ttl)
         return cri.AttachResponse(
             url=self.streaming.register_attach(AttachRequestInfo.from_cri(request)))
 

@@ -24,24 +24,47 @@ def default_socket() -> Path:
     return paths.run_root() / "hyperrun.sock"
 
 
+class Services:
+    """The CRI services on a unix socket: one assembly for both hosts, the
+    daemon and a CLI running without one (embedded, hyperrun/api/embedded.py)."""
+
+    def __init__(self, socket_path: Path, state_path: Path | None = None,
+                 sandbox_root: Path | None = None, die_with_parent: bool = False) -> None:
+        self.socket_path = socket_path
+        self.images = ImageService()
+        self.state = State(state_path or self.images.root / "state.db")
+        self.manager = SandboxManager(self.images, self.state, config.load(),
+                                      root=sandbox_root, die_with_parent=die_with_parent)
+        self.streaming = StreamingServer(self.manager)
+        self.server = grpc.aio.server()
+        cri_grpc.add_RuntimeServiceServicer_to_server(
+            RuntimeServicer(self.manager, self.streaming), self.server)
+        cri_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.images), self.server)
+
+    async def start(self) -> None:
+        await self.streaming.start()
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        self.socket_path.unlink(missing_ok=True)
+        self.server.add_insecure_port(f"unix://{self.socket_path}")
+        await self.server.start()
+        os.chmod(self.socket_path, 0o660)
+
+    async def stop(self) -> None:
+        await self.server.stop(grace=2)
+        await self.streaming.stop()
+        await self.manager.close()  # sandboxes keep running; a restart re-attaches
+        self.state.close()
+        self.images.close()
+        self.socket_path.unlink(missing_ok=True)
+
+
 async def serve(socket_path: Path, ready: asyncio.Event | None = None) -> None:
-    images = ImageService()
-    log.setup(None if sys.stderr.isatty() else images.root / "daemon.log")
+    services = Services(socket_path)
+    log.setup(None if sys.stderr.isatty() else services.images.root / "daemon.log")
     logger = log.get("daemon")
-    state = State(images.root / "state.db")
-    manager = SandboxManager(images, state, config.load())
-    await manager.recover()
-    logger.info("recovered", sandboxes=len(manager.sandboxes))
-    streaming = StreamingServer(manager)
-    await streaming.start()
-    server = grpc.aio.server()
-    cri_grpc.add_RuntimeServiceServicer_to_server(RuntimeServicer(manager, streaming), server)
-    cri_grpc.add_ImageServiceServicer_to_server(ImageServicer(images), server)
-    socket_path.parent.mkdir(parents=True, exist_ok=True)
-    socket_path.unlink(missing_ok=True)
-    server.add_insecure_port(f"unix://{socket_path}")
-    await server.start()
-    os.chmod(socket_path, 0o660)
+    await services.manager.recover()
+    logger.info("recovered", sandboxes=len(services.manager.sandboxes))
+    await services.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -52,12 +75,7 @@ async def serve(socket_path: Path, ready: asyncio.Event | None = None) -> None:
     logger.info("serving", socket=str(socket_path))
     await stop.wait()
     logger.info("stopping")
-    await server.stop(grace=2)
-    await streaming.stop()
-    await manager.close()  # sandboxes keep running; a restart re-attaches
-    state.close()
-    images.close()
-    socket_path.unlink(missing_ok=True)
+    await services.stop()
 
 
 def main(socket_path: Path | None) -> int:

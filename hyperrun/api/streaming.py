@@ -838,6 +838,7 @@ class StreamingServer:
         self.stream_creation_timeout = stream_creation_timeout
         self.handshake_timeout = handshake_timeout
         self.linger = linger
+        self.token_ttl = token_ttl
         self._cache = _RequestCache(token_ttl, max_in_flight)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task] = set()

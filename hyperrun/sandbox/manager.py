@@ -80,7 +80,12 @@ def _vm_json(vm: QemuVM) -> bytes:
 
 class SandboxManager:
     def __init__(self, images: ImageService, state: State,
-                 defaults: hconfig.SandboxDefaults | None = None):
+                 defaults: hconfig.SandboxDefaults | None = None, *,
+                 root=None, die_with_parent: bool = False):
+        """root: where the VMs' run directories go (the daemon's by default);
+        die_with_parent: VMs end with this process (embedded mode)."""
+        self.root = root or rundir.sandbox_root()
+        self.die_with_parent = die_with_parent
         self.images = images
         self.state = state
         self.defaults = defaults or hconfig.SandboxDefaults()
@@ -91,7 +96,8 @@ class SandboxManager:
         self._watchers: dict[str, asyncio.Task] = {}      # per sandbox: VM exit
         self._cpu_samples: dict[tuple[str, str], tuple[int, int]] = {}  # (ns, cpu ns)
         # Attach sessions: the log pumps copy the init process's output to them.
-        self._attached: dict[str, list[asyncio.Queue]] = {}
+        self._attached: dict[str, list[Outlet]] = {}
+        self._reserved: dict[str, list[Outlet]] = {}  # see reserve_attach
 
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
@@ -106,7 +112,7 @@ class SandboxManager:
             known.add(vm_info["id"])
             if row.state != READY:
                 continue
-            vm = QemuVM(self._vm_config(), vm_id=vm_info["id"], root=rundir.sandbox_root())
+            vm = QemuVM(self._vm_config(), vm_id=vm_info["id"], root=self.root)
             vm.config.channel = Channel(vm_info["channel"], vm_info["cid"])
             try:
                 sandbox = await Sandbox.reattach(vm)
@@ -120,7 +126,7 @@ class SandboxManager:
             for c in self.state.containers(row.id):
                 if c.state == RUNNING:
                     self._follow(c)
-        root = rundir.sandbox_root()
+        root = self.root
         if root.is_dir():
             for path in root.iterdir():
                 if path.name not in known:
@@ -133,7 +139,8 @@ class SandboxManager:
     def _vm_config(self, vcpus: int | None = None, memory_mib: int | None = None):
         return SandboxConfig(vcpus=vcpus or self.defaults.vcpus,
                              memory_mib=memory_mib or self.defaults.memory_mib,
-                             machine=self.defaults.machine, hotplug_disks=True).vm_config()
+                             machine=self.defaults.machine, hotplug_disks=True,
+                             die_with_parent=self.die_with_parent).vm_config()
 
     async def close(self) -> None:
         """Daemon shutdown: let go of VMs without stopping them."""
@@ -163,8 +170,7 @@ class SandboxManager:
         vcpus, memory = hconfig.vm_size(
             self.defaults, linux.resources if linux and linux.HasField("resources") else None,
             linux.overhead if linux and linux.HasField("overhead") else None)
-        vm = QemuVM(self._vm_config(vcpus, memory), vm_id=sandbox_id[:16],
-                    root=rundir.sandbox_root())
+        vm = QemuVM(self._vm_config(vcpus, memory), vm_id=sandbox_id[:16], root=self.root)
         vm.config.shares.append(Share(volumes.SHARE_TAG, self._shared_dir(vm)))
         sandbox = await Sandbox.start(vm)
         self.state.add_sandbox(SandboxRow(sandbox_id, config.SerializeToString(), READY, _now(),
@@ -321,6 +327,7 @@ class SandboxManager:
             self.state.update_container(container_id, state=EXITED, finished_at=_now(),
                                         exit_code=128, reason="StartError",
                                         message=exc.remote_message)
+            self._end_attached(container_id)
             raise
         logger.info("container started", container=container_id, sandbox=row.sandbox_id)
 
@@ -337,12 +344,12 @@ class SandboxManager:
             try:
                 while data := await sandbox.agent.read_stream(stream, cid, "", 65536):
                     logfile.write(stream, data)
-                    for queue in self._attached.get(cid, []):
-                        queue.put_nowait((stream, data))
+                    for outlet in self._attached.get(cid, []):
+                        outlet[stream].put_nowait(data)
             except (ConnectionLost, TtrpcError):
                 pass
-            for queue in self._attached.get(cid, []):
-                queue.put_nowait((stream, b""))
+            for outlet in self._attached.get(cid, []):
+                outlet[stream].put_nowait(b"")
 
         async def waiter() -> None:
             try:
@@ -422,7 +429,15 @@ class SandboxManager:
             if sandbox is not None:
                 await self._unplug_if_unused(sandbox, row.sandbox_id, row.disk_serial)
 
+    def _end_attached(self, container_id: str) -> None:
+        """No more output will come: tell attach sessions."""
+        for outlet in self._attached.pop(container_id, []):
+            for queue in outlet.values():
+                queue.put_nowait(b"")
+        self._reserved.pop(container_id, None)
+
     def _forget_container(self, container_id: str) -> None:
+        self._end_attached(container_id)
         for task in self._tasks.pop(container_id, []):
             task.cancel()
         if logfile := self._logs.pop(container_id, None):
@@ -461,16 +476,35 @@ class SandboxManager:
         return ExecIO(sandbox, container_id, eid)
 
     async def attach(self, container_id: str, tty: bool, stdin: bool) -> "AttachIO":
-        """Attach to a running container's own process: its output (copied
-        from the log pumps) and, if it was created with stdin, its input."""
+        """Attach to a container's own process: its output (copied from the
+        log pumps) and, if it was created with stdin, its input. A created
+        container may be attached before it starts (as `docker run` does),
+        so that none of its output is missed."""
         row = self.container_row(container_id)
-        if row.state != RUNNING:
+        if row.state not in (CREATED, RUNNING):
             raise Conflict(f"container {container_id} is not running")
         sandbox = self._running_sandbox(row.sandbox_id)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._attached.setdefault(container_id, []).append(queue)
-        waiter = self._tasks.get(container_id, [None])[-1]
-        return AttachIO(self, sandbox, container_id, queue, waiter)
+        if reserved := self._reserved.get(container_id):
+            return AttachIO(self, sandbox, container_id, reserved.pop(0))
+        outlet = new_outlet()
+        self._attached.setdefault(container_id, []).append(outlet)
+        return AttachIO(self, sandbox, container_id, outlet)
+
+    def reserve_attach(self, container_id: str, ttl: float) -> None:
+        """An attach URL was handed out for a created container: collect its
+        output from now on, so that a client which attaches, starts, and
+        only then gets its stream connected misses nothing. Unclaimed after
+        ttl seconds (the URL expired), the reservation is dropped."""
+        outlet = new_outlet()
+        self._reserved.setdefault(container_id, []).append(outlet)
+        self._attached.setdefault(container_id, []).append(outlet)
+
+        def expire() -> None:
+            if outlet in self._reserved.get(container_id, []):
+                self._reserved[container_id].remove(outlet)
+                self._attached[container_id].remove(outlet)
+
+        asyncio.get_running_loop().call_later(ttl, expire)
 
     async def port_forward(self, sandbox_id: str, port: int):
         raise Conflict("port forwarding needs pod networking, which is not built yet")
@@ -510,6 +544,16 @@ class SandboxManager:
             await io.agent.signal_process(container_id, io.eid, signal.SIGKILL)
             raise TimeoutError(f"command {cmd!r} timed out after {timeout}s") from None
 
+# An attach session's share of a container's output: one queue per stream
+# (b"" marks its end), so that the stdout and stderr readers never take
+# each other's data.
+Outlet = dict[str, asyncio.Queue]
+
+
+def new_outlet() -> Outlet:
+    return {"stdout": asyncio.Queue(), "stderr": asyncio.Queue()}
+
+
 class ExecIO:
     """An exec'd process, as the streaming server sees it."""
 
@@ -541,31 +585,27 @@ class AttachIO(ExecIO):
     """The container's init process, shared with its log pumps."""
 
     def __init__(self, manager: SandboxManager, sandbox: Sandbox, container_id: str,
-                 queue: asyncio.Queue, waiter: asyncio.Task | None) -> None:
+                 outlet: Outlet) -> None:
         super().__init__(sandbox, container_id, "")
         self.manager = manager
-        self.queue = queue
-        self.waiter = waiter
-        self.pending: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        self.outlet = outlet
         self.ended: set[str] = set()
 
     async def read(self, stream: str) -> bytes:
-        while not self.pending[stream]:
-            if stream in self.ended:
-                return b""
-            name, data = await self.queue.get()
-            if not data:
-                self.ended.add(name)
-            else:
-                self.pending[name].append(data)
-        return self.pending[stream].pop(0)
+        if stream in self.ended:
+            return b""
+        data = await self.outlet[stream].get()
+        if not data:
+            self.ended.add(stream)
+        return data
 
     async def wait(self) -> int:
         try:
-            if self.waiter is not None:
-                await asyncio.shield(self.waiter)
+            waiter = self.manager._tasks.get(self.cid, [None])[-1]  # set at start
+            if waiter is not None:
+                await asyncio.shield(waiter)
             return self.manager.container_row(self.cid).exit_code
         finally:
-            queues = self.manager._attached.get(self.cid, [])
-            if self.queue in queues:
-                queues.remove(self.queue)
+            outlets = self.manager._attached.get(self.cid, [])
+            if self.outlet in outlets:
+                outlets.remove(self.outlet)
