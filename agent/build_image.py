@@ -94,7 +94,7 @@ SKIP_PACKAGES = re.compile(
 BUSYBOX_APPLETS = [
     "sh", "true", "false", "ls", "cat", "echo", "mount", "umount", "ps",
     "dmesg", "mkdir", "ln", "rm", "sleep", "uname", "env", "reboot",
-    "poweroff",
+    "poweroff", "ip",
 ]
 
 # Loaded by the interpreter itself (startup, codecs, error reporting),

@@ -20,6 +20,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="remove the container when it exits (always so without a daemon)")
     run.add_argument("-d", "--detach", action="store_true",
                      help="run in the daemon's pod VM and print the container id")
+    run.add_argument("-p", "--publish", action="append", default=[],
+                     metavar="[HOSTIP:]HOSTPORT:PORT[/PROTO]", help="publish a container port")
+    run.add_argument("--network", default="auto", choices=["auto", "cni", "user", "none"],
+                     help="the pod's network (auto: CNI where it works, else user-mode)")
     run.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:CONTAINER[:ro]",
                      help="bind a host directory or file into the container")
     run.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
@@ -70,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
 
     daemon = sub.add_parser("daemon", help="serve the Kubernetes CRI v1 API on a unix socket")
     daemon.add_argument("--socket", type=Path, help="default /run/hyperrun/hyperrun.sock as root")
+    daemon.add_argument("--network", default="auto", choices=["auto", "cni", "user", "none"],
+                        help="how pods get a network (auto: CNI where it works, else user-mode)")
+    daemon.add_argument("--cni-conf-dir", type=Path, help="default /etc/cni/net.d")
+    daemon.add_argument("--cni-bin-dir", help="plugin directories, ':'-separated "
+                                              "(default /opt/cni/bin:/usr/lib/cni)")
 
     sub.add_parser("check", help="show what this host can do and whether hyperrun can run")
     sub.add_parser("version", help="print the version")
@@ -133,9 +142,9 @@ def _run(args: argparse.Namespace) -> int:
             env=args.env, workdir=args.workdir, user=args.user, stdin=args.interactive,
             tty=args.tty, hostname=args.hostname, readonly=args.read_only, volumes=args.volume,
             platform=args.platform, pull=args.pull, cpus=args.cpus, memory_mib=args.memory,
-            remove=args.rm, detach=args.detach))
-    if args.detach or args.volume:
-        return _fail("-d and -v need an IMAGE (--rootfs DIR runs that directory directly)")
+            remove=args.rm, detach=args.detach, ports=args.publish, network=args.network))
+    if args.detach or args.volume or args.publish:
+        return _fail("-d, -p and -v need an IMAGE (--rootfs DIR runs that directory directly)")
     from hyperrun.run import RunSpec, execute
     from hyperrun.sandbox.config import SandboxConfig
 
@@ -232,8 +241,10 @@ def _load(args: argparse.Namespace) -> int:
 
 
 def _daemon(args: argparse.Namespace) -> int:
-    from hyperrun.api.server import main
-    return main(args.socket)
+    from hyperrun.api.server import NetworkOptions, main
+    return main(args.socket, NetworkOptions(
+        args.network, args.cni_conf_dir,
+        args.cni_bin_dir.split(":") if args.cni_bin_dir else None))
 
 
 def _check(args: argparse.Namespace) -> int:

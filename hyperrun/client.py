@@ -294,6 +294,8 @@ class RunOptions:
     memory_mib: int = 256
     remove: bool = False
     detach: bool = False
+    ports: list[str] = field(default_factory=list)     # [HOSTIP:]HOSTPORT:PORT[/PROTO]
+    network: str = "auto"
 
 
 class RunError(Exception):
@@ -325,6 +327,25 @@ def parse_volume(text: str):
         raise RunError(f"-v {text!r}: the host path must be absolute")
     return cri.Mount(host_path=str(host), container_path=parts[1],
                      readonly=len(parts) == 3 and parts[2] == "ro")
+
+
+def parse_port(text: str):
+    """-p [HOSTIP:]HOSTPORT:PORT[/tcp|udp] as a CRI port mapping."""
+    cri = _cri()
+    spec, _, proto = text.partition("/")
+    parts = spec.rsplit(":", 2)
+    proto = (proto or "tcp").lower()
+    try:
+        if len(parts) < 2 or proto not in ("tcp", "udp", "sctp"):
+            raise ValueError
+        host_ip = parts[0] if len(parts) == 3 else ""
+        host_port, port = int(parts[-2]), int(parts[-1])
+        if not (0 < host_port < 65536 and 0 < port < 65536):
+            raise ValueError
+    except ValueError:
+        raise RunError(f"-p {text!r}: expected [HOSTIP:]HOSTPORT:PORT[/tcp|udp]") from None
+    return cri.PortMapping(protocol={"tcp": cri.TCP, "udp": cri.UDP, "sctp": cri.SCTP}[proto],
+                           container_port=port, host_port=host_port, host_ip=host_ip)
 
 
 def _security_context(user: str):
@@ -370,6 +391,7 @@ def run(opts: RunOptions) -> int:
 
     try:
         mounts = [parse_volume(v) for v in opts.volumes]
+        ports = [parse_port(p) for p in opts.ports]
         host = open_host() if not opts.detach else connect()
     except RunError as exc:
         print(f"hyperrun: {exc}", file=sys.stderr)
@@ -380,7 +402,7 @@ def run(opts: RunOptions) -> int:
     pod = cid = None
     try:
         _ensure_image(host, opts)
-        pod, pod_config = _run_pod(host, opts)
+        pod, pod_config = _run_pod(host, opts, ports)
         cid = _create(host, opts, pod, pod_config, mounts)
         if opts.detach:
             _start(host, cid)
@@ -418,8 +440,9 @@ def _quietly(call, request) -> None:
         pass
 
 
-def _run_pod(host: Host, opts: RunOptions):
+def _run_pod(host: Host, opts: RunOptions, ports=()):
     from hyperrun.paths import data_root
+    from hyperrun.sandbox.podnet import NETWORK_ANNOTATION
 
     cri = _cri()
     name = "run-" + secrets.token_hex(4)
@@ -427,6 +450,7 @@ def _run_pod(host: Host, opts: RunOptions):
     pod_config = cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name=name, uid=name, namespace="hyperrun"),
         hostname=opts.hostname or name, log_directory=str(logs_dir), labels={RUN_LABEL: "1"},
+        port_mappings=ports, annotations={NETWORK_ANNOTATION: opts.network},
         linux=cri.LinuxPodSandboxConfig(resources=cri.LinuxContainerResources(
             cpu_period=100000, cpu_quota=opts.cpus * 100000,
             memory_limit_in_bytes=opts.memory_mib << 20)))

@@ -17,7 +17,7 @@ import time
 
 from hyperrun.channel import frame
 
-from . import oci, syscalls, users
+from . import network, oci, syscalls, users
 from .errors import AgentError, failed, invalid, not_found
 from .log import log
 from .reaper import ExitStatus, Reaper
@@ -119,6 +119,7 @@ class Containers:
             process = self._process_spec(container, req.process)
             spec = oci.container_spec(cid, process, req.hostname, req.readonly_rootfs,
                                       oci.resources_spec(req.resources), dict(req.sysctls))
+            spec["mounts"] += network.container_mounts()  # volumes may replace them
             spec["mounts"] += [self._volume(container, m) for m in req.mounts]
             _write_json(os.path.join(bundle, "config.json"), spec)
             container.init = self._new_process(container, "", req.process)

@@ -21,6 +21,7 @@ class AgentService:
         return {
             "Health": (pb.HealthRequest, self.health),
             "GetGuestDetails": (pb.GuestDetailsRequest, self.guest_details),
+            "SetupSandbox": (pb.SetupSandboxRequest, self.setup_sandbox),
             "CreateContainer": (pb.CreateContainerRequest, self.create_container),
             "StartContainer": (pb.ContainerRequest, self.start_container),
             "ExecProcess": (pb.ExecProcessRequest, self.exec_process),
@@ -63,6 +64,12 @@ class AgentService:
                                cpus=os.cpu_count() or 1, mem_total_bytes=mem_total,
                                uptime_seconds=uptime, crun_version=self._crun_version,
                                cgroup_controllers=controllers)
+
+    def setup_sandbox(self, req):
+        from . import network
+
+        network.setup(req)
+        return pb.Empty()
 
     def create_container(self, req):
         self.containers.create(req)

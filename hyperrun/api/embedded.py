@@ -41,7 +41,17 @@ def collect_stale() -> None:
                 if (qemu := rundir.qemu_pid(vm_dir)) and rundir.alive_qemu(qemu):
                     os.kill(qemu, 9)
                 rundir.remove(vm_dir)
+        if (path / "cni").is_dir():
+            _network_options(path, pid).pod_networks().collect_stale([])
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _network_options(path: Path, pid: int):
+    """An embedded host's networks: its own netns names and CNI cache, so
+    that the daemon (and other CLIs) never take them for their own."""
+    from hyperrun.api.server import NetworkOptions
+
+    return NetworkOptions(netns_prefix=f"hrun{pid}-", cni_cache_dir=path / "cni")
 
 
 class EmbeddedHost:
@@ -70,8 +80,10 @@ class EmbeddedHost:
         log.setup(self.dir / "embedded.log")
 
         async def start() -> None:
-            self._services = Services(self.socket, state_path=self.dir / "state.db",
-                                      sandbox_root=self.dir / "vms", die_with_parent=True)
+            self._services = Services(
+                self.socket, state_path=self.dir / "state.db", sandbox_root=self.dir / "vms",
+                die_with_parent=True,
+                networks=_network_options(self.dir, os.getpid()).pod_networks())
             await self._services.start()
 
         try:

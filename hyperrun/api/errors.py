@@ -11,6 +11,9 @@ from hyperrun.image.imageconfig import ImageConfigError
 from hyperrun.image.reference import InvalidReference
 from hyperrun.image.service import ImageError, ImageNotFound
 from hyperrun.sandbox.manager import Conflict, Invalid, NotFound
+from hyperrun.network import CNIError
+from hyperrun.sandbox.podnet import NetworkUnavailable
+from hyperrun.sandbox.volumes import VolumeError
 from hyperrun.vm import VMError
 
 from .streaming import InvalidRequest, TooManyRequests
@@ -28,6 +31,9 @@ _CODES = [
     (PullError, grpc.StatusCode.UNKNOWN),
     (ImageError, grpc.StatusCode.UNKNOWN),
     (VMError, grpc.StatusCode.UNAVAILABLE),
+    (NetworkUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
+    (CNIError, grpc.StatusCode.UNAVAILABLE),
+    (VolumeError, grpc.StatusCode.INVALID_ARGUMENT),
     (ConnectionLost, grpc.StatusCode.UNAVAILABLE),
 ]
 

@@ -1,13 +1,15 @@
 """runtime.v1.RuntimeService over the sandbox manager."""
 from __future__ import annotations
 
+import asyncio
 from importlib.metadata import version
 
 import grpc
 
 from hyperrun.proto import cri_api_pb2 as cri
 from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
-from hyperrun.sandbox.manager import CREATED, EXITED, READY, RUNNING, SandboxManager
+from hyperrun.sandbox.manager import (CREATED, EXITED, READY, RUNNING, SandboxManager,
+                                      pod_network)
 from hyperrun.sandbox.state import ContainerRow, SandboxRow
 
 from .errors import rpc
@@ -35,6 +37,13 @@ def _matches(f, id_: str, labels, state=None, sandbox_id: str = "") -> bool:
     return all(labels.get(k) == v for k, v in f.label_selector.items())
 
 
+def _network_status(row) -> cri.PodSandboxNetworkStatus:
+    network = pod_network(row)
+    ips = network.info.pod_ips if network.info and row.state == READY else []
+    return cri.PodSandboxNetworkStatus(ip=ips[0] if ips else "",
+                                       additional_ips=[cri.PodIP(ip=ip) for ip in ips[1:]])
+
+
 class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
     def __init__(self, manager: SandboxManager, streaming: StreamingServer) -> None:
         self.m = manager
@@ -47,10 +56,12 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
                                    runtime_api_version="v1")
 
     async def Status(self, request, context):
+        ok, why = await asyncio.to_thread(self.m.networks.ready)
         conditions = [
             cri.RuntimeCondition(type="RuntimeReady", status=True),
-            cri.RuntimeCondition(type="NetworkReady", status=False, reason="NetworkPluginNotReady",
-                                 message="pod networking (CNI) is not built yet"),
+            cri.RuntimeCondition(type="NetworkReady", status=ok,
+                                 reason="" if ok else "NetworkPluginNotReady",
+                                 message="" if ok else why),
         ]
         return cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions))
 
@@ -84,7 +95,7 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
         config = cri.PodSandboxConfig.FromString(row.config)
         return cri.PodSandboxStatus(
             id=row.id, metadata=config.metadata, state=_POD_STATE.get(row.state, cri.SANDBOX_NOTREADY),
-            created_at=row.created_at, network=cri.PodSandboxNetworkStatus(),
+            created_at=row.created_at, network=_network_status(row),
             labels=config.labels, annotations=config.annotations)
 
     @rpc

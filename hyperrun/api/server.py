@@ -5,6 +5,7 @@ import asyncio
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -12,7 +13,9 @@ import grpc
 from hyperrun import config, log, paths
 from hyperrun.image.service import ImageService
 from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
+from hyperrun.network import SandboxNetworks
 from hyperrun.sandbox.manager import SandboxManager
+from hyperrun.sandbox.podnet import PodNetworks
 from hyperrun.sandbox.state import State
 
 from .images import ImageServicer
@@ -29,12 +32,14 @@ class Services:
     daemon and a CLI running without one (embedded, hyperrun/api/embedded.py)."""
 
     def __init__(self, socket_path: Path, state_path: Path | None = None,
-                 sandbox_root: Path | None = None, die_with_parent: bool = False) -> None:
+                 sandbox_root: Path | None = None, die_with_parent: bool = False,
+                 networks: PodNetworks | None = None) -> None:
         self.socket_path = socket_path
         self.images = ImageService()
         self.state = State(state_path or self.images.root / "state.db")
         self.manager = SandboxManager(self.images, self.state, config.load(),
-                                      root=sandbox_root, die_with_parent=die_with_parent)
+                                      root=sandbox_root, die_with_parent=die_with_parent,
+                                      networks=networks)
         self.streaming = StreamingServer(self.manager)
         self.server = grpc.aio.server()
         cri_grpc.add_RuntimeServiceServicer_to_server(
@@ -58,10 +63,11 @@ class Services:
         self.socket_path.unlink(missing_ok=True)
 
 
-async def serve(socket_path: Path, ready: asyncio.Event | None = None) -> None:
-    services = Services(socket_path)
-    log.setup(None if sys.stderr.isatty() else services.images.root / "daemon.log")
+async def serve(socket_path: Path, network: NetworkOptions) -> None:
+    log.setup(None if sys.stderr.isatty() else paths.data_root() / "daemon.log")
     logger = log.get("daemon")
+    services = Services(socket_path, networks=network.pod_networks())
+    logger.info("networking", kind=services.manager.networks.kind)
     await services.manager.recover()
     logger.info("recovered", sandboxes=len(services.manager.sandboxes))
     await services.start()
@@ -70,17 +76,37 @@ async def serve(socket_path: Path, ready: asyncio.Event | None = None) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     print(f"hyperrun daemon serving CRI v1 on unix://{socket_path}", flush=True)
-    if ready is not None:
-        ready.set()
     logger.info("serving", socket=str(socket_path))
     await stop.wait()
     logger.info("stopping")
     await services.stop()
 
 
-def main(socket_path: Path | None) -> int:
+@dataclass
+class NetworkOptions:
+    """How pods get their network (hyperrun/sandbox/podnet.py)."""
+    kind: str = "auto"
+    cni_conf_dir: Path | None = None
+    cni_bin_dirs: list[str] | None = None
+    netns_prefix: str | None = None   # embedded hosts use their own
+    cni_cache_dir: Path | None = None
+
+    def pod_networks(self) -> PodNetworks:
+        kw = {}
+        if self.cni_conf_dir:
+            kw["conf_dir"] = self.cni_conf_dir
+        if self.cni_bin_dirs:
+            kw["bin_dirs"] = self.cni_bin_dirs
+        if self.netns_prefix:
+            kw["netns_prefix"] = self.netns_prefix
+        if self.cni_cache_dir:
+            kw["cache_dir"] = self.cni_cache_dir
+        return PodNetworks(self.kind, SandboxNetworks(**kw))
+
+
+def main(socket_path: Path | None, network: NetworkOptions | None = None) -> int:
     try:
-        asyncio.run(serve(socket_path or default_socket()))
+        asyncio.run(serve(socket_path or default_socket(), network or NetworkOptions()))
     except config.ConfigError as exc:
         print(f"hyperrun daemon: {exc}", file=sys.stderr)
         return 1

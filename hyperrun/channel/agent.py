@@ -28,6 +28,9 @@ class AgentClient:
     async def guest_details(self) -> pb.GuestDetails:
         return await self._call("GetGuestDetails", pb.GuestDetailsRequest(), pb.GuestDetails)
 
+    async def setup_sandbox(self, request: pb.SetupSandboxRequest) -> None:
+        await self._call("SetupSandbox", request, pb.Empty)
+
     async def create_container(self, container_id: str, rootfs: pb.Storage, process: pb.Process,
                                hostname: str = "", readonly_rootfs: bool = False,
                                resources: pb.Resources | None = None,

@@ -49,6 +49,48 @@ class GuestDetails(_message.Message):
     cgroup_controllers: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, agent_version: _Optional[str] = ..., kernel_release: _Optional[str] = ..., cpus: _Optional[int] = ..., mem_total_bytes: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., crun_version: _Optional[str] = ..., cgroup_controllers: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class Interface(_message.Message):
+    __slots__ = ("mac", "addresses", "mtu")
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    MTU_FIELD_NUMBER: _ClassVar[int]
+    mac: str
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    mtu: int
+    def __init__(self, mac: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., mtu: _Optional[int] = ...) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("destination", "gateway")
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    destination: str
+    gateway: str
+    def __init__(self, destination: _Optional[str] = ..., gateway: _Optional[str] = ...) -> None: ...
+
+class DNSConfig(_message.Message):
+    __slots__ = ("servers", "searches", "options")
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
+    SEARCHES_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    servers: _containers.RepeatedScalarFieldContainer[str]
+    searches: _containers.RepeatedScalarFieldContainer[str]
+    options: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, servers: _Optional[_Iterable[str]] = ..., searches: _Optional[_Iterable[str]] = ..., options: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetupSandboxRequest(_message.Message):
+    __slots__ = ("hostname", "interfaces", "routes", "dns", "hosts")
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    INTERFACES_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    DNS_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    hostname: str
+    interfaces: _containers.RepeatedCompositeFieldContainer[Interface]
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    dns: DNSConfig
+    hosts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, hostname: _Optional[str] = ..., interfaces: _Optional[_Iterable[_Union[Interface, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., dns: _Optional[_Union[DNSConfig, _Mapping]] = ..., hosts: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class Storage(_message.Message):
     __slots__ = ("source", "fstype", "options", "overlay")
     SOURCE_FIELD_NUMBER: _ClassVar[int]

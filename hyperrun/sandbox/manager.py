@@ -29,7 +29,7 @@ from .config import SandboxConfig
 from .logs import LogFile
 from .sandbox import Sandbox
 from .state import ContainerRow, SandboxRow, State
-from . import volumes
+from . import podnet, volumes
 
 from hyperrun import config as hconfig
 from hyperrun import log
@@ -72,19 +72,26 @@ def agent_resources(r: cri.LinuxContainerResources) -> apb.Resources:
                          cpuset_cpus=r.cpuset_cpus, cpuset_mems=r.cpuset_mems, unified=r.unified)
 
 
-def _vm_json(vm: QemuVM) -> bytes:
+def _vm_json(vm: QemuVM, network: podnet.PodNetwork) -> bytes:
     c = vm.config
     return json.dumps({"id": vm.id, "channel": c.channel.kind, "cid": c.channel.cid,
-                       "vcpus": c.vcpus, "memory_mib": c.memory_mib}).encode()
+                       "vcpus": c.vcpus, "memory_mib": c.memory_mib,
+                       "network": network.to_dict()}).encode()
+
+
+def pod_network(row: SandboxRow) -> podnet.PodNetwork:
+    return podnet.PodNetwork.from_dict(json.loads(row.vm).get("network"))
 
 
 class SandboxManager:
     def __init__(self, images: ImageService, state: State,
                  defaults: hconfig.SandboxDefaults | None = None, *,
-                 root=None, die_with_parent: bool = False):
+                 root=None, die_with_parent: bool = False,
+                 networks: podnet.PodNetworks | None = None):
         """root: where the VMs' run directories go (the daemon's by default);
         die_with_parent: VMs end with this process (embedded mode)."""
         self.root = root or rundir.sandbox_root()
+        self.networks = networks or podnet.PodNetworks("none")
         self.die_with_parent = die_with_parent
         self.images = images
         self.state = state
@@ -111,6 +118,9 @@ class SandboxManager:
             vm_info = json.loads(row.vm)
             known.add(vm_info["id"])
             if row.state != READY:
+                # Stopped, but maybe killed between the VM's end and the
+                # network's teardown: finish it (idempotent).
+                await asyncio.to_thread(self.networks.teardown, row.id, pod_network(row))
                 continue
             vm = QemuVM(self._vm_config(), vm_id=vm_info["id"], root=self.root)
             vm.config.channel = Channel(vm_info["channel"], vm_info["cid"])
@@ -119,6 +129,7 @@ class SandboxManager:
             except (VMError, OSError, ConnectionError) as exc:
                 logger.warning("sandbox lost", sandbox=row.id, error=str(exc))
                 self._sandbox_gone(row.id, f"VM lost while the daemon was down: {exc}")
+                await asyncio.to_thread(self.networks.teardown, row.id, pod_network(row))
                 continue
             logger.info("sandbox re-attached", sandbox=row.id, vm=vm.id, pid=vm.pid)
             self.sandboxes[row.id] = sandbox
@@ -135,6 +146,9 @@ class SandboxManager:
                         os.kill(pid, signal.SIGKILL)
                     rundir.remove(path)
                     logger.info("removed a VM with no record", vm=path.name, pid=pid)
+        ready = [row.id for row in self.state.sandboxes() if row.state == READY]
+        for sid in await asyncio.to_thread(self.networks.collect_stale, ready):
+            logger.info("removed a network with no sandbox", sandbox=sid)
 
     def _vm_config(self, vcpus: int | None = None, memory_mib: int | None = None):
         return SandboxConfig(vcpus=vcpus or self.defaults.vcpus,
@@ -172,9 +186,24 @@ class SandboxManager:
             linux.overhead if linux and linux.HasField("overhead") else None)
         vm = QemuVM(self._vm_config(vcpus, memory), vm_id=sandbox_id[:16], root=self.root)
         vm.config.shares.append(Share(volumes.SHARE_TAG, self._shared_dir(vm)))
-        sandbox = await Sandbox.start(vm)
+        network, nic = await asyncio.to_thread(self.networks.setup, sandbox_id, config)
+        vm.config.nic = nic
+        sandbox = None
+        try:
+            try:
+                sandbox = await Sandbox.start(vm)
+            finally:
+                if nic is not None and nic.tap_fd >= 0:
+                    os.close(nic.tap_fd)  # QEMU has its own
+            await sandbox.agent.setup_sandbox(
+                podnet.setup_request(network, config, pod_hostname(config)))
+        except BaseException:
+            if sandbox is not None:
+                await sandbox.destroy()
+            await asyncio.to_thread(self.networks.teardown, sandbox_id, network)
+            raise
         self.state.add_sandbox(SandboxRow(sandbox_id, config.SerializeToString(), READY, _now(),
-                                          _vm_json(vm)))
+                                          _vm_json(vm, network)))
         self.sandboxes[sandbox_id] = sandbox
         self._watch_vm(sandbox_id)
         logger.info("sandbox started", sandbox=sandbox_id, name=config.metadata.name,
@@ -193,6 +222,8 @@ class SandboxManager:
             if sandbox_id in self.sandboxes:  # not a stop we asked for
                 self._sandbox_gone(sandbox_id, f"VM exited: {sandbox.vm.failure_reason()}")
                 del self.sandboxes[sandbox_id]
+                if row := self.state.sandbox(sandbox_id):
+                    await asyncio.to_thread(self.networks.teardown, sandbox_id, pod_network(row))
 
         self._watchers[sandbox_id] = asyncio.create_task(watch())
 
@@ -225,6 +256,7 @@ class SandboxManager:
             if sandbox is not None:
                 await sandbox.destroy()
             self._sandbox_gone(sandbox_id, "sandbox stopped")
+            await asyncio.to_thread(self.networks.teardown, sandbox_id, pod_network(row))
 
     async def remove_pod(self, sandbox_id: str) -> None:
         if self.state.sandbox(sandbox_id) is None:
@@ -507,7 +539,14 @@ class SandboxManager:
         asyncio.get_running_loop().call_later(ttl, expire)
 
     async def port_forward(self, sandbox_id: str, port: int):
-        raise Conflict("port forwarding needs pod networking, which is not built yet")
+        """A connection to a port of the pod, through its IP (the kubelet's
+        port-forward reaches the pod's network namespace; ours is a VM's)."""
+        self._running_sandbox(sandbox_id)
+        network = pod_network(self.sandbox_row(sandbox_id))
+        if network.kind != "cni" or not network.ip:
+            raise Conflict(f"port forwarding needs a pod IP reachable from the host; this pod "
+                           f"has {network.kind} networking")
+        return await asyncio.open_connection(network.ip, port)
 
     # ------------------------------------------------------------ stats
     async def stats(self, sandbox_id: str, container_ids: list[str] | None = None):

@@ -58,6 +58,17 @@ class Share:
     readonly: bool = False
 
 
+@dataclass(frozen=True)
+class Nic:
+    """The VM's network card: a tap opened by the host in the sandbox's
+    netns (kind "tap", passed to QEMU as an fd), or QEMU's own user-mode
+    network (kind "user", with host port forwards "tcp:HOSTIP:PORT-:PORT")."""
+    kind: str
+    mac: str
+    tap_fd: int = -1
+    forwards: tuple[str, ...] = ()
+
+
 def vsock_available() -> bool:
     """vsock to guests needs the vhost-vsock device on the host."""
     return os.access("/dev/vhost-vsock", os.R_OK | os.W_OK)
@@ -85,6 +96,7 @@ class VMConfig:
     # A virtio-scsi bus for disks that arrive after boot (a pod's images).
     hotplug_disks: bool = False
     channel: Channel = field(default_factory=Channel)
+    nic: Nic | None = None
     # End QEMU when the launching process dies (embedded `hyperrun run`).
     die_with_parent: bool = False
     # TCG translation cache in MiB; small VMs do not need QEMU's 1 GiB default.

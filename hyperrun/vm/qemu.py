@@ -85,6 +85,12 @@ def command_line(config: VMConfig, run_dir: Path, qmp_fd: int | None, agent_fd: 
         argv += ["-fsdev", f"local,id=fs{i},path={share.path},security_model={security}"
                  f",multidevs=remap{ro}",
                  "-device", f"virtio-9p-{bus},fsdev=fs{i},mount_tag={share.tag}"]
+    if nic := config.nic:
+        if nic.kind == "tap":  # no /dev/vhost-net assumed: vhost=off
+            netdev = f"tap,id=net0,fd={nic.tap_fd},vhost=off"
+        else:
+            netdev = "user,id=net0" + "".join(f",hostfwd={f}" for f in nic.forwards)
+        argv += ["-netdev", netdev, "-device", f"virtio-net-{bus},netdev=net0,mac={nic.mac}"]
     if qmp_fd is not None:
         argv += ["-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off",
                  "-mon", "chardev=qmp,mode=control"]
@@ -148,6 +154,8 @@ class QemuVM(VM):
         qmp_sock = _listen(self.run_dir / rundir.QMP_SOCKET)
         agent_sock = _listen(self.agent_socket) if self.config.channel.kind == "serial" else None
         fds = [qmp_sock.fileno()] + ([agent_sock.fileno()] if agent_sock else [])
+        if self.config.nic and self.config.nic.kind == "tap":
+            fds.append(self.config.nic.tap_fd)
         argv = command_line(self.config, self.run_dir, qmp_sock.fileno(),
                             agent_sock.fileno() if agent_sock else None)
         parent = os.getpid()

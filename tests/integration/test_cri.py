@@ -18,15 +18,16 @@ from tests.conftest import HYPERRUN, qemu_pids
 
 
 class Daemon:
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, args: tuple[str, ...] = ("--network", "none")) -> None:
         self.base = base
+        self.args = args
         self.socket = base / "cri.sock"
         self.env = {**os.environ, "HYPERRUN_ROOT": str(base / "root"),
                     "HYPERRUN_RUN_DIR": str(base / "run")}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([HYPERRUN, "daemon", "--socket", str(self.socket)],
+        self.proc = subprocess.Popen([HYPERRUN, "daemon", "--socket", str(self.socket), *self.args],
                                      env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         line = self.proc.stdout.readline()
         assert b"serving CRI" in line, line + self.proc.stdout.read(2000)

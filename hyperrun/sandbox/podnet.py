@@ -1,0 +1,171 @@
+"""A pod's network, as the sandbox sees it: which kind it gets, the VM's
+network card, and what the guest is told (addresses, routes, DNS).
+
+Kinds:
+- "cni":  a netns with the CNI network's interface and a tap joined to it
+          (hyperrun/network, docs/NETWORK.md); the pod has an IP that the
+          host and other pods reach.
+- "user": QEMU's user-mode network (slirp): no root, no host devices; the
+          pod reaches out through NAT and is reached only through host port
+          forwards. Chosen explicitly, or by "auto" where CNI cannot work
+          (the reason is logged).
+- "none": loopback only.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from hyperrun import log
+from hyperrun.network import (NetworkInfo, PortMapping, SandboxNetworks, cni_available,
+                              install_default_config, open_tap)
+from hyperrun.proto import agent_pb2 as apb
+from hyperrun.proto import cri_api_pb2 as cri
+from hyperrun.vm.config import Nic
+
+logger = log.get("network")
+KINDS = ("auto", "cni", "user", "none")
+# hyperrun's own pod annotation: this pod's network kind (`hyperrun run --network`).
+NETWORK_ANNOTATION = "io.hyperrun.network"
+
+# QEMU's user-mode network: the guest's fixed address, gateway and DNS proxy.
+USER_MAC = "52:54:00:12:34:56"
+USER_IP, USER_GATEWAY, USER_DNS = "10.0.2.15/24", "10.0.2.2", "10.0.2.3"
+
+
+class NetworkUnavailable(Exception):
+    pass
+
+
+@dataclass
+class PodNetwork:
+    """What one sandbox got: kept (as JSON) with the sandbox's record."""
+    kind: str
+    info: NetworkInfo | None = None
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "info": self.info.to_dict() if self.info else None}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> PodNetwork:
+        if not d:
+            return cls("none")
+        return cls(d["kind"], NetworkInfo.from_dict(d["info"]) if d.get("info") else None)
+
+    @property
+    def ip(self) -> str:
+        return self.info.pod_ips[0] if self.info and self.info.pod_ips else ""
+
+
+def host_nameservers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str]:
+    """The host's nameservers a VM can reach: loopback ones (a local stub
+    resolver) are not reachable from a guest, as Docker also finds."""
+    servers = []
+    try:
+        for line in resolv_conf.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == "nameserver":
+                try:
+                    if not ipaddress.ip_address(parts[1]).is_loopback:
+                        servers.append(parts[1])
+                except ValueError:
+                    continue
+    except OSError:
+        pass
+    return servers
+
+
+def port_mappings(config: cri.PodSandboxConfig) -> list[PortMapping]:
+    names = {cri.TCP: "tcp", cri.UDP: "udp", cri.SCTP: "sctp"}
+    return [PortMapping(p.host_port, p.container_port, names.get(p.protocol, "tcp"), p.host_ip)
+            for p in config.port_mappings]
+
+
+class PodNetworks:
+    def __init__(self, kind: str = "auto", networks: SandboxNetworks | None = None) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"network kind {kind!r}: expected one of {', '.join(KINDS)}")
+        self.networks = networks or SandboxNetworks()
+        self.kind = kind
+        self.cni_ok, self.cni_reason = (False, "not used") if kind in ("user", "none") else \
+            cni_available(self.networks.conf_dir, self.networks.bin_dirs)
+        if kind == "auto":
+            self.kind = "cni" if self.cni_ok else "user"
+            if not self.cni_ok:
+                logger.warning("CNI not available: pods get QEMU user-mode networking",
+                               reason=self.cni_reason)
+        if self.kind == "cni" and self.cni_ok:
+            if path := install_default_config(self.networks.conf_dir):
+                logger.info("installed the default CNI network config", path=str(path))
+
+    def ready(self) -> tuple[bool, str]:
+        """The CRI's NetworkReady condition."""
+        if self.kind == "cni":
+            return self.cni_ok, self.cni_reason
+        return True, f"{self.kind} networking"
+
+    def setup(self, sandbox_id: str, config: cri.PodSandboxConfig) -> tuple[PodNetwork, Nic | None]:
+        """Blocking (runs CNI plugins): call off the event loop. The Nic's
+        tap fd, if any, is the caller's to close once QEMU has it."""
+        kind = config.annotations.get(NETWORK_ANNOTATION) or self.kind
+        if kind not in KINDS:
+            raise NetworkUnavailable(f"network kind {kind!r}: expected one of {', '.join(KINDS)}")
+        if kind == "auto":
+            kind = self.kind
+        if kind == "cni" and not self.cni_ok:
+            raise NetworkUnavailable(f"CNI networking is not available: {self.cni_reason}")
+        if config.linux.security_context.namespace_options.network == cri.NODE:
+            # A VM cannot share the host's network namespace; the nearest
+            # thing is NAT out plus host ports, which user mode gives.
+            kind = "user"
+        if kind == "none":
+            return PodNetwork("none"), None
+        if kind == "user":
+            forwards = tuple(
+                f"{p.protocol}:{p.host_ip}:{p.host_port}-:{p.container_port}"
+                for p in port_mappings(config) if p.host_port > 0 and p.protocol in ("tcp", "udp"))
+            info = NetworkInfo(sandbox_id, "user", netns="", interface="eth0", tap="",
+                               mac=USER_MAC, mtu=1500, ips=[USER_IP], gateway=USER_GATEWAY,
+                               routes=[{"dst": "0.0.0.0/0", "gw": USER_GATEWAY}],
+                               dns={"nameservers": [USER_DNS]})
+            return PodNetwork("user", info), Nic("user", USER_MAC, forwards=forwards)
+        meta = config.metadata
+        info = self.networks.setup(sandbox_id, pod_name=meta.name, pod_namespace=meta.namespace,
+                                   pod_uid=meta.uid, port_mappings=port_mappings(config))
+        try:
+            fd = open_tap(info.netns, info.tap)
+        except BaseException:
+            self.networks.teardown(sandbox_id)
+            raise
+        return PodNetwork("cni", info), Nic("tap", info.mac, tap_fd=fd)
+
+    def teardown(self, sandbox_id: str, network: PodNetwork) -> None:
+        """Blocking; idempotent. The VM must be gone (its tap fd holds the netns)."""
+        if network.kind == "cni":
+            self.networks.teardown(sandbox_id)
+
+    def collect_stale(self, known_ids) -> list[str]:
+        return self.networks.collect_stale(known_ids)
+
+
+def setup_request(network: PodNetwork, config: cri.PodSandboxConfig,
+                  hostname: str) -> apb.SetupSandboxRequest:
+    """What the agent is told: its interfaces, routes and name files. DNS
+    is the pod's DNS config; without one, the host's reachable servers (or
+    QEMU's DNS proxy in user mode), as Docker does."""
+    req = apb.SetupSandboxRequest(hostname=hostname)
+    info = network.info
+    if info is not None:
+        req.interfaces.append(apb.Interface(mac=info.mac, addresses=info.ips, mtu=info.mtu))
+        for route in info.routes:
+            req.routes.append(apb.Route(destination=route["dst"], gateway=route.get("gw", "")))
+    dns = config.dns_config
+    if dns.servers or dns.searches or dns.options:
+        req.dns.CopyFrom(apb.DNSConfig(servers=dns.servers, searches=dns.searches,
+                                       options=dns.options))
+    elif network.kind == "user":
+        req.dns.servers.append(USER_DNS)
+    elif network.kind == "cni":
+        req.dns.servers.extend(host_nameservers())
+    return req
