@@ -11,9 +11,9 @@ APT_PACKAGES := qemu-system-x86 qemu-utils linux-source-6.1 build-essential flex
 	containernetworking-plugins iptables iproute2 curl \
 	python3-venv
 
-.PHONY: setup apt venv proto kernel guest assets demo test test-unit bench check clean
+.PHONY: setup apt venv cni-config proto kernel guest assets demo test test-unit bench check clean
 
-setup: apt venv
+setup: apt venv cni-config
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
@@ -28,6 +28,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# A default CNI network (bridge hyperrun0, 10.89.0.0/16, portmap, firewall)
+# where /etc/cni/net.d has none; an admin's config always wins.
+cni-config: venv
+	@if [ "$$(id -u)" = 0 ]; then $(PY) -m hyperrun.network install-config; \
+	else echo "not root: pods will use user-mode networking"; fi
 
 proto: venv
 	$(PY) hyperrun/proto/generate.py

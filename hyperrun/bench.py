@@ -14,6 +14,8 @@ cri     through the daemon: ExecSync round trip in a running pod against a
         CRI call that goes to the agent and back (PodSandboxStats), and
         RunPodSandbox to the first line of container output against the
         boot floor.
+network host -> pod over HTTP on the CNI bridge (100 MB, and a small
+        request) against the same from a plain netns on the same bridge.
 """
 from __future__ import annotations
 
@@ -139,63 +141,89 @@ def bench_images(runs: int) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+class _Daemon:
+    """A daemon on a private root with the busybox test image in a local
+    registry, pulled; the bench removes its VMs after (they outlive it by
+    design)."""
+
+    def __init__(self, base: Path, *args: str) -> None:
+        import grpc
+
+        from hyperrun.proto import cri_api_pb2 as cri
+        from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
+        from tests.registry import Layout, build_busybox, start_registry
+
+        self.base, self.cri = base, cri
+        self.proc = self.registry = None
+        layout = Layout(base / "oci")
+        build_busybox(layout, "busybox", base)
+        self.registry = start_registry(base / "registry")
+        self.registry.push(layout.path, "busybox", "busybox:latest")
+        self.image = self.registry.ref("busybox:latest")
+        env = {**os.environ, "HYPERRUN_ROOT": str(base / "root"), "HYPERRUN_RUN_DIR": str(base / "run")}
+        sock = base / "cri.sock"
+        self.proc = subprocess.Popen([HYPERRUN, "daemon", "--socket", str(sock), *args], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc.stdout.readline()
+        channel = grpc.insecure_channel(f"unix://{sock}")
+        self.rt, self.im = cri_grpc.RuntimeServiceStub(channel), cri_grpc.ImageServiceStub(channel)
+        self.im.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=self.image)))
+        self.logs = base / "logs"
+
+    def pod(self, name: str, **kw):
+        cri = self.cri
+        config = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(
+            name=name, uid=name, namespace="bench"), log_directory=str(self.logs), **kw)
+        return self.rt.RunPodSandbox(cri.RunPodSandboxRequest(config=config)).pod_sandbox_id, config
+
+    def container(self, pod_id: str, config, name: str, script: str) -> str:
+        cri = self.cri
+        c = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name),
+                                image=cri.ImageSpec(image=self.image), command=["sh", "-c", script],
+                                log_path=f"{name}.log")
+        cid = self.rt.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=pod_id, config=c, sandbox_config=config)).container_id
+        self.rt.StartContainer(cri.StartContainerRequest(container_id=cid))
+        return cid
+
+    def remove_pod(self, pod_id: str) -> None:
+        self.rt.StopPodSandbox(self.cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+        self.rt.RemovePodSandbox(self.cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(30)
+            for path in (self.base / "run" / "sandboxes").glob("*"):
+                pid = rundir.qemu_pid(path)
+                if pid and rundir.alive_qemu(pid):
+                    os.kill(pid, 9)
+        if self.registry is not None:
+            self.registry.stop()
+
+
 def bench_cri(runs: int) -> dict:
     """Through the daemon: ExecSync round trip in a running pod (floor: a
     CRI call that goes to the guest agent and back, PodSandboxStats), and
     pod start to the first line of container output (floor: the boot floor)."""
-    import grpc
-
-    from hyperrun.proto import cri_api_pb2 as cri
-    from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
-    from tests.registry import Layout, build_busybox, start_registry
-
     base = Path(tempfile.mkdtemp(prefix="hr-bench-", dir="/tmp"))
-    registry = daemon = None
+    d = None
     try:
         print("== cri: daemon, busybox image from a local registry")
-        layout = Layout(base / "oci")
-        build_busybox(layout, "busybox", base)
-        registry = start_registry(base / "registry")
-        registry.push(layout.path, "busybox", "busybox:latest")
-        image = registry.ref("busybox:latest")
-        env = {**os.environ, "HYPERRUN_ROOT": str(base / "root"), "HYPERRUN_RUN_DIR": str(base / "run")}
-        sock = base / "cri.sock"
-        daemon = subprocess.Popen([HYPERRUN, "daemon", "--socket", str(sock)], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        daemon.stdout.readline()
-        channel = grpc.insecure_channel(f"unix://{sock}")
-        rt, im = cri_grpc.RuntimeServiceStub(channel), cri_grpc.ImageServiceStub(channel)
-        im.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
-        logs = base / "logs"
-
-        def pod(name):
-            return cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(name=name, uid=name,
-                                                                         namespace="bench"),
-                                        log_directory=str(logs))
-
-        def container(pod_id, config, name, args):
-            c = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name),
-                                    image=cri.ImageSpec(image=image), command=["sh", "-c", args],
-                                    log_path=f"{name}.log")
-            cid = rt.CreateContainer(cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=c,
-                                                                sandbox_config=config)).container_id
-            rt.StartContainer(cri.StartContainerRequest(container_id=cid))
-            return cid
-
+        d = _Daemon(base, "--network", "none")
+        cri, rt = d.cri, d.rt
         first_output, floor = [], []
         for i in range(runs):
             floor.append(timed_floor(make_rootfs(Path("build/bench-rootfs"))))
-            config = pod(f"p{i}")
             start = time.perf_counter()
-            pod_id = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=config)).pod_sandbox_id
-            container(pod_id, config, f"c{i}", "echo ready; sleep 600")
-            log = logs / f"c{i}.log"
+            pod_id, config = d.pod(f"p{i}")
+            d.container(pod_id, config, f"c{i}", "echo ready; sleep 600")
+            log = d.logs / f"c{i}.log"
             while not (log.exists() and b"ready" in log.read_bytes()):
                 time.sleep(0.005)
             first_output.append(time.perf_counter() - start)
             if i < runs - 1:
-                rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
-                rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+                d.remove_pod(pod_id)
         cid = rt.ListContainers(cri.ListContainersRequest()).containers[0].id
         execs, stats = [], []
         for _ in range(max(runs * 4, 10)):
@@ -205,8 +233,7 @@ def bench_cri(runs: int) -> dict:
             t = time.perf_counter()
             rt.PodSandboxStats(cri.PodSandboxStatsRequest(pod_sandbox_id=pod_id))
             stats.append(time.perf_counter() - t)
-        rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
-        rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+        d.remove_pod(pod_id)
         e, s_, f, b = (statistics.median(x) for x in (execs, stats, first_output, floor))
         row("ExecSync `true` round trip, median", f"{e * 1000:.0f} ms")
         row("floor: PodSandboxStats (CRI -> agent -> CRI), median", f"{s_ * 1000:.0f} ms")
@@ -217,27 +244,112 @@ def bench_cri(runs: int) -> dict:
         return {"exec_sync_median_ms": round(e * 1000, 1), "agent_rtt_median_ms": round(s_ * 1000, 1),
                 "pod_first_output_median_s": round(f, 3), "boot_floor_median_s": round(b, 3)}
     finally:
-        if daemon is not None:
-            daemon.terminate()
-            daemon.wait(30)
-            # The daemon leaves its VMs running by design; the bench cleans them.
-            for path in (base / "run" / "sandboxes").glob("*"):
-                pid = rundir.qemu_pid(path)
-                if pid and rundir.alive_qemu(pid):
-                    os.kill(pid, 9)
-        if registry is not None:
-            registry.stop()
+        if d is not None:
+            d.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _http_get(url: str, timeout: float = 60) -> bytes:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r:
+                return r.read()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def bench_network(runs: int) -> dict:
+    """Host -> pod over HTTP on the CNI bridge: a 100 MB transfer and a
+    small request, against the same served from a plain netns on the same
+    bridge (CNI's own interface, no VM): what the VM and its tap cost."""
+    from hyperrun.network import cni, netns
+
+    base = Path(tempfile.mkdtemp(prefix="hr-bench-", dir="/tmp"))
+    d = baseline = httpd = None
+    netlist = att = client = None
+    try:
+        print("== network: busybox httpd in a pod vs in a netns on the same CNI bridge")
+        d = _Daemon(base, "--network", "cni")
+        # The pod's 100 MB lives in guest memory (overlay upper on tmpfs).
+        pod_id, config = d.pod("web", linux=d.cri.LinuxPodSandboxConfig(
+            resources=d.cri.LinuxContainerResources(memory_limit_in_bytes=512 << 20)))
+        d.container(pod_id, config, "web", "mkdir /www && echo ok > /www/small && "
+                    "dd if=/dev/zero of=/www/big bs=1M count=100 2>/dev/null && "
+                    "exec httpd -f -p 80 -h /www")
+        pod_ip = d.rt.PodSandboxStatus(d.cri.PodSandboxStatusRequest(
+            pod_sandbox_id=pod_id)).status.network.ip
+        # The baseline: a netns given an interface on the same network by
+        # the same plugins, serving the same files with the same httpd.
+        www = base / "www"
+        www.mkdir()
+        (www / "small").write_text("ok\n")
+        (www / "big").write_bytes(bytes(100 << 20))
+        baseline = Path("/run/netns/hyperrun-bench-baseline")
+        netns.create(baseline)
+        netlist = cni.load_config(cni.DEFAULT_CONF_DIR)
+        client = cni.Client(cni.DEFAULT_BIN_DIRS, base / "cni")
+        att = cni.Attachment("hyperrun-bench-baseline", str(baseline), "eth0",
+                             (("IgnoreUnknown", "1"),))
+        result = client.add(netlist, att)
+        base_ip = result.sandbox_ips("eth0", str(baseline))[0].address.split("/")[0]
+        busybox = shutil.which("busybox") or "/bin/busybox"
+        httpd = subprocess.Popen(["ip", "netns", "exec", baseline.name, busybox, "httpd", "-f",
+                                  "-p", "80", "-h", str(www)])
+        size = {}
+        for ip in (pod_ip, base_ip):
+            _http_get(f"http://{ip}/small")  # up and warm
+        transfer = {"pod": [], "netns": []}
+        latency = {"pod": [], "netns": []}
+        for _ in range(runs):
+            for name, ip in (("pod", pod_ip), ("netns", base_ip)):
+                t = time.perf_counter()
+                size[name] = len(_http_get(f"http://{ip}/big"))
+                transfer[name].append(time.perf_counter() - t)
+                for _ in range(10):
+                    t = time.perf_counter()
+                    _http_get(f"http://{ip}/small")
+                    latency[name].append(time.perf_counter() - t)
+        assert size["pod"] == size["netns"] == 100 << 20, size
+        tp = {k: (100 << 20) / statistics.median(v) / 1e6 for k, v in transfer.items()}
+        lat = {k: statistics.median(v) * 1000 for k, v in latency.items()}
+        row("host -> pod, 100 MB over HTTP, median", f"{tp['pod']:.0f} MB/s")
+        row("baseline: host -> netns on the same bridge", f"{tp['netns']:.0f} MB/s")
+        row("ratio (pod / netns)", f"{tp['pod'] / tp['netns']:.3f}")
+        row("request latency (GET 3 bytes), pod, median", f"{lat['pod']:.2f} ms")
+        row("baseline: netns, median", f"{lat['netns']:.2f} ms")
+        row("ratio", f"{lat['pod'] / lat['netns']:.1f}")
+        d.remove_pod(pod_id)
+        return {"pod_mb_s": round(tp["pod"], 1), "netns_mb_s": round(tp["netns"], 1),
+                "pod_latency_ms": round(lat["pod"], 2), "netns_latency_ms": round(lat["netns"], 2)}
+    finally:
+        if httpd is not None:
+            httpd.kill()
+            httpd.wait()
+        if att is not None:
+            entry = client.cached(att.container_id, "eth0")
+            client.delete(netlist, att, entry.result if entry else None)
+            client.forget(att.container_id, "eth0")
+        if baseline is not None:
+            netns.remove(baseline)
+        if d is not None:
+            d.close()
         shutil.rmtree(base, ignore_errors=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("sections", nargs="*", help="boot, images, cri (default: all)")
+    ap.add_argument("sections", nargs="*", help="boot, images, cri, network (default: all)")
     ap.add_argument("-n", "--runs", type=int, default=0, help="runs per measurement")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
-    args.sections = args.sections or ["boot", "images", "cri"]
-    if unknown := set(args.sections) - {"boot", "images", "cri"}:
+    all_sections = ["boot", "images", "cri", "network"]
+    args.sections = args.sections or all_sections
+    if unknown := set(args.sections) - set(all_sections):
         ap.error(f"unknown sections: {', '.join(sorted(unknown))}")
     result = {"accelerator": accel.choose().name}
     print(f"accelerator: {result['accelerator']}")
@@ -247,6 +359,8 @@ def main() -> None:
         result["images"] = bench_images(args.runs or 3)
     if "cri" in args.sections:
         result["cri"] = bench_cri(args.runs or 5)
+    if "network" in args.sections:
+        result["network"] = bench_network(args.runs or 3)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -1,0 +1,89 @@
+"""The pod network's policy (sandbox/podnet.py) and the CLI's -p/-v parsing:
+what the guest and QEMU are told, without VMs."""
+import pytest
+
+from hyperrun import client
+from hyperrun.network import NetworkInfo
+from hyperrun.proto import cri_api_pb2 as cri
+from hyperrun.sandbox import podnet
+
+
+def test_host_nameservers_skip_loopback_stub_resolvers(tmp_path):
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("# generated\nnameserver 127.0.0.53\nnameserver 10.1.2.3\n"
+                    "nameserver ::1\nnameserver 2001:db8::1\nnameserver bogus\nsearch lan\n")
+    assert podnet.host_nameservers(conf) == ["10.1.2.3", "2001:db8::1"]
+    assert podnet.host_nameservers(tmp_path / "missing") == []
+
+
+def info(**kw):
+    return NetworkInfo("sb", "net", netns="/run/netns/x", interface="eth0", tap="tap0",
+                       mac="0a:00:00:00:00:01", mtu=1450, ips=["10.89.0.7/16"],
+                       gateway="10.89.0.1", routes=[{"dst": "0.0.0.0/0", "gw": "10.89.0.1"}], **kw)
+
+
+def test_setup_request_from_a_cni_result_and_the_pods_dns():
+    config = cri.PodSandboxConfig(dns_config=cri.DNSConfig(
+        servers=["10.96.0.10"], searches=["ns.svc.cluster.local"], options=["ndots:5"]))
+    req = podnet.setup_request(podnet.PodNetwork("cni", info()), config, "web")
+    assert req.hostname == "web"
+    (iface,) = req.interfaces
+    assert (iface.mac, list(iface.addresses), iface.mtu) == ("0a:00:00:00:00:01", ["10.89.0.7/16"], 1450)
+    assert [(r.destination, r.gateway) for r in req.routes] == [("0.0.0.0/0", "10.89.0.1")]
+    assert (list(req.dns.servers), list(req.dns.searches), list(req.dns.options)) == \
+        (["10.96.0.10"], ["ns.svc.cluster.local"], ["ndots:5"])
+
+
+def test_user_mode_gets_qemus_dns_and_no_interfaces_without_a_network():
+    user = podnet.PodNetworks("user")
+    config = cri.PodSandboxConfig(port_mappings=[
+        cri.PortMapping(protocol=cri.TCP, container_port=80, host_port=8080),
+        cri.PortMapping(protocol=cri.UDP, container_port=53, host_port=5353, host_ip="127.0.0.1"),
+        cri.PortMapping(protocol=cri.TCP, container_port=9000)])  # no host port: nothing
+    network, nic = user.setup("sb", config)
+    assert nic.kind == "user" and nic.forwards == ("tcp::8080-:80", "udp:127.0.0.1:5353-:53")
+    assert network.ip == "10.0.2.15"
+    req = podnet.setup_request(network, config, "h")
+    assert list(req.dns.servers) == ["10.0.2.3"]
+    assert podnet.PodNetwork.from_dict(network.to_dict()) == network
+    none = podnet.PodNetworks("none")
+    network, nic = none.setup("sb", cri.PodSandboxConfig())
+    assert nic is None and not podnet.setup_request(network, cri.PodSandboxConfig(), "h").interfaces
+
+
+def test_kind_per_pod_and_host_network_pods():
+    nets = podnet.PodNetworks("none")
+    annotated = cri.PodSandboxConfig(annotations={podnet.NETWORK_ANNOTATION: "user"})
+    assert nets.setup("sb", annotated)[0].kind == "user"
+    host = cri.PodSandboxConfig()
+    host.linux.security_context.namespace_options.network = cri.NODE
+    assert nets.setup("sb", host)[0].kind == "user"
+    with pytest.raises(podnet.NetworkUnavailable):
+        nets.setup("sb", cri.PodSandboxConfig(annotations={podnet.NETWORK_ANNOTATION: "bogus"}))
+    with pytest.raises(ValueError):
+        podnet.PodNetworks("bogus")
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("8080:80", (cri.TCP, 80, 8080, "")),
+    ("127.0.0.1:8080:80/udp", (cri.UDP, 80, 8080, "127.0.0.1")),
+    ("1:65535/TCP", (cri.TCP, 65535, 1, "")),
+])
+def test_publish_flags(text, expect):
+    p = client.parse_port(text)
+    assert (p.protocol, p.container_port, p.host_port, p.host_ip) == expect
+
+
+@pytest.mark.parametrize("text", ["80", "a:80", "8080:0", "8080:80/icmp", "70000:80", ""])
+def test_bad_publish_flags(text):
+    with pytest.raises(client.RunError, match="expected"):
+        client.parse_port(text)
+
+
+def test_volume_flags():
+    m = client.parse_volume("/srv/data:/data:ro")
+    assert (m.host_path, m.container_path, m.readonly) == ("/srv/data", "/data", True)
+    assert client.parse_volume("/a:/b").readonly is False
+    for bad in ("rel:/data", "/a", "/a:/b:rx", ":/b"):
+        with pytest.raises(client.RunError):
+            client.parse_volume(bad)
