@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hyperrun import exitcodes
+
 
 class NoDaemon(Exception):
     pass
@@ -272,7 +274,6 @@ def rm(containers: list[str]) -> int:
 # ----------------------------------------------------------------- run
 
 RUN_LABEL = "io.hyperrun.run"          # a container `hyperrun run` made, in its own pod
-EXIT_RUNTIME_ERROR, EXIT_CANNOT_INVOKE, EXIT_NOT_FOUND = 125, 126, 127
 
 
 @dataclass
@@ -299,19 +300,9 @@ class RunOptions:
 
 
 class RunError(Exception):
-    def __init__(self, message: str, code: int = EXIT_RUNTIME_ERROR) -> None:
+    def __init__(self, message: str, code: int = exitcodes.RUNTIME_ERROR) -> None:
         super().__init__(message)
         self.code = code
-
-
-def _exit_code_for(message: str) -> int:
-    """Docker's codes for a container that could not run its command."""
-    text = message.lower()
-    if "no such file" in text or "not found" in text:
-        return EXIT_NOT_FOUND
-    if "permission denied" in text or "exec format" in text:
-        return EXIT_CANNOT_INVOKE
-    return EXIT_RUNTIME_ERROR
 
 
 def parse_volume(text: str):
@@ -398,7 +389,7 @@ def run(opts: RunOptions) -> int:
         return exc.code
     except NoDaemon as exc:
         print(f"hyperrun: run -d keeps the container in the daemon: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME_ERROR
+        return exitcodes.RUNTIME_ERROR
     pod = cid = None
     try:
         _ensure_image(host, opts)
@@ -414,7 +405,7 @@ def run(opts: RunOptions) -> int:
         return exc.code
     except grpc.RpcError as exc:
         print(f"hyperrun: {exc.details()}", file=sys.stderr)
-        return _exit_code_for(exc.details() or "")
+        return exitcodes.for_start_error(exc.details() or "")
     except KeyboardInterrupt:
         return 130
     finally:
@@ -482,7 +473,7 @@ def _create(host: Host, opts: RunOptions, pod: str, pod_config, mounts) -> str:
             pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
     except grpc.RpcError as exc:
         raise RunError(f"cannot create container: {exc.details()}",
-                       _exit_code_for(exc.details() or "")) from None
+                       exitcodes.for_start_error(exc.details() or "")) from None
 
 
 def _start(host: Host, cid: str) -> None:
@@ -492,7 +483,7 @@ def _start(host: Host, cid: str) -> None:
         host.runtime.StartContainer(_cri().StartContainerRequest(container_id=cid))
     except grpc.RpcError as exc:
         raise RunError(f"cannot start container: {exc.details()}",
-                       _exit_code_for(exc.details() or "")) from None
+                       exitcodes.for_start_error(exc.details() or "")) from None
 
 
 def _attach_and_wait(host: Host, opts: RunOptions, cid: str) -> int:

@@ -22,9 +22,8 @@ from hyperrun.vm import VMError, rundir
 from hyperrun.vm.config import Disk, Share
 from hyperrun.vm.qemu import QemuVM
 
-EXIT_RUNTIME_ERROR = 125
-EXIT_CANNOT_INVOKE = 126
-EXIT_NOT_FOUND = 127
+from hyperrun.exitcodes import RUNTIME_ERROR as EXIT_RUNTIME_ERROR
+from hyperrun.exitcodes import for_start_error as _start_error_code
 ROOTFS_TAG = "rootfs"
 
 
@@ -127,15 +126,6 @@ def _pull(service, spec: RunSpec):
                                         progress=sys.stderr.isatty()))
     except (PullError, InvalidReference) as exc:
         raise _PrepareError(str(exc)) from None
-
-
-def _start_error_code(message: str) -> int:
-    text = message.lower()
-    if "no such file" in text or "not found" in text:
-        return EXIT_NOT_FOUND
-    if "permission denied" in text or "exec format" in text:
-        return EXIT_CANNOT_INVOKE
-    return EXIT_RUNTIME_ERROR
 
 
 async def _run(spec: RunSpec, vm: QemuVM, process: ProcessDefaults, root: _Root) -> int:
