@@ -17,9 +17,16 @@ it, so critest runs with its own image names and no network
   file (distinct images), a `User`, or a passwd/group with predefined
   groups, under the tags the Image Manager and security-context tests use.
 
-Not built yet: nginx, httpd, nonewprivs, hostnet-nginx (they need pod
-networking or a setuid binary), and `test-image-digest` (its upstream
-sha256 cannot be rebuilt: skip "public image with digest").
+- `nginx:1.14-2`, `httpd:2.4.39-4`: look-alikes that run busybox's httpd
+  on port 80 under the upstream commands (`nginx -g 'daemon off;'`,
+  `httpd-foreground`, which logs Apache's start-up line): enough for the
+  networking, port-forward and multi-container tests, which check for an
+  HTTP 200 and that line; not for the security-context PID tests, which
+  need the real nginx's process titles.
+
+Not built yet: nonewprivs (a setuid binary), hostnet-nginx (its test needs
+a host-network pod, which a VM cannot be), and `test-image-digest` (its
+upstream sha256 cannot be rebuilt: skip "public image with digest").
 
 Use from pytest:
 
@@ -146,6 +153,28 @@ DERIVED: dict[str, tuple] = {
     # one image under three tags
     CRI_TOOLS + "test-image-tags:1": ("marker", "same-image"),
 }
+# Web servers the networking, port-forward and multi-container tests reach
+# on port 80 (they check for HTTP 200, and httpd's start-up line in its log):
+# look-alikes that run busybox's httpd under the upstream images' commands.
+# Not for the security-context PID tests, which need the real nginx's
+# process titles.
+NGINX = """#!/bin/sh
+# nginx look-alike: `nginx -g 'daemon off;'` serves /usr/share/nginx/html on :80.
+mkdir -p /var/run && echo $$ > /var/run/nginx.pid
+exec httpd -f -p 80 -h /usr/share/nginx/html
+"""
+HTTPD_FOREGROUND = """#!/bin/sh
+# httpd look-alike: Apache's start-up line, then busybox httpd on :80.
+echo "[mpm_event:notice] AH00094: Command line: 'httpd -D FOREGROUND'" >&2
+exec httpd -f -p 80 -h /usr/local/apache2/htdocs
+"""
+DERIVED.update({
+    "registry.k8s.io/e2e-test-images/nginx:1.14-2":
+        ("server", "usr/sbin/nginx", NGINX, "usr/share/nginx/html", ["nginx", "-g", "daemon off;"]),
+    "registry.k8s.io/e2e-test-images/httpd:2.4.39-4":
+        ("server", "usr/local/bin/httpd-foreground", HTTPD_FOREGROUND, "usr/local/apache2/htdocs",
+         ["httpd-foreground"]),
+})
 SAME_AS = {CRI_TOOLS + "test-image-tags:2": CRI_TOOLS + "test-image-tags:1",
            CRI_TOOLS + "test-image-tags:3": CRI_TOOLS + "test-image-tags:1"}
 
@@ -254,6 +283,20 @@ def _derive(layout: Layout, base: str, tag: str, work: Path, how: tuple) -> None
         def change(root: Path) -> None:
             (root / how[1]).write_text("")
         layout.edit(base, work, change, new_tag=tag)
+    elif kind == "server":
+        _, script, text, docroot, cmd = how
+
+        def change(root: Path) -> None:
+            (root / script).parent.mkdir(parents=True, exist_ok=True)
+            (root / script).write_text(text)
+            os.chmod(root / script, 0o755)
+            (root / docroot).mkdir(parents=True, exist_ok=True)
+            (root / docroot / "index.html").write_text("<h1>It works!</h1>\n")
+        layout.edit(base, work, change, new_tag=tag)
+        args = ["config", "--image", layout.image(tag), "--clear=config.cmd", "--no-history"]
+        for word in cmd:
+            args += ["--config.cmd", word]
+        layout.umoci(*args)
     elif kind == "user":
         layout.umoci("config", "--image", layout.image(base), "--tag", tag,
                      "--config.user", how[1], "--no-history")
