@@ -534,7 +534,7 @@ def _remove_run(host: Host, cid: str | None, pod: str, with_pod: bool) -> None:
     import shutil
 
     cri = _cri()
-    if cid is not None:
+    if cid is not None and not with_pod:  # RemovePodSandbox takes its containers along
         _quietly(host.runtime.RemoveContainer, cri.RemoveContainerRequest(container_id=cid))
     if with_pod:
         try:
