@@ -169,8 +169,22 @@ def _images_service():
     return ImageService()
 
 
+def _daemon_host():
+    """The daemon if its socket answers: image commands then go through it."""
+    from hyperrun import client
+    try:
+        return client.connect()
+    except client.NoDaemon:
+        return None
+
+
 def _pull(args: argparse.Namespace) -> int:
     import asyncio
+
+    if host := _daemon_host():
+        from hyperrun import client
+        with host:
+            return client.pull(host, args.image, args.platform, args.quiet)
 
     from hyperrun.image.distribution import PullError
     from hyperrun.image.reference import InvalidReference
@@ -191,8 +205,12 @@ def _pull(args: argparse.Namespace) -> int:
 def _images(args: argparse.Namespace) -> int:
     from hyperrun.image import reference
 
-    service = _images_service()
     rows = [("REPOSITORY", "TAG", "DIGEST", "IMAGE ID", "SIZE")]
+    if host := _daemon_host():
+        from hyperrun import client
+        with host:
+            return client.table(rows + client.images(host))
+    service = _images_service()
     for summary in service.list():
         image = summary.image
         size = f"{summary.image.size / 1e6:.1f}MB"
@@ -204,15 +222,17 @@ def _images(args: argparse.Namespace) -> int:
             repo = reference.Reference(ref.registry, ref.repository).familiar
             rows.append((repo, ref.tag or "<none>", name.repo_digest[:19], image_id, size))
     service.close()
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for row in rows:
-        print("   ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-    return 0
+    from hyperrun.client import table
+    return table(rows)
 
 
 def _rmi(args: argparse.Namespace) -> int:
     from hyperrun.image.service import ImageError
 
+    if host := _daemon_host():
+        from hyperrun import client
+        with host:
+            return client.rmi(host, args.images)
     service = _images_service()
     status = 0
     for name in args.images:

@@ -85,10 +85,11 @@ def _age(ns: int) -> str:
     return f"{int(seconds)}s ago"
 
 
-def _table(rows: list[tuple]) -> None:
+def table(rows: list[tuple]) -> int:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("   ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    return 0
 
 
 def pods() -> int:
@@ -100,7 +101,7 @@ def pods() -> int:
             rows.append((p.id[:13], p.metadata.name, p.metadata.namespace,
                          cri.PodSandboxState.Name(p.state).removeprefix("SANDBOX_"),
                          _age(p.created_at)))
-    _table(rows)
+    table(rows)
     return 0
 
 
@@ -115,7 +116,7 @@ def ps(all_: bool) -> int:
             rows.append((c.id[:13], c.image.image, c.metadata.name,
                          cri.ContainerState.Name(c.state).removeprefix("CONTAINER_"),
                          _age(c.created_at), c.pod_sandbox_id[:13]))
-    _table(rows)
+    table(rows)
     return 0
 
 
@@ -548,3 +549,62 @@ def _remove_run(host: Host, cid: str | None, pod: str, with_pod: bool) -> None:
             from hyperrun.paths import data_root
 
             shutil.rmtree(data_root() / "logs" / status.metadata.name, ignore_errors=True)
+
+
+# ----------------------------------------------------------------- images
+
+def _image_spec(name: str, platform: str = ""):
+    from hyperrun.api.images import PLATFORM_ANNOTATION
+
+    return _cri().ImageSpec(image=name, annotations={PLATFORM_ANNOTATION: platform} if platform else {})
+
+
+def pull(host: Host, name: str, platform: str, quiet: bool) -> int:
+    """`hyperrun pull` through the daemon (progress is the daemon's own)."""
+    import grpc
+
+    try:
+        ref = host.images.PullImage(_cri().PullImageRequest(image=_image_spec(name, platform))).image_ref
+    except grpc.RpcError as exc:
+        print(f"hyperrun: {exc.details()}", file=sys.stderr)
+        return 1
+    digest = ref.rpartition("@")[2]
+    print(digest if quiet else f"Digest: {digest}")
+    return 0
+
+
+def images(host: Host) -> list[tuple]:
+    """Rows of `hyperrun images`, from the daemon's ListImages."""
+    from hyperrun.image import reference
+
+    rows = []
+    for image in host.images.ListImages(_cri().ListImagesRequest()).images:
+        size, image_id = f"{image.size / 1e6:.1f}MB", image.id.removeprefix("sha256:")[:12]
+        digests = {d.partition("@")[0]: d.partition("@")[2] for d in image.repo_digests}
+        if not image.repo_tags:
+            rows.append(("<none>", "<none>", next(iter(digests.values()), "")[:19], image_id, size))
+        for tag in image.repo_tags:
+            ref = reference.parse(tag)
+            repo = reference.Reference(ref.registry, ref.repository)
+            rows.append((repo.familiar, ref.tag or "<none>", digests.get(repo.name, "")[:19],
+                         image_id, size))
+    return rows
+
+
+def rmi(host: Host, names: list[str]) -> int:
+    import grpc
+
+    status = 0
+    for name in names:
+        spec = _image_spec(name)
+        if not host.images.ImageStatus(_cri().ImageStatusRequest(image=spec)).HasField("image"):
+            print(f"hyperrun: no such image: {name}", file=sys.stderr)
+            status = 1
+            continue
+        try:
+            host.images.RemoveImage(_cri().RemoveImageRequest(image=spec))
+            print(f"Untagged: {name}")
+        except grpc.RpcError as exc:
+            print(f"hyperrun: {exc.details()}", file=sys.stderr)
+            status = 1
+    return status

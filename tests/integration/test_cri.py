@@ -271,6 +271,12 @@ def test_cli_through_the_daemon(daemon, pushed):
         return r
 
     before = qemu_pids()
+    assert "Digest: sha256:" in cli("pull", image).stdout.decode()
+    assert "busybox" in cli("images").stdout.decode()
+    # The foreground run goes through the daemon too: output, exit code, cleanup.
+    r = cli("run", "--rm", image, "sh", "-c", "echo fg; echo err >&2; exit 5", check=False)
+    assert (r.returncode, r.stdout, r.stderr) == (5, b"fg\n", b"err\n"), r
+    assert cli("ps", "-a").stdout.decode().count("\n") == 1  # --rm: gone
     cid = cli("run", "-d", image, "sh", "-c", "echo started; echo warn >&2; sleep 600").stdout.decode().strip()
     assert len(cid) == 64
     assert cid[:13] in cli("ps").stdout.decode()
@@ -298,6 +304,8 @@ def test_cli_through_the_daemon(daemon, pushed):
     while qemu_pids() - before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert qemu_pids() - before == set()
+    assert "Untagged" in cli("rmi", image).stdout.decode()
+    assert "busybox" not in cli("images").stdout.decode()
 
 
 def _mounts_under(path: Path) -> list[str]:
