@@ -12,6 +12,9 @@ Looked for at HYPERRUN_CONFIG, then /etc/hyperrun/config.toml, then
     # guest memory on top of what the pod's containers may use: the guest
     # kernel, the agent and crun
     overhead_mib = 96
+    # start pod VMs by restoring a saved one (vm/template.py) instead of
+    # booting: made on first use per VM shape, kept in /dev/shm
+    template = false
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ class SandboxDefaults:
     max_vcpus: int = 8
     max_memory_mib: int = 16384
     overhead_mib: int = 96
+    template: bool = False
 
 
 def config_path() -> Path | None:
@@ -60,8 +64,8 @@ def load(path: Path | None = None) -> SandboxDefaults:
     for key, value in section.items():
         if key not in known:
             raise ConfigError(f"{path}: unknown key sandbox.{key} (known: {', '.join(known)})")
-        expected = str if known[key] == "str" else int
-        if not isinstance(value, expected) or isinstance(value, bool):
+        expected = {"str": str, "bool": bool}.get(known[key], int)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise ConfigError(f"{path}: sandbox.{key} must be {expected.__name__}")
         setattr(defaults, key, value)
     if defaults.machine not in ("microvm", "q35"):

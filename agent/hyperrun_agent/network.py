@@ -27,14 +27,23 @@ def _ip(*args: str) -> None:
 
 
 def _interface_by_mac(mac: str) -> str:
-    for name in os.listdir("/sys/class/net"):
+    """The interface with this MAC. A VM restored from a template has the
+    template's MAC on its one card: that card is given this MAC."""
+    others = []
+    for name in sorted(os.listdir("/sys/class/net")):
         try:
             with open(f"/sys/class/net/{name}/address") as f:
                 if f.read().strip().lower() == mac.lower():
                     return name
         except OSError:
             continue
-    raise invalid(f"no network interface with MAC {mac}")
+        if name != "lo":
+            others.append(name)
+    if len(others) != 1:
+        raise invalid(f"no network interface with MAC {mac}")
+    _ip("link", "set", others[0], "down")
+    _ip("link", "set", others[0], "address", mac)
+    return others[0]
 
 
 def _write(name: str, text: str) -> None:
@@ -47,6 +56,10 @@ def _write(name: str, text: str) -> None:
 
 
 def setup(req) -> None:
+    from . import identity
+
+    identity.reseed(req.entropy)
+    identity.set_clock(req.time_ns)
     _ip("link", "set", "lo", "up")
     own_ips = []
     for iface in req.interfaces:

@@ -78,18 +78,22 @@ class DNSConfig(_message.Message):
     def __init__(self, servers: _Optional[_Iterable[str]] = ..., searches: _Optional[_Iterable[str]] = ..., options: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SetupSandboxRequest(_message.Message):
-    __slots__ = ("hostname", "interfaces", "routes", "dns", "hosts")
+    __slots__ = ("hostname", "interfaces", "routes", "dns", "hosts", "entropy", "time_ns")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     INTERFACES_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
     DNS_FIELD_NUMBER: _ClassVar[int]
     HOSTS_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    TIME_NS_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     interfaces: _containers.RepeatedCompositeFieldContainer[Interface]
     routes: _containers.RepeatedCompositeFieldContainer[Route]
     dns: DNSConfig
     hosts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, hostname: _Optional[str] = ..., interfaces: _Optional[_Iterable[_Union[Interface, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., dns: _Optional[_Union[DNSConfig, _Mapping]] = ..., hosts: _Optional[_Iterable[str]] = ...) -> None: ...
+    entropy: bytes
+    time_ns: int
+    def __init__(self, hostname: _Optional[str] = ..., interfaces: _Optional[_Iterable[_Union[Interface, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., dns: _Optional[_Union[DNSConfig, _Mapping]] = ..., hosts: _Optional[_Iterable[str]] = ..., entropy: _Optional[bytes] = ..., time_ns: _Optional[int] = ...) -> None: ...
 
 class Storage(_message.Message):
     __slots__ = ("source", "fstype", "options", "overlay")

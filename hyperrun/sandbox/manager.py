@@ -24,6 +24,7 @@ from hyperrun.proto import cri_api_pb2 as cri
 from hyperrun.vm import VMError, rundir
 from hyperrun.vm.config import Channel, Disk, Share
 from hyperrun.vm.qemu import QemuVM
+from hyperrun.vm.template import TemplateStore, clone_config
 
 from .config import SandboxConfig
 from .logs import LogFile
@@ -96,6 +97,7 @@ class SandboxManager:
         self.images = images
         self.state = state
         self.defaults = defaults or hconfig.SandboxDefaults()
+        self.templates = TemplateStore() if self.defaults.template else None
         self.sandboxes: dict[str, Sandbox] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: dict[str, list[asyncio.Task]] = {}   # per container: pumps and waiter
@@ -191,7 +193,11 @@ class SandboxManager:
         sandbox = None
         try:
             try:
-                sandbox = await Sandbox.start(vm)
+                template = None
+                if self.templates is not None:  # made on first use of this VM shape
+                    template = await self.templates.get(vm.config, self.root)
+                    vm.config = clone_config(vm.config, template)
+                sandbox = await Sandbox.start(vm, template=template)
             finally:
                 if nic is not None and nic.tap_fd >= 0:
                     os.close(nic.tap_fd)  # QEMU has its own

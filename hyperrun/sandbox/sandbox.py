@@ -32,9 +32,15 @@ class Sandbox:
         return await cls.start(QemuVM(config.vm_config()), timeout)
 
     @classmethod
-    async def start(cls, vm: QemuVM, timeout: float = BOOT_TIMEOUT) -> "Sandbox":
-        """Launch vm (or attach to it if already spawned) and wait for its agent."""
-        await vm.launch()
+    async def start(cls, vm: QemuVM, timeout: float = BOOT_TIMEOUT,
+                    template=None) -> "Sandbox":
+        """Launch vm (or attach to it if already spawned), or restore it from
+        a template (vm/template.py), and wait for its agent."""
+        if template is not None:
+            from hyperrun.vm.template import restore
+            await restore(vm, template)
+        else:
+            await vm.launch()
         agent = AgentClient(f"agent-{vm.id}")
         sandbox = cls(vm, agent)
         try:

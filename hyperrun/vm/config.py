@@ -67,6 +67,7 @@ class Nic:
     mac: str
     tap_fd: int = -1
     forwards: tuple[str, ...] = ()
+    restrict: bool = False  # user mode with no way out (a card that must exist)
 
 
 def vsock_available() -> bool:
@@ -97,6 +98,12 @@ class VMConfig:
     hotplug_disks: bool = False
     channel: Channel = field(default_factory=Channel)
     nic: Nic | None = None
+    # Guest RAM in a file (VM templates, vm/template.py): shared while a
+    # template is made, private copy-on-write in its clones.
+    memory_file: Path | None = None
+    memory_shared: bool = False
+    # Start paused, waiting for a migration stream (a clone of a template).
+    incoming: bool = False
     # End QEMU when the launching process dies (embedded `hyperrun run`).
     die_with_parent: bool = False
     # TCG translation cache in MiB; small VMs do not need QEMU's 1 GiB default.

@@ -58,6 +58,13 @@ def machine_args(config: VMConfig) -> tuple[list[str], str]:
 
 def command_line(config: VMConfig, run_dir: Path, qmp_fd: int | None, agent_fd: int | None) -> list[str]:
     machine, bus = machine_args(config)
+    if config.memory_file is not None:
+        machine[1] += ",memory-backend=ram"
+        machine += ["-object", f"memory-backend-file,id=ram,size={config.memory_mib}M,"
+                               f"mem-path={config.memory_file},"
+                               f"share={'on' if config.memory_shared else 'off'}"]
+    if config.incoming:
+        machine += ["-incoming", "defer"]
     argv = [QEMU_BINARY, "-name", "hyperrun", *machine,
             "-smp", str(config.vcpus), "-m", str(config.memory_mib),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
@@ -89,7 +96,8 @@ def command_line(config: VMConfig, run_dir: Path, qmp_fd: int | None, agent_fd: 
         if nic.kind == "tap":  # no /dev/vhost-net assumed: vhost=off
             netdev = f"tap,id=net0,fd={nic.tap_fd},vhost=off"
         else:
-            netdev = "user,id=net0" + "".join(f",hostfwd={f}" for f in nic.forwards)
+            netdev = "user,id=net0" + (",restrict=on" if nic.restrict else "") + \
+                "".join(f",hostfwd={f}" for f in nic.forwards)
         argv += ["-netdev", netdev, "-device", f"virtio-net-{bus},netdev=net0,mac={nic.mac}"]
     if qmp_fd is not None:
         argv += ["-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off",

@@ -1,0 +1,188 @@
+"""VM templates: boot a sandbox VM once to where its agent waits, save it,
+and start new VMs by restoring it (as Kata's and runV's templates do).
+
+Measured with QEMU 7.2 under TCG (see docs/ARCHITECTURE.md): the guest's
+RAM lives in a file on /dev/shm, mapped shared while the template is made;
+its device state is saved by migrating with `x-ignore-shared` (RAM is not
+copied: it is the file) to `exec:cat > state` (7.2 has no `file:` URI).
+A clone maps the same file private (copy-on-write: pages it never writes
+stay shared with every other clone in the page cache), starts with
+`-incoming defer`, sets `x-ignore-shared` before `migrate-incoming`, and
+needs an explicit `cont`. The clone then gets its own identity from the
+agent (entropy, clock, MAC: sandbox/podnet.setup_request).
+
+A template is keyed by everything the restored state depends on: kernel,
+guest image, QEMU's version, machine and VM shape (RAM size and devices).
+Files of a template are never written again once made (clones map them):
+a new template goes to a new directory, renamed into place.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from hyperrun import log
+
+from . import VMError
+from .config import Nic, VMConfig
+from .qemu import QEMU_BINARY, QemuVM
+
+logger = log.get("template")
+TEMPLATE_MAC = "52:54:00:00:00:01"  # the template's card; each clone's agent sets its own
+MEM, STATE = "mem", "state"
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("HYPERRUN_TEMPLATES") or "/dev/shm/hyperrun-templates")
+
+
+def _qemu_version() -> str:
+    out = subprocess.run([QEMU_BINARY, "--version"], capture_output=True, text=True)
+    return out.stdout.splitlines()[0] if out.stdout else "unknown"
+
+
+def _file_id(path: Path) -> list:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def shape(config: VMConfig) -> VMConfig:
+    """The config a template is made with and its clones must match, for
+    what the guest sees: same machine, RAM, CPUs, kernel command line and
+    devices. Host-side backends (tap fd or user network, share paths)
+    may differ; the card's MAC is set by the agent."""
+    if config.channel.kind != "serial":
+        raise VMError("VM templates need the virtio-serial agent channel")
+    return dataclasses.replace(config, nic=_card(config), memory_file=None,
+                               memory_shared=False, incoming=False)
+
+
+def _card(config: VMConfig) -> Nic:
+    """The network card as the template has it. The backend's kind is part
+    of the shape: a tap offers the guest offloads (vnet headers) that
+    user-mode does not, and a clone must offer what its template did. A
+    template for tap clones is made on the tap of the pod that asked for
+    it (the guest has not configured its card yet: no traffic)."""
+    nic = config.nic or Nic("user", TEMPLATE_MAC, restrict=True)
+    return Nic(nic.kind, TEMPLATE_MAC, tap_fd=nic.tap_fd, restrict=nic.restrict)
+
+
+def key(config: VMConfig) -> str:
+    c = shape(config)
+    data = {"qemu": _qemu_version(), "kernel": _file_id(c.kernel),
+            "image": _file_id(c.root_image), "machine": c.machine, "vcpus": c.vcpus,
+            "memory_mib": c.memory_mib, "accel": c.accel, "tb": c.tb_size_mib,
+            "cmdline": c.cmdline(), "disks": [d.serial for d in c.disks],
+            "hotplug": c.hotplug_disks, "shares": [s.tag for s in c.shares],
+            "nic": [c.nic.kind, c.nic.restrict]}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Template:
+    path: Path
+
+    @property
+    def memory(self) -> Path:
+        return self.path / MEM
+
+    @property
+    def state(self) -> Path:
+        return self.path / STATE
+
+
+async def _wait_migration(vm: QemuVM, timeout: float = 60) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        status = (await vm.qmp.execute("query-migrate")).get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled") or loop.time() > deadline:
+            raise VMError(f"migration {status or 'did not finish'}: {vm.failure_reason()}")
+        await asyncio.sleep(0.005)
+
+
+async def _ignore_shared(vm: QemuVM) -> None:
+    await vm.qmp.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": "x-ignore-shared", "state": True}]})
+
+
+class TemplateStore:
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or default_root()
+
+    async def get(self, config: VMConfig, run_root: Path) -> Template:
+        """The template for this VM shape, made now if there is none."""
+        k = key(config)
+        template = Template(self.root / k)
+        if template.state.exists():
+            return template
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = open(self.root / f".{k}.lock", "w")
+        try:
+            await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
+            if not template.state.exists():
+                await self._make(config, template, run_root)
+        finally:
+            lock.close()
+        return template
+
+    async def _make(self, config: VMConfig, template: Template, run_root: Path) -> None:
+        from hyperrun.sandbox.sandbox import Sandbox
+
+        work = template.path.with_name(template.path.name + ".new")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        made = dataclasses.replace(shape(config), memory_file=work / MEM, memory_shared=True)
+        vm = QemuVM(made, root=run_root)
+        # The shares' host paths do not matter to the saved state (the guest
+        # has mounted none): the template VM gets empty directories of its own.
+        made.shares = [dataclasses.replace(s, path=vm.run_dir / f"share-{i}")
+                       for i, s in enumerate(config.shares)]
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        sandbox = await Sandbox.start(vm)
+        try:
+            await sandbox.agent.close()  # the agent waits for its next host
+            await _ignore_shared(vm)
+            await vm.qmp.execute("migrate", {"uri": f"exec:cat > {work / STATE}"})
+            await _wait_migration(vm)
+        finally:
+            await sandbox.destroy()
+        os.rename(work, template.path)
+        logger.info("template made", path=str(template.path), seconds=round(loop.time() - start, 3),
+                    state_bytes=template.state.stat().st_size)
+
+    def remove_all(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def clone_config(config: VMConfig, template: Template) -> VMConfig:
+    """config, to start as a clone of template (RAM mapped private)."""
+    nic = config.nic or _card(config)  # the device must exist
+    return dataclasses.replace(config, nic=nic, memory_file=template.memory,
+                               memory_shared=False, incoming=True)
+
+
+async def restore(vm: QemuVM, template: Template) -> None:
+    """Launch vm (made with clone_config) and bring it to where the
+    template was: running, its agent waiting for a host."""
+    await vm.launch()
+    try:
+        await _ignore_shared(vm)
+        await vm.qmp.execute("migrate-incoming", {"uri": f"exec:cat {template.state}"})
+        await _wait_migration(vm)
+        await vm.qmp.execute("cont")
+    except BaseException:
+        await vm.kill()
+        await vm.remove()
+        raise

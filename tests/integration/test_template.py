@@ -1,0 +1,80 @@
+"""Pod VMs restored from a template (vm/template.py) instead of booted:
+they answer, and each is its own machine — its RNG reseeded (clones of one
+template would otherwise hand out the same random numbers), its clock set,
+its own MAC and address — and nothing is left behind."""
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from hyperrun.proto import cri_api_pb2 as cri
+from tests.conftest import qemu_pids
+from tests.integration.test_cri import Daemon
+from tests.integration.test_network import cni_env, exec_sync, http_get, pod_ip, remove_pod, run_pod  # noqa: F401
+
+HTTPD = "mkdir -p /www && echo hi from $(hostname) > /www/index.html && exec httpd -f -p 80 -h /www"
+
+
+@pytest.fixture
+def tpl_daemon(vm_assets, cni_env, tmp_path):
+    base = Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp"))
+    (base / "config.toml").write_text("[sandbox]\ntemplate = true\n")
+    templates = Path(tempfile.mkdtemp(prefix="hr-tpl-", dir="/dev/shm"))
+    d = Daemon(base, ("--network", "cni", "--cni-conf-dir", str(cni_env[0])))
+    d.env.update(HYPERRUN_CONFIG=str(base / "config.toml"), HYPERRUN_TEMPLATES=str(templates))
+    d.start()
+    d.templates = templates
+    yield d
+    d.stop()
+    for pid in qemu_pids():
+        try:
+            if str(base) in open(f"/proc/{pid}/cmdline").read():
+                os.kill(pid, 9)
+        except OSError:
+            pass
+    shutil.rmtree(base, ignore_errors=True)
+    shutil.rmtree(templates, ignore_errors=True)
+
+
+def test_clones_of_one_template_are_distinct_machines(tpl_daemon, pushed):
+    d = tpl_daemon
+    image = pushed.ref("busybox:latest")
+    d.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
+    before = qemu_pids()
+    pods, cids = [], []
+    for i in range(3):
+        t = time.monotonic()
+        pod, cid = run_pod(d, image, f"clone{i}", HTTPD, hostname=f"clone{i}")
+        pods.append(pod)
+        cids.append(cid)
+        if i == 0:
+            (template,) = [p for p in d.templates.iterdir() if not p.name.startswith(".")]
+            assert (template / "state").exists() and (template / "mem").exists()
+    # Every pod VM maps the one template's memory file (private copy-on-write).
+    for pid in qemu_pids() - before:
+        argv = open(f"/proc/{pid}/cmdline").read().split("\0")
+        assert "-incoming" in argv and any(f"mem-path={template}/mem" in a for a in argv)
+    ips, macs, uuids = set(), set(), set()
+    for pod, cid in zip(pods, cids):
+        ip = pod_ip(d, pod)
+        ips.add(ip)
+        assert http_get(f"http://{ip}/") == f"hi from {pod_name(d, pod)}\n"
+        code, out = exec_sync(d, cid, "cat /proc/sys/kernel/random/uuid /sys/class/net/eth0/address;"
+                                      " date +%s")
+        assert code == 0, out
+        uuid, mac, clock = out.split()
+        uuids.add(uuid)
+        macs.add(mac)
+        assert abs(int(clock) - time.time()) < 30, "the clock was not set"
+    assert len(ips) == len(macs) == len(uuids) == 3
+    for pod in pods:
+        remove_pod(d, pod)
+    assert not list((d.base / "run" / "sandboxes").iterdir())
+
+
+def pod_name(d: Daemon, pod: str) -> str:
+    return d.runtime.PodSandboxStatus(
+        cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status.metadata.name
