@@ -7,6 +7,8 @@ written whole under a lock.
 """
 import threading
 
+from google.protobuf.message import DecodeError
+
 from hyperrun.channel import frame
 from hyperrun.proto import ttrpc_pb2
 
@@ -62,12 +64,22 @@ class Server:
                 stream_id: int, payload: bytes) -> None:
         response = ttrpc_pb2.Response()
         try:
-            request = ttrpc_pb2.Request.FromString(payload)
+            if stream_id % 2 != 1:  # as containerd/ttrpc: clients number their streams odd
+                raise AgentError(frame.INVALID_ARGUMENT,
+                                 "StreamID must be odd for client initiated streams")
+            try:
+                request = ttrpc_pb2.Request.FromString(payload)
+            except DecodeError as exc:  # garbage from the host is its error, not ours
+                raise AgentError(frame.INVALID_ARGUMENT, f"unmarshal request error: {exc}")
             if request.service != self.service or request.method not in self.methods:
                 raise AgentError(frame.UNIMPLEMENTED,
                                  f"{request.service}/{request.method} is not implemented")
             req_type, handler = self.methods[request.method]
-            result = handler(req_type.FromString(request.payload))
+            try:
+                message = req_type.FromString(request.payload)
+            except DecodeError as exc:  # likewise for the method's own message
+                raise AgentError(frame.INVALID_ARGUMENT, f"unmarshal request error: {exc}")
+            result = handler(message)
             response.payload = result.SerializeToString()
         except AgentError as exc:
             response.status.code = exc.code

@@ -13,7 +13,7 @@ import enum
 import random
 from typing import Awaitable, Callable, TypeVar
 
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from hyperrun.proto import ttrpc_pb2
 
@@ -94,7 +94,10 @@ class TtrpcClient:
             self._pending.pop(stream_id, None)
         if response.status.code != frame.OK:
             raise TtrpcError(response.status.code, response.status.message, method)
-        return response_type.FromString(response.payload)
+        try:
+            return response_type.FromString(response.payload)
+        except DecodeError as exc:  # a guest can lie: a typed error, not protobuf's
+            raise TtrpcError(frame.INTERNAL, f"malformed reply: {exc}", method) from None
 
     async def _read_loop(self) -> None:
         assert self._reader is not None
@@ -108,7 +111,11 @@ class TtrpcClient:
                     continue
                 future = self._pending.get(stream_id)
                 if future is not None and not future.done():
-                    future.set_result(ttrpc_pb2.Response.FromString(payload))
+                    try:
+                        future.set_result(ttrpc_pb2.Response.FromString(payload))
+                    except DecodeError as exc:  # a guest can lie: fail that call, not the reader
+                        future.set_exception(TtrpcError(frame.INTERNAL,
+                                                        f"malformed response: {exc}"))
         except asyncio.IncompleteReadError:
             error = ConnectionLost(f"{self.name}: channel closed by the peer")
         except frame.FrameError as exc:
