@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", type=int, default=256, metavar="MIB",
                      help="memory in MiB (the VM gets the pod overhead on top)")
     run.add_argument("--machine", default="microvm", choices=["microvm", "q35"])
+    run.add_argument("--template", action="store_true",
+                     help="with --rootfs: restore a saved VM instead of booting (made on first "
+                          "use; the default with [sandbox] template = true)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="image, command and arguments")
 
     pull = sub.add_parser("pull", help="pull an image from a registry")
@@ -156,12 +159,21 @@ def _run(args: argparse.Namespace) -> int:
                    entrypoint=None if args.entrypoint is None else [args.entrypoint],
                    user=args.user, stdin=args.interactive, terminal=args.tty,
                    hostname=args.hostname, readonly=args.read_only,
+                   template=args.template or _config_template(),
                    sandbox=SandboxConfig(vcpus=args.cpus, memory_mib=args.memory,
                                          machine=args.machine))
     try:
         return execute(spec)
     except KeyboardInterrupt:  # before the container ran; the VM is gone with us
         return 130
+
+
+def _config_template() -> bool:
+    from hyperrun import config
+    try:
+        return config.load().template
+    except config.ConfigError:
+        return False
 
 
 def _images_service():

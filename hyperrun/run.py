@@ -1,14 +1,13 @@
-"""`hyperrun run`: one container in a fresh sandbox VM, attached to the
-local terminal, torn down when it exits. Exit code as Docker's: the
-container's own, 128+N when killed by signal N, 125 when hyperrun itself
-failed, 126/127 when the command cannot be run / was not found.
-
-The container's root is an image (its read-only erofs attached as a disk,
-with a writable overlay in the guest) or, with --rootfs, a host directory
-shared over 9p and written through.
+"""`hyperrun run --rootfs DIR`: one container whose root is a host
+directory (shared over 9p and written through, as podman's --rootfs), in
+a fresh VM of its own, attached to the local terminal, torn down when it
+exits. The direct path, without images, pods or the CRI services: the
+low-level analogue of `crun run` on a bundle. Exit codes are Docker's
+(hyperrun/exitcodes.py). Images go through hyperrun/client.py.
 
 execute() starts QEMU before it loads asyncio, protobuf and QMP: the guest
-boots while the rest of hyperrun is imported (worth ~0.1 s per run).
+boots while the rest of hyperrun is imported (worth ~0.1 s per run). With
+a template (--template), QEMU is started as its clone instead.
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from pathlib import Path
 from hyperrun.image.imageconfig import ImageConfigError, Overrides, ProcessDefaults, apply
 from hyperrun.sandbox.config import SandboxConfig
 from hyperrun.vm import VMError, rundir
-from hyperrun.vm.config import Disk, Share
+from hyperrun.vm.config import Share
 from hyperrun.vm.qemu import QemuVM
 
 from hyperrun.exitcodes import RUNTIME_ERROR as EXIT_RUNTIME_ERROR
@@ -30,8 +29,7 @@ ROOTFS_TAG = "rootfs"
 @dataclass
 class RunSpec:
     args: list[str]
-    rootfs: Path | None = None        # a host directory, or
-    image: str | None = None          # an image reference
+    rootfs: Path                      # a host directory
     entrypoint: list[str] | None = None
     env: list[str] = field(default_factory=list)
     workdir: str = ""
@@ -40,8 +38,7 @@ class RunSpec:
     terminal: bool = False
     hostname: str = ""
     readonly: bool = False
-    platform: str = "linux/amd64"
-    pull: str = "missing"             # missing | always | never
+    template: bool = False            # restore a saved VM instead of booting
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
@@ -62,22 +59,37 @@ def execute(spec: RunSpec) -> int:
     overrides = Overrides(args=spec.args, entrypoint=spec.entrypoint, env=spec.env,
                           workdir=spec.workdir, user=spec.user)
     try:
-        if spec.image is not None:
-            process, root = _prepare_image(spec, overrides)
-        else:
-            process, root = _prepare_dir(spec, overrides)
+        process, root = _prepare_dir(spec, overrides)
     except (ImageConfigError, _PrepareError) as exc:
         return _error(str(exc))
     rundir.collect_stale()
     spec.sandbox.die_with_parent = True
+    template = None
     try:
-        vm = QemuVM(spec.sandbox.vm_config())
+        config = spec.sandbox.vm_config()
+        if spec.template:
+            from hyperrun.vm import template as templates
+
+            template = templates.TemplateStore().find(config) or _make_template(config)
+            config = templates.clone_config(config, template)
+        vm = QemuVM(config)
         vm.spawn()
     except VMError as exc:
         return _error(str(exc))
     import asyncio
 
-    return asyncio.run(_run(spec, vm, process, root))
+    return asyncio.run(_run(spec, vm, process, root, template))
+
+
+def _make_template(config):
+    """The first run of a VM shape makes its template (a boot), then clones it."""
+    import asyncio
+
+    from hyperrun import log
+    from hyperrun.vm.template import TemplateStore
+
+    log.setup(None)  # its one line to stderr: stdout is the container's
+    return asyncio.run(TemplateStore().get(config, rundir.vm_root()))
 
 
 class _PrepareError(Exception):
@@ -94,48 +106,15 @@ def _prepare_dir(spec: RunSpec, overrides: Overrides) -> tuple[ProcessDefaults, 
     return apply({}, overrides), _Root(ROOTFS_TAG, "9p", overlay=False)
 
 
-def _prepare_image(spec: RunSpec, overrides: Overrides) -> tuple[ProcessDefaults, _Root]:
-    from hyperrun.image.service import ImageError, ImageService
-
-    service = ImageService()
-    try:
-        image = service.find(spec.image) if spec.pull != "always" else None
-        if image is None:
-            if spec.pull == "never":
-                raise _PrepareError(f"no such image: {spec.image} (and --pull=never)")
-            image = _pull(service, spec)
-        config = service.config(image)
-        disk = service.rootfs(image)
-    except ImageError as exc:
-        raise _PrepareError(str(exc)) from None
-    finally:
-        service.close()
-    spec.sandbox.disks = [Disk(disk, serial=ROOTFS_TAG)]
-    return apply(config, overrides), _Root(f"serial:{ROOTFS_TAG}", "erofs", overlay=True)
-
-
-def _pull(service, spec: RunSpec):
-    import asyncio
-
-    from hyperrun.image.distribution import PullError
-    from hyperrun.image.reference import InvalidReference
-
-    print(f"Unable to find image '{spec.image}' locally, pulling", file=sys.stderr)
-    try:
-        return asyncio.run(service.pull(spec.image, platform=spec.platform,
-                                        progress=sys.stderr.isatty()))
-    except (PullError, InvalidReference) as exc:
-        raise _PrepareError(str(exc)) from None
-
-
-async def _run(spec: RunSpec, vm: QemuVM, process: ProcessDefaults, root: _Root) -> int:
+async def _run(spec: RunSpec, vm: QemuVM, process: ProcessDefaults, root: _Root,
+               template=None) -> int:
     import asyncio
 
     from hyperrun.channel.ttrpc import ConnectionLost
     from hyperrun.sandbox.sandbox import Sandbox
 
     try:
-        sandbox = await Sandbox.start(vm)
+        sandbox = await Sandbox.start(vm, template=template)
     except VMError as exc:
         return _error(str(exc))
     try:
@@ -160,6 +139,12 @@ async def _run_in(sandbox, spec: RunSpec, defaults: ProcessDefaults, root: _Root
                          user=pb.User(spec=defaults.user), terminal=spec.terminal,
                          stdin=spec.stdin, console_size=pb.ConsoleSize(rows=rows, cols=cols))
     storage = pb.Storage(source=root.source, fstype=root.fstype, overlay=root.overlay)
+    if sandbox.vm.config.incoming:  # a clone: its own RNG state and clock
+        import os
+        import time
+
+        await agent.setup_sandbox(pb.SetupSandboxRequest(entropy=os.urandom(64),
+                                                         time_ns=time.time_ns()))
     try:
         await agent.create_container(cid, storage, process, hostname=spec.hostname,
                                      readonly_rootfs=spec.readonly)

@@ -75,7 +75,9 @@ def setup(req) -> None:
         if route.gateway:
             args += ["via", route.gateway]
         _ip(*args)
-    hostname = req.hostname or "localhost"
+    if not req.hostname:  # identity only (a direct run's clone): no name files
+        return
+    hostname = req.hostname
     try:
         with open("/proc/sys/kernel/hostname", "w") as f:
             f.write(hostname)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -44,6 +45,7 @@ def default_root() -> Path:
     return Path(os.environ.get("HYPERRUN_TEMPLATES") or "/dev/shm/hyperrun-templates")
 
 
+@functools.lru_cache(maxsize=1)
 def _qemu_version() -> str:
     out = subprocess.run([QEMU_BINARY, "--version"], capture_output=True, text=True)
     return out.stdout.splitlines()[0] if out.stdout else "unknown"
@@ -119,6 +121,11 @@ async def _ignore_shared(vm: QemuVM) -> None:
 class TemplateStore:
     def __init__(self, root: Path | None = None) -> None:
         self.root = root or default_root()
+
+    def find(self, config: VMConfig) -> Template | None:
+        """The template for this VM shape, if it has been made."""
+        template = Template(self.root / key(config))
+        return template if template.state.exists() else None
 
     async def get(self, config: VMConfig, run_root: Path) -> Template:
         """The template for this VM shape, made now if there is none."""

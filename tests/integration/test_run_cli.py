@@ -155,3 +155,22 @@ def test_vm_killed_mid_run_is_reported(busybox_rootfs, no_leaks):
 def parent_pid(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_runs_from_a_template_are_distinct_and_leave_nothing(busybox_rootfs, no_leaks, tmp_path,
+                                                            monkeypatch):
+    """--template: the first run makes the template (a boot), the next ones
+    restore it; each clone reseeds its RNG, and exit codes and output work."""
+    monkeypatch.setenv("HYPERRUN_TEMPLATES", str(tmp_path / "templates"))
+    uuids = set()
+    for _ in range(3):
+        r = hyperrun("run", "--template", "--rootfs", str(busybox_rootfs), "--",
+                     "sh", "-c", "cat /proc/sys/kernel/random/uuid; date +%s; exit 3")
+        assert r.returncode == 3, r
+        uuid, clock = r.stdout.decode().split()
+        uuids.add(uuid)
+        assert abs(int(clock) - time.time()) < 30
+    assert len(uuids) == 3
+    (template,) = [p for p in (tmp_path / "templates").iterdir() if not p.name.startswith(".")]
+    assert (template / "state").exists()
+    assert not (busybox_rootfs / "etc" / "resolv.conf").exists()  # a direct run writes no name files
