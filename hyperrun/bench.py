@@ -16,6 +16,8 @@ cri     through the daemon: ExecSync round trip in a running pod against a
         boot floor.
 network host -> pod over HTTP on the CNI bridge (100 MB, and a small
         request) against the same from a plain netns on the same bridge.
+density 30 idle pods at once (each answers an exec), booted and restored
+        from a template: time to start them, median PSS per pod VM.
 """
 from __future__ import annotations
 
@@ -67,21 +69,35 @@ def row(label: str, value: str) -> None:
 
 
 def bench_boot(runs: int) -> dict:
+    """Cold `run --rootfs DIR -- true` against the floor, and the same run
+    restored from a template (made before the first round) against cold."""
     print(f"== boot: {runs} interleaved runs each")
     rootfs = make_rootfs(Path("build/bench-rootfs"))
     run_argv = [HYPERRUN, "run", "--rootfs", str(rootfs), "--", "true"]
-    floor, run = [], []
-    timed_floor(rootfs)  # warm the page cache for both
-    timed(run_argv)
-    for i in range(runs):
-        floor.append(timed_floor(rootfs))
-        run.append(timed(run_argv))
-        print(f"  round {i + 1}/{runs}: floor {floor[-1]:.3f}s  run {run[-1]:.3f}s", flush=True)
-    f, r = statistics.median(floor), statistics.median(run)
+    templates = Path(tempfile.mkdtemp(prefix="hr-bench-templates-", dir="/dev/shm"))
+    env = {**os.environ, "HYPERRUN_TEMPLATES": str(templates)}
+    tpl_argv = [HYPERRUN, "run", "--template", "--rootfs", str(rootfs), "--", "true"]
+    floor, run, tpl = [], [], []
+    try:
+        timed_floor(rootfs)  # warm the page cache for all
+        timed(run_argv)
+        timed(tpl_argv, env=env)  # makes the template
+        for i in range(runs):
+            floor.append(timed_floor(rootfs))
+            run.append(timed(run_argv))
+            tpl.append(timed(tpl_argv, env=env))
+            print(f"  round {i + 1}/{runs}: floor {floor[-1]:.3f}s  run {run[-1]:.3f}s  "
+                  f"template {tpl[-1]:.3f}s", flush=True)
+    finally:
+        shutil.rmtree(templates, ignore_errors=True)
+    f, r, t = statistics.median(floor), statistics.median(run), statistics.median(tpl)
     row("floor (QEMU + kernel + init that exits), median", f"{f:.3f} s")
     row("hyperrun run --rootfs DIR -- true, median", f"{r:.3f} s")
     row("ratio run / floor", f"{r / f:.2f}")
-    return {"floor_median_s": round(f, 3), "run_median_s": round(r, 3), "ratio": round(r / f, 2)}
+    row("the same run restored from a template, median", f"{t:.3f} s")
+    row("ratio template / cold run", f"{t / r:.2f}")
+    return {"floor_median_s": round(f, 3), "run_median_s": round(r, 3), "ratio": round(r / f, 2),
+            "template_median_s": round(t, 3), "template_ratio": round(t / r, 2)}
 
 
 def bench_images(runs: int) -> dict:
@@ -146,7 +162,7 @@ class _Daemon:
     registry, pulled; the bench removes its VMs after (they outlive it by
     design)."""
 
-    def __init__(self, base: Path, *args: str) -> None:
+    def __init__(self, base: Path, *args: str, env: dict | None = None) -> None:
         import grpc
 
         from hyperrun.proto import cri_api_pb2 as cri
@@ -160,7 +176,8 @@ class _Daemon:
         self.registry = start_registry(base / "registry")
         self.registry.push(layout.path, "busybox", "busybox:latest")
         self.image = self.registry.ref("busybox:latest")
-        env = {**os.environ, "HYPERRUN_ROOT": str(base / "root"), "HYPERRUN_RUN_DIR": str(base / "run")}
+        env = {**os.environ, "HYPERRUN_ROOT": str(base / "root"),
+               "HYPERRUN_RUN_DIR": str(base / "run"), **(env or {})}
         sock = base / "cri.sock"
         self.proc = subprocess.Popen([HYPERRUN, "daemon", "--socket", str(sock), *args], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -247,6 +264,59 @@ def bench_cri(runs: int) -> dict:
         if d is not None:
             d.close()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional set size: shared pages (the guest image and kernel in
+    the page cache, a template's memory) count once, split among users."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+def bench_density(count: int) -> dict:
+    """`count` idle pods at once, each running a container that answers an
+    exec, booted cold and then restored from a template: time to start them
+    all and the median PSS of a pod's QEMU."""
+    result = {}
+    for mode in ("cold", "template"):
+        base = Path(tempfile.mkdtemp(prefix="hr-bench-", dir="/tmp"))
+        templates = Path(tempfile.mkdtemp(prefix="hr-bench-templates-", dir="/dev/shm"))
+        (base / "config.toml").write_text(f"[sandbox]\ntemplate = {str(mode == 'template').lower()}\n")
+        d = None
+        try:
+            print(f"== density: {count} idle pods, {mode}")
+            d = _Daemon(base, "--network", "none", env={"HYPERRUN_CONFIG": str(base / "config.toml"),
+                                                         "HYPERRUN_TEMPLATES": str(templates)})
+            if mode == "template":  # made before the clock starts, as a pool would
+                pod_id, _ = d.pod("warm")
+                d.remove_pod(pod_id)
+            start = time.perf_counter()
+            cids = []
+            for i in range(count):
+                pod_id, config = d.pod(f"idle{i}")
+                cids.append(d.container(pod_id, config, f"c{i}", "sleep 3600"))
+            elapsed = time.perf_counter() - start
+            for cid in cids:
+                r = d.rt.ExecSync(d.cri.ExecSyncRequest(container_id=cid, cmd=["true"], timeout=30))
+                assert r.exit_code == 0
+            time.sleep(2)  # idle
+            pss = [pss_kib(rundir.qemu_pid(p)) for p in (base / "run" / "sandboxes").glob("*")]
+            median = statistics.median(pss) / 1024
+            row(f"{count} pods started ({mode}), each answered an exec", f"{elapsed:.1f} s")
+            row(f"PSS per idle pod VM ({mode}), median", f"{median:.1f} MiB")
+            result[mode] = {"start_all_s": round(elapsed, 1), "pss_median_mib": round(median, 1)}
+            for pod in d.rt.ListPodSandbox(d.cri.ListPodSandboxRequest()).items:
+                d.remove_pod(pod.id)
+        finally:
+            if d is not None:
+                d.close()
+            shutil.rmtree(base, ignore_errors=True)
+            shutil.rmtree(templates, ignore_errors=True)
+    row("ratio PSS template / cold", f"{result['template']['pss_median_mib'] / result['cold']['pss_median_mib']:.2f}")
+    return result
 
 
 def _http_get(url: str, timeout: float = 60) -> bytes:
@@ -343,11 +413,11 @@ def bench_network(runs: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("sections", nargs="*", help="boot, images, cri, network (default: all)")
+    ap.add_argument("sections", nargs="*", help="boot, images, cri, network, density (default: all)")
     ap.add_argument("-n", "--runs", type=int, default=0, help="runs per measurement")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
-    all_sections = ["boot", "images", "cri", "network"]
+    all_sections = ["boot", "images", "cri", "network", "density"]
     args.sections = args.sections or all_sections
     if unknown := set(args.sections) - set(all_sections):
         ap.error(f"unknown sections: {', '.join(sorted(unknown))}")
@@ -361,6 +431,8 @@ def main() -> None:
         result["cri"] = bench_cri(args.runs or 5)
     if "network" in args.sections:
         result["network"] = bench_network(args.runs or 3)
+    if "density" in args.sections:
+        result["density"] = bench_density(args.runs or 30)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
