@@ -102,8 +102,14 @@ class VMConfig:
     # template is made, private copy-on-write in its clones.
     memory_file: Path | None = None
     memory_shared: bool = False
-    # Start paused, waiting for a migration stream (a clone of a template).
+    # Start paused, waiting for a migration stream (a clone of a template),
+    # read from this fd (the saved state, opened by the host: QEMU's seccomp
+    # filter forbids it to spawn `cat`). QEMU's spawn takes it over.
     incoming: bool = False
+    incoming_fd: int = -1
+    # QEMU's seccomp filter: no obsolete syscalls, no privilege changes,
+    # no fork/exec, no resource-control calls.
+    seccomp: bool = True
     # End QEMU when the launching process dies (embedded `hyperrun run`).
     die_with_parent: bool = False
     # TCG translation cache in MiB; small VMs do not need QEMU's 1 GiB default.

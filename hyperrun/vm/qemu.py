@@ -65,6 +65,9 @@ def command_line(config: VMConfig, run_dir: Path, qmp_fd: int | None, agent_fd: 
                                f"share={'on' if config.memory_shared else 'off'}"]
     if config.incoming:
         machine += ["-incoming", "defer"]
+    if config.seccomp:
+        machine += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,"
+                                "resourcecontrol=deny"]
     argv = [QEMU_BINARY, "-name", "hyperrun", *machine,
             "-smp", str(config.vcpus), "-m", str(config.memory_mib),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
@@ -164,6 +167,8 @@ class QemuVM(VM):
         fds = [qmp_sock.fileno()] + ([agent_sock.fileno()] if agent_sock else [])
         if self.config.nic and self.config.nic.kind == "tap":
             fds.append(self.config.nic.tap_fd)
+        if self.config.incoming_fd >= 0:
+            fds.append(self.config.incoming_fd)
         argv = command_line(self.config, self.run_dir, qmp_sock.fileno(),
                             agent_sock.fileno() if agent_sock else None)
         parent = os.getpid()
@@ -179,6 +184,8 @@ class QemuVM(VM):
             qmp_sock.close()
             if agent_sock:
                 agent_sock.close()
+            if self.config.incoming_fd >= 0:  # QEMU's now
+                os.close(self.config.incoming_fd)
 
     async def attach(self) -> None:
         """Re-attach to the QEMU of this VM's run directory, started by an

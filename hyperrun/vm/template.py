@@ -4,11 +4,13 @@ and start new VMs by restoring it (as Kata's and runV's templates do).
 Measured with QEMU 7.2 under TCG (see docs/ARCHITECTURE.md): the guest's
 RAM lives in a file on /dev/shm, mapped shared while the template is made;
 its device state is saved by migrating with `x-ignore-shared` (RAM is not
-copied: it is the file) to `exec:cat > state` (7.2 has no `file:` URI).
+copied: it is the file) to a file the host opens and passes (`getfd`,
+`fd:` URI; 7.2 has no `file:` URI, and QEMU's seccomp filter forbids the
+`exec:` URI's spawn).
 A clone maps the same file private (copy-on-write: pages it never writes
 stay shared with every other clone in the page cache), starts with
-`-incoming defer`, sets `x-ignore-shared` before `migrate-incoming`, and
-needs an explicit `cont`. The clone then gets its own identity from the
+`-incoming defer` and the state file's fd, sets `x-ignore-shared` before
+`migrate-incoming fd:N`, and needs an explicit `cont`. The clone then gets its own identity from the
 agent (entropy, clock, MAC: sandbox/podnet.setup_request).
 
 A template is keyed by everything the restored state depends on: kernel,
@@ -64,7 +66,7 @@ def shape(config: VMConfig) -> VMConfig:
     if config.channel.kind != "serial":
         raise VMError("VM templates need the virtio-serial agent channel")
     return dataclasses.replace(config, nic=_card(config), memory_file=None,
-                               memory_shared=False, incoming=False)
+                               memory_shared=False, incoming=False, incoming_fd=-1)
 
 
 def _card(config: VMConfig) -> Nic:
@@ -161,7 +163,15 @@ class TemplateStore:
         try:
             await sandbox.agent.close()  # the agent waits for its next host
             await _ignore_shared(vm)
-            await vm.qmp.execute("migrate", {"uri": f"exec:cat > {work / STATE}"})
+            # The state goes to a file the host opens and hands over: QEMU's
+            # seccomp filter would not let it spawn `cat` for an exec: URI.
+            fd = os.open(work / STATE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                vm.qmp.send_fd_scm(fd)
+                await vm.qmp.execute("getfd", {"fdname": "template-state"})
+            finally:
+                os.close(fd)
+            await vm.qmp.execute("migrate", {"uri": "fd:template-state"})
             await _wait_migration(vm)
         finally:
             await sandbox.destroy()
@@ -177,7 +187,8 @@ def clone_config(config: VMConfig, template: Template) -> VMConfig:
     """config, to start as a clone of template (RAM mapped private)."""
     nic = config.nic or _card(config)  # the device must exist
     return dataclasses.replace(config, nic=nic, memory_file=template.memory,
-                               memory_shared=False, incoming=True)
+                               memory_shared=False, incoming=True,
+                               incoming_fd=os.open(template.state, os.O_RDONLY | os.O_CLOEXEC))
 
 
 async def restore(vm: QemuVM, template: Template) -> None:
@@ -186,7 +197,7 @@ async def restore(vm: QemuVM, template: Template) -> None:
     await vm.launch()
     try:
         await _ignore_shared(vm)
-        await vm.qmp.execute("migrate-incoming", {"uri": f"exec:cat {template.state}"})
+        await vm.qmp.execute("migrate-incoming", {"uri": f"fd:{vm.config.incoming_fd}"})
         await _wait_migration(vm)
         await vm.qmp.execute("cont")
     except BaseException:
