@@ -228,6 +228,10 @@ class SandboxManager:
             if sandbox_id in self.sandboxes:  # not a stop we asked for
                 self._sandbox_gone(sandbox_id, f"VM exited: {sandbox.vm.failure_reason()}")
                 del self.sandboxes[sandbox_id]
+                # What the VM held goes now, not at the pod's removal: its
+                # network, run directory (sockets, volume binds), the session.
+                await sandbox.agent.close()
+                await sandbox.vm.remove()
                 if row := self.state.sandbox(sandbox_id):
                     await asyncio.to_thread(self.networks.teardown, sandbox_id, pod_network(row))
 
