@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
 
     daemon = sub.add_parser("daemon", help="serve the Kubernetes CRI v1 API on a unix socket")
     daemon.add_argument("--socket", type=Path, help="default /run/hyperrun/hyperrun.sock as root")
+    daemon.add_argument("--group", help="group owning the socket (mode 0660): who may use "
+                                        "the runtime besides root")
     daemon.add_argument("--network", default="auto", choices=["auto", "cni", "user", "none"],
                         help="how pods get a network (auto: CNI where it works, else user-mode)")
     daemon.add_argument("--cni-conf-dir", type=Path, help="default /etc/cni/net.d")
@@ -276,7 +278,7 @@ def _daemon(args: argparse.Namespace) -> int:
     from hyperrun.api.server import NetworkOptions, main
     return main(args.socket, NetworkOptions(
         args.network, args.cni_conf_dir,
-        args.cni_bin_dir.split(":") if args.cni_bin_dir else None))
+        args.cni_bin_dir.split(":") if args.cni_bin_dir else None), args.group)
 
 
 def _check(args: argparse.Namespace) -> int:

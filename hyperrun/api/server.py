@@ -33,8 +33,9 @@ class Services:
 
     def __init__(self, socket_path: Path, state_path: Path | None = None,
                  sandbox_root: Path | None = None, die_with_parent: bool = False,
-                 networks: PodNetworks | None = None) -> None:
+                 networks: PodNetworks | None = None, group: str | None = None) -> None:
         self.socket_path = socket_path
+        self.group = group
         self.images = ImageService()
         self.state = State(state_path or self.images.root / "state.db")
         self.manager = SandboxManager(self.images, self.state, config.load(),
@@ -53,6 +54,10 @@ class Services:
         self.server.add_insecure_port(f"unix://{self.socket_path}")
         await self.server.start()
         os.chmod(self.socket_path, 0o660)
+        if self.group:  # who may drive the runtime: root and this group
+            import grp
+
+            os.chown(self.socket_path, -1, grp.getgrnam(self.group).gr_gid)
 
     async def stop(self) -> None:
         await self.server.stop(grace=2)
@@ -63,10 +68,10 @@ class Services:
         self.socket_path.unlink(missing_ok=True)
 
 
-async def serve(socket_path: Path, network: NetworkOptions) -> None:
+async def serve(socket_path: Path, network: NetworkOptions, group: str | None = None) -> None:
     log.setup(None if sys.stderr.isatty() else paths.data_root() / "daemon.log")
     logger = log.get("daemon")
-    services = Services(socket_path, networks=network.pod_networks())
+    services = Services(socket_path, networks=network.pod_networks(), group=group)
     logger.info("networking", kind=services.manager.networks.kind)
     await services.manager.recover()
     logger.info("recovered", sandboxes=len(services.manager.sandboxes))
@@ -104,9 +109,17 @@ class NetworkOptions:
         return PodNetworks(self.kind, SandboxNetworks(**kw))
 
 
-def main(socket_path: Path | None, network: NetworkOptions | None = None) -> int:
+def main(socket_path: Path | None, network: NetworkOptions | None = None,
+         group: str | None = None) -> int:
+    if group:
+        import grp
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            print(f"hyperrun daemon: no group {group!r}", file=sys.stderr)
+            return 1
     try:
-        asyncio.run(serve(socket_path or default_socket(), network or NetworkOptions()))
+        asyncio.run(serve(socket_path or default_socket(), network or NetworkOptions(), group))
     except config.ConfigError as exc:
         print(f"hyperrun daemon: {exc}", file=sys.stderr)
         return 1

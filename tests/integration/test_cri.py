@@ -18,7 +18,7 @@ from tests.conftest import HYPERRUN, qemu_pids
 
 
 class Daemon:
-    def __init__(self, base: Path, args: tuple[str, ...] = ("--network", "none")) -> None:
+    def __init__(self, base: Path, args: tuple[str, ...] = ("--network", "none", "--group", "daemon")) -> None:
         self.base = base
         self.args = args
         self.socket = base / "cri.sock"
@@ -74,6 +74,8 @@ def wait_state(d: Daemon, cid: str, state, timeout: float = 60):
 def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
     d = daemon
     before = qemu_pids()
+    st = os.stat(d.socket)
+    assert (st.st_mode & 0o777, st.st_gid) == (0o660, 1)  # --group daemon: its gid
     v = d.runtime.Version(cri.VersionRequest())
     assert (v.runtime_name, v.runtime_api_version) == ("hyperrun", "v1")
 
