@@ -65,6 +65,8 @@ _O_DIR = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
 _O_DIR_RD = os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
 _O_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _ZERO_BLOCK = bytes(BLOCK)
+_ID_NONE = (1 << 32) - 1                        # (uid_t)-1: "no change" to chown, not an id
+_TIME_MAX_NS = ((1 << 63) - 1) * 1_000_000_000  # seconds must fit a time_t
 # errors from setxattr that mean "this filesystem (or we) cannot keep it":
 # a counted warning, not a failure
 _XATTR_SOFT = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM, errno.EACCES, errno.EINVAL,
@@ -581,6 +583,13 @@ class _Unpacker:
                                   f"max_entries", name)
             if e.size < 0:
                 raise _LayerError("negative size", name)
+            # a hostile header's numbers must fit the syscalls (else an untyped OverflowError)
+            if not (0 <= e.uid < _ID_NONE and 0 <= e.gid < _ID_NONE):
+                raise _LayerError(f"uid/gid {e.uid}/{e.gid} out of range", name)
+            if not (0 <= e.devmajor <= 0xFFF and 0 <= e.devminor <= 0xFFFFF):
+                raise _LayerError(f"device {e.devmajor}:{e.devminor} out of range", name)
+            if not -_TIME_MAX_NS <= e.mtime_ns <= _TIME_MAX_NS:
+                raise _LayerError(f"mtime {e.mtime_ns // 1_000_000_000} out of range", name)
             if e.type in (b"0", b"\0", b"7"):
                 if stats.bytes + e.size > limits.max_bytes:
                     raise _LayerError(f"writing {e.size} more bytes would exceed the limit "
@@ -907,6 +916,8 @@ class _Unpacker:
 
     def _xattrs(self, target, xattrs: dict[bytes, bytes], follow: bool = True) -> None:
         for key, value in xattrs.items():
+            if b"\0" in key:  # setxattr would raise an untyped ValueError
+                raise _LayerError(f"xattr name {_show(key)!r} contains a NUL byte")
             try:
                 if follow:
                     os.setxattr(target, key, value)
