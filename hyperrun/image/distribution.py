@@ -172,7 +172,11 @@ class Platform:
 
     @classmethod
     def of(cls, os_: str, arch: str, variant: str = "") -> "Platform":
-        os_, arch, variant = (os_ or "").lower(), (arch or "").lower(), (variant or "").lower()
+        os_, arch, variant = os_ or "", arch or "", variant or ""
+        for v in (os_, arch, variant):
+            if not isinstance(v, str):  # from a registry's JSON: a typed error, not AttributeError
+                raise ManifestError(f"platform field {type(v).__name__} is not a string")
+        os_, arch, variant = os_.lower(), arch.lower(), variant.lower()
         if arch in ("armhf",) and not variant:
             variant = "v7"
         if arch in ("armel",) and not variant:
@@ -848,7 +852,10 @@ class _Puller:
             if have.os and have.architecture and not want.matches(have):
                 raise PlatformNotFound(f"{ref}: the image is for {have}, not {want}")
             platform = str(have) if have.os and have.architecture else str(want)
-        diff_ids = (config.get("rootfs") or {}).get("diff_ids")
+        rootfs = config.get("rootfs") or {}
+        if not isinstance(rootfs, dict):  # registry data: a typed error, not AttributeError
+            raise ManifestError(f"{ref}: the image config's rootfs is not an object")
+        diff_ids = rootfs.get("diff_ids")
         if isinstance(diff_ids, list) and len(diff_ids) != len(layers):
             raise ManifestError(f"{ref}: the config lists {len(diff_ids)} layers, the manifest "
                                 f"{len(layers)}")

@@ -72,7 +72,11 @@ class Reference:
         """The short form Docker shows: "busybox:latest", "user/app:1"."""
         name = self.name
         if self.registry == DOCKER_HUB:
-            name = self.repository.removeprefix("library/")
+            short = self.repository.removeprefix("library/")
+            if "/" not in short:  # as Docker: "library/a/b" kept whole, "a/b" is another image
+                name = short
+            else:
+                name = self.repository
         if self.tag is not None:
             name += f":{self.tag}"
         if self.digest is not None:
