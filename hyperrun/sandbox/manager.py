@@ -38,6 +38,7 @@ from hyperrun import log
 logger = log.get("sandbox")
 READY, NOTREADY = "ready", "notready"
 STARTUP_WINDOW_S = 3.0  # see _resend_while_starting
+OUTLET_LIMIT = 256  # chunks (up to 64 KiB each) an attach session may lag behind
 CREATED, RUNNING, EXITED, UNKNOWN = "created", "running", "exited", "unknown"
 
 
@@ -386,8 +387,11 @@ class SandboxManager:
             try:
                 while data := await sandbox.agent.read_stream(stream, cid, "", 65536):
                     logfile.write(stream, data)
-                    for outlet in self._attached.get(cid, []):
-                        outlet[stream].put_nowait(data)
+                    for outlet in list(self._attached.get(cid, [])):
+                        if outlet[stream].qsize() >= OUTLET_LIMIT:
+                            self._drop_outlet(cid, outlet)
+                        else:
+                            outlet[stream].put_nowait(data)
             except (ConnectionLost, TtrpcError):
                 pass
             for outlet in self._attached.get(cid, []):
@@ -470,6 +474,14 @@ class SandboxManager:
             self.state.remove_container(container_id)
             if sandbox is not None:
                 await self._unplug_if_unused(sandbox, row.sandbox_id, row.disk_serial)
+
+    def _drop_outlet(self, container_id: str, outlet: "Outlet") -> None:
+        """An attach session that does not keep up is ended (the log has
+        everything) rather than buffered without bound in the daemon."""
+        self._attached[container_id].remove(outlet)
+        for queue in outlet.values():
+            queue.put_nowait(b"")
+        logger.warning("attach session too slow: ended", container=container_id)
 
     def _end_attached(self, container_id: str) -> None:
         """No more output will come: tell attach sessions."""
