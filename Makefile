@@ -11,7 +11,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils linux-source-6.1 build-essential flex
 	containernetworking-plugins iptables iproute2 curl \
 	python3-venv
 
-.PHONY: setup apt venv cni-config proto kernel guest assets demo test test-unit bench check clean
+.PHONY: setup apt venv cni-config proto kernel guest assets demo test test-unit bench check clean fuzz
 
 setup: apt venv cni-config
 
@@ -57,6 +57,14 @@ test: assets
 
 test-unit: venv
 	$(PY) -m pytest -v tests/unit
+
+# The hostile-input property suites (tests/property) with a much larger
+# budget than `make test` gives them, and a random seed (printed; pass
+# HYPERRUN_FUZZ_SEED to replay one). HYPERRUN_FUZZ_EXAMPLES sets the budget.
+fuzz: venv
+	@seed=$${HYPERRUN_FUZZ_SEED:-$$RANDOM$$RANDOM}; echo "hypothesis seed: $$seed"; \
+	HYPERRUN_FUZZ_EXAMPLES=$${HYPERRUN_FUZZ_EXAMPLES:-20000} \
+		$(PY) -m pytest -q -rsx --timeout=0 --hypothesis-seed=$$seed tests/property
 
 bench: assets
 	$(PY) -m hyperrun.bench
