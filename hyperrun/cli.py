@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", type=int, default=256, metavar="MIB",
                      help="memory in MiB (the VM gets the pod overhead on top)")
     run.add_argument("--machine", default="microvm", choices=["microvm", "q35"])
+    run.add_argument("--direct", action="store_true",
+                     help="the image's program as the VM's init: no agent, no container "
+                          "(Lupine-style; output and exit code still come back)")
     run.add_argument("--template", action="store_true",
                      help="with --rootfs: restore a saved VM instead of booting (made on first "
                           "use; the default with [sandbox] template = true)")
@@ -141,6 +144,11 @@ def _run(args: argparse.Namespace) -> int:
             return 125
         image, rest = rest[0], rest[1:]
         rest = rest[1:] if rest[:1] == ["--"] else rest
+        if args.direct:
+            from hyperrun import direct
+            return direct.run(image, rest, None if args.entrypoint is None else [args.entrypoint],
+                              args.env, args.workdir, args.user, args.pull, args.platform,
+                              args.cpus, args.memory)
         from hyperrun import client
         return client.run(client.RunOptions(
             image=image, args=rest, entrypoint=None if args.entrypoint is None else [args.entrypoint],

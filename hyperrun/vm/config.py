@@ -107,6 +107,9 @@ class VMConfig:
     # filter forbids it to spawn `cat`). QEMU's spawn takes it over.
     incoming: bool = False
     incoming_fd: int = -1
+    # microvm lists its virtio-mmio devices at the end of the kernel command
+    # line; off, the caller places them (direct mode: before `--`).
+    auto_cmdline: bool = True
     # QEMU's seccomp filter: no obsolete syscalls, no privilege changes,
     # no fork/exec, no resource-control calls.
     seccomp: bool = True

@@ -53,6 +53,8 @@ def machine_args(config: VMConfig) -> tuple[list[str], str]:
     # Under TCG, -erms: glibc and the kernel then avoid `rep movsb`, which
     # TCG runs a byte per iteration (pipe throughput 2.7x, see kernel-config/).
     cpu = "host" if config.accel == "kvm" else "max,-erms"
+    if config.machine == "microvm" and not config.auto_cmdline:
+        machine += ",auto-kernel-cmdline=off"
     return ["-M", machine, "-accel", accel, "-cpu", cpu], bus
 
 
