@@ -17,7 +17,6 @@ user other than / and root, stdin.
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys

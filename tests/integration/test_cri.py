@@ -44,6 +44,18 @@ class Daemon:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(30)
 
+    def close(self) -> None:
+        """Stop, kill what a failed test left in *this* daemon's run dir
+        (its VMs outlive it by design), and remove its directory."""
+        self.stop()
+        for pid in qemu_pids():
+            try:
+                if str(self.base) in open(f"/proc/{pid}/cmdline").read():
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        shutil.rmtree(self.base, ignore_errors=True)
+
 
 @pytest.fixture
 def daemon(vm_assets):
@@ -52,14 +64,7 @@ def daemon(vm_assets):
     d = Daemon(base)
     d.start()
     yield d
-    d.stop()
-    for pid in qemu_pids():  # whatever a failed test left in *this* daemon's run dir
-        try:
-            if str(base) in open(f"/proc/{pid}/cmdline").read():
-                os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    shutil.rmtree(base, ignore_errors=True)
+    d.close()
 
 
 def wait_state(d: Daemon, cid: str, state, timeout: float = 60):

@@ -3,14 +3,13 @@ The pod goes NotReady, its running containers are reported exited with the
 reason, and everything the VM held is freed at once: its network (netns,
 veth, iptables rules, lease), run directory and volume binds."""
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
 
 from hyperrun.proto import cri_api_pb2 as cri
 from tests.conftest import qemu_pids
-from tests.integration.test_network import (cni_env, netd, pod_ip, remove_pod, run_pod,  # noqa: F401
+from tests.integration.test_network import (cni_env, netd, pod_ip, remove_pod,  # noqa: F401
                                             state, warm_up)
 
 

@@ -11,12 +11,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-import grpc
 import pytest
 
-from hyperrun.network import cni, cni_available, default_conflist
+from hyperrun.network import cni_available, default_conflist
 from hyperrun.proto import cri_api_pb2 as cri
-from tests.conftest import qemu_pids
 from tests.integration.test_cri import Daemon
 from tests.integration.test_network_host import _remove_new_chains, host_links, iptables_state, sh
 
@@ -51,14 +49,7 @@ def netd(vm_assets, cni_env):
     d = Daemon(base, ("--network", "cni", "--cni-conf-dir", str(cni_env[0])))
     d.start()
     yield d
-    d.stop()
-    for pid in qemu_pids():
-        try:
-            if str(base) in open(f"/proc/{pid}/cmdline").read():
-                os.kill(pid, 9)
-        except OSError:
-            pass
-    shutil.rmtree(base, ignore_errors=True)
+    d.close()
 
 
 def state(leases: Path) -> dict:
