@@ -73,10 +73,10 @@ class Reference:
         name = self.name
         if self.registry == DOCKER_HUB:
             short = self.repository.removeprefix("library/")
-            if "/" not in short:  # as Docker: "library/a/b" kept whole, "a/b" is another image
+            if "/" in short:  # as Docker: "library/a/b" kept whole, "a/b" is another image
+                short = self.repository
+            if _split_registry(short) == (DOCKER_HUB, short):  # else "a.b/c" names registry a.b
                 name = short
-            else:
-                name = self.repository
         if self.tag is not None:
             name += f":{self.tag}"
         if self.digest is not None:
