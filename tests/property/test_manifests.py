@@ -28,7 +28,7 @@ from hyperrun.image.distribution import (CONFIG_MAX, CONFIG_TYPES, INDEX_TYPES, 
                                          NullProgress, Platform, PullError, PullResult)
 from hyperrun.image.reference import InvalidReference, Reference
 
-from . import FUZZ, budget, counted
+from . import FUZZ, budget, counted, still_failing
 
 
 def digest_of(data: bytes) -> str:
@@ -45,7 +45,8 @@ def puller(ref: str = "registry.test/app:1") -> d._Puller:
 scalar = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70),
                    st.floats(allow_nan=False), st.text(max_size=20),
                    st.sampled_from(MANIFEST_TYPES + CONFIG_TYPES + LAYER_TYPES
-                                   + ("linux", "amd64", "arm64", "v8", "unknown", "sha256:")))
+                                   + ("linux", "amd64", "arm64", "v8", "unknown", "sha256:",
+                                      "SIGKILL", "KILL", "0", "9", "99999", "-1", "²")))
 json_value = st.recursive(scalar, lambda inner: st.one_of(
     st.lists(inner, max_size=4),
     st.dictionaries(st.sampled_from(["mediaType", "schemaVersion", "config", "layers",
@@ -432,13 +433,31 @@ overrides = st.builds(imageconfig.Overrides,
                       workdir=st.sampled_from(["", "/w"]), user=st.sampled_from(["", "1:1"]))
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, AttributeError, TypeError), reason=(
+CONFIG_PROBES = [{"config": {"Cmd": [None]}},
+                 {"config": {"Cmd": ["a"], "StopSignal": "²"}},
+                 {"config": {"Cmd": ["a"], "StopSignal": "99999"}}]
+
+
+def _config_probe():
+    for config in CONFIG_PROBES:
+        try:
+            p = imageconfig.apply(config, imageconfig.Overrides())
+        except imageconfig.ImageConfigError:
+            continue
+        assert all(isinstance(a, str) for a in p.args) and 0 < p.stop_signal < 65
+
+
+@pytest.mark.xfail(still_failing(_config_probe), strict=True,
+                   raises=(AssertionError, AttributeError, TypeError, ValueError,
+                           ExceptionGroup), reason=(
     "found here, not fixed here (hyperrun/image/imageconfig.py is outside this change): "
     "apply() passes a registry's non-string Cmd/Entrypoint/Env/WorkingDir/User items through "
-    "(a TypeError later, in CreateContainer), and reads config/Env of the wrong JSON type "
-    "with AttributeError"))
+    "(a TypeError later, in CreateContainer), reads config/Env of the wrong JSON type with "
+    "AttributeError, and takes StopSignal '99999' or '0' as a signal and '²' with ValueError"))
 @FUZZ
-@example(config={"config": {"Cmd": [None]}}, o=imageconfig.Overrides())
+@example(config=CONFIG_PROBES[0], o=imageconfig.Overrides())
+@example(config=CONFIG_PROBES[1], o=imageconfig.Overrides())
+@example(config=CONFIG_PROBES[2], o=imageconfig.Overrides())
 @given(config=st.one_of(json_value, st.builds(mutate_doc, st.just(config_doc()),
                                               st.lists(edit, max_size=3))),
        o=overrides)
