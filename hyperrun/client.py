@@ -323,6 +323,8 @@ def parse_volume(text: str):
 
 def parse_port(text: str):
     """-p [HOSTIP:]HOSTPORT:PORT[/tcp|udp] as a CRI port mapping."""
+    import ipaddress
+
     cri = _cri()
     spec, _, proto = text.partition("/")
     parts = spec.rsplit(":", 2)
@@ -331,6 +333,11 @@ def parse_port(text: str):
         if len(parts) < 2 or proto not in ("tcp", "udp", "sctp"):
             raise ValueError
         host_ip = parts[0] if len(parts) == 3 else ""
+        if host_ip:  # Docker's [::1]:8080:80 for IPv6
+            host_ip = str(ipaddress.ip_address(host_ip.removeprefix("[").removesuffix("]")))
+        if not (parts[-2].isascii() and parts[-2].isdigit() and parts[-1].isascii()
+                and parts[-1].isdigit()):
+            raise ValueError
         host_port, port = int(parts[-2]), int(parts[-1])
         if not (0 < host_port < 65536 and 0 < port < 65536):
             raise ValueError
@@ -347,7 +354,13 @@ def _security_context(user: str):
 
     sc = cri.LinuxContainerSecurityContext()
     name, _, group = user.partition(":")
-    if name.isdigit() and (not group or group.isdigit()):
+
+    def is_id(text: str) -> bool:  # ASCII digits within a uid's range
+        return text.isascii() and text.isdigit() and int(text) < 1 << 32
+
+    if (name.isdigit() and not is_id(name)) or (group.isdigit() and not is_id(group)):
+        raise RunError(f"-u {user!r}: ids are numbers below 2^32")
+    if is_id(name) and (not group or is_id(group)):
         sc.run_as_user.value = int(name)
         if group:
             sc.run_as_group.value = int(group)

@@ -51,18 +51,37 @@ def merge_env(base: list[str], extra: list[str]) -> list[str]:
     return list(merged.values())
 
 
+def _strings(cfg: dict, key: str) -> list[str]:
+    """A list-of-strings field of a registry's config, checked: its JSON
+    comes from outside."""
+    value = cfg.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ImageConfigError(f"image config {key} is not a list of strings")
+    return list(value)
+
+
+def _string(cfg: dict, key: str) -> str:
+    value = cfg.get(key) or ""
+    if not isinstance(value, str):
+        raise ImageConfigError(f"image config {key} is not a string")
+    return value
+
+
 def apply(image_config: dict, o: Overrides) -> ProcessDefaults:
-    cfg = image_config.get("config") or {}
-    entrypoint = o.entrypoint if o.entrypoint is not None else list(cfg.get("Entrypoint") or [])
+    cfg = image_config.get("config") if isinstance(image_config, dict) else None
+    cfg = cfg or {}
+    if not isinstance(cfg, dict):
+        raise ImageConfigError("image config: its config is not an object")
+    entrypoint = o.entrypoint if o.entrypoint is not None else _strings(cfg, "Entrypoint")
     # Docker: --entrypoint resets the image's Cmd; a user command replaces it.
-    cmd = o.args or ([] if o.entrypoint is not None else list(cfg.get("Cmd") or []))
+    cmd = o.args or ([] if o.entrypoint is not None else _strings(cfg, "Cmd"))
     args = [a for a in entrypoint if a != ""] + cmd if entrypoint != [""] else cmd
     if not args:
         raise ImageConfigError("no command: the image has no Entrypoint or Cmd and none was given")
     return ProcessDefaults(
         args=args,
-        env=merge_env(list(cfg.get("Env") or []), o.env),
-        cwd=o.workdir or cfg.get("WorkingDir") or "/",
-        user=o.user or cfg.get("User") or "",
-        stop_signal=parse_signal(cfg.get("StopSignal")),
+        env=merge_env(_strings(cfg, "Env"), o.env),
+        cwd=o.workdir or _string(cfg, "WorkingDir") or "/",
+        user=o.user or _string(cfg, "User"),
+        stop_signal=parse_signal(_string(cfg, "StopSignal")),
     )

@@ -63,7 +63,9 @@ def pod_hostname(config: cri.PodSandboxConfig) -> str:
     sethostname refuses more; pod names can be longer)."""
     if config.hostname:
         return config.hostname
-    return config.metadata.name[:63].rstrip("-.") or "pod"
+    # 63 bytes, not characters: a name may be non-ASCII.
+    cut = config.metadata.name.encode()[:63].decode(errors="ignore")
+    return cut.rstrip("-.") or "pod"
 
 
 def agent_resources(r: cri.LinuxContainerResources) -> apb.Resources:
