@@ -34,6 +34,8 @@ def parse_signal(name: str | int | None) -> int:
     if name in (None, ""):
         return signal.SIGTERM
     if isinstance(name, int) or str(name).isdigit():
+        if not str(name).isascii() or not 0 < int(name) <= signal.SIGRTMAX:
+            raise ImageConfigError(f"stop signal {name!r} is not a signal number")
         return int(name)
     upper = str(name).upper()
     upper = upper if upper.startswith("SIG") else "SIG" + upper
