@@ -326,6 +326,9 @@ def data_frame(stream_id: int, flags: int, data: bytes) -> bytes:
     return struct.pack(">II", stream_id & 0x7FFFFFFF, (flags << 24) | len(data)) + data
 
 
+HEADER_BLOCK_MAX = 1 << 20
+
+
 class _SpdyProtocolError(Exception):
     pass
 
@@ -489,7 +492,12 @@ class _SpdySession:
             self._new.put_nowait(None)
 
     def _headers(self, block: bytes) -> dict[str, list[str]]:
-        return decode_header_block(self._inflate.decompress(block))
+        # A small block may inflate to a huge one: bounded, as Go's spdy
+        # reader bounds header blocks (a protocol error past the limit).
+        headers = self._inflate.decompress(block, HEADER_BLOCK_MAX)
+        if self._inflate.unconsumed_tail:
+            raise _SpdyProtocolError(f"header block inflates past {HEADER_BLOCK_MAX} bytes")
+        return decode_header_block(headers)
 
     async def _on_control(self, ftype: int, flags: int, payload: bytes) -> None:
         if ftype == SYN_STREAM:

@@ -87,3 +87,4 @@ def test_volume_flags():
     for bad in ("rel:/data", "/a", "/a:/b:rx", ":/b"):
         with pytest.raises(client.RunError):
             client.parse_volume(bad)
+

@@ -555,3 +555,18 @@ def test_stop_ends_sessions_in_progress():
                 while True:
                     await ws.recv()
     asyncio.run(main())
+
+
+def test_spdy_header_blocks_are_bounded_when_inflated():
+    """A small compressed block must not inflate without limit in the daemon."""
+    import zlib
+
+    from hyperrun.api import streaming
+
+    session = streaming._SpdySession.__new__(streaming._SpdySession)
+    session._inflate = zlib.decompressobj(zdict=streaming.SPDY_DICTIONARY)
+    deflate = zlib.compressobj(zdict=streaming.SPDY_DICTIONARY)
+    bomb = deflate.compress(b"\0" * (4 << 20)) + deflate.flush(zlib.Z_SYNC_FLUSH)
+    assert len(bomb) < 8192
+    with pytest.raises(streaming._SpdyProtocolError, match="inflates past"):
+        session._headers(bomb)
