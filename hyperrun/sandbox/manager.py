@@ -151,6 +151,9 @@ class SandboxManager:
                         os.kill(pid, signal.SIGKILL)
                     rundir.remove(path)
                     logger.info("removed a VM with no record", vm=path.name, pid=pid)
+        from hyperrun.vm import cgroup
+        for vm_id in cgroup.stale(known):  # of VMs long gone (busy ones stay)
+            cgroup.release_vm(vm_id)
         ready = [row.id for row in self.state.sandboxes() if row.state == READY]
         for sid in await asyncio.to_thread(self.networks.collect_stale, ready):
             logger.info("removed a network with no sandbox", sandbox=sid)

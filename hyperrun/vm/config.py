@@ -110,6 +110,8 @@ class VMConfig:
     # microvm lists its virtio-mmio devices at the end of the kernel command
     # line; off, the caller places them (direct mode: before `--`).
     auto_cmdline: bool = True
+    # A cgroup capping QEMU's memory and CPU (vm/cgroup.py), where possible.
+    cgroup: bool = True
     # QEMU's seccomp filter: no obsolete syscalls, no privilege changes,
     # no fork/exec, no resource-control calls.
     seccomp: bool = True

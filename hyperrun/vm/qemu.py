@@ -131,6 +131,7 @@ class QemuVM(VM):
         self._proc: subprocess.Popen | None = None
         self._attached_pid: int | None = None  # a QEMU we re-attached to, not our child
         self._exit_task = None  # asyncio.Task resolving to QEMU's exit status
+        self.cgroup_error = ""  # why QEMU runs without a cgroup, if it does
 
     @property
     def agent_socket(self) -> Path:
@@ -188,6 +189,12 @@ class QemuVM(VM):
                 agent_sock.close()
             if self.config.incoming_fd >= 0:  # QEMU's now
                 os.close(self.config.incoming_fd)
+        if self.config.cgroup:
+            from . import cgroup  # after the start: not on the boot path
+            try:
+                cgroup.confine(self.id, self._proc.pid, self.config.memory_mib, self.config.vcpus)
+            except cgroup.CgroupError as exc:
+                self.cgroup_error = str(exc)
 
     async def attach(self) -> None:
         """Re-attach to the QEMU of this VM's run directory, started by an
@@ -339,3 +346,5 @@ class QemuVM(VM):
                 pass
             self.qmp = None
         rundir.remove(self.run_dir)
+        from . import cgroup
+        cgroup.release_vm(self.id)

@@ -247,3 +247,41 @@ def test_sandbox_survives_its_host_process(busybox_rootfs, no_leaks):
         finally:
             await sb.destroy()
     run(main())
+
+
+def test_qemu_runs_confined(busybox_rootfs, no_leaks):
+    """QEMU under its seccomp filter and in a cgroup of its own capping its
+    memory (guest + QEMU's overhead) and CPU (the vCPUs); the cgroup goes
+    with the VM."""
+    from pathlib import Path
+
+    from hyperrun.vm import cgroup
+
+    if os.geteuid() != 0:
+        pytest.skip("not root: no cgroup can be made for QEMU")
+
+    async def main():
+        config = SandboxConfig(vcpus=2, memory_mib=300,
+                               shares=[Share("rootfs", busybox_rootfs)])
+        sandbox = await Sandbox.boot(config)
+        vm = sandbox.vm
+        try:
+            assert vm.cgroup_error == ""
+            with open(f"/proc/{vm.pid}/status") as f:
+                seccomp = next(line.split()[1] for line in f if line.startswith("Seccomp:"))
+            assert seccomp == "2"  # filter mode
+            groups = Path(f"/proc/{vm.pid}/cgroup").read_text()
+            assert f"/{cgroup.GROUP}/{vm.id}" in groups
+            dirs = cgroup._dirs(vm.id)
+            limit = (300 + cgroup.QEMU_OVERHEAD_MIB) << 20
+            if cgroup._v2_ready():
+                assert (dirs[0] / "memory.max").read_text().strip() == str(limit)
+                assert (dirs[0] / "cpu.max").read_text().split()[0] == "200000"
+            else:
+                assert (dirs[0] / "memory.limit_in_bytes").read_text().strip() == str(limit)
+                assert (dirs[1] / "cpu.cfs_quota_us").read_text().strip() == "200000"
+        finally:
+            await sandbox.destroy()
+        assert not any(d.exists() for d in cgroup._dirs(vm.id))
+
+    asyncio.run(main())
