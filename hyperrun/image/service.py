@@ -8,6 +8,8 @@ root filesystem image (erofs), built once and shared by every sandbox.
 """
 from __future__ import annotations
 
+import errno
+
 import fcntl
 import hashlib
 import json
@@ -110,8 +112,16 @@ class ImageService:
         from . import distribution
 
         ref = reference.parse(text)
-        result = await distribution.pull(ref, self.store, platform=platform, progress=progress,
-                                         auth=auth)
+        try:
+            result = await distribution.pull(ref, self.store, platform=platform,
+                                             progress=progress, auth=auth)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # Nothing half-written is in blobs/ (ingest is verified, then
+                # renamed); what was fetched stays in ingest/ for a retry.
+                raise ImageError(f"pulling {text}: no space left on the device of "
+                                 f"{self.root}") from None
+            raise
         if unpack:
             try:
                 await asyncio.to_thread(self.rootfs, result.image)
