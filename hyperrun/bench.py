@@ -75,29 +75,52 @@ def bench_boot(runs: int) -> dict:
     rootfs = make_rootfs(Path("build/bench-rootfs"))
     run_argv = [HYPERRUN, "run", "--rootfs", str(rootfs), "--", "true"]
     templates = Path(tempfile.mkdtemp(prefix="hr-bench-templates-", dir="/dev/shm"))
-    env = {**os.environ, "HYPERRUN_TEMPLATES": str(templates)}
+    work = Path(tempfile.mkdtemp(prefix="hr-bench-", dir="/tmp"))
+    env = {**os.environ, "HYPERRUN_TEMPLATES": str(templates), "HYPERRUN_ROOT": str(work / "root")}
     tpl_argv = [HYPERRUN, "run", "--template", "--rootfs", str(rootfs), "--", "true"]
-    floor, run, tpl = [], [], []
+    direct_argv = [HYPERRUN, "run", "--direct", "--entrypoint", "/bin/true", "bench/busybox:latest"]
+    floor, run, tpl, direct = [], [], [], []
     try:
+        _load_busybox(work, env)  # the same busybox, as an image, for direct mode
         timed_floor(rootfs)  # warm the page cache for all
         timed(run_argv)
         timed(tpl_argv, env=env)  # makes the template
+        timed(direct_argv, env=env)
         for i in range(runs):
             floor.append(timed_floor(rootfs))
             run.append(timed(run_argv))
             tpl.append(timed(tpl_argv, env=env))
+            direct.append(timed(direct_argv, env=env))
             print(f"  round {i + 1}/{runs}: floor {floor[-1]:.3f}s  run {run[-1]:.3f}s  "
-                  f"template {tpl[-1]:.3f}s", flush=True)
+                  f"template {tpl[-1]:.3f}s  direct {direct[-1]:.3f}s", flush=True)
     finally:
         shutil.rmtree(templates, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     f, r, t = statistics.median(floor), statistics.median(run), statistics.median(tpl)
+    dm = statistics.median(direct)
     row("floor (QEMU + kernel + init that exits), median", f"{f:.3f} s")
     row("hyperrun run --rootfs DIR -- true, median", f"{r:.3f} s")
     row("ratio run / floor", f"{r / f:.2f}")
     row("the same run restored from a template, median", f"{t:.3f} s")
     row("ratio template / cold run", f"{t / r:.2f}")
+    row("run --direct (true as the VM's init, from an image), median", f"{dm:.3f} s")
+    row("ratio direct / floor", f"{dm / f:.2f}")
     return {"floor_median_s": round(f, 3), "run_median_s": round(r, 3), "ratio": round(r / f, 2),
-            "template_median_s": round(t, 3), "template_ratio": round(t / r, 2)}
+            "template_median_s": round(t, 3), "template_ratio": round(t / r, 2),
+            "direct_median_s": round(dm, 3), "direct_floor_ratio": round(dm / f, 2)}
+
+
+def _load_busybox(work: Path, env: dict) -> None:
+    """The test busybox image, built with umoci and loaded as bench/busybox."""
+    from tests.registry import Layout, build_busybox
+
+    layout = Layout(work / "oci")
+    build_busybox(layout, "busybox", work)
+    archive = work / "busybox.tar"
+    subprocess.run(["skopeo", "copy", "-q", f"oci:{layout.path}:busybox",
+                    f"docker-archive:{archive}:bench/busybox:latest"], check=True)
+    subprocess.run([HYPERRUN, "load", "-i", str(archive)], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
 
 
 def bench_images(runs: int) -> dict:

@@ -1,5 +1,5 @@
 """A cgroup per VM that caps what its QEMU may use: the guest's memory plus
-QEMU's own overhead, and the guest's vCPUs. A guest that escapes into QEMU,
+QEMU's own overhead, and the guest's vCPUs plus one CPU for QEMU itself. A guest that escapes into QEMU,
 or a QEMU gone wrong, then cannot take the host's memory or all its CPUs.
 
 cgroup v2 where the unified hierarchy has the memory and cpu controllers,
@@ -48,7 +48,10 @@ def confine(vm_id: str, pid: int, memory_mib: int, vcpus: int) -> list[Path]:
     cgroup directories made (to remove after QEMU has exited). Raises
     CgroupError, having undone what it did, if that cannot be done."""
     limit = (memory_mib + QEMU_OVERHEAD_MIB) << 20
-    quota = vcpus * CPU_PERIOD_US
+    # The vCPUs' worth, and one more CPU for QEMU's own threads (its main
+    # loop and I/O; under TCG also translation): capped at the vCPUs alone,
+    # a cold run measured 1.58 s against 1.26-1.47 s uncapped.
+    quota = (vcpus + 1) * CPU_PERIOD_US
     made: list[Path] = []
     try:
         if _v2_ready():
