@@ -235,9 +235,7 @@ class _Daemon:
             self.proc.terminate()
             self.proc.wait(30)
             for path in (self.base / "run" / "sandboxes").glob("*"):
-                pid = rundir.qemu_pid(path)
-                if pid and rundir.alive_qemu(pid):
-                    os.kill(pid, 9)
+                rundir.kill_and_remove(path)
         if self.registry is not None:
             self.registry.stop()
 

@@ -38,9 +38,7 @@ def collect_stale() -> None:
         vms = path / "vms"
         if vms.is_dir():
             for vm_dir in vms.iterdir():
-                if (qemu := rundir.qemu_pid(vm_dir)) and rundir.alive_qemu(qemu):
-                    os.kill(qemu, 9)
-                rundir.remove(vm_dir)
+                rundir.kill_and_remove(vm_dir)
         if (path / "cni").is_dir():
             _network_options(path, pid).pod_networks().collect_stale([])
         shutil.rmtree(path, ignore_errors=True)
@@ -115,6 +113,4 @@ class EmbeddedHost:
                 pass
         await self._services.stop()
         for vm_dir in (self.dir / "vms").glob("*"):
-            if (qemu := rundir.qemu_pid(vm_dir)) and rundir.alive_qemu(qemu):
-                os.kill(qemu, 9)
-            rundir.remove(vm_dir)
+            rundir.kill_and_remove(vm_dir)

@@ -146,10 +146,7 @@ class SandboxManager:
         if root.is_dir():
             for path in root.iterdir():
                 if path.name not in known:
-                    pid = rundir.qemu_pid(path)
-                    if pid is not None and rundir.alive_qemu(pid):
-                        os.kill(pid, signal.SIGKILL)
-                    rundir.remove(path)
+                    pid = rundir.kill_and_remove(path)
                     logger.info("removed a VM with no record", vm=path.name, pid=pid)
         from hyperrun.vm import cgroup
         for vm_id in cgroup.stale(known):  # of VMs long gone (busy ones stay)

@@ -48,6 +48,18 @@ def remove(path: Path) -> bool:
     return True
 
 
+def kill_and_remove(path: Path) -> int | None:
+    """End the QEMU of a run directory (if it still runs) and delete the
+    directory; returns the pid it had, if any."""
+    import signal
+
+    pid = qemu_pid(path)
+    if pid is not None and alive_qemu(pid):
+        os.kill(pid, signal.SIGKILL)
+    remove(path)
+    return pid
+
+
 def qemu_pid(path: Path) -> int | None:
     try:
         return int((path / PID_FILE).read_text().strip())
