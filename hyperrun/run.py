@@ -139,12 +139,8 @@ async def _run_in(sandbox, spec: RunSpec, defaults: ProcessDefaults, root: _Root
                          user=pb.User(spec=defaults.user), terminal=spec.terminal,
                          stdin=spec.stdin, console_size=pb.ConsoleSize(rows=rows, cols=cols))
     storage = pb.Storage(source=root.source, fstype=root.fstype, overlay=root.overlay)
-    if sandbox.vm.config.incoming:  # a clone: its own RNG state and clock
-        import os
-        import time
-
-        await agent.setup_sandbox(pb.SetupSandboxRequest(entropy=os.urandom(64),
-                                                         time_ns=time.time_ns()))
+    if sandbox.vm.config.incoming:  # a clone: its own RNG state and clock (only)
+        await agent.setup_sandbox(pb.SetupSandboxRequest())
     try:
         await agent.create_container(cid, storage, process, hostname=spec.hostname,
                                      readonly_rootfs=spec.readonly)

@@ -29,6 +29,15 @@ class AgentClient:
         return await self._call("GetGuestDetails", pb.GuestDetailsRequest(), pb.GuestDetails)
 
     async def setup_sandbox(self, request: pb.SetupSandboxRequest) -> None:
+        """The sandbox's network and name files, and always its own
+        identity: fresh entropy and the host's clock, stamped here at the
+        moment of sending (a VM restored from a template has the template's
+        RNG state and clock; harmless for a booted one)."""
+        import os
+        import time
+
+        request.entropy = os.urandom(64)
+        request.time_ns = time.time_ns()
         await self._call("SetupSandbox", request, pb.Empty)
 
     async def create_container(self, container_id: str, rootfs: pb.Storage, process: pb.Process,

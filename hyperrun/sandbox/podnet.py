@@ -154,13 +154,7 @@ def setup_request(network: PodNetwork, config: cri.PodSandboxConfig,
     """What the agent is told: its interfaces, routes and name files. DNS
     is the pod's DNS config; without one, the host's reachable servers (or
     QEMU's DNS proxy in user mode), as Docker does."""
-    import os
-    import time
-
-    # Its own entropy and clock: a VM restored from a template has the
-    # template's (see agent identity.py); harmless for a booted one.
-    req = apb.SetupSandboxRequest(hostname=hostname, entropy=os.urandom(64),
-                                  time_ns=time.time_ns())
+    req = apb.SetupSandboxRequest(hostname=hostname)  # identity: AgentClient.setup_sandbox
     info = network.info
     if info is not None:
         req.interfaces.append(apb.Interface(mac=info.mac, addresses=info.ips, mtu=info.mtu))
