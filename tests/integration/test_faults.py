@@ -5,17 +5,12 @@ veth, iptables rules, lease), run directory and volume binds."""
 import os
 import signal
 import time
-from pathlib import Path
 
 from hyperrun.proto import cri_api_pb2 as cri
 from tests.conftest import qemu_pids
+from tests.integration.test_cri import _mounts_under
 from tests.integration.test_network import (cni_env, netd, pod_ip, remove_pod,  # noqa: F401
                                             state, warm_up)
-
-
-def _mounts_under(path: Path) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if str(path) in line.split()[4]]
 
 
 def test_qemu_killed(netd, pushed, cni_env, tmp_path):
