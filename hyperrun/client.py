@@ -372,10 +372,9 @@ def _security_context(user: str):
 def _ensure_image(host: Host, opts: RunOptions) -> None:
     import grpc
 
-    from hyperrun.api.images import PLATFORM_ANNOTATION
     from hyperrun.proto import cri_api_pb2 as cri
 
-    spec = cri.ImageSpec(image=opts.image, annotations={PLATFORM_ANNOTATION: opts.platform})
+    spec = _image_spec(opts.image, opts.platform)
     if opts.pull != "always" and host.images.ImageStatus(
             cri.ImageStatusRequest(image=spec)).HasField("image"):
         return
