@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     daemon.add_argument("--network", default="auto", choices=["auto", "cni", "user", "none"],
                         help="how pods get a network (auto: CNI where it works, else user-mode)")
     daemon.add_argument("--cni-conf-dir", type=Path, help="default /etc/cni/net.d")
+    daemon.add_argument("--pool-size", type=int, metavar="N",
+                        help="spare VMs kept started for pods to take (default: the "
+                             "config file's [sandbox] pool_size, else 0)")
     daemon.add_argument("--cni-bin-dir", help="plugin directories, ':'-separated "
                                               "(default /opt/cni/bin:/usr/lib/cni)")
 
@@ -286,7 +289,7 @@ def _daemon(args: argparse.Namespace) -> int:
     from hyperrun.api.server import NetworkOptions, main
     return main(args.socket, NetworkOptions(
         args.network, args.cni_conf_dir,
-        args.cni_bin_dir.split(":") if args.cni_bin_dir else None), args.group)
+        args.cni_bin_dir.split(":") if args.cni_bin_dir else None), args.group, args.pool_size)
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -15,6 +15,10 @@ Looked for at HYPERRUN_CONFIG, then /etc/hyperrun/config.toml, then
     # start pod VMs by restoring a saved one (vm/template.py) instead of
     # booting: made on first use per VM shape, kept in /dev/shm
     template = false
+    # spare VMs kept started (network prepared, agent warm) for pods of the
+    # default shape and network to take: RunPodSandbox then boots nothing
+    # (sandbox/pool.py). Each holds its memory while it waits.
+    pool_size = 0
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ class SandboxDefaults:
     max_memory_mib: int = 16384
     overhead_mib: int = 96
     template: bool = False
+    pool_size: int = 0
 
 
 def config_path() -> Path | None:
@@ -68,6 +73,8 @@ def load(path: Path | None = None) -> SandboxDefaults:
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise ConfigError(f"{path}: sandbox.{key} must be {expected.__name__}")
         setattr(defaults, key, value)
+    if defaults.pool_size < 0:
+        raise ConfigError(f"{path}: sandbox.pool_size must be 0 or more")
     if defaults.machine not in ("microvm", "q35"):
         raise ConfigError(f"{path}: sandbox.machine must be microvm or q35")
     return defaults

@@ -32,7 +32,10 @@ _tty_ids = itertools.count()
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 # Modules needed only by some requests are imported where used: every
-# import at boot costs tens of milliseconds under TCG.
+# import at boot costs tens of milliseconds under TCG. WarmUp imports them
+# all (before a template is saved); keep this list whole.
+LAZY_MODULES = ("json", "select", "shutil", "socket", "subprocess", "struct", "fcntl",
+                "traceback", ".network", ".identity", ".stats")
 
 
 def _check_id(value: str, what: str) -> str:

@@ -5,7 +5,7 @@ import threading
 from hyperrun.proto import agent_pb2 as pb
 
 from . import VERSION, syscalls
-from .containers import Containers
+from .containers import CRUN, LAZY_MODULES, Containers
 from .errors import failed
 from .log import log
 
@@ -21,6 +21,7 @@ class AgentService:
         return {
             "Health": (pb.HealthRequest, self.health),
             "GetGuestDetails": (pb.GuestDetailsRequest, self.guest_details),
+            "WarmUp": (pb.Empty, self.warm_up),
             "SetupSandbox": (pb.SetupSandboxRequest, self.setup_sandbox),
             "CreateContainer": (pb.CreateContainerRequest, self.create_container),
             "StartContainer": (pb.ContainerRequest, self.start_container),
@@ -55,15 +56,29 @@ class AgentService:
                 controllers = f.read().split()
         except OSError:
             controllers = []
+        return pb.GuestDetails(agent_version=VERSION, kernel_release=os.uname().release,
+                               cpus=os.cpu_count() or 1, mem_total_bytes=mem_total,
+                               uptime_seconds=uptime, crun_version=self._crun(),
+                               cgroup_controllers=controllers)
+
+    def _crun(self) -> str:
+        """crun's version line (running it also reads crun into the page cache)."""
         if not self._crun_version:
             import subprocess
 
-            out = subprocess.run(["/usr/bin/crun", "--version"], capture_output=True, text=True)
+            out = subprocess.run([CRUN, "--version"], capture_output=True, text=True)
             self._crun_version = out.stdout.splitlines()[0] if out.stdout else ""
-        return pb.GuestDetails(agent_version=VERSION, kernel_release=os.uname().release,
-                               cpus=os.cpu_count() or 1, mem_total_bytes=mem_total,
-                               uptime_seconds=uptime, crun_version=self._crun_version,
-                               cgroup_controllers=controllers)
+        return self._crun_version
+
+    def warm_up(self, req):
+        # Measured in a clone under TCG: the first SetupSandbox took 246 ms
+        # with these imports left to it, 70 ms after a WarmUp in the template.
+        import importlib
+
+        for name in LAZY_MODULES:
+            importlib.import_module(name, __package__)
+        self._crun()
+        return pb.Empty()
 
     def setup_sandbox(self, req):
         from . import network

@@ -80,7 +80,7 @@ class EmbeddedHost:
         async def start() -> None:
             self._services = Services(
                 self.socket, state_path=self.dir / "state.db", sandbox_root=self.dir / "vms",
-                die_with_parent=True,
+                die_with_parent=True, pool_size=0,  # spares would outlive their one use
                 networks=_network_options(self.dir, os.getpid()).pod_networks())
             await self._services.start()
 

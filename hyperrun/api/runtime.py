@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from importlib.metadata import version
 
 import grpc
@@ -63,7 +64,14 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
                                  reason="" if ok else "NetworkPluginNotReady",
                                  message="" if ok else why),
         ]
-        return cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions))
+        info = {}
+        if request.verbose:  # `crictl info`: how this runtime starts pods
+            m = self.m
+            info["config"] = json.dumps({
+                "network": m.networks.kind, "template": m.templates is not None,
+                "pool": {"size": m.pool.size if m.pool is not None else 0,
+                         "ready": len(m.pool) if m.pool is not None else 0}})
+        return cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions), info=info)
 
     async def RuntimeConfig(self, request, context):
         # Containers' cgroups are managed by crun in the guest, with cgroupfs.

@@ -33,12 +33,17 @@ class Services:
 
     def __init__(self, socket_path: Path, state_path: Path | None = None,
                  sandbox_root: Path | None = None, die_with_parent: bool = False,
-                 networks: PodNetworks | None = None, group: str | None = None) -> None:
+                 networks: PodNetworks | None = None, group: str | None = None,
+                 pool_size: int | None = None) -> None:
+        """pool_size: spare VMs to keep (None: the config file's)."""
         self.socket_path = socket_path
         self.group = group
         self.images = ImageService()
         self.state = State(state_path or self.images.root / "state.db")
-        self.manager = SandboxManager(self.images, self.state, config.load(),
+        defaults = config.load()
+        if pool_size is not None:
+            defaults.pool_size = pool_size
+        self.manager = SandboxManager(self.images, self.state, defaults,
                                       root=sandbox_root, die_with_parent=die_with_parent,
                                       networks=networks)
         self.streaming = StreamingServer(self.manager)
@@ -58,6 +63,7 @@ class Services:
             import grp
 
             os.chown(self.socket_path, -1, grp.getgrnam(self.group).gr_gid)
+        self.manager.start_pool()
 
     async def stop(self) -> None:
         await self.server.stop(grace=2)
@@ -68,10 +74,12 @@ class Services:
         self.socket_path.unlink(missing_ok=True)
 
 
-async def serve(socket_path: Path, network: NetworkOptions, group: str | None = None) -> None:
+async def serve(socket_path: Path, network: NetworkOptions, group: str | None = None,
+                pool_size: int | None = None) -> None:
     log.setup(None if sys.stderr.isatty() else paths.data_root() / "daemon.log")
     logger = log.get("daemon")
-    services = Services(socket_path, networks=network.pod_networks(), group=group)
+    services = Services(socket_path, networks=network.pod_networks(), group=group,
+                        pool_size=pool_size)
     logger.info("networking", kind=services.manager.networks.kind)
     await services.manager.recover()
     logger.info("recovered", sandboxes=len(services.manager.sandboxes))
@@ -110,7 +118,7 @@ class NetworkOptions:
 
 
 def main(socket_path: Path | None, network: NetworkOptions | None = None,
-         group: str | None = None) -> int:
+         group: str | None = None, pool_size: int | None = None) -> int:
     if group:
         import grp
         try:
@@ -119,7 +127,8 @@ def main(socket_path: Path | None, network: NetworkOptions | None = None,
             print(f"hyperrun daemon: no group {group!r}", file=sys.stderr)
             return 1
     try:
-        asyncio.run(serve(socket_path or default_socket(), network or NetworkOptions(), group))
+        asyncio.run(serve(socket_path or default_socket(), network or NetworkOptions(), group,
+                          pool_size))
     except config.ConfigError as exc:
         print(f"hyperrun daemon: {exc}", file=sys.stderr)
         return 1

@@ -28,6 +28,9 @@ class AgentClient:
     async def guest_details(self) -> pb.GuestDetails:
         return await self._call("GetGuestDetails", pb.GuestDetailsRequest(), pb.GuestDetails)
 
+    async def warm_up(self) -> None:
+        await self._call("WarmUp", pb.Empty(), pb.Empty)
+
     async def setup_sandbox(self, request: pb.SetupSandboxRequest) -> None:
         """The sandbox's network and name files, and always its own
         identity: fresh entropy and the host's clock, stamped here at the

@@ -2,9 +2,10 @@
 interface in it (ADD), and a tap joined to that interface, for QEMU.
 
     networks = SandboxNetworks(cache_dir=...)
-    info = networks.setup(sandbox_id, pod_name=..., pod_namespace=...,
-                          port_mappings=[PortMapping(8080, 80)])
-    fd = open_tap(info.netns, info.tap)   # -netdev tap,fd=N; close after the spawn
+    networks.prepare(sandbox_id)             # the netns and its tap
+    fd = open_tap(networks.netns_path(sandbox_id))  # -netdev tap,fd=N; close after the spawn
+    info = networks.add(sandbox_id, pod_name=..., pod_namespace=...,
+                        port_mappings=[PortMapping(8080, 80)])  # during or after the boot
     ...
     networks.teardown(sandbox_id)          # idempotent; works from the cache alone
 
@@ -12,6 +13,7 @@ The functions block (they exec plugins): call them off the event loop.
 """
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import os
@@ -97,7 +99,7 @@ class SandboxNetworks:
     def __init__(self, *, conf_dir: Path = cni.DEFAULT_CONF_DIR,
                  bin_dirs: Iterable[str] = cni.DEFAULT_BIN_DIRS,
                  cache_dir: Path | None = None, netns_dir: Path = NETNS_DIR,
-                 netns_prefix: str = NETNS_PREFIX, ifname: str = IFNAME,
+                 netns_prefix: str | None = None, ifname: str = IFNAME,
                  tap_name: str = tap.TAP_NAME):
         self.conf_dir = Path(conf_dir)
         self.bin_dirs = tuple(bin_dirs)
@@ -105,7 +107,11 @@ class SandboxNetworks:
         # DEL (from this cache) is what releases them.
         self.cache_dir = Path(cache_dir) if cache_dir else data_root() / "cni"
         self.netns_dir = Path(netns_dir)
-        self.netns_prefix = netns_prefix
+        # Each data root's own names: a daemon collects the netns with its
+        # prefix and no sandbox as stale, and must not take another
+        # daemon's (two on one host: a test instance, say) for its own.
+        self.netns_prefix = netns_prefix or \
+            f"{NETNS_PREFIX}{hashlib.sha256(str(self.cache_dir).encode()).hexdigest()[:6]}-"
         self.ifname = ifname
         self.tap_name = tap_name
         self.client = cni.Client(self.bin_dirs, self.cache_dir)
@@ -115,9 +121,31 @@ class SandboxNetworks:
 
     def setup(self, sandbox_id: str, *, pod_name: str = "", pod_namespace: str = "",
               pod_uid: str = "", port_mappings: Iterable[PortMapping] = ()) -> NetworkInfo:
-        """netns + CNI ADD + tap and redirects. On any failure, whatever was
-        done is undone before the error is raised."""
-        netlist = cni.load_config(self.conf_dir)
+        """prepare, then add: netns, tap, CNI ADD and the redirects."""
+        self.prepare(sandbox_id)
+        return self.add(sandbox_id, pod_name=pod_name, pod_namespace=pod_namespace,
+                        pod_uid=pod_uid, port_mappings=port_mappings)
+
+    def prepare(self, sandbox_id: str) -> Path:
+        """The sandbox's netns with its tap in it (down, joined to nothing):
+        all QEMU needs to start. The CNI network comes with add(), which
+        may run while the VM boots, or long after (a pooled VM)."""
+        path = self.netns_path(sandbox_id)
+        if os.path.lexists(path) or self.client.cached(sandbox_id, self.ifname):
+            raise FileExistsError(f"sandbox {sandbox_id} already has a network; tear it down first")
+        netns.create(path)
+        try:
+            netns.run_in(path, tap.create_tap_inside, self.tap_name)
+        except BaseException:
+            netns.remove(path)
+            raise
+        return path
+
+    def add(self, sandbox_id: str, *, pod_name: str = "", pod_namespace: str = "",
+            pod_uid: str = "", port_mappings: Iterable[PortMapping] = ()) -> NetworkInfo:
+        """CNI ADD in the prepared netns, and the tap joined to the new
+        interface. On any failure, the network (netns included) is torn
+        down before the error is raised."""
         path = self.netns_path(sandbox_id)
         args = [("IgnoreUnknown", "1"),  # else bridge and host-local refuse the K8S_ args
                 ("K8S_POD_NAMESPACE", pod_namespace), ("K8S_POD_NAME", pod_name),
@@ -127,12 +155,12 @@ class SandboxNetworks:
         ports = [p.to_cni() for p in port_mappings if p.host_port > 0]  # as the kubelet
         att = cni.Attachment(sandbox_id, str(path), self.ifname, tuple(args),
                              {"portMappings": ports} if ports else {})
-        if os.path.lexists(path) or self.client.cached(sandbox_id, self.ifname):
-            raise FileExistsError(f"sandbox {sandbox_id} already has a network; tear it down first")
-        netns.create(path)
         try:
+            netlist = cni.load_config(self.conf_dir)
+            if not netns.is_netns(path):
+                raise FileNotFoundError(f"sandbox {sandbox_id} has no prepared netns at {path}")
             result = self.client.add(netlist, att)
-            link = netns.run_in(path, tap.attach_tap_inside, self.ifname, self.tap_name)
+            link = netns.run_in(path, tap.join_tap_inside, self.ifname, self.tap_name)
         except BaseException as e:
             try:
                 self.teardown(sandbox_id)

@@ -54,9 +54,8 @@ def _open_tun() -> int:
     return os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
 
 
-def attach_tap_inside(ifname: str = "eth0", tap: str = TAP_NAME) -> Link:
-    """Create `tap` next to the veth `ifname`, give it the veth's MTU, and
-    redirect each one's ingress to the other's egress."""
+def create_tap_inside(tap: str = TAP_NAME) -> None:
+    """Create the persistent tap `tap` (down, no address, IPv6 off)."""
     fd = _open_tun()
     try:
         _tunsetiff(fd, tap, TAP_FLAGS)
@@ -66,6 +65,12 @@ def attach_tap_inside(ifname: str = "eth0", tap: str = TAP_NAME) -> Link:
     finally:
         os.close(fd)
     _disable_ipv6(tap)
+
+
+def join_tap_inside(ifname: str = "eth0", tap: str = TAP_NAME) -> Link:
+    """Give the tap the veth `ifname`'s MTU, bring it up, and redirect each
+    one's ingress to the other's egress. QEMU may have the tap open already
+    (a VM started before its network was added: see podnet)."""
     with IPRoute() as ipr:
         veth = ipr.link("get", ifname=ifname)[0]
         link = Link(mac=veth.get("IFLA_ADDRESS"), mtu=veth.get("IFLA_MTU"))

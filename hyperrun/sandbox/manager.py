@@ -28,6 +28,7 @@ from hyperrun.vm.template import TemplateStore, clone_config
 
 from .config import SandboxConfig
 from .logs import LogFile
+from .pool import SandboxPool, Spare
 from .sandbox import Sandbox
 from .state import ContainerRow, SandboxRow, State
 from . import podnet, volumes
@@ -101,6 +102,8 @@ class SandboxManager:
         self.state = state
         self.defaults = defaults or hconfig.SandboxDefaults()
         self.templates = TemplateStore() if self.defaults.template else None
+        self.pool = SandboxPool(self.defaults.pool_size, self._start_spare, self._discard_spare) \
+            if self.defaults.pool_size > 0 else None
         self.sandboxes: dict[str, Sandbox] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: dict[str, list[asyncio.Task]] = {}   # per container: pumps and waiter
@@ -162,7 +165,10 @@ class SandboxManager:
                              die_with_parent=self.die_with_parent).vm_config()
 
     async def close(self) -> None:
-        """Daemon shutdown: let go of VMs without stopping them."""
+        """Daemon shutdown: let go of pod VMs without stopping them; spare
+        VMs (in no record) are removed."""
+        if self.pool is not None:
+            await self.pool.close()
         for tasks in self._tasks.values():
             for t in tasks:
                 t.cancel()
@@ -184,15 +190,57 @@ class SandboxManager:
                                               config.metadata.uid, config.metadata.attempt):
                 raise Conflict(f"sandbox {config.metadata.name!r} attempt {config.metadata.attempt}"
                                f" exists already: {row.id}")
-        sandbox_id = secrets.token_hex(32)
+        kind = self.networks.kind_for(config)
         linux = config.linux if config.HasField("linux") else None
         vcpus, memory = hconfig.vm_size(
             self.defaults, linux.resources if linux and linux.HasField("resources") else None,
             linux.overhead if linux and linux.HasField("overhead") else None)
+        spare = None
+        if self.pool is not None and kind == self.networks.kind and \
+                (vcpus, memory) == (self.defaults.vcpus, self.defaults.memory_mib):
+            spare = await self.pool.take()
+        if spare is not None:
+            sandbox_id, sandbox = spare.sandbox_id, spare.sandbox
+            try:
+                network = await asyncio.to_thread(self.networks.complete, sandbox_id, kind, config)
+            except BaseException:
+                await sandbox.destroy()
+                raise
+        else:
+            sandbox_id = secrets.token_hex(32)
+            sandbox, network = await self._start_sandbox(sandbox_id, kind, vcpus, memory, config)
+        try:
+            for rule in podnet.user_forwards(network, config):
+                await sandbox.vm.add_host_forward(rule)
+            await sandbox.agent.setup_sandbox(
+                podnet.setup_request(network, config, pod_hostname(config)))
+        except BaseException:
+            await sandbox.destroy()
+            await asyncio.to_thread(self.networks.teardown, sandbox_id, network)
+            raise
+        vm = sandbox.vm
+        self.state.add_sandbox(SandboxRow(sandbox_id, config.SerializeToString(), READY, _now(),
+                                          _vm_json(vm, network)))
+        self.sandboxes[sandbox_id] = sandbox
+        self._watch_vm(sandbox_id)
+        logger.info("sandbox started", sandbox=sandbox_id, name=config.metadata.name,
+                    vm=vm.id, pid=vm.pid, from_pool=spare is not None)
+        return sandbox_id
+
+    async def _start_sandbox(self, sandbox_id: str, kind: str, vcpus: int, memory: int,
+                             config: cri.PodSandboxConfig | None = None
+                             ) -> tuple[Sandbox, podnet.PodNetwork | None]:
+        """A sandbox VM with its network prepared, restored from the
+        template or booted; with a pod config, the pod's network is added
+        while the VM starts. On failure nothing of it is left."""
         vm = QemuVM(self._vm_config(vcpus, memory), vm_id=sandbox_id[:16], root=self.root)
         vm.config.shares.append(Share(volumes.SHARE_TAG, self._shared_dir(vm)))
-        network, nic = await asyncio.to_thread(self.networks.setup, sandbox_id, config)
+        nic = await asyncio.to_thread(self.networks.prepare, sandbox_id, kind)
         vm.config.nic = nic
+        adding = None
+        if config is not None:
+            adding = asyncio.create_task(
+                asyncio.to_thread(self.networks.complete, sandbox_id, kind, config))
         sandbox = None
         try:
             try:
@@ -204,20 +252,38 @@ class SandboxManager:
             finally:
                 if nic is not None and nic.tap_fd >= 0:
                     os.close(nic.tap_fd)  # QEMU has its own
-            await sandbox.agent.setup_sandbox(
-                podnet.setup_request(network, config, pod_hostname(config)))
+            network = await adding if adding is not None else None
         except BaseException:
             if sandbox is not None:
                 await sandbox.destroy()
-            await asyncio.to_thread(self.networks.teardown, sandbox_id, network)
+            if adding is not None:
+                await asyncio.gather(adding, return_exceptions=True)
+            await asyncio.to_thread(self.networks.teardown, sandbox_id, podnet.PodNetwork(kind))
             raise
-        self.state.add_sandbox(SandboxRow(sandbox_id, config.SerializeToString(), READY, _now(),
-                                          _vm_json(vm, network)))
-        self.sandboxes[sandbox_id] = sandbox
-        self._watch_vm(sandbox_id)
-        logger.info("sandbox started", sandbox=sandbox_id, name=config.metadata.name,
-                    vm=vm.id, pid=vm.pid)
-        return sandbox_id
+        return sandbox, network
+
+    async def _start_spare(self) -> Spare:
+        sandbox_id = secrets.token_hex(32)
+        kind = self.networks.kind
+        sandbox, _ = await self._start_sandbox(sandbox_id, kind, self.defaults.vcpus,
+                                               self.defaults.memory_mib)
+        spare = Spare(sandbox_id, kind, sandbox)
+        try:
+            await sandbox.agent.warm_up()
+        except BaseException:
+            await self._discard_spare(spare)
+            raise
+        return spare
+
+    async def _discard_spare(self, spare: Spare) -> None:
+        await spare.sandbox.destroy()
+        await asyncio.to_thread(self.networks.teardown, spare.sandbox_id,
+                                podnet.PodNetwork(spare.kind))
+
+    def start_pool(self) -> None:
+        """Begin filling the pool of spare VMs (if one is configured)."""
+        if self.pool is not None:
+            self.pool.start()
 
     @staticmethod
     def _shared_dir(vm: QemuVM):

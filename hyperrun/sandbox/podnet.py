@@ -32,6 +32,8 @@ NETWORK_ANNOTATION = "io.hyperrun.network"
 # QEMU's user-mode network: the guest's fixed address, gateway and DNS proxy.
 USER_MAC = "52:54:00:12:34:56"
 USER_IP, USER_GATEWAY, USER_DNS = "10.0.2.15/24", "10.0.2.2", "10.0.2.3"
+# A tap card's MAC until the agent gives it the CNI interface's.
+PREPARED_MAC = "52:54:00:00:00:02"
 
 
 class NetworkUnavailable(Exception):
@@ -105,9 +107,9 @@ class PodNetworks:
             return self.cni_ok, self.cni_reason
         return True, f"{self.kind} networking"
 
-    def setup(self, sandbox_id: str, config: cri.PodSandboxConfig) -> tuple[PodNetwork, Nic | None]:
-        """Blocking (runs CNI plugins): call off the event loop. The Nic's
-        tap fd, if any, is the caller's to close once QEMU has it."""
+    def kind_for(self, config: cri.PodSandboxConfig) -> str:
+        """The network kind this pod gets: its annotation, else the
+        daemon's; user mode for a host-network pod."""
         kind = config.annotations.get(NETWORK_ANNOTATION) or self.kind
         if kind not in KINDS:
             raise NetworkUnavailable(f"network kind {kind!r}: expected one of {', '.join(KINDS)}")
@@ -119,26 +121,43 @@ class PodNetworks:
             # A VM cannot share the host's network namespace; the nearest
             # thing is NAT out plus host ports, which user mode gives.
             kind = "user"
+        return kind
+
+    def prepare(self, sandbox_id: str, kind: str) -> Nic | None:
+        """What the VM needs to start, before the pod is known: the card
+        and its backend (for "cni", the netns with a tap, not yet joined to
+        any network). Blocking: call off the event loop. The Nic's tap fd,
+        if any, is the caller's to close once QEMU has it. Its MAC is a
+        stand-in: the agent gives the card the pod's (SetupSandbox)."""
         if kind == "none":
-            return PodNetwork("none"), None
+            return None
         if kind == "user":
-            forwards = tuple(
-                f"{p.protocol}:{p.host_ip}:{p.host_port}-:{p.container_port}"
-                for p in port_mappings(config) if p.host_port > 0 and p.protocol in ("tcp", "udp"))
+            return Nic("user", USER_MAC)
+        self.networks.prepare(sandbox_id)
+        try:
+            fd = open_tap(self.networks.netns_path(sandbox_id), self.networks.tap_name)
+        except BaseException:
+            self.networks.teardown(sandbox_id)
+            raise
+        return Nic("tap", PREPARED_MAC, tap_fd=fd)
+
+    def complete(self, sandbox_id: str, kind: str, config: cri.PodSandboxConfig) -> PodNetwork:
+        """The pod's network on the prepared backend: CNI ADD and the tap
+        joined to it, or the user-mode addresses (the VM adds the host
+        port forwards: forwards()). Blocking; on failure the network
+        (prepared part included) is gone before the error is raised."""
+        if kind == "none":
+            return PodNetwork("none")
+        if kind == "user":
             info = NetworkInfo(sandbox_id, "user", netns="", interface="eth0", tap="",
                                mac=USER_MAC, mtu=1500, ips=[USER_IP], gateway=USER_GATEWAY,
                                routes=[{"dst": "0.0.0.0/0", "gw": USER_GATEWAY}],
                                dns={"nameservers": [USER_DNS]})
-            return PodNetwork("user", info), Nic("user", USER_MAC, forwards=forwards)
+            return PodNetwork("user", info)
         meta = config.metadata
-        info = self.networks.setup(sandbox_id, pod_name=meta.name, pod_namespace=meta.namespace,
-                                   pod_uid=meta.uid, port_mappings=port_mappings(config))
-        try:
-            fd = open_tap(info.netns, info.tap)
-        except BaseException:
-            self.networks.teardown(sandbox_id)
-            raise
-        return PodNetwork("cni", info), Nic("tap", info.mac, tap_fd=fd)
+        info = self.networks.add(sandbox_id, pod_name=meta.name, pod_namespace=meta.namespace,
+                                 pod_uid=meta.uid, port_mappings=port_mappings(config))
+        return PodNetwork("cni", info)
 
     def teardown(self, sandbox_id: str, network: PodNetwork) -> None:
         """Blocking; idempotent. The VM must be gone (its tap fd holds the netns)."""
@@ -147,6 +166,15 @@ class PodNetworks:
 
     def collect_stale(self, known_ids) -> list[str]:
         return self.networks.collect_stale(known_ids)
+
+
+def user_forwards(network: PodNetwork, config: cri.PodSandboxConfig) -> list[str]:
+    """The pod's host ports as QEMU user-mode forward rules
+    (`hostfwd_add`'s, `-netdev user,hostfwd=`'s)."""
+    if network.kind != "user":
+        return []
+    return [f"{p.protocol}:{p.host_ip}:{p.host_port}-:{p.container_port}"
+            for p in port_mappings(config) if p.host_port > 0 and p.protocol in ("tcp", "udp")]
 
 
 def setup_request(network: PodNetwork, config: cri.PodSandboxConfig,

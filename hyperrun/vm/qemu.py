@@ -303,6 +303,15 @@ class QemuVM(VM):
             pass
         await self.wait_exited()
 
+    async def add_host_forward(self, rule: str) -> None:
+        """A user-mode network forward added while the VM runs (a pooled VM
+        learns its pod's host ports after it started): `hostfwd_add`,
+        which QEMU 7.2 has only in the human monitor."""
+        out = await self.qmp.execute("human-monitor-command",
+                                     {"command-line": f"hostfwd_add net0 {rule}"})
+        if out.strip():  # it answers only when it failed
+            raise VMError(f"host port forward {rule}: {out.strip()}")
+
     async def hotplug_disk(self, disk: Disk) -> None:
         """Attach a read-only disk to the running VM on its virtio-scsi bus
         (microvm's virtio-mmio devices cannot be hot-added; SCSI disks can).

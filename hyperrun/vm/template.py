@@ -17,40 +17,32 @@ A template is keyed by everything the restored state depends on: kernel,
 guest image, QEMU's version, machine and VM shape (RAM size and devices).
 Files of a template are never written again once made (clones map them):
 a new template goes to a new directory, renamed into place.
+
+`run --template` looks its template up before QEMU starts, so finding one
+loads nothing heavy: asyncio and the logger (structlog, rich: 0.1 s) are
+imported by the code that makes and restores templates.
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import fcntl
-import functools
 import hashlib
 import json
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-
-from hyperrun import log
 
 from . import VMError
 from .config import Nic, VMConfig
 from .qemu import QEMU_BINARY, QemuVM
 
-logger = log.get("template")
 TEMPLATE_MAC = "52:54:00:00:00:01"  # the template's card; each clone's agent sets its own
 MEM, STATE = "mem", "state"
 
 
 def default_root() -> Path:
     return Path(os.environ.get("HYPERRUN_TEMPLATES") or "/dev/shm/hyperrun-templates")
-
-
-@functools.lru_cache(maxsize=1)
-def _qemu_version() -> str:
-    out = subprocess.run([QEMU_BINARY, "--version"], capture_output=True, text=True)
-    return out.stdout.splitlines()[0] if out.stdout else "unknown"
 
 
 def _file_id(path: Path) -> list:
@@ -81,7 +73,10 @@ def _card(config: VMConfig) -> Nic:
 
 def key(config: VMConfig) -> str:
     c = shape(config)
-    data = {"qemu": _qemu_version(), "kernel": _file_id(c.kernel),
+    qemu = shutil.which(QEMU_BINARY)
+    if qemu is None:
+        raise VMError(f"{QEMU_BINARY} not found")
+    data = {"qemu": _file_id(Path(qemu)), "kernel": _file_id(c.kernel),
             "image": _file_id(c.root_image), "machine": c.machine, "vcpus": c.vcpus,
             "memory_mib": c.memory_mib, "accel": c.accel, "tb": c.tb_size_mib,
             "cmdline": c.cmdline(), "disks": [d.serial for d in c.disks],
@@ -104,6 +99,8 @@ class Template:
 
 
 async def _wait_migration(vm: QemuVM, timeout: float = 60) -> None:
+    import asyncio
+
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
@@ -131,6 +128,8 @@ class TemplateStore:
 
     async def get(self, config: VMConfig, run_root: Path) -> Template:
         """The template for this VM shape, made now if there is none."""
+        import asyncio
+
         k = key(config)
         template = Template(self.root / k)
         if template.state.exists():
@@ -146,6 +145,9 @@ class TemplateStore:
         return template
 
     async def _make(self, config: VMConfig, template: Template, run_root: Path) -> None:
+        import asyncio
+
+        from hyperrun import log
         from hyperrun.sandbox.sandbox import Sandbox
 
         work = template.path.with_name(template.path.name + ".new")
@@ -161,6 +163,7 @@ class TemplateStore:
         start = loop.time()
         sandbox = await Sandbox.start(vm)
         try:
+            await sandbox.agent.warm_up()  # what clones would each load on first use
             await sandbox.agent.close()  # the agent waits for its next host
             await _ignore_shared(vm)
             # The state goes to a file the host opens and hands over: QEMU's
@@ -176,7 +179,7 @@ class TemplateStore:
         finally:
             await sandbox.destroy()
         os.rename(work, template.path)
-        logger.info("template made", path=str(template.path), seconds=round(loop.time() - start, 3),
+        log.get("template").info("template made", path=str(template.path), seconds=round(loop.time() - start, 3),
                     state_bytes=template.state.stat().st_size)
 
     def remove_all(self) -> None:

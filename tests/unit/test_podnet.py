@@ -40,26 +40,28 @@ def test_user_mode_gets_qemus_dns_and_no_interfaces_without_a_network():
         cri.PortMapping(protocol=cri.TCP, container_port=80, host_port=8080),
         cri.PortMapping(protocol=cri.UDP, container_port=53, host_port=5353, host_ip="127.0.0.1"),
         cri.PortMapping(protocol=cri.TCP, container_port=9000)])  # no host port: nothing
-    network, nic = user.setup("sb", config)
-    assert nic.kind == "user" and nic.forwards == ("tcp::8080-:80", "udp:127.0.0.1:5353-:53")
+    nic = user.prepare("sb", "user")
+    network = user.complete("sb", "user", config)
+    assert nic.kind == "user" and not nic.forwards  # added once the VM runs
+    assert podnet.user_forwards(network, config) == ["tcp::8080-:80", "udp:127.0.0.1:5353-:53"]
     assert network.ip == "10.0.2.15"
     req = podnet.setup_request(network, config, "h")
     assert list(req.dns.servers) == ["10.0.2.3"]
     assert podnet.PodNetwork.from_dict(network.to_dict()) == network
     none = podnet.PodNetworks("none")
-    network, nic = none.setup("sb", cri.PodSandboxConfig())
+    nic, network = none.prepare("sb", "none"), none.complete("sb", "none", cri.PodSandboxConfig())
     assert nic is None and not podnet.setup_request(network, cri.PodSandboxConfig(), "h").interfaces
 
 
 def test_kind_per_pod_and_host_network_pods():
     nets = podnet.PodNetworks("none")
     annotated = cri.PodSandboxConfig(annotations={podnet.NETWORK_ANNOTATION: "user"})
-    assert nets.setup("sb", annotated)[0].kind == "user"
+    assert nets.kind_for(annotated) == "user"
     host = cri.PodSandboxConfig()
     host.linux.security_context.namespace_options.network = cri.NODE
-    assert nets.setup("sb", host)[0].kind == "user"
+    assert nets.kind_for(host) == "user"
     with pytest.raises(podnet.NetworkUnavailable):
-        nets.setup("sb", cri.PodSandboxConfig(annotations={podnet.NETWORK_ANNOTATION: "bogus"}))
+        nets.kind_for(cri.PodSandboxConfig(annotations={podnet.NETWORK_ANNOTATION: "bogus"}))
     with pytest.raises(ValueError):
         podnet.PodNetworks("bogus")
 

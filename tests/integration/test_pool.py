@@ -1,0 +1,135 @@
+"""A daemon with a pool of spare VMs (sandbox/pool.py): pods take VMs that
+were started before anyone asked for them, each gets its own network and
+identity, the pool refills, and spares leave nothing behind — not at a
+daemon stop, not after a kill -9 and a restart."""
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from hyperrun.proto import cri_api_pb2 as cri
+from tests.conftest import qemu_pids
+from tests.integration.test_cri import Daemon
+from tests.integration.test_network import (cni_env, exec_sync, http_get, pod_ip,  # noqa: F401
+                                            remove_pod, run_pod, state, warm_up)
+
+HTTPD = "mkdir -p /www && echo hi from $(hostname) > /www/index.html && exec httpd -f -p 80 -h /www"
+POOL = 2
+
+
+@pytest.fixture
+def pool_daemon(vm_assets, cni_env):
+    base = Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp"))
+    (base / "config.toml").write_text("[sandbox]\ntemplate = true\n")
+    templates = Path(tempfile.mkdtemp(prefix="hr-tpl-", dir="/dev/shm"))
+    d = Daemon(base, ("--network", "cni", "--cni-conf-dir", str(cni_env[0]),
+                      "--pool-size", str(POOL)))
+    d.env.update(HYPERRUN_CONFIG=str(base / "config.toml"), HYPERRUN_TEMPLATES=str(templates))
+    d.start()
+    yield d
+    d.close()
+    shutil.rmtree(templates, ignore_errors=True)
+
+
+def pool(d: Daemon) -> dict:
+    info = d.runtime.Status(cri.StatusRequest(verbose=True)).info
+    return json.loads(info["config"])["pool"]
+
+
+def wait_pool(d: Daemon, ready: int = POOL, timeout: float = 180) -> set[str]:
+    """Waits until `ready` spares are up; returns the VM ids (run dirs)."""
+    deadline = time.monotonic() + timeout
+    while pool(d)["ready"] < ready:
+        assert time.monotonic() < deadline, f"pool not refilled: {pool(d)}"
+        time.sleep(0.2)
+    return vm_ids(d)
+
+
+def vm_ids(d: Daemon) -> set[str]:
+    root = d.base / "run" / "sandboxes"
+    return {p.name for p in root.iterdir()} if root.is_dir() else set()
+
+
+def of_vms(netns: str, vm_ids: set[str]) -> bool:
+    """Whether a netns is one of these VMs' (named by the sandbox id, of
+    which the VM id is the start)."""
+    return any(netns.startswith("hyperrun-") and f"-{v}" in netns for v in vm_ids)
+
+
+def daemon_qemus(d: Daemon) -> set[int]:
+    return {pid for pid in qemu_pids() if str(d.base) in open(f"/proc/{pid}/cmdline").read()}
+
+
+def test_pods_take_spare_vms_and_spares_leave_nothing(pool_daemon, pushed, cni_env):
+    d = pool_daemon
+    leases = cni_env[1]
+    image = pushed.ref("busybox:latest")
+    assert pool(d)["size"] == POOL
+    warm_up(d, image)  # the plugins' shared chains, which stay
+    spares = wait_pool(d)
+    assert len(spares) == POOL
+    before = state(leases)
+
+    pods, cids = [], []
+    for i in range(2):
+        pod, cid = run_pod(d, image, f"pooled{i}", HTTPD, hostname=f"pooled{i}",
+                           port_mappings=[cri.PortMapping(container_port=80,
+                                                          host_port=18940 + i)])
+        assert pod[:16] in spares, "the pod did not get a spare VM"
+        pods.append(pod)
+        cids.append(cid)
+    ips, macs, uuids = set(), set(), set()
+    for i, (pod, cid) in enumerate(zip(pods, cids)):
+        ip = pod_ip(d, pod)
+        ips.add(ip)
+        assert http_get(f"http://{ip}/") == f"hi from pooled{i}\n"
+        assert http_get(f"http://127.0.0.1:{18940 + i}/") == f"hi from pooled{i}\n"
+        code, out = exec_sync(d, cid, "cat /proc/sys/kernel/random/uuid /sys/class/net/eth0/address;"
+                                      " date +%s")
+        assert code == 0, out
+        uuid, mac, clock = out.split()
+        uuids.add(uuid)
+        macs.add(mac)
+        assert abs(int(clock) - time.time()) < 30, "the clock was not set"
+    assert len(ips) == len(macs) == len(uuids) == 2
+
+    refilled = wait_pool(d)  # two new spares besides the two pods
+    assert len(refilled - spares) == POOL
+    for pod in pods:
+        remove_pod(d, pod)
+    # A pod that does not fit the spares' shape boots its own VM.
+    big = cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name="big", uid="uid-big", namespace="net"),
+        linux=cri.LinuxPodSandboxConfig(resources=cri.LinuxContainerResources(
+            memory_limit_in_bytes=300 << 20)))
+    pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=big)).pod_sandbox_id
+    assert pod[:16] not in refilled and pool(d)["ready"] == POOL
+    remove_pod(d, pod)
+
+    d.stop()  # spares are in no record: a stop removes them
+    assert not daemon_qemus(d)
+    assert not vm_ids(d)
+    after = state(leases)
+    assert after["netns"] == [n for n in before["netns"] if not of_vms(n, spares)]
+    assert after["links"] == before["links"] and after["iptables"] == before["iptables"]
+    assert after["leases"] == before["leases"]
+
+
+def test_spares_of_a_killed_daemon_are_removed_at_its_restart(pool_daemon, cni_env):
+    d = pool_daemon
+    old = wait_pool(d)
+    old_pids = daemon_qemus(d)
+    assert len(old_pids) == POOL
+    d.kill9()  # the spares' VMs keep running, in no record
+    assert daemon_qemus(d) == old_pids
+    d.start()
+    new = wait_pool(d)
+    assert not old & new, "a spare from before the kill survived the restart"
+    assert not old_pids & daemon_qemus(d)
+    netns = state(cni_env[1])["netns"]
+    assert not [n for n in netns if of_vms(n, old)]
+    d.stop()
+    assert not daemon_qemus(d) and not vm_ids(d)
