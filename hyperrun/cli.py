@@ -36,9 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--read-only", action="store_true", help="mount the rootfs read-only")
     run.add_argument("--platform", default="linux/amd64", help="os/arch of the image to pull")
     run.add_argument("--pull", default="missing", choices=["missing", "always", "never"])
-    run.add_argument("--cpus", type=int, default=1, help="vCPUs of the VM")
-    run.add_argument("--memory", type=int, default=256, metavar="MIB",
-                     help="memory in MiB (the VM gets the pod overhead on top)")
+    run.add_argument("--cpus", type=int, help="CPU limit, and the VM's vCPUs (default: the "
+                                              "config's, 1; no limit in the VM)")
+    run.add_argument("--memory", type=int, metavar="MIB",
+                     help="memory limit in MiB (the VM gets the pod overhead on top; default: "
+                          "the config's VM size, 256, and no limit in the VM)")
     run.add_argument("--machine", default="microvm", choices=["microvm", "q35"])
     run.add_argument("--direct", action="store_true",
                      help="the image's program as the VM's init: no agent, no container "
@@ -151,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
             from hyperrun import direct
             return direct.run(image, rest, None if args.entrypoint is None else [args.entrypoint],
                               args.env, args.workdir, args.user, args.pull, args.platform,
-                              args.cpus, args.memory)
+                              _vm_size(args))
         from hyperrun import client
         return client.run(client.RunOptions(
             image=image, args=rest, entrypoint=None if args.entrypoint is None else [args.entrypoint],
@@ -173,12 +175,16 @@ def _run(args: argparse.Namespace) -> int:
                    user=args.user, stdin=args.interactive, terminal=args.tty,
                    hostname=args.hostname, readonly=args.read_only,
                    template=args.template or _config_template(),
-                   sandbox=SandboxConfig(vcpus=args.cpus, memory_mib=args.memory,
-                                         machine=args.machine))
+                   sandbox=SandboxConfig(machine=args.machine, **_vm_size(args)))
     try:
         return execute(spec)
     except KeyboardInterrupt:  # before the container ran; the VM is gone with us
         return 130
+
+
+def _vm_size(args: argparse.Namespace) -> dict:
+    """--cpus/--memory as SandboxConfig keywords, where given."""
+    return {k: v for k, v in (("vcpus", args.cpus), ("memory_mib", args.memory)) if v is not None}
 
 
 def _config_template() -> bool:

@@ -292,8 +292,8 @@ class RunOptions:
     volumes: list[str] = field(default_factory=list)   # HOST:CONTAINER[:ro]
     platform: str = "linux/amd64"
     pull: str = "missing"                              # missing | always | never
-    cpus: int = 1
-    memory_mib: int = 256
+    cpus: int | None = None         # a limit only where given, as Docker's
+    memory_mib: int | None = None
     remove: bool = False
     detach: bool = False
     ports: list[str] = field(default_factory=list)     # [HOSTIP:]HOSTPORT:PORT[/PROTO]
@@ -455,11 +455,20 @@ def _run_pod(host: Host, opts: RunOptions, ports=()):
         metadata=cri.PodSandboxMetadata(name=name, uid=name, namespace="hyperrun"),
         hostname=opts.hostname or name, log_directory=str(logs_dir), labels={RUN_LABEL: "1"},
         port_mappings=ports, annotations={NETWORK_ANNOTATION: opts.network},
-        linux=cri.LinuxPodSandboxConfig(resources=cri.LinuxContainerResources(
-            cpu_period=100000, cpu_quota=opts.cpus * 100000,
-            memory_limit_in_bytes=opts.memory_mib << 20)))
+        linux=cri.LinuxPodSandboxConfig(resources=_resources(opts)))
     pod = host.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
     return pod, pod_config
+
+
+def _resources(opts: RunOptions):
+    """The pod's limits (and so its VM's size), where given: without them
+    the pod gets the default VM, the shape pool spares and templates have."""
+    r = _cri().LinuxContainerResources()
+    if opts.cpus:
+        r.cpu_period, r.cpu_quota = 100000, opts.cpus * 100000
+    if opts.memory_mib:
+        r.memory_limit_in_bytes = opts.memory_mib << 20
+    return r
 
 
 def _create(host: Host, opts: RunOptions, pod: str, pod_config, mounts) -> str:

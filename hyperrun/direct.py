@@ -97,7 +97,7 @@ def kernel_command(args: list[str], env: list[str]) -> list[str]:
 
 
 def run(image_ref: str, args: list[str], entrypoint: list[str] | None, env: list[str],
-        workdir: str, user: str, pull: str, platform: str, cpus: int, memory_mib: int) -> int:
+        workdir: str, user: str, pull: str, platform: str, vm_size: dict) -> int:
     import asyncio
 
     from hyperrun.image.imageconfig import Overrides, apply
@@ -135,7 +135,7 @@ def run(image_ref: str, args: list[str], entrypoint: list[str] | None, env: list
 
     rundir.collect_stale()
     # Two virtio-mmio devices: the root disk and the (unused) agent port.
-    config = SandboxConfig(vcpus=cpus, memory_mib=memory_mib, root_image=erofs, init=init,
+    config = SandboxConfig(**vm_size, root_image=erofs, init=init,
                            cmdline_extra=virtio_mmio_params(2) + extra, channel="serial",
                            die_with_parent=True)
     try:
