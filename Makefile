@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-done
 # Debian packages hyperrun and its tests need on the host.
 APT_PACKAGES := qemu-system-x86 qemu-utils linux-source-6.1 build-essential flex bison bc \
 	libelf-dev libssl-dev dwarves erofs-utils busybox-static crun binutils xz-utils \
-	docker-registry skopeo umoci apache2-utils openssl debootstrap \
+	docker-registry skopeo umoci runc apache2-utils openssl debootstrap \
 	containernetworking-plugins iptables iproute2 curl \
 	python3-venv
 
