@@ -1,10 +1,16 @@
 """`make bench`: hyperrun measured against baselines, in one invocation,
 interleaved, reported as medians and ratios — never as timed asserts.
 
-boot    `hyperrun run --rootfs DIR -- true` against the floor: the very VM
-        `hyperrun run` boots (same QEMU command line, machine, devices,
-        kernel, root image) with an init that exits at once (/bin/true) —
-        what any VM-based run pays at minimum on this host.
+start   `true` in the same busybox image, every way there is, interleaved:
+        `runc run` on the host (no VM: the baseline a user would otherwise
+        pick); `hyperrun run --rm IMAGE true` through a daemon booting
+        cold, through one restoring a VM template, through one with a pool
+        of ready sandboxes (where this build has one); `run --rootfs DIR`
+        without a daemon, cold and from a template; `run --direct` (the
+        program as the VM's init); and the QEMU floor, the very VM `run
+        --rootfs` boots with an init that exits at once. Medians, ratios
+        to cold and to runc, the PSS of one idle sandbox of each kind; the
+        report goes to docs/bench (results.md, results.json, start.png).
 images  `hyperrun pull` (fetch + unpack into the erofs root) of a Debian
         image of two layers and 100+ MB from a local docker-registry,
         against `skopeo copy` + `umoci unpack` of the same image; and the
@@ -32,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from hyperrun import benchreport
 from hyperrun.busybox import make_rootfs
 from hyperrun.run import ROOTFS_TAG
 from hyperrun.sandbox.config import SandboxConfig
@@ -68,59 +75,262 @@ def row(label: str, value: str) -> None:
     print(f"  {label:58s} {value}")
 
 
-def bench_boot(runs: int) -> dict:
-    """Cold `run --rootfs DIR -- true` against the floor, and the same run
-    restored from a template (made before the first round) against cold."""
-    print(f"== boot: {runs} interleaved runs each")
-    rootfs = make_rootfs(Path("build/bench-rootfs"))
-    run_argv = [HYPERRUN, "run", "--rootfs", str(rootfs), "--", "true"]
-    templates = Path(tempfile.mkdtemp(prefix="hr-bench-templates-", dir="/dev/shm"))
-    work = Path(tempfile.mkdtemp(prefix="hr-bench-", dir="/tmp"))
-    env = {**os.environ, "HYPERRUN_TEMPLATES": str(templates), "HYPERRUN_ROOT": str(work / "root")}
-    tpl_argv = [HYPERRUN, "run", "--template", "--rootfs", str(rootfs), "--", "true"]
-    direct_argv = [HYPERRUN, "run", "--direct", "--entrypoint", "/bin/true", "bench/busybox:latest"]
-    floor, run, tpl, direct = [], [], [], []
-    try:
-        _load_busybox(work, env)  # the same busybox, as an image, for direct mode
-        timed_floor(rootfs)  # warm the page cache for all
-        timed(run_argv)
-        timed(tpl_argv, env=env)  # makes the template
-        timed(direct_argv, env=env)
-        for i in range(runs):
-            floor.append(timed_floor(rootfs))
-            run.append(timed(run_argv))
-            tpl.append(timed(tpl_argv, env=env))
-            direct.append(timed(direct_argv, env=env))
-            print(f"  round {i + 1}/{runs}: floor {floor[-1]:.3f}s  run {run[-1]:.3f}s  "
-                  f"template {tpl[-1]:.3f}s  direct {direct[-1]:.3f}s", flush=True)
-    finally:
-        shutil.rmtree(templates, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
-    f, r, t = statistics.median(floor), statistics.median(run), statistics.median(tpl)
-    dm = statistics.median(direct)
-    row("floor (QEMU + kernel + init that exits), median", f"{f:.3f} s")
-    row("hyperrun run --rootfs DIR -- true, median", f"{r:.3f} s")
-    row("ratio run / floor", f"{r / f:.2f}")
-    row("the same run restored from a template, median", f"{t:.3f} s")
-    row("ratio template / cold run", f"{t / r:.2f}")
-    row("run --direct (true as the VM's init, from an image), median", f"{dm:.3f} s")
-    row("ratio direct / floor", f"{dm / f:.2f}")
-    return {"floor_median_s": round(f, 3), "run_median_s": round(r, 3), "ratio": round(r / f, 2),
-            "template_median_s": round(t, 3), "template_ratio": round(t / r, 2),
-            "direct_median_s": round(dm, 3), "direct_floor_ratio": round(dm / f, 2)}
-
-
-def _load_busybox(work: Path, env: dict) -> None:
-    """The test busybox image, built with umoci and loaded as bench/busybox."""
+def _busybox_layout(work: Path):
+    """The test busybox image as an OCI layout (umoci): the one image that
+    every variant of the start section runs."""
     from tests.registry import Layout, build_busybox
 
     layout = Layout(work / "oci")
     build_busybox(layout, "busybox", work)
+    return layout
+
+
+def _load_busybox(layout, work: Path, env: dict) -> None:
+    """The busybox layout, loaded as bench/busybox into env's data root."""
     archive = work / "busybox.tar"
-    subprocess.run(["skopeo", "copy", "-q", f"oci:{layout.path}:busybox",
+    subprocess.run(["skopeo", "copy", "-q", f"oci:{layout.image('busybox')}",
                     f"docker-archive:{archive}:bench/busybox:latest"], check=True)
     subprocess.run([HYPERRUN, "load", "-i", str(archive)], env=env, check=True,
                    stdout=subprocess.DEVNULL)
+
+
+class Runc:
+    """The baseline a user would otherwise pick: the same image as a plain
+    container on the host, with Debian's runc. The bundle is `umoci unpack`
+    of the bench's busybox layout; the state root is private.
+
+    runc's default cgroup driver (cgroupfs) works on this host's hybrid
+    layout (v1 controllers, cgroup2 only at /sys/fs/cgroup/unified): it
+    makes /<id> in each v1 hierarchy and removes it with the container.
+    --systemd-cgroup would need systemd as PID 1, which it is not here.
+    (Debian's crun refuses the hybrid layout, hence runc.)"""
+
+    def __init__(self, layout, work: Path) -> None:
+        self.bundle, self.state = work / "runc-bundle", work / "runc-state"
+        subprocess.run(["umoci", "unpack", "--image", layout.image("busybox"), str(self.bundle)],
+                       check=True, stdout=subprocess.DEVNULL)
+        self.count = 0
+        self.id = ""
+        self.set_args(["true"])
+
+    def set_args(self, args: list[str]) -> None:
+        path = self.bundle / "config.json"
+        config = json.loads(path.read_text())
+        # umoci's config runs the image's Cmd on a terminal.
+        config["process"].update(terminal=False, args=args)
+        path.write_text(json.dumps(config))
+
+    def argv(self) -> list[str]:
+        """`runc run` in the foreground: it deletes the container when its
+        process exits."""
+        self.count += 1
+        self.id = f"hr-bench-{os.getpid()}-{self.count}"
+        return ["runc", "--root", str(self.state), "run", "--bundle", str(self.bundle), self.id]
+
+    def kill(self) -> None:
+        subprocess.run(["runc", "--root", str(self.state), "kill", self.id, "KILL"],
+                       stderr=subprocess.DEVNULL)
+
+
+class DaemonFailed(RuntimeError):
+    """The daemon exited instead of serving (an option it does not know...)."""
+
+
+IDLE = "echo ready; exec sleep 3600"
+
+
+def _idle_pss(argv: list[str], env: dict | None, measure, end) -> float:
+    """Start argv, which prints "ready" once its sandbox is up and then
+    idles; two seconds later, measure(proc) (MiB); end(proc) after."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        for line in proc.stdout:
+            if b"ready" in line:
+                break
+        else:
+            raise SystemExit(f"{' '.join(argv[:3])} ended before it was ready")
+        time.sleep(2)
+        return measure(proc)
+    finally:
+        end(proc)
+        proc.wait()
+
+
+def _process_tree(pid: int) -> list[int]:
+    pids = [pid]
+    for p in pids:  # grows while we walk it
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                pids += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return pids
+
+
+def _vm_pss_mib(root: Path) -> list[float]:
+    """PSS (MiB) of each running QEMU whose run directory is under root."""
+    pids = [rundir.qemu_pid(p) for p in root.glob("*")]
+    return [pss_kib(pid) / 1024 for pid in pids if pid is not None and rundir.alive_qemu(pid)]
+
+
+def _daemon_pss(d: "_Daemon") -> float:
+    """Median PSS of the daemon's VMs with one idle pod (a pool's ready VMs
+    count too: they are idle VMs of the same kind)."""
+    pod_id, config = d.pod("idle")
+    d.container(pod_id, config, "idle", "sleep 3600")
+    time.sleep(2)
+    pss = statistics.median(_vm_pss_mib(d.base / "run" / "sandboxes"))
+    d.remove_pod(pod_id)
+    return pss
+
+
+def _start_daemon(base: Path, config: str, *args: str, env: dict | None = None) -> "_Daemon":
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "config.toml").write_text(f"[sandbox]\n{config}")
+    return _Daemon(base, "--network", "none", *args,
+                   env={"HYPERRUN_CONFIG": str(base / "config.toml"), **(env or {})})
+
+
+POOL_SIZE = 2
+
+
+def _pool_daemon(base: Path) -> "_Daemon | None":
+    """A daemon with a pool of ready sandboxes (`--pool-size N`, or `[sandbox]
+    pool_size = N` where the flag is unknown); None if this build has none."""
+    usage = subprocess.run([HYPERRUN, "daemon", "--help"], capture_output=True, text=True).stdout
+    args = ("--pool-size", str(POOL_SIZE)) if "--pool-size" in usage else ()
+    try:
+        return _start_daemon(base, "" if args else f"pool_size = {POOL_SIZE}\n", *args)
+    except DaemonFailed as exc:
+        print(f"  pool: not available in this build ({exc})")
+        return None
+
+
+def _wait_pool(d: "_Daemon", timeout: float = 60) -> bool:
+    """Wait until the pool's VMs are up again (between timed runs, so its
+    refill does not share the CPUs with the next variant's clock)."""
+    deadline = time.monotonic() + timeout
+    while len(_vm_pss_mib(d.base / "run" / "sandboxes")) < POOL_SIZE:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+# The start section's variants: name, what runs, and the cold run its
+# "x cold" ratio is taken against (same path: daemon or --rootfs).
+VARIANTS = [
+    ("runc", "`runc run` (plain container on the host, no VM)", None),
+    ("floor", "QEMU floor: the VM, an init that exits at once", "cold"),
+    ("cold", "`hyperrun run --rm IMAGE true` (daemon, boots)", "cold"),
+    ("template", "the same, daemon with `[sandbox] template = true`", "cold"),
+    ("pool", f"the same, daemon with a pool of {POOL_SIZE} ready sandboxes", "cold"),
+    ("rootfs-cold", "`hyperrun run --rootfs DIR -- true` (no daemon)", "rootfs-cold"),
+    ("rootfs-template", "`hyperrun run --template --rootfs DIR -- true`", "rootfs-cold"),
+    ("direct", "`hyperrun run --direct IMAGE` (`true` as the VM's init)", "cold"),
+]
+
+
+def bench_start(runs: int) -> dict:
+    """`true` in the busybox image, every way there is, interleaved: runc on
+    the host; through a daemon cold, from a template, from a pool; without
+    a daemon (--rootfs) cold and from a template; direct mode; and the QEMU
+    floor. Medians, ratios, and the PSS of one idle sandbox of each kind."""
+    print(f"== start: `true` in the busybox image, {runs} interleaved rounds")
+    work = Path(tempfile.mkdtemp(prefix="hr-bench-", dir="/tmp"))
+    templates = Path(tempfile.mkdtemp(prefix="hr-bench-templates-", dir="/dev/shm"))
+    env = {**os.environ, "HYPERRUN_TEMPLATES": str(templates), "HYPERRUN_ROOT": str(work / "root"),
+           "HYPERRUN_RUN_DIR": str(work / "run")}
+    rootfs = str(make_rootfs(Path("build/bench-rootfs")))
+    rootfs_run = [HYPERRUN, "run", "--rootfs", rootfs]
+    rootfs_tpl = [HYPERRUN, "run", "--template", "--rootfs", rootfs]
+    daemons: dict[str, _Daemon] = {}
+    runc = None
+    times: dict[str, list[float]] = {}
+    pss: dict[str, float] = {}
+
+    def client(name: str) -> dict:
+        return {**os.environ, "HYPERRUN_SOCKET": str(daemons[name].base / "cri.sock")}
+
+    def end_vms(proc) -> None:
+        proc.kill()
+        for path in (work / "run" / "vm").glob("*"):
+            rundir.kill_and_remove(path)
+
+    def vm_pss(proc) -> float:
+        return statistics.median(_vm_pss_mib(work / "run" / "vm"))
+
+    try:
+        layout = _busybox_layout(work)
+        _load_busybox(layout, work, env)
+        runc = Runc(layout, work)
+        daemons["cold"] = _start_daemon(work / "d-cold", "template = false\n")
+        daemons["template"] = _start_daemon(work / "d-template", "template = true\n",
+                                            env={"HYPERRUN_TEMPLATES": str(templates)})
+        if pool := _pool_daemon(work / "d-pool"):
+            daemons["pool"] = pool
+        pool_waits = "pool" in daemons and _wait_pool(daemons["pool"])
+        if "pool" in daemons and not pool_waits:
+            print("  pool: its VMs are not under the daemon's sandboxes directory; "
+                  "not waiting for refills")
+        measure = {
+            "runc": lambda: timed(runc.argv()),
+            "floor": lambda: timed_floor(Path(rootfs)),
+            **{name: (lambda name=name: timed([HYPERRUN, "run", "--rm", daemons[name].image, "true"],
+                                              client(name))) for name in daemons},
+            "rootfs-cold": lambda: timed([*rootfs_run, "--", "true"], env),
+            "rootfs-template": lambda: timed([*rootfs_tpl, "--", "true"], env),
+            "direct": lambda: timed([HYPERRUN, "run", "--direct", "--entrypoint", "/bin/true",
+                                     "bench/busybox:latest"], env),
+        }
+        names = [name for name, _, _ in VARIANTS if name in measure]
+        for name in names:  # warm the page cache; make the templates, fill the pool
+            measure[name]()
+        times = {name: [] for name in names}
+        for i in range(runs):
+            for name in names:
+                if name == "pool" and pool_waits:
+                    _wait_pool(daemons["pool"])
+                times[name].append(measure[name]())
+            print(f"  round {i + 1}/{runs}: " + "  ".join(
+                f"{name} {times[name][-1]:.3f}s" for name in names), flush=True)
+
+        print("  PSS of one idle sandbox of each kind")
+        runc.set_args(["sh", "-c", IDLE])
+        pss["runc"] = _idle_pss(runc.argv(), None,
+                                lambda proc: sum(pss_kib(p) for p in _process_tree(proc.pid)) / 1024,
+                                lambda proc: runc.kill())
+        for name in daemons:
+            pss[name] = _daemon_pss(daemons[name])
+        pss["rootfs-cold"] = _idle_pss([*rootfs_run, "--", "sh", "-c", IDLE], env, vm_pss, end_vms)
+        pss["rootfs-template"] = _idle_pss([*rootfs_tpl, "--", "sh", "-c", IDLE], env, vm_pss,
+                                           end_vms)
+        pss["direct"] = _idle_pss([HYPERRUN, "run", "--direct", "--entrypoint", "/bin/sh",
+                                   "bench/busybox:latest", "-c", IDLE], env, vm_pss, end_vms)
+    finally:
+        for d in daemons.values():
+            d.close()
+        for path in (work / "run" / "vm").glob("*"):
+            rundir.kill_and_remove(path)
+        shutil.rmtree(templates, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+    median = {name: statistics.median(values) for name, values in times.items()}
+    result = {"runs": runs, "variants": {}}
+    for name, what, cold in VARIANTS:
+        if name not in median:
+            continue
+        m = median[name]
+        entry = {"what": what, "median_s": round(m, 3), "runs_s": [round(t, 3) for t in times[name]],
+                 "ratio_runc": round(m / median["runc"], 1),
+                 "pss_mib": round(pss[name], 1) if name in pss else None}
+        if cold is not None:
+            entry.update(cold=cold, ratio_cold=round(m / median[cold], 2))
+        result["variants"][name] = entry
+        pss_text = f", PSS {pss[name]:.1f} MiB" if name in pss else ""
+        ratio = f", {m / median[cold]:.2f}x {cold}" if cold and name != cold else ""
+        row(f"{name}, median", f"{m:.3f} s ({m / median['runc']:.0f}x runc{ratio}){pss_text}")
+    return result
 
 
 def bench_images(runs: int) -> dict:
@@ -202,9 +412,18 @@ class _Daemon:
         env = {**os.environ, "HYPERRUN_ROOT": str(base / "root"),
                "HYPERRUN_RUN_DIR": str(base / "run"), **(env or {})}
         sock = base / "cri.sock"
-        self.proc = subprocess.Popen([HYPERRUN, "daemon", "--socket", str(sock), *args], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.proc.stdout.readline()
+        # Its output goes to a file: a pipe nobody reads would fill and stall it.
+        log = base / "daemon.log"
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen([HYPERRUN, "daemon", "--socket", str(sock), *args],
+                                         env=env, stdout=out, stderr=subprocess.STDOUT)
+        while b"hyperrun daemon serving" not in log.read_bytes():
+            if self.proc.poll() is not None:
+                self.proc = None
+                self.close()
+                lines = log.read_text(errors="replace").strip().splitlines()
+                raise DaemonFailed(lines[-1] if lines else "exited")
+            time.sleep(0.05)
         channel = grpc.insecure_channel(f"unix://{sock}")
         self.rt, self.im = cri_grpc.RuntimeServiceStub(channel), cri_grpc.ImageServiceStub(channel)
         self.im.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=self.image)))
@@ -305,12 +524,11 @@ def bench_density(count: int) -> dict:
     for mode in ("cold", "template"):
         base = Path(tempfile.mkdtemp(prefix="hr-bench-", dir="/tmp"))
         templates = Path(tempfile.mkdtemp(prefix="hr-bench-templates-", dir="/dev/shm"))
-        (base / "config.toml").write_text(f"[sandbox]\ntemplate = {str(mode == 'template').lower()}\n")
         d = None
         try:
             print(f"== density: {count} idle pods, {mode}")
-            d = _Daemon(base, "--network", "none", env={"HYPERRUN_CONFIG": str(base / "config.toml"),
-                                                         "HYPERRUN_TEMPLATES": str(templates)})
+            d = _start_daemon(base, f"template = {str(mode == 'template').lower()}\n",
+                              env={"HYPERRUN_TEMPLATES": str(templates)})
             if mode == "template":  # made before the clock starts, as a pool would
                 pod_id, _ = d.pod("warm")
                 d.remove_pod(pod_id)
@@ -324,8 +542,7 @@ def bench_density(count: int) -> dict:
                 r = d.rt.ExecSync(d.cri.ExecSyncRequest(container_id=cid, cmd=["true"], timeout=30))
                 assert r.exit_code == 0
             time.sleep(2)  # idle
-            pss = [pss_kib(rundir.qemu_pid(p)) for p in (base / "run" / "sandboxes").glob("*")]
-            median = statistics.median(pss) / 1024
+            median = statistics.median(_vm_pss_mib(base / "run" / "sandboxes"))
             row(f"{count} pods started ({mode}), each answered an exec", f"{elapsed:.1f} s")
             row(f"PSS per idle pod VM ({mode}), median", f"{median:.1f} MiB")
             result[mode] = {"start_all_s": round(elapsed, 1), "pss_median_mib": round(median, 1)}
@@ -432,30 +649,39 @@ def bench_network(runs: int) -> dict:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("sections", nargs="*", help="boot, images, cri, network, density (default: all)")
-    ap.add_argument("-n", "--runs", type=int, default=0, help="runs per measurement")
+SECTIONS = {"start": (bench_start, 9), "images": (bench_images, 3), "cri": (bench_cri, 5),
+            "network": (bench_network, 3), "density": (bench_density, 30)}
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """`python -m hyperrun.bench` (`make bench`) and `hyperrun bench`."""
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("sections", nargs="*", metavar="SECTION",
+                    help=f"{', '.join(SECTIONS)} (default: all)")
+    ap.add_argument("-n", "--runs", type=int, default=0,
+                    help="rounds (runs per measurement); default per section: " +
+                         ", ".join(f"{name} {n}" for name, (_, n) in SECTIONS.items()))
     ap.add_argument("--json", type=Path, help="also write the results here")
-    args = ap.parse_args()
-    all_sections = ["boot", "images", "cri", "network", "density"]
-    args.sections = args.sections or all_sections
-    if unknown := set(args.sections) - set(all_sections):
+    ap.add_argument("--out", type=Path, default=benchreport.REPO / "docs" / "bench",
+                    help="where results.md, results.json and start.png go once the bench "
+                         "has finished, if it ran the start section (default: docs/bench)")
+    ap.add_argument("--no-report", action="store_true", help="write no report files")
+    args = ap.parse_args(argv)
+    args.sections = args.sections or list(SECTIONS)
+    if unknown := set(args.sections) - set(SECTIONS):
         ap.error(f"unknown sections: {', '.join(sorted(unknown))}")
-    result = {"accelerator": accel.choose().name}
-    print(f"accelerator: {result['accelerator']}")
-    if "boot" in args.sections:
-        result["boot"] = bench_boot(args.runs or 9)
-    if "images" in args.sections:
-        result["images"] = bench_images(args.runs or 3)
-    if "cri" in args.sections:
-        result["cri"] = bench_cri(args.runs or 5)
-    if "network" in args.sections:
-        result["network"] = bench_network(args.runs or 3)
-    if "density" in args.sections:
-        result["density"] = bench_density(args.runs or 30)
+    result = {"machine": benchreport.machine()}
+    print(f"accelerator: {result['machine']['accelerator']}")
+    for name in args.sections:
+        bench, runs = SECTIONS[name]
+        result[name] = bench(args.runs or runs)
+    result["machine"]["loadavg_end"] = benchreport.loadavg()
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if "start" in result and not args.no_report:
+        for path in benchreport.write(result, args.out):
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":
