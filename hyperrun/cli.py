@@ -94,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
                                               "(default /opt/cni/bin:/usr/lib/cni)")
 
     sub.add_parser("check", help="show what this host can do and whether hyperrun can run")
+    # Its options are hyperrun/bench.py's (`hyperrun bench --help`): main()
+    # hands it the words after "bench" as they are.
+    sub.add_parser("bench", add_help=False,
+                   help="measure hyperrun against runc and the QEMU floor (what `make bench` "
+                        "runs; from a source checkout)")
     sub.add_parser("version", help="print the version")
     for sp in (run, pull, sub.choices["images"], rmi, load, daemon):
         sp.add_argument("--root", type=Path, help="data root (images, metadata)")
@@ -103,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     import os
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        sys.exit(_bench(argv[1:]))
     args = _parser().parse_args(argv)
     if getattr(args, "root", None):
         os.environ["HYPERRUN_ROOT"] = str(args.root)
@@ -296,6 +304,16 @@ def _daemon(args: argparse.Namespace) -> int:
     return main(args.socket, NetworkOptions(
         args.network, args.cni_conf_dir,
         args.cni_bin_dir.split(":") if args.cni_bin_dir else None), args.group, args.pool_size)
+
+
+def _bench(argv: list[str]) -> int:
+    try:
+        from hyperrun import bench
+        import tests.registry  # noqa: F401  (the bench builds its images with the test helpers)
+    except ImportError as exc:
+        return _fail(f"bench: run it from a hyperrun source checkout ({exc})")
+    bench.main(argv, prog="hyperrun bench")
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:
