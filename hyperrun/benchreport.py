@@ -86,6 +86,8 @@ def markdown(result: dict) -> str:
            "process for the VMs (for the daemons, the median over their running VMs, a "
            "pool's ready ones included), and `runc run` (which waits in the foreground, "
            "as a shim would) plus the container's processes for runc.\n"]
+    for name, reason in start.get("pss_not_measured", {}).items():
+        out.append(f"PSS of {name} not measured in this run: {reason}\n")
     if "pool" not in start["variants"]:
         out.append("No pool column: the daemon of this build has no pool option.\n")
     others = {k: v for k, v in result.items() if k not in ("machine", "start")}
