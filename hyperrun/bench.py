@@ -214,15 +214,19 @@ def _pool_daemon(base: Path) -> "_Daemon | None":
         return None
 
 
-def _wait_pool(d: "_Daemon", timeout: float = 60) -> bool:
-    """Wait until the pool's VMs are up again (between timed runs, so its
-    refill does not share the CPUs with the next variant's clock)."""
+def _wait_pool(d: "_Daemon", timeout: float = 120) -> bool:
+    """Wait until the daemon says its pool is full of ready (warmed) spares
+    (CRI Status, verbose): between timed runs, so that its refill does not
+    share the CPUs with the next variant's clock."""
     deadline = time.monotonic() + timeout
-    while len(_vm_pss_mib(d.base / "run" / "sandboxes")) < POOL_SIZE:
+    while True:
+        info = d.rt.Status(d.cri.StatusRequest(verbose=True)).info
+        pool = json.loads(info.get("config", "{}")).get("pool", {})
+        if pool.get("size", 0) > 0 and pool.get("ready", 0) >= pool["size"]:
+            return True
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)
-    return True
 
 
 # The start section's variants: name, what runs, and the cold run its
@@ -280,8 +284,7 @@ def bench_start(runs: int) -> dict:
             daemons["pool"] = pool
         pool_waits = "pool" in daemons and _wait_pool(daemons["pool"])
         if "pool" in daemons and not pool_waits:
-            print("  pool: its VMs are not under the daemon's sandboxes directory; "
-                  "not waiting for refills")
+            print("  pool: the daemon does not report its spares ready; not waiting for refills")
         measure = {
             "runc": lambda: timed(runc.argv()),
             "floor": lambda: timed_floor(Path(rootfs)),
