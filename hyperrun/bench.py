@@ -205,17 +205,9 @@ POOL_SIZE = 2
 def _pool_daemon(base: Path) -> "_Daemon | None":
     """A daemon with a pool of ready sandboxes (`--pool-size N`, or `[sandbox]
     pool_size = N` where the flag is unknown); None if this build has none."""
-    from hyperrun.client import RunOptions
-    from hyperrun.config import SandboxDefaults
-
     usage = subprocess.run([HYPERRUN, "daemon", "--help"], capture_output=True, text=True).stdout
     args = ("--pool-size", str(POOL_SIZE)) if "--pool-size" in usage else ()
-    # Spares have the daemon's default shape, and a pod takes one only if
-    # it asks for that shape; `run` asks for its --memory (256) as a limit,
-    # which makes a VM of 256 + overhead_mib: with the defaults `run` never
-    # takes a spare. So this daemon's default is the size `run` asks for.
-    memory = RunOptions.__dataclass_fields__["memory_mib"].default + SandboxDefaults.overhead_mib
-    config = f"memory_mib = {memory}\n" + ("" if args else f"pool_size = {POOL_SIZE}\n")
+    config = "" if args else f"pool_size = {POOL_SIZE}\n"
     try:
         return _start_daemon(base, config, *args)
     except DaemonFailed as exc:
