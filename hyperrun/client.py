@@ -9,17 +9,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hyperrun import exitcodes
+from hyperrun import annotations, exitcodes, paths
 
 
 class NoDaemon(Exception):
     pass
-
-
-def socket_path() -> Path:
-    from hyperrun.api.server import default_socket
-
-    return Path(os.environ.get("HYPERRUN_SOCKET") or default_socket())
 
 
 class Host:
@@ -54,7 +48,7 @@ def connect() -> Host:
 
     from hyperrun.proto import cri_api_pb2 as cri
 
-    path = socket_path()
+    path = paths.daemon_socket()
     if not path.exists():
         raise NoDaemon(f"no hyperrun daemon at {path}: start `hyperrun daemon`")
     host = Host(path)
@@ -445,16 +439,14 @@ def _quietly(call, request) -> None:
 
 
 def _run_pod(host: Host, opts: RunOptions, ports=()):
-    from hyperrun.paths import data_root
-    from hyperrun.sandbox.podnet import NETWORK_ANNOTATION
 
     cri = _cri()
     name = "run-" + secrets.token_hex(4)
-    logs_dir = (host.embedded.dir if host.embedded else data_root()) / "logs" / name
+    logs_dir = (host.embedded.dir if host.embedded else paths.data_root()) / "logs" / name
     pod_config = cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name=name, uid=name, namespace="hyperrun"),
         hostname=opts.hostname or name, log_directory=str(logs_dir), labels={RUN_LABEL: "1"},
-        port_mappings=ports, annotations={NETWORK_ANNOTATION: opts.network},
+        port_mappings=ports, annotations={annotations.NETWORK: opts.network},
         linux=cri.LinuxPodSandboxConfig(resources=_resources(opts)))
     pod = host.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
     return pod, pod_config
@@ -575,9 +567,8 @@ def _remove_run(host: Host, cid: str | None, pod: str, with_pod: bool) -> None:
 # ----------------------------------------------------------------- images
 
 def _image_spec(name: str, platform: str = ""):
-    from hyperrun.api.images import PLATFORM_ANNOTATION
 
-    return _cri().ImageSpec(image=name, annotations={PLATFORM_ANNOTATION: platform} if platform else {})
+    return _cri().ImageSpec(image=name, annotations={annotations.PLATFORM: platform} if platform else {})
 
 
 def pull(host: Host, name: str, platform: str, quiet: bool) -> int:

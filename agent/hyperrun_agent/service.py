@@ -10,6 +10,17 @@ from .errors import failed
 from .log import log
 
 SERVICE = "hyperrun.agent.v1.Agent"
+WARM_UP_ID = "hyperrun-warm-up"
+
+
+def _root_device() -> str:
+    """The guest's root disk (the kernel's root=): an erofs image, mounted
+    again as a warm-up container's image (same superblock)."""
+    with open("/proc/cmdline") as f:
+        for word in f.read().split():
+            if word.startswith("root="):
+                return word[len("root="):]
+    raise failed("no root= on the kernel command line")
 
 
 class AgentService:
@@ -71,13 +82,30 @@ class AgentService:
         return self._crun_version
 
     def warm_up(self, req):
-        # Measured in a clone under TCG: the first SetupSandbox took 246 ms
-        # with these imports left to it, 70 ms after a WarmUp in the template.
+        """Load and run once what every sandbox will: the modules imported
+        lazily, and a throwaway container (the guest's own root as its
+        image, `true` as its process) through the very create/start/wait/
+        remove path pods take: erofs and overlay mounts, crun, the reaper.
+        Before a template is saved, that leaves it all in the guest's
+        memory for every clone; in a pool spare under TCG it also leaves
+        those paths translated (measured: a clone's first SetupSandbox
+        246 ms with the imports left to it, 70 ms after)."""
         import importlib
 
         for name in LAZY_MODULES:
             importlib.import_module(name, __package__)
         self._crun()
+        cid = WARM_UP_ID
+        self.containers.create(pb.CreateContainerRequest(
+            container_id=cid, rootfs=pb.Storage(source=_root_device(), fstype="erofs", overlay=True),
+            process=pb.Process(args=["/usr/bin/true"], env=["PATH=/usr/bin"], cwd="/")))
+        try:
+            self.containers.start(cid)
+            status = self.containers.wait(cid, "")
+        finally:
+            self.containers.remove(cid)
+        if status.exit_code != 0:
+            raise failed(f"warm-up container exited with {status.exit_code}")
         return pb.Empty()
 
     def setup_sandbox(self, req):

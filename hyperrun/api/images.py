@@ -5,6 +5,7 @@ import asyncio
 import os
 import time
 
+from hyperrun import annotations
 from hyperrun.image import reference
 from hyperrun.image.auth import Credentials
 from hyperrun.image.metadata import ImageRecord
@@ -39,9 +40,6 @@ def _credentials(auth: cri.AuthConfig) -> Credentials | None:
                        identity_token=auth.identity_token, registry_token=auth.registry_token)
 
 
-# hyperrun's own: the platform to pull (`hyperrun pull --platform`); the
-# CRI has none (the kubelet's node decides).
-PLATFORM_ANNOTATION = "io.hyperrun.platform"
 
 
 class ImageServicer(cri_grpc.ImageServiceServicer):
@@ -81,7 +79,7 @@ class ImageServicer(cri_grpc.ImageServiceServicer):
 
     @rpc
     async def PullImage(self, request, context):
-        platform = request.image.annotations.get(PLATFORM_ANNOTATION) or "linux/amd64"
+        platform = request.image.annotations.get(annotations.PLATFORM) or "linux/amd64"
         image = await self.images.pull(request.image.image, auth=_credentials(request.auth),
                                        platform=platform, progress=False)
         names = self.images.meta.names(image.digest)

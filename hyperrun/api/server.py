@@ -23,10 +23,6 @@ from .runtime import RuntimeServicer
 from .streaming import StreamingServer
 
 
-def default_socket() -> Path:
-    return paths.run_root() / "hyperrun.sock"
-
-
 class Services:
     """The CRI services on a unix socket: one assembly for both hosts, the
     daemon and a CLI running without one (embedded, hyperrun/api/embedded.py)."""
@@ -127,7 +123,7 @@ def main(socket_path: Path | None, network: NetworkOptions | None = None,
             print(f"hyperrun daemon: no group {group!r}", file=sys.stderr)
             return 1
     try:
-        asyncio.run(serve(socket_path or default_socket(), network or NetworkOptions(), group,
+        asyncio.run(serve(socket_path or paths.daemon_socket(), network or NetworkOptions(), group,
                           pool_size))
     except config.ConfigError as exc:
         print(f"hyperrun daemon: {exc}", file=sys.stderr)

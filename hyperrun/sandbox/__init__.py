@@ -1,1 +1,2 @@
 """Sandboxes: one VM and its agent, the unit that containers run in."""
+

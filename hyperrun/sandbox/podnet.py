@@ -24,10 +24,10 @@ from hyperrun.proto import agent_pb2 as apb
 from hyperrun.proto import cri_api_pb2 as cri
 from hyperrun.vm.config import Nic
 
+from hyperrun.annotations import NETWORK as NETWORK_ANNOTATION
+
 logger = log.get("network")
 KINDS = ("auto", "cni", "user", "none")
-# hyperrun's own pod annotation: this pod's network kind (`hyperrun run --network`).
-NETWORK_ANNOTATION = "io.hyperrun.network"
 
 # QEMU's user-mode network: the guest's fixed address, gateway and DNS proxy.
 USER_MAC = "52:54:00:12:34:56"

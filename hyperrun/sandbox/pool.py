@@ -28,6 +28,10 @@ from .sandbox import Sandbox
 
 logger = log.get("pool")
 RETRY_SECONDS = 5.0  # after a spare failed to start
+# A refill waits this long after the last take: starting a spare costs a
+# core for about a second under TCG, which the pod just taken (its first
+# container starting) would otherwise share on a small host.
+REFILL_DELAY = 1.5
 
 
 @dataclass
@@ -46,6 +50,7 @@ class SandboxPool:
         self._spares: list[Spare] = []
         self._wanted = asyncio.Event()
         self._filler: asyncio.Task | None = None
+        self._last_take = 0.0
 
     def __len__(self) -> int:
         return len(self._spares)
@@ -58,6 +63,7 @@ class SandboxPool:
     async def take(self) -> Spare | None:
         """A live spare, or None if there is none ready (the caller starts
         a VM itself: a take never waits for a spare to boot)."""
+        self._last_take = asyncio.get_running_loop().time()
         while self._spares:
             spare = self._spares.pop(0)
             self._wanted.set()
@@ -74,6 +80,10 @@ class SandboxPool:
             await self._wanted.wait()
             self._wanted.clear()
             while len(self._spares) < self.size:
+                loop = asyncio.get_running_loop()
+                if (wait := self._last_take + REFILL_DELAY - loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                    continue
                 try:
                     spare = await self._start()
                 except asyncio.CancelledError:
