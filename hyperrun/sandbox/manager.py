@@ -398,7 +398,9 @@ class SandboxManager:
                                               overlay=True),
                     process, hostname=hostname, readonly_rootfs=sc.readonly_rootfs,
                     resources=agent_resources(config.linux.resources),
-                    sysctls=dict(sandbox_config.linux.sysctls), mounts=mounts)
+                    sysctls=dict(sandbox_config.linux.sysctls), mounts=mounts,
+                    privileged=sc.privileged,
+                    host_pid=sc.namespace_options.pid == cri.NODE)
             except TtrpcError:
                 volumes.unbind(shared, container_id)
                 await self._unplug_if_unused(sandbox, sandbox_id, serial)
