@@ -247,7 +247,19 @@ class QemuVM(VM):
         return self._proc.wait() if self._proc else -1
 
     def failure_reason(self) -> str:
-        """QEMU's own error output, or the end of the console log."""
+        """A guest kernel panic if the console shows one (with panic=-1 and
+        -no-reboot it ends QEMU), else QEMU's own error output, or the end
+        of the console log."""
+        try:
+            with open(self.console_log, "rb") as f:
+                f.seek(max(os.fstat(f.fileno()).st_size - 65536, 0))  # the end is what matters
+                console = f.read().decode(errors="replace")
+        except OSError:
+            console = ""
+        marker = "Kernel panic - not syncing: "
+        if marker in console:
+            cause = console.rsplit(marker, 1)[1].splitlines()[0].strip()
+            return f"guest kernel panic: {cause}"
         for name in ("qemu.log", rundir.CONSOLE_LOG):
             try:
                 lines = (self.run_dir / name).read_text(errors="replace").strip().splitlines()
