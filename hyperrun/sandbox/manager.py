@@ -145,6 +145,9 @@ class SandboxManager:
             for c in self.state.containers(row.id):
                 if c.state == RUNNING:
                     self._follow(c)
+            rows = self.state.containers(row.id)
+            for name in volumes.unbind_unknown(self._shared_dir(vm), [c.id for c in rows]):
+                logger.info("removed volume binds of no container", sandbox=row.id, dir=name)
         root = self.root
         if root.is_dir():
             for path in root.iterdir():
