@@ -328,12 +328,23 @@ class QemuVM(VM):
         """Attach a read-only disk to the running VM on its virtio-scsi bus
         (microvm's virtio-mmio devices cannot be hot-added; SCSI disks can).
         The guest finds it by serial."""
-        node = f"disk-{disk.serial}"
-        await self.qmp.execute("blockdev-add", {
-            "node-name": node, "driver": "raw", "read-only": disk.readonly,
-            "file": {"driver": "file", "filename": str(disk.path), "read-only": disk.readonly}})
+        from qemu.qmp import ExecuteError
+
+        node, device = f"disk-{disk.serial}", f"dev-{disk.serial}"
         try:
-            await self.qmp.execute("device_add", {"driver": "scsi-hd", "id": f"dev-{disk.serial}",
+            await self.qmp.execute("blockdev-add", {
+                "node-name": node, "driver": "raw", "read-only": disk.readonly,
+                "file": {"driver": "file", "filename": str(disk.path), "read-only": disk.readonly}})
+        except ExecuteError as exc:
+            # Plugged already (in part or whole) by a daemon killed before
+            # it recorded a container using the disk: take it as it is.
+            if "Duplicate nodes" not in str(exc):
+                raise
+            plugged = await self.qmp.execute("qom-list", {"path": "/machine/peripheral"})
+            if any(p["name"] == device for p in plugged):
+                return
+        try:
+            await self.qmp.execute("device_add", {"driver": "scsi-hd", "id": device,
                                                   "drive": node, "serial": disk.serial,
                                                   "bus": f"{SCSI_BUS}.0"})
         except Exception:
