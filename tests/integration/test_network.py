@@ -42,8 +42,11 @@ def cni_network(tmp_path_factory, network: str = NETWORK, bridge: str = BRIDGE,
     forward = Path("/proc/sys/net/ipv4/ip_forward").read_text()
     yield conf_dir, root / "ipam" / network
     subprocess.run(["ip", "link", "del", bridge], capture_output=True)
-    _remove_new_chains("iptables", v4)
-    _remove_new_chains("ip6tables", v6)
+    # Only chains of this network: concurrent runs of other tests share the
+    # plugins' chains and have their own.
+    mentioning = (f'\\"{network}\\"', subnet.rsplit(".", 1)[0] + ".")
+    _remove_new_chains("iptables", v4, mentioning)
+    _remove_new_chains("ip6tables", v6, mentioning)
     Path("/proc/sys/net/ipv4/ip_forward").write_text(forward)
 
 
