@@ -77,6 +77,7 @@ class Container:
         self.execs: dict[str, Process] = {}
         self.started = False
         self.user_home = "/"
+        self.privileged = False  # every capability, for its execs too
 
 
 class Containers:
@@ -117,11 +118,13 @@ class Containers:
                 raise AgentError(frame.ALREADY_EXISTS, f"container {cid!r} already exists")
             container = self._containers[cid] = Container(cid, bundle)
         try:
+            container.privileged = req.privileged
             os.makedirs(container.rootfs)
             self._mount_rootfs(container, req.rootfs)
             process = self._process_spec(container, req.process)
             spec = oci.container_spec(cid, process, req.hostname, req.readonly_rootfs,
-                                      oci.resources_spec(req.resources), dict(req.sysctls))
+                                      oci.resources_spec(req.resources), dict(req.sysctls),
+                                      privileged=req.privileged, host_pid=req.host_pid)
             spec["mounts"] += network.container_mounts()  # volumes may replace them
             spec["mounts"] += [self._volume(container, m) for m in req.mounts]
             _write_json(os.path.join(bundle, "config.json"), spec)
@@ -254,7 +257,8 @@ class Containers:
         extra += [g for g in process.user.additional_gids if g not in extra]
         return oci.process_spec(list(process.args), list(process.env), process.cwd,
                                 uid, gid, extra, home, process.terminal,
-                                process.console_size.rows, process.console_size.cols)
+                                process.console_size.rows, process.console_size.cols,
+                                container.privileged)
 
     def _new_process(self, container: Container, exec_id: str, process) -> Process:
         return Process(container.id, exec_id, Stdio(process.terminal, process.stdin),

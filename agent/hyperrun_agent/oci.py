@@ -13,6 +13,19 @@ DEFAULT_CAPS = [
     "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
 ]
 
+# Every capability of this kernel (6.1: 0..40), for privileged containers.
+ALL_CAPS = [
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
+    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
+    "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+]
+
 MASKED_PATHS = [
     "/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
     "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
@@ -55,7 +68,7 @@ def default_mounts() -> list[dict]:
 
 def process_spec(args: list[str], env: list[str], cwd: str, uid: int, gid: int,
                  additional_gids: list[int], home: str, terminal: bool,
-                 rows: int = 0, cols: int = 0) -> dict:
+                 rows: int = 0, cols: int = 0, privileged: bool = False) -> dict:
     env = list(env)
     keys = {e.split("=", 1)[0] for e in env}
     if "PATH" not in keys:
@@ -64,7 +77,7 @@ def process_spec(args: list[str], env: list[str], cwd: str, uid: int, gid: int,
         env.append(f"HOME={home or '/'}")
     if terminal and "TERM" not in keys:
         env.append("TERM=xterm")
-    caps = list(DEFAULT_CAPS)
+    caps = list(ALL_CAPS if privileged else DEFAULT_CAPS)
     proc = {
         "terminal": terminal,
         "user": {"uid": uid, "gid": gid, "additionalGids": additional_gids},
@@ -97,19 +110,31 @@ def resources_spec(r) -> dict:
 
 
 def container_spec(container_id: str, process: dict, hostname: str, readonly: bool,
-                   resources: dict | None = None, sysctls: dict | None = None) -> dict:
+                   resources: dict | None = None, sysctls: dict | None = None,
+                   privileged: bool = False, host_pid: bool = False) -> dict:
+    """host_pid: no PID namespace of its own (CRI pid NODE: the guest's).
+    privileged: nothing masked or read-only in /proc and /sys, every device
+    (Docker's --privileged; the capabilities are process_spec's)."""
+    mounts = default_mounts()
+    if privileged:
+        for m in mounts:
+            if m["destination"] in ("/sys", "/sys/fs/cgroup"):
+                m["options"] = [o for o in m["options"] if o != "ro"]
+    namespaces = ("ipc", "uts", "mount", "cgroup") if host_pid else (
+        "pid", "ipc", "uts", "mount", "cgroup")
     return {
         "ociVersion": "1.0.2",
         "process": process,
         "root": {"path": "rootfs", "readonly": readonly},
         "hostname": hostname or container_id[:12],
-        "mounts": default_mounts(),
+        "mounts": mounts,
         "linux": {
-            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],
+            "namespaces": [{"type": t} for t in namespaces],
             "cgroupsPath": f"/hyperrun/{container_id}",
-            "resources": {"devices": [{"allow": False, "access": "rwm"}], **(resources or {})},
-            "maskedPaths": MASKED_PATHS,
-            "readonlyPaths": READONLY_PATHS,
+            "resources": {"devices": [{"allow": privileged, "access": "rwm"}],
+                          **(resources or {})},
+            "maskedPaths": [] if privileged else MASKED_PATHS,
+            "readonlyPaths": [] if privileged else READONLY_PATHS,
             "sysctl": dict(sysctls or {}),
         },
     }

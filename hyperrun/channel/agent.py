@@ -47,11 +47,12 @@ class AgentClient:
                                hostname: str = "", readonly_rootfs: bool = False,
                                resources: pb.Resources | None = None,
                                sysctls: dict[str, str] | None = None,
-                               mounts: list[pb.Mount] | None = None) -> None:
+                               mounts: list[pb.Mount] | None = None, privileged: bool = False,
+                               host_pid: bool = False) -> None:
         await self._call("CreateContainer", pb.CreateContainerRequest(
             container_id=container_id, rootfs=rootfs, process=process, hostname=hostname,
             readonly_rootfs=readonly_rootfs, resources=resources, sysctls=sysctls or {},
-            mounts=mounts or []), pb.Empty)
+            mounts=mounts or [], privileged=privileged, host_pid=host_pid), pb.Empty)
 
     async def update_container(self, container_id: str, resources: pb.Resources) -> None:
         await self._call("UpdateContainer", pb.UpdateContainerRequest(

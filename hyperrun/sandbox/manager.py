@@ -145,6 +145,9 @@ class SandboxManager:
             for c in self.state.containers(row.id):
                 if c.state == RUNNING:
                     self._follow(c)
+            rows = self.state.containers(row.id)
+            for name in volumes.unbind_unknown(self._shared_dir(vm), [c.id for c in rows]):
+                logger.info("removed volume binds of no container", sandbox=row.id, dir=name)
         root = self.root
         if root.is_dir():
             for path in root.iterdir():
@@ -407,7 +410,9 @@ class SandboxManager:
                                               overlay=True),
                     process, hostname=hostname, readonly_rootfs=sc.readonly_rootfs,
                     resources=agent_resources(config.linux.resources),
-                    sysctls=dict(sandbox_config.linux.sysctls), mounts=mounts)
+                    sysctls=dict(sandbox_config.linux.sysctls), mounts=mounts,
+                    privileged=sc.privileged,
+                    host_pid=sc.namespace_options.pid == cri.NODE)
             except TtrpcError:
                 volumes.unbind(shared, container_id)
                 await self._unplug_if_unused(sandbox, sandbox_id, serial)

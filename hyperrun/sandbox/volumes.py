@@ -80,3 +80,15 @@ def unbind(shared: Path, container_id: str) -> None:
     for entry in base.iterdir():
         entry.rmdir() if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     os.rmdir(base)
+
+
+def unbind_unknown(shared: Path, container_ids) -> list[str]:
+    """Unbind what the shared directory holds for containers not in
+    container_ids (a daemon killed inside CreateContainer, after the binds
+    and before the record); returns the directories' names."""
+    known = {_container_dir(shared, cid).name for cid in container_ids}
+    stale = sorted(p.name for p in shared.iterdir() if p.name not in known) \
+        if shared.is_dir() else []
+    for name in stale:
+        unbind(shared, name)
+    return stale

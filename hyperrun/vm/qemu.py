@@ -247,7 +247,19 @@ class QemuVM(VM):
         return self._proc.wait() if self._proc else -1
 
     def failure_reason(self) -> str:
-        """QEMU's own error output, or the end of the console log."""
+        """A guest kernel panic if the console shows one (with panic=-1 and
+        -no-reboot it ends QEMU), else QEMU's own error output, or the end
+        of the console log."""
+        try:
+            with open(self.console_log, "rb") as f:
+                f.seek(max(os.fstat(f.fileno()).st_size - 65536, 0))  # the end is what matters
+                console = f.read().decode(errors="replace")
+        except OSError:
+            console = ""
+        marker = "Kernel panic - not syncing: "
+        if marker in console:
+            cause = console.rsplit(marker, 1)[1].splitlines()[0].strip()
+            return f"guest kernel panic: {cause}"
         for name in ("qemu.log", rundir.CONSOLE_LOG):
             try:
                 lines = (self.run_dir / name).read_text(errors="replace").strip().splitlines()
@@ -316,12 +328,23 @@ class QemuVM(VM):
         """Attach a read-only disk to the running VM on its virtio-scsi bus
         (microvm's virtio-mmio devices cannot be hot-added; SCSI disks can).
         The guest finds it by serial."""
-        node = f"disk-{disk.serial}"
-        await self.qmp.execute("blockdev-add", {
-            "node-name": node, "driver": "raw", "read-only": disk.readonly,
-            "file": {"driver": "file", "filename": str(disk.path), "read-only": disk.readonly}})
+        from qemu.qmp import ExecuteError
+
+        node, device = f"disk-{disk.serial}", f"dev-{disk.serial}"
         try:
-            await self.qmp.execute("device_add", {"driver": "scsi-hd", "id": f"dev-{disk.serial}",
+            await self.qmp.execute("blockdev-add", {
+                "node-name": node, "driver": "raw", "read-only": disk.readonly,
+                "file": {"driver": "file", "filename": str(disk.path), "read-only": disk.readonly}})
+        except ExecuteError as exc:
+            # Plugged already (in part or whole) by a daemon killed before
+            # it recorded a container using the disk: take it as it is.
+            if "Duplicate nodes" not in str(exc):
+                raise
+            plugged = await self.qmp.execute("qom-list", {"path": "/machine/peripheral"})
+            if any(p["name"] == device for p in plugged):
+                return
+        try:
+            await self.qmp.execute("device_add", {"driver": "scsi-hd", "id": device,
                                                   "drive": node, "serial": disk.serial,
                                                   "bus": f"{SCSI_BUS}.0"})
         except Exception:

@@ -1,24 +1,96 @@
-"""Faults, and what is left after them: a pod's QEMU killed from outside.
-The pod goes NotReady, its running containers are reported exited with the
-reason, and everything the VM held is freed at once: its network (netns,
-veth, iptables rules, lease), run directory and volume binds."""
+"""Faults, and what is left after them, with real VMs and real CNI:
+
+- a pod's QEMU killed from outside;
+- the agent (the guest's PID 1) crashed from inside the guest, which is a
+  guest kernel panic ("Attempted to kill init!");
+- the daemon killed with -9 inside or right after each CRI call of a pod's
+  life, and restarted on the same state.
+
+After each: the pod and its containers have a coherent state (NotReady,
+EXITED with the reason), and once they are removed nothing is left: no
+QEMU, netns, veth, iptables rule, lease, run directory, bind mount or
+cgroup."""
 import os
 import signal
+import subprocess
+import threading
 import time
+from pathlib import Path
+
+import grpc
+import pytest
 
 from hyperrun.proto import cri_api_pb2 as cri
+from hyperrun.vm import cgroup
 from tests.conftest import qemu_pids
 from tests.integration.test_cri import _mounts_under
-from tests.integration.test_network import (cni_env, netd, pod_ip, remove_pod,  # noqa: F401
-                                            state, warm_up)
+from tests.integration.test_network import (cni_network, netd, pod_ip, remove_pod,  # noqa: F401
+                                            warm_up)
+from tests.integration.test_network_host import iptables_state, ip_json
+
+# A network of this module's own: concurrent runs of test_network (which
+# use hrpod0) neither see nor disturb what is checked here.
+NETWORK, BRIDGE, SUBNET = "hrfault", "hrfault0", "10.216.0.0/24"
+
+
+@pytest.fixture(scope="module")
+def cni_env(tmp_path_factory):
+    yield from cni_network(tmp_path_factory, NETWORK, BRIDGE, SUBNET)
+
+
+def leftovers(d, leases: Path, sandbox_ids, network: str = NETWORK,
+              bridge: str = BRIDGE) -> dict:
+    """What the pods of daemon d may leave behind, scoped to them (other
+    daemons may run on this host at the same time): QEMU processes, the
+    pods' netns, veths on the test bridge, iptables rules naming the
+    network or a pod, host-local leases, bind mounts, run directories and
+    the VMs' cgroups. Empty lists everywhere when nothing leaked."""
+    ids = [i[:16] for i in sandbox_ids]  # a VM's id is its sandbox id's first 16 digits
+    netns = sorted(n for n in os.listdir("/run/netns") if any(i in n for i in ids)) \
+        if os.path.isdir("/run/netns") else []
+    links = sorted(link["ifname"] for link in ip_json("link", "show", "master", bridge)) \
+        if os.path.exists(f"/sys/class/net/{bridge}") else []
+    rules = [line for line in iptables_state().splitlines()
+             if network in line or any(i in line for i in ids)]
+    qemu = []
+    for pid in qemu_pids():
+        try:
+            if str(d.base) in open(f"/proc/{pid}/cmdline").read():
+                qemu.append(pid)
+        except OSError:
+            pass
+    run = d.base / "run" / "sandboxes"
+    return {"qemu": qemu, "netns": netns, "links": links, "iptables": rules,
+            "leases": sorted(p.name for p in leases.iterdir() if p.name[0].isdigit())
+            if leases.exists() else [],
+            "mounts": _mounts_under(d.base),
+            "run dirs": sorted(p.name for p in run.iterdir()) if run.is_dir() else [],
+            "cgroups": [str(p) for i in ids for p in cgroup._dirs(i) if p.exists()]}
+
+
+NOTHING = {k: [] for k in ("qemu", "netns", "links", "iptables", "leases", "mounts", "run dirs",
+                           "cgroups")}
+
+
+def wait_for(predicate, timeout: float = 60, interval: float = 0.2):
+    """predicate()'s last value, polled until true or the timeout (not a
+    timing assert: callers assert on the value)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def sandbox_ids(d) -> list[str]:
+    return [p.id for p in d.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items]
 
 
 def test_qemu_killed(netd, pushed, cni_env, tmp_path):
     d = netd
     image = pushed.ref("busybox:latest")
     warm_up(d, image)
-    before = state(cni_env[1])
-    vms_before = qemu_pids()
     volume = tmp_path / "vol"
     volume.mkdir()
     pod_config = cri.PodSandboxConfig(
@@ -33,26 +105,96 @@ def test_qemu_killed(netd, pushed, cni_env, tmp_path):
         pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
     d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
     assert pod_ip(d, pod) and _mounts_under(d.base)
+    held = leftovers(d, cni_env[1], [pod])
+    assert all(held[k] for k in ("qemu", "netns", "links", "iptables", "leases", "mounts",
+                                 "run dirs")), held  # the checks see what a pod holds
 
-    (vm,) = qemu_pids() - vms_before
+    (vm,) = held["qemu"]  # this daemon's (other VMs may run on the host)
     os.kill(vm, signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        status = d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status
-        if status.state == cri.SANDBOX_NOTREADY and state(cni_env[1]) == before:
-            break
-        time.sleep(0.2)
+    wait_for(lambda: d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(
+        pod_sandbox_id=pod)).status.state == cri.SANDBOX_NOTREADY
+        and leftovers(d, cni_env[1], [pod]) == NOTHING)
+    status = d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status
     assert status.state == cri.SANDBOX_NOTREADY
     c = d.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
     assert (c.state, c.reason, c.exit_code) == (cri.CONTAINER_EXITED, "VMExited", 255)
     assert "VM exited" in c.message
-    assert state(cni_env[1]) == before, "the network outlived its VM"
-    assert _mounts_under(d.base) == [] and not list((d.base / "run" / "sandboxes").iterdir())
+    assert leftovers(d, cni_env[1], [pod]) == NOTHING, "the VM's resources outlived it"
     assert status.network.ip == ""
     # The dead pod still answers and goes as usual.
     remove_pod(d, pod)
     assert d.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items == []
     assert volume.is_dir()
+
+
+# Run in a privileged container that shares the guest's PID namespace: the
+# agent (PID 1) cannot be killed by a signal (the kernel protects init), so
+# its code is overwritten through /proc/1/mem, as a memory-corruption bug in
+# the agent's process would. libc's executable pages become zeros; the next
+# agent thread to return from a system call (the reaper, once this script
+# exits) faults, the fault kills init, and the guest kernel panics.
+CRASH_AGENT = """set -e
+line=$(grep -m1 'r-xp .*/libc[.-]' /proc/1/maps)
+range=${line%% *}
+start=$((0x${range%-*})); end=$((0x${range#*-}))
+dd if=/dev/zero of=/proc/1/mem bs=4096 seek=$((start / 4096)) count=$(((end - start) / 4096)) \
+   conv=notrunc 2>/dev/null
+echo overwritten $((end - start)) bytes
+"""
+
+
+def test_agent_crash_is_a_guest_kernel_panic(netd, pushed, cni_env):
+    """The agent killed inside the guest. It is PID 1, so its death is a
+    guest kernel panic, and with panic=-1 and -no-reboot QEMU exits. The
+    exec that crashed it fails (no hang), the pod goes NotReady, its
+    running container is EXITED with a message naming the panic, and
+    everything the VM held is freed."""
+    d = netd
+    image = pushed.ref("busybox:latest")
+    warm_up(d, image)
+    pod_config = cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name="panic", uid="uid-panic", namespace="faults"),
+        log_directory=str(d.base / "logs"))
+    pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
+
+    def container(name, **linux):
+        config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name),
+                                     image=cri.ImageSpec(image=image), command=["sleep", "600"],
+                                     linux=cri.LinuxContainerConfig(**linux))
+        cid = d.runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
+        d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
+        return cid
+
+    victim = container("victim")
+    killer = container("killer", security_context=cri.LinuxContainerSecurityContext(
+        privileged=True, namespace_options=cri.NamespaceOption(pid=cri.NODE)))
+    # The guest's PID namespace: PID 1 is the agent (python), not sleep.
+    r = d.runtime.ExecSync(cri.ExecSyncRequest(container_id=killer, timeout=30,
+                                               cmd=["cat", "/proc/1/cmdline"]))
+    assert b"hyperrun_agent" in r.stdout or b"python" in r.stdout, r
+    r = d.runtime.ExecSync(cri.ExecSyncRequest(container_id=victim, timeout=30,
+                                               cmd=["cat", "/proc/1/cmdline"]))
+    assert r.stdout.startswith(b"sleep"), r  # an ordinary container: its own namespace
+
+    with pytest.raises(grpc.RpcError) as err:  # the agent dies under this call
+        d.runtime.ExecSync(cri.ExecSyncRequest(container_id=killer, timeout=60,
+                                               cmd=["sh", "-c", CRASH_AGENT]), timeout=120)
+    assert err.value.code() != grpc.StatusCode.DEADLINE_EXCEEDED, "the daemon hung"
+    wait_for(lambda: d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(
+        pod_sandbox_id=pod)).status.state == cri.SANDBOX_NOTREADY
+        and leftovers(d, cni_env[1], [pod]) == NOTHING)
+    status = d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status
+    assert status.state == cri.SANDBOX_NOTREADY
+    for cid in (victim, killer):
+        c = d.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
+        assert (c.state, c.reason, c.exit_code) == (cri.CONTAINER_EXITED, "VMExited", 255)
+        assert "guest kernel panic" in c.message and "Attempted to kill init" in c.message, \
+            c.message
+    assert leftovers(d, cni_env[1], [pod]) == NOTHING
+    remove_pod(d, pod)
+    assert d.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items == []
+    assert leftovers(d, cni_env[1], [pod]) == NOTHING
 
 
 def _rss_peak_kib(pid: int) -> int:
@@ -101,3 +243,197 @@ def test_a_flooding_container_loses_nothing_and_the_daemon_stays_small(netd, pus
     print(f"daemon peak RSS grew {growth_mib:.1f} MiB while logging {total / 1e6:.0f} MB")
     assert growth_mib < 64
     remove_pod(d, pod)
+
+
+# --------------------------------------------------------------- daemon kill -9
+def _in_flight(call, *args, **kwargs) -> tuple[threading.Thread, list]:
+    """Run a CRI call on a thread; its result or error lands in the list."""
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append(call(*args, **kwargs))
+        except grpc.RpcError as exc:
+            out.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def _kill_when(d, predicate, call, *args, **kwargs):
+    """kill -9 the daemon as soon as predicate() holds while call is in
+    flight (polled every 5 ms), restart it on the same state and socket.
+    Returns what the call got (an error, or its result if it won the race)
+    and predicate's value at the kill."""
+    t, out = _in_flight(call, *args, **kwargs)
+    seen = wait_for(predicate, timeout=120, interval=0.005)
+    assert seen, "the point to kill at was never reached"
+    d.kill9()
+    t.join(60)
+    d.start()
+    return (out[0] if out else None), seen
+
+
+def _run_dirs(d) -> list[str]:
+    run = d.base / "run" / "sandboxes"
+    return sorted(p.name for p in run.iterdir()) if run.is_dir() else []
+
+
+def _pod_config(d, name: str) -> cri.PodSandboxConfig:
+    return cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name=name, uid=f"uid-{name}", namespace="faults"),
+        log_directory=str(d.base / "logs"))
+
+
+def _remove_all(d) -> None:
+    for pod in sandbox_ids(d):
+        remove_pod(d, pod)
+    assert d.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items == []
+    assert d.runtime.ListContainers(cri.ListContainersRequest()).containers == []
+
+
+def test_daemon_killed_in_run_pod_sandbox(netd, pushed, cni_env):
+    """kill -9 inside RunPodSandbox, once the pod's network is set up and its
+    run directory made (QEMU starting, nothing recorded yet), and right after
+    it returned. Inside: after the restart the pod does not exist (it was
+    never recorded), what was made for it is collected at start-up, and the
+    retried call succeeds. After: the pod is READY, re-attached, usable."""
+    d = netd
+    image = pushed.ref("busybox:latest")
+    warm_up(d, image)
+    config = _pod_config(d, "run")
+    got, orphans = _kill_when(d, lambda: _run_dirs(d), d.runtime.RunPodSandbox,
+                              cri.RunPodSandboxRequest(config=config))
+    assert isinstance(got, grpc.RpcError), got
+    assert sandbox_ids(d) == []
+    assert leftovers(d, cni_env[1], orphans) == NOTHING
+    pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config)).pod_sandbox_id
+    d.kill9()  # right after the call returned
+    d.start()
+    status = d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status
+    assert status.state == cri.SANDBOX_READY and status.network.ip
+    cid = d.runtime.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod, sandbox_config=config, config=cri.ContainerConfig(
+            metadata=cri.ContainerMetadata(name="c"), image=cri.ImageSpec(image=image),
+            command=["sleep", "600"]))).container_id
+    d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
+    r = d.runtime.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["echo", "ok"], timeout=30))
+    assert r.stdout == b"ok\n"
+    _remove_all(d)
+    assert leftovers(d, cni_env[1], [pod, *orphans]) == NOTHING
+
+
+def test_daemon_killed_in_create_and_start_container(netd, pushed, cni_env, tmp_path):
+    """kill -9 inside CreateContainer, once the container's volume is bound
+    into the pod's shared directory (its image disk hot-plugged, the guest
+    side not yet made, nothing recorded), and right after CreateContainer
+    and StartContainer returned. Inside: after the restart the container
+    does not exist, its bind is gone, and the retried call succeeds (the
+    image disk left plugged is reused). After: CREATED, then RUNNING, and
+    usable."""
+    d = netd
+    image = pushed.ref("busybox:latest")
+    warm_up(d, image)
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    pod_config = _pod_config(d, "create")
+    pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
+    request = cri.CreateContainerRequest(
+        pod_sandbox_id=pod, sandbox_config=pod_config, config=cri.ContainerConfig(
+            metadata=cri.ContainerMetadata(name="c"), image=cri.ImageSpec(image=image),
+            command=["sleep", "600"],
+            mounts=[cri.Mount(container_path="/vol", host_path=str(volume))]))
+    got, _ = _kill_when(d, lambda: _mounts_under(d.base), d.runtime.CreateContainer, request)
+    assert isinstance(got, grpc.RpcError), got
+    assert d.runtime.ListContainers(cri.ListContainersRequest()).containers == []
+    assert _mounts_under(d.base) == [], "the bind of a container never recorded"
+    assert d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(
+        pod_sandbox_id=pod)).status.state == cri.SANDBOX_READY
+    cid = d.runtime.CreateContainer(request).container_id
+    d.kill9()  # right after CreateContainer returned
+    d.start()
+    c = d.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
+    assert c.state == cri.CONTAINER_CREATED
+    d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
+    d.kill9()  # right after StartContainer returned
+    d.start()
+    c = d.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
+    assert c.state == cri.CONTAINER_RUNNING
+    r = d.runtime.ExecSync(cri.ExecSyncRequest(container_id=cid, timeout=30,
+                                               cmd=["sh", "-c", "echo hi > /vol/f; cat /vol/f"]))
+    assert r.stdout == b"hi\n" and (volume / "f").read_text() == "hi\n"
+    _remove_all(d)
+    assert leftovers(d, cni_env[1], [pod]) == NOTHING
+
+
+def test_daemon_killed_in_stop_and_remove(netd, pushed, cni_env):
+    """kill -9 inside StopContainer (waiting out the grace period of a
+    program that ignores SIGTERM), inside StopPodSandbox and
+    RemovePodSandbox (once the VM's run directory is gone, before the
+    record says so), and right after RemoveContainer returned. Each time
+    the restarted daemon shows a coherent state, the retried call succeeds,
+    and nothing is left once the pods are removed."""
+    d = netd
+    image = pushed.ref("busybox:latest")
+    warm_up(d, image)
+
+    def pod_with_container(name):
+        config = _pod_config(d, name)
+        pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config)).pod_sandbox_id
+        cid = d.runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=pod, sandbox_config=config, config=cri.ContainerConfig(
+                metadata=cri.ContainerMetadata(name="c"), image=cri.ImageSpec(image=image),
+                command=["sleep", "600"]))).container_id  # sleep as init ignores SIGTERM
+        d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
+        return pod, cid
+
+    def status(cid):
+        return d.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
+
+    # StopContainer: killed during the 60 s grace period; the program lives on.
+    pod, cid = pod_with_container("stop")
+    t, out = _in_flight(d.runtime.StopContainer,
+                        cri.StopContainerRequest(container_id=cid, timeout=60))
+    time.sleep(1)  # the call is in its grace period (a fault point, not an assert)
+    d.kill9()
+    t.join(60)
+    d.start()
+    assert isinstance(out[0], grpc.RpcError)
+    assert status(cid).state == cri.CONTAINER_RUNNING
+    d.runtime.StopContainer(cri.StopContainerRequest(container_id=cid, timeout=0))
+    c = status(cid)
+    assert (c.state, c.exit_code) == (cri.CONTAINER_EXITED, 137)
+    d.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=cid))
+    d.kill9()  # right after RemoveContainer returned
+    d.start()
+    assert d.runtime.ListContainers(cri.ListContainersRequest()).containers == []
+    d.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=cid))  # idempotent
+
+    # StopPodSandbox: killed once the VM is gone, before the record says so.
+    run_dir = _run_dirs(d)
+    assert len(run_dir) == 1
+    got, _ = _kill_when(d, lambda: not _run_dirs(d), d.runtime.StopPodSandbox,
+                     cri.StopPodSandboxRequest(pod_sandbox_id=pod))
+    s = d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status
+    assert s.state == cri.SANDBOX_NOTREADY, got
+    wait_for(lambda: leftovers(d, cni_env[1], [pod]) == NOTHING)
+    assert leftovers(d, cni_env[1], [pod]) == NOTHING
+    d.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))  # retried
+    d.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
+    d.kill9()  # right after RemovePodSandbox returned
+    d.start()
+    assert sandbox_ids(d) == []
+
+    # RemovePodSandbox of a running pod: killed once its VM is gone.
+    pod2, cid2 = pod_with_container("remove")
+    got, _ = _kill_when(d, lambda: not _run_dirs(d), d.runtime.RemovePodSandbox,
+                     cri.RemovePodSandboxRequest(pod_sandbox_id=pod2))
+    items = d.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items
+    if items:  # killed before the removal committed: stopped, its container exited
+        assert [(p.id, p.state) for p in items] == [(pod2, cri.SANDBOX_NOTREADY)], got
+        assert status(cid2).state == cri.CONTAINER_EXITED
+    d.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod2))  # retried
+    assert sandbox_ids(d) == []
+    wait_for(lambda: leftovers(d, cni_env[1], [pod, pod2]) == NOTHING)
+    assert leftovers(d, cni_env[1], [pod, pod2]) == NOTHING

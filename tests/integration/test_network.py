@@ -22,25 +22,37 @@ NETWORK, BRIDGE, SUBNET = "hrpod", "hrpod0", "10.214.0.0/24"
 HTTPD = "mkdir -p /www && echo hello from $(hostname) > /www/index.html && exec httpd -f -p 80 -h /www"
 
 
-@pytest.fixture(scope="module")
-def cni_env(tmp_path_factory):
+def cni_network(tmp_path_factory, network: str = NETWORK, bridge: str = BRIDGE,
+                subnet: str = SUBNET):
+    """A CNI conf dir for a test network (skips without root or plugins);
+    yields (conf dir, host-local leases dir) and removes the bridge and the
+    chains it made afterwards. Modules that must not share a bridge with
+    concurrent runs of this one pass a name, bridge and subnet of their own."""
     if os.geteuid() != 0:
         pytest.skip("not root: netns, CNI plugins and taps need CAP_NET_ADMIN")
     root = tmp_path_factory.mktemp("podnet")
     conf_dir = root / "net.d"
     conf_dir.mkdir()
     (conf_dir / "10-test.conflist").write_text(json.dumps(default_conflist(
-        name=NETWORK, bridge=BRIDGE, subnet=SUBNET, data_dir=str(root / "ipam"))))
+        name=network, bridge=bridge, subnet=subnet, data_dir=str(root / "ipam"))))
     ok, reason = cni_available(conf_dir)
     if not ok:
         pytest.skip(f"CNI not available: {reason}")
     v4, v6 = sh("iptables-save"), sh("ip6tables-save")
     forward = Path("/proc/sys/net/ipv4/ip_forward").read_text()
-    yield conf_dir, root / "ipam" / NETWORK
-    subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
-    _remove_new_chains("iptables", v4)
-    _remove_new_chains("ip6tables", v6)
+    yield conf_dir, root / "ipam" / network
+    subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+    # Only chains of this network: concurrent runs of other tests share the
+    # plugins' chains and have their own.
+    mentioning = (f'\\"{network}\\"', subnet.rsplit(".", 1)[0] + ".")
+    _remove_new_chains("iptables", v4, mentioning)
+    _remove_new_chains("ip6tables", v6, mentioning)
     Path("/proc/sys/net/ipv4/ip_forward").write_text(forward)
+
+
+@pytest.fixture(scope="module")
+def cni_env(tmp_path_factory):
+    yield from cni_network(tmp_path_factory)
 
 
 @pytest.fixture

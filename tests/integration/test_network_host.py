@@ -103,12 +103,24 @@ def env(tmp_path_factory):
         Path("/proc/sys/net/ipv4/ip_forward").write_text(forward)
 
 
-def _remove_new_chains(cmd: str, before: str) -> None:
+def _remove_new_chains(cmd: str, before: str, mentioning: tuple[str, ...] = ()) -> None:
     """Delete the chains (and jumps to them) that exist now but did not in
-    `before` (an iptables-save of the same family)."""
+    `before` (an iptables-save of the same family). With `mentioning`, only
+    those whose rules, or the rules jumping to them, contain one of these
+    strings: other tests on the host may have made the rest, and use them."""
     old_chains = _chains(before)
     now = sh(f"{cmd}-save")
     new = {(t, c) for t, c in _chains(now) if (t, c) not in old_chains}
+    if mentioning:
+        ours, table = set(), None
+        for line in now.splitlines():
+            if line.startswith("*"):
+                table = line[1:]
+            elif line.startswith("-A ") and any(m in line for m in mentioning):
+                ours.add((table, line.split()[1]))
+                if " -j " in line:
+                    ours.add((table, line.split(" -j ")[-1].split()[0]))
+        new &= ours
     table = None
     for line in now.splitlines():
         if line.startswith("*"):

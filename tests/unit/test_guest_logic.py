@@ -60,3 +60,18 @@ def test_container_spec_isolation():
     assert spec["root"] == {"path": "rootfs", "readonly": True}
     assert spec["hostname"] == "abc"
     assert spec["linux"]["cgroupsPath"] == "/hyperrun/abc"
+
+
+def test_privileged_and_host_pid_spec():
+    """CRI privileged and pid NODE (the guest's namespace, the agent as PID 1)."""
+    proc = oci.process_spec(["true"], [], "/", 0, 0, [], "/", False, privileged=True)
+    assert "CAP_SYS_PTRACE" in proc["capabilities"]["effective"] and len(
+        proc["capabilities"]["bounding"]) == 41
+    spec = oci.container_spec("abc", proc, "", False, privileged=True, host_pid=True)
+    assert "pid" not in {n["type"] for n in spec["linux"]["namespaces"]}
+    assert spec["linux"]["maskedPaths"] == spec["linux"]["readonlyPaths"] == []
+    assert spec["linux"]["resources"]["devices"] == [{"allow": True, "access": "rwm"}]
+    assert all("ro" not in m["options"] for m in spec["mounts"])
+    plain = oci.container_spec("abc", proc, "", False)
+    assert plain["linux"]["resources"]["devices"] == [{"allow": False, "access": "rwm"}]
+    assert "/proc/sysrq-trigger" in plain["linux"]["readonlyPaths"]
