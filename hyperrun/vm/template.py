@@ -39,6 +39,7 @@ from .qemu import QEMU_BINARY, QemuVM
 
 TEMPLATE_MAC = "52:54:00:00:00:01"  # the template's card; each clone's agent sets its own
 MEM, STATE = "mem", "state"
+CLONE_TB_MIB = int(os.environ.get("HYPERRUN_CLONE_TB_MIB", "16"))  # see clone_config
 
 
 def default_root() -> Path:
@@ -78,7 +79,7 @@ def key(config: VMConfig) -> str:
         raise VMError(f"{QEMU_BINARY} not found")
     data = {"qemu": _file_id(Path(qemu)), "kernel": _file_id(c.kernel),
             "image": _file_id(c.root_image), "machine": c.machine, "vcpus": c.vcpus,
-            "memory_mib": c.memory_mib, "accel": c.accel, "tb": c.tb_size_mib,
+            "memory_mib": c.memory_mib, "accel": c.accel,
             "cmdline": c.cmdline(), "disks": [d.serial for d in c.disks],
             "hotplug": c.hotplug_disks, "shares": [s.tag for s in c.shares],
             "nic": [c.nic.kind, c.nic.restrict]}
@@ -187,10 +188,14 @@ class TemplateStore:
 
 
 def clone_config(config: VMConfig, template: Template) -> VMConfig:
-    """config, to start as a clone of template (RAM mapped private)."""
+    """config, to start as a clone of template (RAM mapped private), with
+    a smaller TCG translation cache than a boot's: a clone translates only
+    what it runs after the restore, and touched cache is private memory
+    (not guest state: the template's own size does not matter)."""
     nic = config.nic or _card(config)  # the device must exist
     return dataclasses.replace(config, nic=nic, memory_file=template.memory,
                                memory_shared=False, incoming=True,
+                               tb_size_mib=min(config.tb_size_mib, CLONE_TB_MIB),
                                incoming_fd=os.open(template.state, os.O_RDONLY | os.O_CLOEXEC))
 
 
