@@ -307,6 +307,12 @@ def _daemon(args: argparse.Namespace) -> int:
 
 
 def _bench(argv: list[str]) -> int:
+    # The bench builds its images with the tests' helpers: from the source
+    # checkout this hyperrun runs from (an editable install), wherever the
+    # command is started.
+    checkout = str(Path(__file__).resolve().parent.parent)
+    if checkout not in sys.path and (Path(checkout) / "tests").is_dir():
+        sys.path.append(checkout)
     try:
         from hyperrun import bench
         import tests.registry  # noqa: F401  (the bench builds its images with the test helpers)
