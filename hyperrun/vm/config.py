@@ -115,6 +115,9 @@ class VMConfig:
     # QEMU's seccomp filter: no obsolete syscalls, no privilege changes,
     # no fork/exec, no resource-control calls.
     seccomp: bool = True
+    # QEMU as the unprivileged `hyperrun-vmm` user where the host has it
+    # (vm/privileges.py says with which capabilities, and why).
+    unprivileged: bool = True
     # End QEMU when the launching process dies (embedded `hyperrun run`).
     die_with_parent: bool = False
     # TCG translation cache in MiB; small VMs do not need QEMU's 1 GiB default.

@@ -58,8 +58,23 @@ def machine_args(config: VMConfig) -> tuple[list[str], str]:
     return ["-M", machine, "-accel", accel, "-cpu", cpu], bus
 
 
-def command_line(config: VMConfig, run_dir: Path, qmp_fd: int | None, agent_fd: int | None) -> list[str]:
+def command_line(config: VMConfig, run_dir: Path, qmp_fd: int | None, agent_fd: int | None,
+                 files: dict[Path, int] | None = None) -> list[str]:
+    """QEMU's arguments. QEMU runs in run_dir (its files there are named
+    relative to it: an unprivileged QEMU cannot search the run root). files
+    maps host files to fds the host opened for a QEMU that may not open
+    them by name: the kernel is read through /proc/self/fd, disks through
+    fd sets (QEMU duplicates the fd, and opens nothing)."""
+    files = files or {}
     machine, bus = machine_args(config)
+    fdsets: list[str] = []
+
+    def image(path: Path) -> str:
+        if path not in files:
+            return str(path)
+        fdsets.extend(["-add-fd", f"fd={files[path]},set={len(fdsets) // 2 + 1}"])
+        return f"/dev/fdset/{len(fdsets) // 2}"
+
     if config.memory_file is not None:
         machine[1] += ",memory-backend=ram"
         machine += ["-object", f"memory-backend-file,id=ram,size={config.memory_mib}M,"
@@ -73,12 +88,13 @@ def command_line(config: VMConfig, run_dir: Path, qmp_fd: int | None, agent_fd: 
     argv = [QEMU_BINARY, "-name", "hyperrun", *machine,
             "-smp", str(config.vcpus), "-m", str(config.memory_mib),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-            "-kernel", str(config.kernel), "-append", config.cmdline(),
-            "-chardev", f"file,id=console,path={run_dir / rundir.CONSOLE_LOG}",
+            "-kernel", f"/proc/self/fd/{files[config.kernel]}" if config.kernel in files
+            else str(config.kernel), "-append", config.cmdline(),
+            "-chardev", f"file,id=console,path={rundir.CONSOLE_LOG}",
             "-serial", "chardev:console",
-            "-drive", f"id=root,file={config.root_image},format=raw,if=none,readonly=on",
+            "-drive", f"id=root,file={image(config.root_image)},format=raw,if=none,readonly=on",
             "-device", f"virtio-blk-{bus},drive=root",
-            "-pidfile", str(run_dir / rundir.PID_FILE)]
+            "-pidfile", rundir.PID_FILE]
     if config.channel.kind == "vsock":
         argv += ["-device", f"vhost-vsock-{bus},guest-cid={config.channel.cid}"]
     elif agent_fd is not None:
@@ -87,7 +103,7 @@ def command_line(config: VMConfig, run_dir: Path, qmp_fd: int | None, agent_fd: 
                  "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}"]
     for i, disk in enumerate(config.disks):
         ro = ",readonly=on" if disk.readonly else ""
-        argv += ["-drive", f"id=disk{i},file={disk.path},format=raw,if=none{ro}",
+        argv += ["-drive", f"id=disk{i},file={image(disk.path)},format=raw,if=none{ro}",
                  "-device", f"virtio-blk-{bus},drive=disk{i},serial={disk.serial}"]
     if config.hotplug_disks:
         argv += ["-device", f"virtio-scsi-{bus},id={SCSI_BUS}"]
@@ -107,7 +123,7 @@ def command_line(config: VMConfig, run_dir: Path, qmp_fd: int | None, agent_fd: 
     if qmp_fd is not None:
         argv += ["-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off",
                  "-mon", "chardev=qmp,mode=control"]
-    return argv
+    return argv + fdsets
 
 
 def _die_with_parent(parent: int) -> None:
@@ -116,6 +132,22 @@ def _die_with_parent(parent: int) -> None:
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def _open_files(config: VMConfig) -> dict[Path, int]:
+    """The kernel and disk images, opened for QEMU (read-only where the
+    guest only reads them)."""
+    files: dict[Path, int] = {}
+    try:
+        for path, readonly in [(config.kernel, True), (config.root_image, True),
+                               *((d.path, d.readonly) for d in config.disks)]:
+            if path not in files:
+                files[path] = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+    except OSError as exc:
+        for fd in files.values():
+            os.close(fd)
+        raise VMError(f"cannot open {exc.filename} for QEMU: {exc.strerror}") from None
+    return files
 
 
 class QemuVM(VM):
@@ -132,6 +164,7 @@ class QemuVM(VM):
         self._attached_pid: int | None = None  # a QEMU we re-attached to, not our child
         self._exit_task = None  # asyncio.Task resolving to QEMU's exit status
         self.cgroup_error = ""  # why QEMU runs without a cgroup, if it does
+        self.privileges_note = ""  # why QEMU runs as root, if it does
 
     @property
     def agent_socket(self) -> Path:
@@ -162,9 +195,17 @@ class QemuVM(VM):
             raise
 
     def _spawn(self) -> None:
+        from . import privileges
+
+        who, self.privileges_note = privileges.identity(self.config)
+        privileges.log_reason(self.privileges_note)
         for share in self.config.shares:  # a share the VM owns lives in its run dir
             if share.path.parent == self.run_dir:
                 share.path.mkdir(mode=0o700, exist_ok=True)
+                if who:
+                    os.chown(share.path, who.uid, who.gid)
+        if who:  # what QEMU creates there (console log, pid file) is then its user's
+            os.chown(self.run_dir, who.uid, who.gid)
         qmp_sock = _listen(self.run_dir / rundir.QMP_SOCKET)
         agent_sock = _listen(self.agent_socket) if self.config.channel.kind == "serial" else None
         fds = [qmp_sock.fileno()] + ([agent_sock.fileno()] if agent_sock else [])
@@ -172,14 +213,19 @@ class QemuVM(VM):
             fds.append(self.config.nic.tap_fd)
         if self.config.incoming_fd >= 0:
             fds.append(self.config.incoming_fd)
+        # A QEMU that may not read files as root does gets them opened here.
+        files = _open_files(self.config) if who and not who.caps else {}
+        fds += files.values()
         argv = command_line(self.config, self.run_dir, qmp_sock.fileno(),
-                            agent_sock.fileno() if agent_sock else None)
+                            agent_sock.fileno() if agent_sock else None, files)
+        if who:
+            argv = who.wrapper(keep_pdeathsig=self.config.die_with_parent) + argv
         parent = os.getpid()
         try:
             with open(self.run_dir / "qemu.log", "wb") as errlog:
                 self._proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
-                    pass_fds=fds, start_new_session=True,
+                    pass_fds=fds, close_fds=True, start_new_session=True, cwd=self.run_dir,
                     preexec_fn=(lambda: _die_with_parent(parent)) if self.config.die_with_parent else None)
         except OSError as exc:
             raise VMError(f"cannot start {argv[0]}: {exc}") from exc
@@ -187,6 +233,8 @@ class QemuVM(VM):
             qmp_sock.close()
             if agent_sock:
                 agent_sock.close()
+            for fd in files.values():
+                os.close(fd)
             if self.config.incoming_fd >= 0:  # QEMU's now
                 os.close(self.config.incoming_fd)
         if self.config.cgroup:
