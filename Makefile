@@ -11,9 +11,9 @@ APT_PACKAGES := qemu-system-x86 qemu-utils linux-source-6.1 build-essential flex
 	containernetworking-plugins iptables iproute2 curl \
 	python3-venv
 
-.PHONY: setup apt venv cni-config proto kernel guest assets demo test test-unit bench check clean fuzz
+.PHONY: setup apt venv cni-config vmm-user proto kernel guest assets demo test test-unit bench check clean fuzz
 
-setup: apt venv cni-config
+setup: apt venv cni-config vmm-user
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
@@ -34,6 +34,14 @@ $(STAMP): pyproject.toml
 cni-config: venv
 	@if [ "$$(id -u)" = 0 ]; then $(PY) -m hyperrun.network install-config; \
 	else echo "not root: pods will use user-mode networking"; fi
+
+# The unprivileged user QEMU runs as when hyperrun runs as root
+# (hyperrun/vm/privileges.py); without it, QEMU runs as root.
+vmm-user:
+	@if [ "$$(id -u)" != 0 ]; then echo "not root: QEMU runs as the invoking user"; \
+	elif id -u hyperrun-vmm >/dev/null 2>&1; then echo "user hyperrun-vmm: present"; \
+	else useradd --system --user-group --no-create-home --home-dir /nonexistent \
+		--shell /usr/sbin/nologin hyperrun-vmm && echo "user hyperrun-vmm: created"; fi
 
 proto: venv
 	$(PY) hyperrun/proto/generate.py
