@@ -93,8 +93,7 @@ def command_line(config: VMConfig, run_dir: Path, qmp_fd: int | None, agent_fd: 
             "-chardev", f"file,id=console,path={rundir.CONSOLE_LOG}",
             "-serial", "chardev:console",
             "-drive", f"id=root,file={image(config.root_image)},format=raw,if=none,readonly=on",
-            "-device", f"virtio-blk-{bus},drive=root",
-            "-pidfile", rundir.PID_FILE]
+            "-device", f"virtio-blk-{bus},drive=root"]
     if config.channel.kind == "vsock":
         argv += ["-device", f"vhost-vsock-{bus},guest-cid={config.channel.cid}"]
     elif agent_fd is not None:
@@ -227,6 +226,9 @@ class QemuVM(VM):
                     argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
                     pass_fds=fds, close_fds=True, start_new_session=True, cwd=self.run_dir,
                     preexec_fn=(lambda: _die_with_parent(parent)) if self.config.die_with_parent else None)
+            # Written here, not by QEMU's -pidfile: QEMU 7.2 resolves that
+            # path from / and an unprivileged QEMU may not search the run root.
+            rundir.write_pid(self.run_dir, self._proc.pid)
         except OSError as exc:
             raise VMError(f"cannot start {argv[0]}: {exc}") from exc
         finally:

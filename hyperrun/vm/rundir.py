@@ -60,6 +60,12 @@ def kill_and_remove(path: Path) -> int | None:
     return pid
 
 
+def write_pid(path: Path, pid: int) -> None:
+    tmp = path / f".{PID_FILE}.tmp"
+    tmp.write_text(f"{pid}\n")
+    os.rename(tmp, path / PID_FILE)
+
+
 def qemu_pid(path: Path) -> int | None:
     try:
         return int((path / PID_FILE).read_text().strip())
@@ -70,9 +76,12 @@ def qemu_pid(path: Path) -> int | None:
 def alive_qemu(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"qemu-system" in f.read().split(b"\0", 1)[0]
+            argv = f.read().split(b"\0")
     except OSError:
         return False
+    if argv[0].endswith(b"setpriv") and b"--" in argv:  # about to exec QEMU
+        argv = argv[argv.index(b"--") + 1:]
+    return b"qemu-system" in argv[0]
 
 
 def collect_stale() -> list[Path]:
