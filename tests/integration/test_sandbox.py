@@ -2,6 +2,8 @@
 import asyncio
 import os
 import signal
+import socket
+from pathlib import Path
 
 import pytest
 
@@ -249,16 +251,53 @@ def test_sandbox_survives_its_host_process(busybox_rootfs, no_leaks):
     run(main())
 
 
-def test_qemu_runs_confined(busybox_rootfs, no_leaks):
-    """QEMU under its seccomp filter and in a cgroup of its own capping its
-    memory (guest + QEMU's overhead) and CPU (the vCPUs + one); the cgroup goes
-    with the VM."""
-    from pathlib import Path
+def _vmm_user():
+    """The unprivileged user QEMU runs as, made as `make setup` makes it."""
+    import pwd
+    import subprocess
 
-    from hyperrun.vm import cgroup
+    from hyperrun.vm import privileges
+
+    try:
+        return pwd.getpwnam(privileges.USER)
+    except KeyError:
+        pass
+    r = subprocess.run(["make", "-s", "-C", str(Path(__file__).parents[2]), "vmm-user"],
+                       capture_output=True, text=True)
+    try:
+        return pwd.getpwnam(privileges.USER)
+    except KeyError:
+        pytest.skip(f"no user {privileges.USER} and `make vmm-user` could not make it: "
+                    f"{r.stdout}{r.stderr}")
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def _fds(pid: int) -> dict[int, str]:
+    return {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+
+
+def test_qemu_runs_confined(busybox_rootfs, no_leaks):
+    """QEMU under its seccomp filter, in a cgroup of its own capping its
+    memory (guest + QEMU's overhead) and CPU (the vCPUs + one), as the
+    unprivileged hyperrun-vmm user with only the file capabilities its
+    writable 9p share needs, in a 0700 run directory of that user's, with
+    no file descriptor but its own and those passed on purpose; the cgroup
+    goes with the VM."""
+    from hyperrun.vm import cgroup, privileges, rundir
 
     if os.geteuid() != 0:
-        pytest.skip("not root: no cgroup can be made for QEMU")
+        pytest.skip("not root: no cgroup can be made for QEMU, nor a user switched to")
+    user = _vmm_user()
+    # Files of the host process that QEMU must not inherit, even unmarked
+    # close-on-exec (as another VM's or a gRPC socket might be).
+    leak_r, leak_w = os.pipe()
+    os.set_inheritable(leak_r, True)
+    stray = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stray.set_inheritable(True)
 
     async def main():
         config = SandboxConfig(vcpus=2, memory_mib=300,
@@ -266,10 +305,35 @@ def test_qemu_runs_confined(busybox_rootfs, no_leaks):
         sandbox = await Sandbox.boot(config)
         vm = sandbox.vm
         try:
-            assert vm.cgroup_error == ""
-            with open(f"/proc/{vm.pid}/status") as f:
-                seccomp = next(line.split()[1] for line in f if line.startswith("Seccomp:"))
-            assert seccomp == "2"  # filter mode
+            assert vm.cgroup_error == "" and vm.privileges_note == ""
+            status = _status(vm.pid)
+            assert status["Seccomp"] == "2"  # filter mode
+            assert status["NoNewPrivs"] == "1"
+            assert status["Uid"].split() == [str(user.pw_uid)] * 4
+            assert status["Gid"].split() == [str(user.pw_gid)] * 4
+            assert status["Groups"].strip() == ""
+            caps = sum(1 << n for n in (0, 1, 3, 4))  # chown dac_override fowner fsetid
+            for kind in ("CapEff", "CapPrm", "CapAmb", "CapBnd"):
+                assert int(status[kind], 16) == caps, (kind, status[kind])
+            st = vm.run_dir.stat()
+            assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (user.pw_uid, user.pw_gid, 0o700)
+            assert Path(os.readlink(f"/proc/{vm.pid}/cwd")) == vm.run_dir
+            console = (vm.run_dir / rundir.CONSOLE_LOG).stat()  # QEMU made it
+            assert (console.st_uid, console.st_gid) == (user.pw_uid, user.pw_gid)
+            fds = _fds(vm.pid)
+            print("QEMU's fds:", fds)
+            assert fds[0] == "/dev/null"
+            assert fds[1] == fds[2] == str(vm.run_dir / "qemu.log")
+            files = {t for t in fds.values() if t.startswith("/")}
+            assert files == {"/dev/null", str(vm.run_dir / "qemu.log"), str(vm.console_log),
+                             str(vm.config.root_image.resolve()), str(busybox_rootfs.resolve())}, files
+            # and otherwise: sockets (QMP's and the agent's, listening and
+            # connected), and QEMU's own eventfds and signalfd
+            others = [t for t in fds.values() if not t.startswith("/")]
+            assert all(t.startswith(("socket:", "anon_inode:")) for t in others), others
+            assert sum(t.startswith("socket:") for t in others) <= 4
+            mine = {os.readlink(f"/proc/self/fd/{fd}") for fd in (leak_r, leak_w, stray.fileno())}
+            assert not mine & set(fds.values())
             groups = Path(f"/proc/{vm.pid}/cgroup").read_text()
             assert f"/{cgroup.GROUP}/{vm.id}" in groups
             dirs = cgroup._dirs(vm.id)
@@ -284,4 +348,58 @@ def test_qemu_runs_confined(busybox_rootfs, no_leaks):
             await sandbox.destroy()
         assert not any(d.exists() for d in cgroup._dirs(vm.id))
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        os.close(leak_r)
+        os.close(leak_w)
+        stray.close()
+
+
+def test_qemu_without_shares_has_no_capabilities(vm_assets, no_leaks):
+    """A VM with no 9p share (direct mode's shape) runs as hyperrun-vmm with
+    no capability at all; the kernel and root image it cannot open by name
+    (under root's 0700 home here) are passed as fds."""
+    import time
+
+    from hyperrun.vm import rundir
+
+    if os.geteuid() != 0:
+        pytest.skip("not root: QEMU runs as the caller")
+    user = _vmm_user()
+    vm = QemuVM(SandboxConfig(channel="serial", init="/bin/sh").vm_config())
+    vm.spawn()
+    try:
+        assert vm.privileges_note == ""
+        while not vm.console_log.exists() and vm.process.poll() is None:
+            time.sleep(0.05)
+        assert vm.process.poll() is None, vm.failure_reason()
+        status = _status(vm.pid)
+        assert status["Uid"].split() == [str(user.pw_uid)] * 4
+        for kind in ("CapEff", "CapPrm", "CapAmb", "CapBnd"):
+            assert int(status[kind], 16) == 0, (kind, status[kind])
+        assert status["Seccomp"] == "2"
+        files = {t for t in _fds(vm.pid).values() if t.startswith("/")}
+        assert {str(vm.config.kernel.resolve()), str(vm.config.root_image.resolve())} <= files
+    finally:
+        vm.process.kill()
+        vm.process.wait()
+        rundir.remove(vm.run_dir)
+
+
+def test_qemu_runs_as_root_without_the_user(busybox_rootfs, monkeypatch, no_leaks):
+    """Without the user, QEMU runs as root as before, and says why."""
+    from hyperrun.vm import privileges
+
+    if os.geteuid() != 0:
+        pytest.skip("not root: QEMU runs as the caller")
+    monkeypatch.setattr(privileges, "USER", "hyperrun-no-such-user")
+
+    async def main():
+        sandbox = await booted(busybox_rootfs)
+        try:
+            assert "no user 'hyperrun-no-such-user'" in sandbox.vm.privileges_note
+            assert _status(sandbox.vm.pid)["Uid"].split() == ["0"] * 4
+        finally:
+            await sandbox.destroy()
+    run(main())
