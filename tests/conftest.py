@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 HYPERRUN = str(Path(sys.executable).parent / "hyperrun")
 
 
-def qemu_pids() -> set[int]:
-    """Live (not zombie) QEMU processes started by hyperrun."""
+def qemu_pids(under: Path | None = None) -> set[int]:
+    """Live (not zombie) QEMU processes started by hyperrun; with under,
+    only those whose run directory is below it (QEMU runs in its run
+    directory): other checkouts' VMs on the same machine then do not count."""
+    root = str(under.resolve()) + "/" if under else "/"
     out = subprocess.run(["pgrep", "-f", "qemu-system.* -name hyperrun"], capture_output=True,
                          text=True)
     pids = set()
@@ -22,7 +26,11 @@ def qemu_pids() -> set[int]:
                 state = f.read().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if state != "Z":
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd") + "/"
+        except OSError:
+            cwd = root  # cannot tell: counted
+        if state != "Z" and cwd.startswith(root):
             pids.add(int(pid))
     return pids
 
@@ -46,16 +54,18 @@ def busybox_rootfs(tmp_path_factory, vm_assets):
 @pytest.fixture
 def no_leaks():
     """Asserts that a test leaves no QEMU, run directory or mount behind."""
-    before_qemu = qemu_pids()
+    from hyperrun.paths import run_root
+
+    before_qemu = qemu_pids(run_root())
     before_dirs = set(rundir.vm_root().iterdir()) if rundir.vm_root().is_dir() else set()
     before_mounts = _mounts()
     yield
     import time
 
     deadline = time.monotonic() + 10
-    while qemu_pids() - before_qemu and time.monotonic() < deadline:
+    while qemu_pids(run_root()) - before_qemu and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert qemu_pids() - before_qemu == set(), "QEMU processes left behind"
+    assert qemu_pids(run_root()) - before_qemu == set(), "QEMU processes left behind"
     after_dirs = set(rundir.vm_root().iterdir()) if rundir.vm_root().is_dir() else set()
     assert after_dirs - before_dirs == set(), "run directories left behind"
     assert _mounts() == before_mounts, "mounts changed"
