@@ -164,6 +164,7 @@ class QemuVM(VM):
         self._exit_task = None  # asyncio.Task resolving to QEMU's exit status
         self.cgroup_error = ""  # why QEMU runs without a cgroup, if it does
         self.privileges_note = ""  # why QEMU runs as root, if it does
+        self._fd_lock = None  # asyncio.Lock: one fd in flight to QEMU at a time (pass_fd)
 
     @property
     def agent_socket(self) -> Path:
@@ -374,21 +375,50 @@ class QemuVM(VM):
         if out.strip():  # it answers only when it failed
             raise VMError(f"host port forward {rule}: {out.strip()}")
 
+    async def pass_fd(self, fd: int, command: str, args: dict) -> dict:
+        """Send fd to QEMU (SCM_RIGHTS) and run the command that takes it
+        (`getfd`, `add-fd`). QEMU keeps the last fd received until a command
+        claims it, so sending and claiming are one step per VM. fd stays the
+        caller's: QEMU has its own copy."""
+        import asyncio
+
+        if self._fd_lock is None:
+            self._fd_lock = asyncio.Lock()
+        async with self._fd_lock:
+            self.qmp.send_fd_scm(fd)
+            return await self.qmp.execute(command, args)
+
     async def hotplug_disk(self, disk: Disk) -> None:
-        """Attach a read-only disk to the running VM on its virtio-scsi bus
-        (microvm's virtio-mmio devices cannot be hot-added; SCSI disks can).
-        The guest finds it by serial."""
+        """Attach a disk to the running VM on its virtio-scsi bus (microvm's
+        virtio-mmio devices cannot be hot-added; SCSI disks can). The guest
+        finds it by serial. The host opens the image and hands QEMU the fd
+        in an fd set (`add-fd`, tagged with the node's name so that unplug
+        finds it, also after a re-attach): a QEMU without capabilities may
+        not open it by name. QEMU opens /dev/fdset/N by duplicating the fd
+        of the set whose access mode matches what it wants, hence O_RDONLY
+        for a read-only disk."""
         from qemu.qmp import ExecuteError
 
         node, device = f"disk-{disk.serial}", f"dev-{disk.serial}"
         try:
+            fd = os.open(disk.path, (os.O_RDONLY if disk.readonly else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as exc:
+            raise VMError(f"cannot open {disk.path} for QEMU: {exc.strerror}") from None
+        try:
+            fdset = (await self.pass_fd(fd, "add-fd", {"opaque": node}))["fdset-id"]
+        finally:
+            os.close(fd)
+        try:
             await self.qmp.execute("blockdev-add", {
                 "node-name": node, "driver": "raw", "read-only": disk.readonly,
-                "file": {"driver": "file", "filename": str(disk.path), "read-only": disk.readonly}})
-        except ExecuteError as exc:
+                "file": {"driver": "file", "filename": f"/dev/fdset/{fdset}",
+                         "read-only": disk.readonly}})
+        except Exception as exc:
+            # this set only: the node that exists has its own
+            await self.qmp.execute("remove-fd", {"fdset-id": fdset})
             # Plugged already (in part or whole) by a daemon killed before
             # it recorded a container using the disk: take it as it is.
-            if "Duplicate nodes" not in str(exc):
+            if not isinstance(exc, ExecuteError) or "Duplicate nodes" not in str(exc):
                 raise
             plugged = await self.qmp.execute("qom-list", {"path": "/machine/peripheral"})
             if any(p["name"] == device for p in plugged):
@@ -399,7 +429,15 @@ class QemuVM(VM):
                                                   "bus": f"{SCSI_BUS}.0"})
         except Exception:
             await self.qmp.execute("blockdev-del", {"node-name": node})
+            await self._remove_fdsets(node)
             raise
+
+    async def _remove_fdsets(self, node: str) -> None:
+        """Drop the fd sets add-fd made for node (QEMU closes their fds once
+        no block node uses them)."""
+        for fdset in await self.qmp.execute("query-fdsets"):
+            if any(f.get("opaque") == node for f in fdset["fds"]):
+                await self.qmp.execute("remove-fd", {"fdset-id": fdset["fdset-id"]})
 
     async def unplug_disk(self, serial: str, timeout: float = 10.0) -> None:
         """Detach a hot-plugged disk; the guest must have unmounted it."""
@@ -418,6 +456,7 @@ class QemuVM(VM):
                         return
             await asyncio.wait_for(deleted(), timeout)
         await self.qmp.execute("blockdev-del", {"node-name": f"disk-{serial}"})
+        await self._remove_fdsets(f"disk-{serial}")
 
     async def remove(self) -> None:
         await self.kill()

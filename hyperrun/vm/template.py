@@ -171,8 +171,7 @@ class TemplateStore:
             # seccomp filter would not let it spawn `cat` for an exec: URI.
             fd = os.open(work / STATE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                vm.qmp.send_fd_scm(fd)
-                await vm.qmp.execute("getfd", {"fdname": "template-state"})
+                await vm.pass_fd(fd, "getfd", {"fdname": "template-state"})
             finally:
                 os.close(fd)
             await vm.qmp.execute("migrate", {"uri": "fd:template-state"})

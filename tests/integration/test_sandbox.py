@@ -213,10 +213,27 @@ def test_image_disk_hotplug_and_unplug(busybox_rootfs, tmp_path, no_leaks):
     image = tmp_path / "busybox.erofs"
     build_rootfs_image(busybox_rootfs, image)
 
+    async def fdsets(vm):
+        return {f.get("opaque") for s in await vm.qmp.execute("query-fdsets") for f in s["fds"]}
+
+    def qemu_opens(vm):
+        return sum(os.path.realpath(f"/proc/{vm.pid}/fd/{fd}") == str(image)
+                   for fd in os.listdir(f"/proc/{vm.pid}/fd"))
+
     async def main():
         sb = await Sandbox.boot(SandboxConfig(hotplug_disks=True))
+        host_fds = len(os.listdir("/proc/self/fd"))
         try:
+            # QEMU opens nothing by name: the image comes as an fd in an fd
+            # set, read-only, which a QEMU without capabilities can use.
             await sb.vm.hotplug_disk(Disk(image, serial="img1"))
+            assert "disk-img1" in await fdsets(sb.vm)
+            assert qemu_opens(sb.vm) >= 1
+            # Plugged again (as by a daemon killed before it recorded the
+            # disk's use): the disk is taken as it is, the new fd set dropped.
+            await sb.vm.hotplug_disk(Disk(image, serial="img1"))
+            assert len([s for s in await sb.vm.qmp.execute("query-fdsets")
+                        if any(f.get("opaque") == "disk-img1" for f in s["fds"])]) == 1
             storage = pb.Storage(source="serial:img1", fstype="erofs", overlay=True)
             await sb.agent.create_container("c", storage, pb.Process(
                 args=["sh", "-c", "echo hi > /tmp/x; cat /tmp/x; ls /bin/busybox"]))
@@ -227,6 +244,9 @@ def test_image_disk_hotplug_and_unplug(busybox_rootfs, tmp_path, no_leaks):
             await sb.vm.unplug_disk("img1")
             with pytest.raises(TtrpcError, match="disk with serial"):
                 await sb.agent.create_container("d", storage, pb.Process(args=["true"]))
+            assert "disk-img1" not in await fdsets(sb.vm)
+            assert qemu_opens(sb.vm) == 0  # the fd set's fd and the node's copy closed
+            assert len(os.listdir("/proc/self/fd")) == host_fds  # the host closed its own
         finally:
             await sb.destroy()
     run(main())
