@@ -111,24 +111,29 @@ def test_twenty_runs_leave_nothing_behind(busybox_rootfs, no_leaks):
 
 
 def test_kill_9_of_run_leaves_no_qemu(busybox_rootfs):
-    before = qemu_pids()
+    from hyperrun.paths import run_root
+    from hyperrun.vm import rundir
+
+    def run_dirs():
+        return set(rundir.vm_root().iterdir()) if rundir.vm_root().is_dir() else set()
+
+    before = qemu_pids(run_root())  # not other checkouts' VMs
+    dirs_before = run_dirs()
     proc = subprocess.Popen([HYPERRUN, "run", "--rootfs", str(busybox_rootfs), "--",
                              "sh", "-c", "echo started; sleep 600"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdout.readline() == b"started\n"
-    assert qemu_pids() - before, "no QEMU was started"
+    assert qemu_pids(run_root()) - before, "no QEMU was started"
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 10
-    while qemu_pids() - before and time.monotonic() < deadline:
+    while qemu_pids(run_root()) - before and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert qemu_pids() - before == set(), "QEMU still running 10 s after kill -9"
+    assert qemu_pids(run_root()) - before == set(), "QEMU still running 10 s after kill -9"
     # The next run collects the run directory the killed one left.
     r = hyperrun("run", "--rootfs", str(busybox_rootfs), "--", "true")
     assert r.returncode == 0
-    from hyperrun.vm import rundir
-    left = [p for p in rundir.vm_root().iterdir()] if rundir.vm_root().is_dir() else []
-    assert left == [], left
+    assert run_dirs() - dirs_before == set()
 
 
 def test_output_reader_going_away(busybox_rootfs, no_leaks):

@@ -35,7 +35,7 @@ def test_clones_of_one_template_are_distinct_machines(tpl_daemon, pushed):
     d = tpl_daemon
     image = pushed.ref("busybox:latest")
     d.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
-    before = qemu_pids()
+    before = qemu_pids(d.base / "run")  # this daemon's VMs only
     pods, cids = [], []
     for i in range(3):
         pod, cid = run_pod(d, image, f"clone{i}", HTTPD, hostname=f"clone{i}")
@@ -45,7 +45,7 @@ def test_clones_of_one_template_are_distinct_machines(tpl_daemon, pushed):
             (template,) = [p for p in d.templates.iterdir() if not p.name.startswith(".")]
             assert (template / "state").exists() and (template / "mem").exists()
     # Every pod VM maps the one template's memory file (private copy-on-write).
-    for pid in qemu_pids() - before:
+    for pid in qemu_pids(d.base / "run") - before:
         argv = open(f"/proc/{pid}/cmdline").read().split("\0")
         assert "-incoming" in argv and any(f"mem-path={template}/mem" in a for a in argv)
     ips, macs, uuids = set(), set(), set()
