@@ -52,13 +52,7 @@ def leftovers(d, leases: Path, sandbox_ids, network: str = NETWORK,
         if os.path.exists(f"/sys/class/net/{bridge}") else []
     rules = [line for line in iptables_state().splitlines()
              if network in line or any(i in line for i in ids)]
-    qemu = []
-    for pid in qemu_pids():
-        try:
-            if str(d.base) in open(f"/proc/{pid}/cmdline").read():
-                qemu.append(pid)
-        except OSError:
-            pass
+    qemu = sorted(qemu_pids(d.base / "run"))  # QEMU runs in its run directory
     run = d.base / "run" / "sandboxes"
     return {"qemu": qemu, "netns": netns, "links": links, "iptables": rules,
             "leases": sorted(p.name for p in leases.iterdir() if p.name[0].isdigit())

@@ -60,7 +60,7 @@ def of_vms(netns: str, vm_ids: set[str]) -> bool:
 
 
 def daemon_qemus(d: Daemon) -> set[int]:
-    return {pid for pid in qemu_pids() if str(d.base) in open(f"/proc/{pid}/cmdline").read()}
+    return qemu_pids(d.base / "run")  # QEMU runs in its run directory
 
 
 def test_pods_take_spare_vms_and_spares_leave_nothing(pool_daemon, pushed, cni_env):
