@@ -54,10 +54,25 @@ def kill_and_remove(path: Path) -> int | None:
     import signal
 
     pid = qemu_pid(path)
-    if pid is not None and alive_qemu(pid):
-        os.kill(pid, signal.SIGKILL)
+    for qemu in ({pid} if pid is not None else set()) | qemus_in(path):
+        if alive_qemu(qemu):
+            os.kill(qemu, signal.SIGKILL)
     remove(path)
     return pid
+
+
+def qemus_in(path: Path) -> set[int]:
+    """QEMUs running in the run directory path (QEMU's cwd is its run
+    directory): one whose starter was killed before it wrote qemu.pid."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/cwd") == str(path) and alive_qemu(int(entry)):
+                    found.add(int(entry))
+            except OSError:
+                continue
+    return found
 
 
 def write_pid(path: Path, pid: int) -> None:
