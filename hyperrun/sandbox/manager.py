@@ -254,7 +254,8 @@ class SandboxManager:
                 template = None
                 if self.templates is not None:  # made on first use of this VM shape
                     template = await self.templates.get(vm.config, self.root)
-                    vm.config = clone_config(vm.config, template)
+                    # A spare (no pod yet) keeps the full TCG cache: see clone_config.
+                    vm.config = clone_config(vm.config, template, small_cache=config is not None)
                 sandbox = await Sandbox.start(vm, template=template)
             finally:
                 if nic is not None and nic.tap_fd >= 0:
