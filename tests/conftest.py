@@ -86,3 +86,15 @@ def hyperrun(*args: str, input: bytes | None = None, timeout: float = 120,
 
 # Registry and test-image fixtures (real docker-registry, umoci, skopeo).
 pytest_plugins = ["tests.registry"]
+
+
+# Measurements a test reports at the end of the run (`make test` shows them
+# without -s): section title -> lines. The soak's numbers go here.
+REPORTS: dict[str, list[str]] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    for title, lines in REPORTS.items():
+        terminalreporter.section(title)
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -25,6 +25,7 @@ import pytest
 
 from hyperrun.proto import cri_api_pb2 as cri
 from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
+from tests.conftest import REPORTS
 from tests.integration.test_cri import Daemon
 from tests.integration.test_faults import NOTHING, leftovers
 from tests.integration.test_network import cni_network
@@ -174,12 +175,14 @@ def test_soak(soak_daemon, soak_net, pushed):
     after = {"rss_kib": _status_kib(pid, "VmRSS"), "fds": _fds(pid),
              "children": _children(pid), "sockets": _sockets(d.base / "run"),
              "leftovers": leftovers(d, leases, pods, NETWORK, BRIDGE)}
-    print(f"\nsoak: {done[0]} of {LIFECYCLES} lifecycles from {CLIENTS} clients, "
-          f"{len(errors)} errors, {wall:.1f} s wall, {done[0] / wall:.2f} lifecycles/s, "
-          f"network {'cni' if soak_net else 'user'}, template VMs\n"
-          f"soak: daemon RSS {before['rss_kib'] / 1024:.1f} MiB before, "
-          f"{after['rss_kib'] / 1024:.1f} MiB after (peak {_status_kib(pid, 'VmHWM') / 1024:.1f}"
-          f" MiB); open fds {before['fds']} before, {after['fds']} after")
+    REPORTS["soak"] = [
+        f"{done[0]} of {LIFECYCLES} lifecycles from {CLIENTS} clients, {len(errors)} errors, "
+        f"{wall:.1f} s wall, {done[0] / wall:.2f} lifecycles/s, "
+        f"network {'cni' if soak_net else 'user'}, template VMs",
+        f"daemon RSS {before['rss_kib'] / 1024:.1f} MiB before, {after['rss_kib'] / 1024:.1f} MiB "
+        f"after (peak {_status_kib(pid, 'VmHWM') / 1024:.1f} MiB); open fds {before['fds']} "
+        f"before, {after['fds']} after",
+        f"leftovers after: {after['leftovers']}; daemon children after: {after['children']}"]
     for c in channels:
         c.close()
     assert errors == [], errors[:5]

@@ -53,17 +53,24 @@ def test_clones_of_one_template_are_distinct_machines(tpl_daemon, pushed):
         ip = pod_ip(d, pod)
         ips.add(ip)
         assert http_get(f"http://{ip}/") == f"hi from {pod_name(d, pod)}\n"
-        code, out = exec_sync(d, cid, "cat /proc/sys/kernel/random/uuid /sys/class/net/eth0/address;"
-                                      " date +%s")
-        assert code == 0, out
-        uuid, mac, clock = out.split()
+        uuid, mac = identity(d, cid)
         uuids.add(uuid)
         macs.add(mac)
-        assert abs(int(clock) - time.time()) < 30, "the clock was not set"
     assert len(ips) == len(macs) == len(uuids) == 3
     for pod in pods:
         remove_pod(d, pod)
     assert not list((d.base / "run" / "sandboxes").iterdir())
+
+
+def identity(d: Daemon, cid: str) -> tuple[str, str]:
+    """A random uuid from the pod's guest and its card's MAC; its clock
+    must have been set (a clone wakes up with the template's)."""
+    code, out = exec_sync(d, cid, "cat /proc/sys/kernel/random/uuid /sys/class/net/eth0/address;"
+                                  " date +%s")
+    assert code == 0, out
+    uuid, mac, clock = out.split()
+    assert abs(int(clock) - time.time()) < 30, "the clock was not set"
+    return uuid, mac
 
 
 def pod_name(d: Daemon, pod: str) -> str:
