@@ -26,7 +26,8 @@ def find_serial_port(name: str = PORT_NAME) -> str | None:
 
 class SerialConnection(Connection):
     """A virtio-serial port. While no host is connected to QEMU's end,
-    reads return end-of-file at once, so waiting for a host is a poll."""
+    reads return end-of-file at once and poll() reports POLLIN with
+    POLLHUP, so waiting for a host is a sleep loop on POLLHUP."""
 
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -47,9 +48,13 @@ class SerialConnection(Connection):
         poller.register(self.fd, select.POLLIN)
         while True:
             events = poller.poll()
-            if any(ev & select.POLLIN for _, ev in events):
+            # No host: POLLHUP (with POLLIN: a read would not block, it would
+            # return end-of-file). Returning on POLLIN alone made this a busy
+            # loop, a whole vCPU while no host was connected (a template
+            # being saved, a clone before its host).
+            if not any(ev & select.POLLHUP for _, ev in events):
                 return
-            time.sleep(0.02)  # POLLHUP only: no host yet
+            time.sleep(0.01)
 
 
 class SocketConnection(Connection):

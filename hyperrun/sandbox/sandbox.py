@@ -16,6 +16,7 @@ from hyperrun.vm.qemu import QemuVM
 from .config import SandboxConfig
 
 BOOT_TIMEOUT = 60.0
+HEALTH_ATTEMPT_S = 5.0  # a serial-channel health check, before reconnecting
 
 
 class Sandbox:
@@ -59,9 +60,26 @@ class Sandbox:
     async def _connect_agent(self, timeout: float) -> bool:
         if self.vm.config.channel.kind == "serial":
             # QEMU's socket accepts at once; the request waits there until
-            # the agent opens its port.
-            await self.agent.connect(self.agent_opener())
-            return await self.agent.health(timeout=timeout)
+            # the agent reads it, which it can once the guest has QEMU's
+            # "port open" message. QEMU drops that message if the guest has
+            # no buffer posted for it at that instant: a guest already up
+            # (a template clone, a re-attach) then never reads (seen in 2 of
+            # 200 soak lifecycles, each a 60 s timeout). A new connection
+            # sends the message again.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while True:
+                await self.agent.connect(self.agent_opener())
+                try:
+                    return await self.agent.health(
+                        timeout=max(min(HEALTH_ATTEMPT_S, deadline - loop.time()), 0.1))
+                except TimeoutError:
+                    await self.agent.close()
+                    if loop.time() >= deadline:
+                        raise
+                    from hyperrun import log
+                    log.get("sandbox").warning("agent did not answer; reconnecting",
+                                               vm=self.vm.id)
         while True:  # vsock: nothing listens until the agent is up
             try:
                 await self.agent.connect(self.agent_opener())
