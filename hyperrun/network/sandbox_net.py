@@ -2,8 +2,7 @@
 interface in it (ADD), and a tap joined to that interface, for QEMU.
 
     networks = SandboxNetworks(cache_dir=...)
-    networks.prepare(sandbox_id)             # the netns and its tap
-    fd = open_tap(networks.netns_path(sandbox_id))  # -netdev tap,fd=N; close after the spawn
+    fd = networks.prepare(sandbox_id)        # the netns and its tap: -netdev tap,fd=N
     info = networks.add(sandbox_id, pod_name=..., pod_namespace=...,
                         port_mappings=[PortMapping(8080, 80)])  # during or after the boot
     ...
@@ -121,25 +120,26 @@ class SandboxNetworks:
 
     def setup(self, sandbox_id: str, *, pod_name: str = "", pod_namespace: str = "",
               pod_uid: str = "", port_mappings: Iterable[PortMapping] = ()) -> NetworkInfo:
-        """prepare, then add: netns, tap, CNI ADD and the redirects."""
-        self.prepare(sandbox_id)
+        """prepare, then add: netns, tap, CNI ADD and the redirects (the tap
+        fd is closed: open the tap with open_tap)."""
+        os.close(self.prepare(sandbox_id))
         return self.add(sandbox_id, pod_name=pod_name, pod_namespace=pod_namespace,
                         pod_uid=pod_uid, port_mappings=port_mappings)
 
-    def prepare(self, sandbox_id: str) -> Path:
-        """The sandbox's netns with its tap in it (down, joined to nothing):
-        all QEMU needs to start. The CNI network comes with add(), which
-        may run while the VM boots, or long after (a pooled VM)."""
+    def prepare(self, sandbox_id: str) -> int:
+        """The sandbox's netns with its tap in it (down, joined to nothing);
+        returns the tap's fd, for QEMU (the caller's to close). The CNI
+        network comes with add(), which may run while the VM boots, or long
+        after (a pooled VM)."""
         path = self.netns_path(sandbox_id)
         if os.path.lexists(path) or self.client.cached(sandbox_id, self.ifname):
             raise FileExistsError(f"sandbox {sandbox_id} already has a network; tear it down first")
         netns.create(path)
         try:
-            netns.run_in(path, tap.create_tap_inside, self.tap_name)
+            return netns.run_in(path, tap.create_tap_inside, self.tap_name)
         except BaseException:
             netns.remove(path)
             raise
-        return path
 
     def add(self, sandbox_id: str, *, pod_name: str = "", pod_namespace: str = "",
             pod_uid: str = "", port_mappings: Iterable[PortMapping] = ()) -> NetworkInfo:

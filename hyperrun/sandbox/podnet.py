@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hyperrun import log
 from hyperrun.network import (NetworkInfo, PortMapping, SandboxNetworks, cni_available,
-                              install_default_config, open_tap)
+                              install_default_config)
 from hyperrun.proto import agent_pb2 as apb
 from hyperrun.proto import cri_api_pb2 as cri
 from hyperrun.vm.config import Nic
@@ -133,13 +133,7 @@ class PodNetworks:
             return None
         if kind == "user":
             return Nic("user", USER_MAC)
-        self.networks.prepare(sandbox_id)
-        try:
-            fd = open_tap(self.networks.netns_path(sandbox_id), self.networks.tap_name)
-        except BaseException:
-            self.networks.teardown(sandbox_id)
-            raise
-        return Nic("tap", PREPARED_MAC, tap_fd=fd)
+        return Nic("tap", PREPARED_MAC, tap_fd=self.networks.prepare(sandbox_id))
 
     def complete(self, sandbox_id: str, kind: str, config: cri.PodSandboxConfig) -> PodNetwork:
         """The pod's network on the prepared backend: CNI ADD and the tap
