@@ -81,12 +81,22 @@ def confine(vm_id: str, pid: int, memory_mib: int, vcpus: int) -> list[Path]:
 
 
 def release(dirs: list[Path]) -> None:
-    """Remove a VM's cgroups (empty once its QEMU has exited)."""
+    """Remove a VM's cgroups (empty once its QEMU has exited; a moment
+    after, for a process just killed)."""
+    import errno
+    import time
+
     for d in dirs:
-        try:
-            os.rmdir(d)
-        except OSError:  # gone already, or still busy: collected later (stale)
-            pass
+        deadline = time.monotonic() + 1
+        while True:
+            try:
+                os.rmdir(d)
+            except OSError as exc:
+                if exc.errno == errno.EBUSY and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                # gone already, or still busy: collected later (stale)
+            break
 
 
 def release_vm(vm_id: str) -> None:

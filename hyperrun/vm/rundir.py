@@ -53,10 +53,19 @@ def kill_and_remove(path: Path) -> int | None:
     directory; returns the pid it had, if any."""
     import signal
 
+    import time
+
     pid = qemu_pid(path)
+    killed = []
     for qemu in ({pid} if pid is not None else set()) | qemus_in(path):
         if alive_qemu(qemu):
             os.kill(qemu, signal.SIGKILL)
+            killed.append(qemu)
+    # Until they are gone: their cgroups can be removed only then (the
+    # collection of strays that follows found one busy and left it).
+    deadline = time.monotonic() + 5
+    while any(alive_qemu(q) for q in killed) and time.monotonic() < deadline:
+        time.sleep(0.01)
     remove(path)
     return pid
 
