@@ -120,11 +120,13 @@ class SandboxManager:
     # ------------------------------------------------------------ recovery
     async def recover(self) -> None:
         """At start-up: re-attach to the VMs of ready sandboxes, resume their
-        containers' log pumps and waiters; clean what belongs to no record."""
-        known = set()
+        containers' log pumps and waiters; clean what belongs to no live
+        sandbox (no record, a stopped one, a VM lost while the daemon was
+        down: a daemon killed inside a stop or remove left its run dir or
+        cgroup behind a record that still names the VM)."""
+        live = set()
         for row in self.state.sandboxes():
             vm_info = json.loads(row.vm)
-            known.add(vm_info["id"])
             if row.state != READY:
                 # Stopped, but maybe killed between the VM's end and the
                 # network's teardown: finish it (idempotent).
@@ -140,6 +142,7 @@ class SandboxManager:
                 await asyncio.to_thread(self.networks.teardown, row.id, pod_network(row))
                 continue
             logger.info("sandbox re-attached", sandbox=row.id, vm=vm.id, pid=vm.pid)
+            live.add(vm.id)
             self.sandboxes[row.id] = sandbox
             self._watch_vm(row.id)
             for c in self.state.containers(row.id):
@@ -151,11 +154,11 @@ class SandboxManager:
         root = self.root
         if root.is_dir():
             for path in root.iterdir():
-                if path.name not in known:
+                if path.name not in live:
                     pid = rundir.kill_and_remove(path)
-                    logger.info("removed a VM with no record", vm=path.name, pid=pid)
+                    logger.info("removed a VM of no live sandbox", vm=path.name, pid=pid)
         from hyperrun.vm import cgroup
-        for vm_id in cgroup.stale(known):  # of VMs long gone (busy ones stay)
+        for vm_id in cgroup.stale(live):
             cgroup.release_vm(vm_id)
         ready = [row.id for row in self.state.sandboxes() if row.state == READY]
         for sid in await asyncio.to_thread(self.networks.collect_stale, ready):
