@@ -235,7 +235,9 @@ def expected_outcome(data: bytes, sid: int):
     return ConnectionLost
 
 
-async def _call_against(data: bytes, chunks: list[bytes], sid: int, eof: bool):
+async def _connected_client(first_id: int) -> tuple[TtrpcClient, asyncio.StreamReader, "FakeWriter"]:
+    """A client connected to a stream this test feeds (reader) and records
+    (writer), numbering its next call first_id."""
     reader = asyncio.StreamReader()
     writer = FakeWriter()
     client = TtrpcClient("fuzz")
@@ -244,7 +246,12 @@ async def _call_against(data: bytes, chunks: list[bytes], sid: int, eof: bool):
         return reader, writer
 
     await client.connect(opener)
-    client._next_id = sid
+    client._next_id = first_id
+    return client, reader, writer
+
+
+async def _call_against(data: bytes, chunks: list[bytes], sid: int, eof: bool):
+    client, reader, writer = await _connected_client(sid)
     call = asyncio.ensure_future(client.call("hyperrun.agent.v1.Agent", "Health",
                                              pb.HealthRequest(), pb.HealthResponse))
     await asyncio.sleep(0)
@@ -313,15 +320,7 @@ def test_client_refuses_oversized_frame_without_waiting(length, junk, sid):
 def test_client_stream_ids_stay_odd(start, calls):
     """Clients number streams with odd ids (ttRPC), wrapping within u32."""
     async def run():
-        reader = asyncio.StreamReader()
-        writer = FakeWriter()
-        client = TtrpcClient("fuzz")
-
-        async def opener():
-            return reader, writer
-
-        await client.connect(opener)
-        client._next_id = start
+        client, reader, writer = await _connected_client(start)
         tasks = [asyncio.ensure_future(client.call("s", "m", pb.HealthRequest(),
                                                    pb.HealthResponse)) for _ in range(calls)]
         await asyncio.sleep(0)
