@@ -212,7 +212,7 @@ class SandboxManager:
             try:
                 network = await asyncio.to_thread(self.networks.complete, sandbox_id, kind, config)
             except BaseException:
-                await sandbox.destroy()
+                await self._discard(sandbox_id, sandbox, podnet.PodNetwork(kind))
                 raise
         else:
             sandbox_id = secrets.token_hex(32)
@@ -224,8 +224,7 @@ class SandboxManager:
             await sandbox.agent.setup_sandbox(
                 podnet.setup_request(network, config, pod_hostname(config)))
         except BaseException:
-            await sandbox.destroy()
-            await asyncio.to_thread(self.networks.teardown, sandbox_id, network)
+            await self._discard(sandbox_id, sandbox, network)
             raise
         vm = sandbox.vm
         self.state.add_sandbox(SandboxRow(sandbox_id, config.SerializeToString(), READY, _now(),
@@ -292,9 +291,14 @@ class SandboxManager:
         return spare
 
     async def _discard_spare(self, spare: Spare) -> None:
-        await spare.sandbox.destroy()
-        await asyncio.to_thread(self.networks.teardown, spare.sandbox_id,
-                                podnet.PodNetwork(spare.kind))
+        await self._discard(spare.sandbox_id, spare.sandbox, podnet.PodNetwork(spare.kind))
+
+    async def _discard(self, sandbox_id: str, sandbox: Sandbox,
+                       network: podnet.PodNetwork) -> None:
+        """Remove a sandbox that no record holds: its VM, then its network
+        (the VM's tap pins the netns; teardown is idempotent)."""
+        await sandbox.destroy()
+        await asyncio.to_thread(self.networks.teardown, sandbox_id, network)
 
     def start_pool(self) -> None:
         """Begin filling the pool of spare VMs (if one is configured)."""
