@@ -301,25 +301,25 @@ class QemuVM(VM):
         """A guest kernel panic if the console shows one (with panic=-1 and
         -no-reboot it ends QEMU), else QEMU's own error output, or the end
         of the console log."""
-        try:
-            with open(self.console_log, "rb") as f:
-                f.seek(max(os.fstat(f.fileno()).st_size - 65536, 0))  # the end is what matters
-                console = f.read().decode(errors="replace")
-        except OSError:
-            console = ""
+        console = self._tail(rundir.CONSOLE_LOG)
         marker = "Kernel panic - not syncing: "
         if marker in console:
             cause = console.rsplit(marker, 1)[1].splitlines()[0].strip()
             return f"guest kernel panic: {cause}"
-        for name in ("qemu.log", rundir.CONSOLE_LOG):
-            try:
-                lines = (self.run_dir / name).read_text(errors="replace").strip().splitlines()
-            except OSError:
-                continue
-            if lines:
+        for text in (self._tail("qemu.log"), console):
+            if lines := text.strip().splitlines():
                 return " | ".join(lines[-5:])
         code = self._proc.returncode if self._proc else None
         return f"exit status {code}"
+
+    def _tail(self, name: str, size: int = 65536) -> str:
+        """The end of a file of the run dir (the end is what matters), or ""."""
+        try:
+            with open(self.run_dir / name, "rb") as f:
+                f.seek(max(os.fstat(f.fileno()).st_size - size, 0))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     @property
     def exited(self) -> bool:
