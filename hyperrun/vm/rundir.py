@@ -52,7 +52,6 @@ def kill_and_remove(path: Path) -> int | None:
     """End the QEMU of a run directory (if it still runs) and delete the
     directory; returns the pid it had, if any."""
     import signal
-
     import time
 
     pid = qemu_pid(path)

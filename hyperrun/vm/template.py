@@ -179,8 +179,9 @@ class TemplateStore:
         finally:
             await sandbox.destroy()
         os.rename(work, template.path)
-        log.get("template").info("template made", path=str(template.path), seconds=round(loop.time() - start, 3),
-                    state_bytes=template.state.stat().st_size)
+        log.get("template").info("template made", path=str(template.path),
+                                 seconds=round(loop.time() - start, 3),
+                                 state_bytes=template.state.stat().st_size)
 
     def remove_all(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
