@@ -88,6 +88,10 @@ class TtrpcClient:
                 self._writer.write(data)
                 await self._writer.drain()
             response: ttrpc_pb2.Response = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            # Since 3.11 TimeoutError is an OSError: kept apart, or a slow
+            # peer would read as a lost channel (with an empty message).
+            raise TimeoutError(f"{self.name}: {method}: no reply within {timeout:g}s") from None
         except (ConnectionError, OSError) as exc:
             raise ConnectionLost(f"{self.name}: {method}: {exc}") from exc
         finally:

@@ -121,6 +121,64 @@ def test_pending_call_fails_when_peer_goes_away():
     asyncio.run(main())
 
 
+def test_call_timeout_stays_a_timeout():
+    """A peer that is slow to answer is not a lost channel: the call
+    raises TimeoutError (an OSError since 3.11, which once turned it into
+    ConnectionLost with an empty message), and the session stays usable."""
+    async def main():
+        server, release = make_server()
+        host, guest = socket.socketpair()
+        serve_in_thread(server, guest)
+        client = await connected_client(host)
+        with pytest.raises(TimeoutError, match="WaitProcess: no reply within 0.2s") as err:
+            await client.call(SERVICE, "WaitProcess", pb.ProcessRequest(),
+                              pb.WaitProcessResponse, timeout=0.2)
+        assert not isinstance(err.value, ConnectionLost)
+        release.set()
+        assert client.connected
+        resp = await client.call(SERVICE, "Health", pb.HealthRequest(), pb.HealthResponse, 5)
+        assert resp.status == pb.HealthResponse.SERVING
+        await client.close()
+    asyncio.run(main())
+
+
+def test_serial_agent_wait_reconnects_after_a_silent_session(tmp_path, monkeypatch):
+    """A serial channel whose first session is never read (QEMU dropped
+    the guest's port-open message) is given up after one health attempt
+    and a new connection is answered."""
+    from types import SimpleNamespace
+
+    from hyperrun.channel.agent import AgentClient
+    from hyperrun.sandbox import sandbox as sandbox_mod
+
+    monkeypatch.setattr(sandbox_mod, "HEALTH_ATTEMPT_S", 0.3)
+    path = tmp_path / "agent.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(4)
+    server, _release = make_server()
+    sessions = []
+
+    def accept():
+        silent, _ = listener.accept()  # read by nobody
+        sessions.append(silent)
+        answered, _ = listener.accept()
+        sessions.append(answered)
+        server.serve(SocketConnection(answered))
+
+    threading.Thread(target=accept, daemon=True).start()
+    vm = SimpleNamespace(id="test", config=SimpleNamespace(channel=SimpleNamespace(kind="serial")),
+                         agent_socket=path)
+
+    async def main():
+        sandbox = sandbox_mod.Sandbox(vm, AgentClient("agent-test"))
+        assert await sandbox._connect_agent(timeout=10)
+        await sandbox.agent.close()
+    asyncio.run(main())
+    assert len(sessions) == 2
+    listener.close()
+
+
 def test_server_survives_host_reconnect():
     """The same server object serves a second host session after the first
     one disconnects, as the agent does across a daemon restart."""
