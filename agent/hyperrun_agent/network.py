@@ -2,31 +2,26 @@
 routes, loopback, and the name files every container of the pod shares.
 
 Containers share the guest's network namespace (the pod's network, as in
-Kubernetes), so the interfaces are configured once. Addresses and routes
-are set with busybox `ip`: a few milliseconds per call, and no netlink
-code in the guest.
+Kubernetes), so the interfaces are configured once, over rtnetlink.
 """
 import os
+import socket
 
 from .errors import failed, invalid
 from .log import log
+from .rtnetlink import Netlink, NetlinkError
 
 SANDBOX_DIR = "/run/hyperrun/sandbox"
 # Files bound into each container at these paths, if the sandbox has them.
 SHARED_FILES = {"hostname": "/etc/hostname", "hosts": "/etc/hosts",
                 "resolv.conf": "/etc/resolv.conf"}
-IP = "/usr/bin/ip"
 
 
-def _ip(*args: str) -> None:
-    import subprocess
-
-    result = subprocess.run([IP, *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise failed(f"ip {' '.join(args)}: {result.stderr.strip()}")
+def _index(name: str) -> int:
+    return socket.if_nametoindex(name)
 
 
-def _interface_by_mac(mac: str) -> str:
+def _interface_by_mac(nl: Netlink, mac: str) -> str:
     """The interface with this MAC. A VM restored from a template has the
     template's MAC on its one card: that card is given this MAC."""
     others = []
@@ -41,8 +36,7 @@ def _interface_by_mac(mac: str) -> str:
             others.append(name)
     if len(others) != 1:
         raise invalid(f"no network interface with MAC {mac}")
-    _ip("link", "set", others[0], "down")
-    _ip("link", "set", others[0], "address", mac)
+    nl.set_link(_index(others[0]), up=False, mac=mac, what=f"{others[0]} address {mac}")
     return others[0]
 
 
@@ -60,21 +54,26 @@ def setup(req) -> None:
 
     identity.reseed(req.entropy)
     identity.set_clock(req.time_ns)
-    _ip("link", "set", "lo", "up")
     own_ips = []
-    for iface in req.interfaces:
-        name = _interface_by_mac(iface.mac)
-        if iface.mtu:
-            _ip("link", "set", name, "mtu", str(iface.mtu))
-        for address in iface.addresses:
-            _ip("addr", "add", address, "dev", name)
-            own_ips.append(address.split("/")[0])
-        _ip("link", "set", name, "up")
-    for route in req.routes:
-        args = ["route", "replace", route.destination]
-        if route.gateway:
-            args += ["via", route.gateway]
-        _ip(*args)
+    try:
+        with Netlink() as nl:
+            nl.set_link(_index("lo"), up=True, what="lo up")
+            index = 0
+            for iface in req.interfaces:
+                name = _interface_by_mac(nl, iface.mac)
+                index = _index(name)
+                if iface.mtu:
+                    nl.set_link(index, mtu=iface.mtu, what=f"{name} mtu {iface.mtu}")
+                for address in iface.addresses:
+                    nl.add_address(index, address)
+                    own_ips.append(address.split("/")[0])
+                nl.set_link(index, up=True, what=f"{name} up")
+            for route in req.routes:
+                nl.replace_route(route.destination, route.gateway, 0 if route.gateway else index)
+    except NetlinkError as exc:
+        raise failed(f"network: {exc.strerror}") from None
+    except ValueError as exc:  # an address or a route the host got wrong
+        raise invalid(f"network: {exc}") from None
     if not req.hostname:  # identity only (a direct run's clone): no name files
         return
     hostname = req.hostname

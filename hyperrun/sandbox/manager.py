@@ -399,8 +399,10 @@ class SandboxManager:
         container_id = secrets.token_hex(32)
         serial = "img-" + chain_id(image)[:16]
         async with self._lock(sandbox_id):
+            began = time.monotonic()
             if not any(c.disk_serial == serial for c in self.state.containers(sandbox_id)):
                 await sandbox.vm.hotplug_disk(Disk(self.images.rootfs(image), serial=serial))
+            plugged = time.monotonic()
             process = apb.Process(args=defaults.args, env=defaults.env, cwd=defaults.cwd,
                                   user=apb.User(spec=defaults.user,
                                                 additional_gids=list(sc.supplemental_groups)),
@@ -429,6 +431,9 @@ class SandboxManager:
                                                   config.SerializeToString(), image.digest,
                                                   serial, CREATED, _now(),
                                                   stop_signal=defaults.stop_signal))
+        logger.info("container created", container=container_id, sandbox=sandbox_id,
+                    hotplug_s=round(plugged - began, 3),
+                    create_s=round(time.monotonic() - plugged, 3))
         return container_id
 
     async def _unplug_if_unused(self, sandbox: Sandbox, sandbox_id: str, serial: str) -> None:
@@ -452,6 +457,7 @@ class SandboxManager:
         # recorded EXITED by its waiter after, never overwritten by RUNNING.
         self.state.update_container(container_id, state=RUNNING, started_at=_now())
         self._follow(row)
+        began = time.monotonic()
         try:
             await sandbox.agent.start_container(container_id)
         except TtrpcError as exc:
@@ -462,7 +468,8 @@ class SandboxManager:
                                         message=exc.remote_message)
             self._end_attached(container_id)
             raise
-        logger.info("container started", container=container_id, sandbox=row.sandbox_id)
+        logger.info("container started", container=container_id, sandbox=row.sandbox_id,
+                    start_s=round(time.monotonic() - began, 3))
 
     def _follow(self, row: ContainerRow) -> None:
         """Pump the container's output into its log, and record its exit."""

@@ -1,4 +1,8 @@
 """Agent logic that runs the same on the host: user resolution, OCI specs."""
+import errno
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -75,3 +79,67 @@ def test_privileged_and_host_pid_spec():
     plain = oci.container_spec("abc", proc, "", False)
     assert plain["linux"]["resources"]["devices"] == [{"allow": False, "access": "rwm"}]
     assert "/proc/sysrq-trigger" in plain["linux"]["readonlyPaths"]
+
+
+# The agent's rtnetlink requests against the real kernel, in a network
+# namespace of their own (a fresh one has only lo, down).
+NETLINK_SCRIPT = r"""
+import json, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from hyperrun_agent import network
+from hyperrun_agent.rtnetlink import Netlink, NetlinkError
+subprocess.run(["ip", "tuntap", "add", "eth7", "mode", "tap"], check=True)
+out = {}
+with Netlink() as nl:
+    nl.set_link(network._index("lo"), up=True)
+    # The one card other than lo takes the MAC it is asked for.
+    name = network._interface_by_mac(nl, "02:00:00:aa:bb:cc")
+    index = network._index(name)
+    nl.set_link(index, mtu=1400)
+    nl.add_address(index, "10.77.0.5/24")
+    nl.add_address(index, "fd00:77::5/64")
+    nl.set_link(index, up=True)
+    nl.replace_route("0.0.0.0/0", "10.77.0.1")
+    nl.replace_route("10.99.0.0/16", "", index)
+    nl.replace_route("0.0.0.0/0", "10.77.0.254")  # replaced, not added
+    try:
+        nl.add_address(index, "10.77.0.5/24")
+    except NetlinkError as exc:
+        out["again"] = exc.errno
+    try:
+        nl.replace_route("10.98.0.0/16", "10.200.0.1")
+    except NetlinkError as exc:
+        out["unreachable"] = str(exc)
+out["name"] = name
+for what in (["-j", "link", "show"], ["-j", "addr", "show", name], ["-j", "route", "show"]):
+    out[what[1]] = json.loads(subprocess.run(["ip", *what], capture_output=True,
+                                            check=True).stdout)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a network namespace needs root")
+def test_rtnetlink_configures_a_real_interface():
+    agent = str(Path(__file__).resolve().parents[2] / "agent")
+    # A mount namespace too: /sys/class/net shows the namespace of the
+    # sysfs mount, which is remounted there.
+    r = subprocess.run(["unshare", "--net", "--mount", "sh", "-c",
+                        'mount -t sysfs sysfs /sys && exec "$@"', "-",
+                        sys.executable, "-c", NETLINK_SCRIPT, agent],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    links = {link["ifname"]: link for link in out["link"]}
+    assert out["name"] == "eth7"
+    assert "UP" in links["lo"]["flags"]
+    eth = links["eth7"]
+    assert eth["address"] == "02:00:00:aa:bb:cc" and eth["mtu"] == 1400
+    assert "UP" in eth["flags"]
+    addrs = {(a["local"], a["prefixlen"]) for a in out["addr"][0]["addr_info"]}
+    assert {("10.77.0.5", 24), ("fd00:77::5", 64)} <= addrs
+    routes = {(r["dst"], r.get("gateway", ""), r.get("dev")) for r in out["route"]}
+    assert ("default", "10.77.0.254", "eth7") in routes
+    assert not any(r[0] == "default" and r[1] == "10.77.0.1" for r in routes)
+    assert ("10.99.0.0/16", "", "eth7") in routes
+    assert out["again"] == errno.EEXIST
+    assert "route 10.98.0.0/16 via 10.200.0.1: Network is unreachable" in out["unreachable"]
