@@ -9,15 +9,13 @@ put in raw mode and window-size changes are forwarded.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import sys
-import termios
 import threading
-import tty
 
 from hyperrun.channel.agent import AgentClient
+from hyperrun.terminal import terminal_size
 
 CHUNK = 65536
 # Signals `hyperrun run` passes on to the container, as `docker run` does.
@@ -94,31 +92,6 @@ class Relay:
             task.cancel()
         if self.stdin:
             self._input.cancel()
-
-
-@contextlib.contextmanager
-def raw_terminal(fd: int = 0, enabled: bool = True):
-    """Raw mode on a local tty for the duration; no-op when fd is not a tty."""
-    if not enabled or not os.isatty(fd):
-        yield
-        return
-    saved = termios.tcgetattr(fd)
-    try:
-        tty.setraw(fd)
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-
-
-def terminal_size(fd: int = 0) -> tuple[int, int]:
-    """(rows, cols) of the local terminal, or (0, 0)."""
-    for candidate in (fd, 1):
-        try:
-            size = os.get_terminal_size(candidate)
-            return size.lines, size.columns
-        except OSError:
-            continue
-    return 0, 0
 
 
 def forward_signals(agent: AgentClient, cid: str, eid: str = "", terminal: bool = False) -> None:

@@ -314,8 +314,10 @@ def _bench(argv: list[str]) -> int:
     if checkout not in sys.path and (Path(checkout) / "tests").is_dir():
         sys.path.append(checkout)
     try:
+        import importlib
+
         from hyperrun import bench
-        import tests.registry  # noqa: F401  (the bench builds its images with the test helpers)
+        importlib.import_module("tests.registry")  # the bench builds its images with it
     except ImportError as exc:
         return _fail(f"bench: run it from a hyperrun source checkout ({exc})")
     bench.main(argv, prog="hyperrun bench")

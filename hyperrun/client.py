@@ -152,7 +152,7 @@ def _stream(url: str, interactive: bool, tty: bool, on_open=None) -> int:
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect as ws_connect
 
-    from hyperrun.attach import raw_terminal, terminal_size
+    from hyperrun.terminal import raw_terminal, terminal_size
 
     with ws_connect("ws" + url[4:], subprotocols=["v5.channel.k8s.io", "v4.channel.k8s.io"],
                     max_size=None) as ws:
@@ -397,6 +397,8 @@ def run(opts: RunOptions) -> int:
     except NoDaemon as exc:
         print(f"hyperrun: run -d keeps the container in the daemon: {exc}", file=sys.stderr)
         return exitcodes.RUNTIME_ERROR
+    if not opts.detach:
+        _prefetch_stream_client()
     pod = cid = None
     try:
         _ensure_image(host, opts)
@@ -422,6 +424,18 @@ def run(opts: RunOptions) -> int:
             else:  # kept for `hyperrun ps -a`/`logs`; its VM is not needed any more
                 _quietly(host.runtime.StopPodSandbox, _cri().StopPodSandboxRequest(pod_sandbox_id=pod))
         host.close()
+
+
+def _prefetch_stream_client() -> None:
+    """Import the websocket client in a thread while the first RPCs wait
+    on the daemon (they release the GIL): 20 ms of a `run` from the pool
+    otherwise spent after CreateContainer. The import lock makes the later
+    import in _stream wait for this one."""
+    import importlib
+    import threading
+
+    threading.Thread(target=importlib.import_module, args=("websockets.sync.client",),
+                     name="prefetch", daemon=True).start()
 
 
 def _cri():

@@ -130,11 +130,12 @@ async def _run(spec: RunSpec, vm: QemuVM, process: ProcessDefaults, root: _Root,
 async def _run_in(sandbox, spec: RunSpec, defaults: ProcessDefaults, root: _Root) -> int:
     from hyperrun import attach
     from hyperrun.channel.ttrpc import TtrpcError
+    from hyperrun.terminal import raw_terminal, terminal_size
     from hyperrun.proto import agent_pb2 as pb
 
     agent = sandbox.agent
     cid = sandbox.id
-    rows, cols = attach.terminal_size() if spec.terminal else (0, 0)
+    rows, cols = terminal_size() if spec.terminal else (0, 0)
     process = pb.Process(args=defaults.args, env=defaults.env, cwd=defaults.cwd,
                          user=pb.User(spec=defaults.user), terminal=spec.terminal,
                          stdin=spec.stdin, console_size=pb.ConsoleSize(rows=rows, cols=cols))
@@ -149,7 +150,7 @@ async def _run_in(sandbox, spec: RunSpec, defaults: ProcessDefaults, root: _Root
         return _start_error_code(exc.remote_message)
     relay = attach.Relay(agent, cid, stdin=spec.stdin, terminal=spec.terminal)
     relay.start()
-    with attach.raw_terminal(enabled=spec.terminal and spec.stdin):
+    with raw_terminal(enabled=spec.terminal and spec.stdin):
         try:
             await agent.start_container(cid)
         except TtrpcError as exc:

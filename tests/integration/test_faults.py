@@ -12,7 +12,6 @@ QEMU, netns, veth, iptables rule, lease, run directory, bind mount or
 cgroup."""
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path

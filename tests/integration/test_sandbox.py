@@ -307,7 +307,7 @@ def test_qemu_runs_confined(busybox_rootfs, no_leaks):
     writable 9p share needs, in a 0700 run directory of that user's, with
     no file descriptor but its own and those passed on purpose; the cgroup
     goes with the VM."""
-    from hyperrun.vm import cgroup, privileges, rundir
+    from hyperrun.vm import cgroup, rundir
 
     if os.geteuid() != 0:
         pytest.skip("not root: no cgroup can be made for QEMU, nor a user switched to")
