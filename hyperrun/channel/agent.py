@@ -6,6 +6,13 @@ from hyperrun.proto import agent_pb2 as pb
 from .ttrpc import Opener, TtrpcClient
 
 SERVICE = "hyperrun.agent.v1.Agent"
+# A call the agent does not answer in time fails with TimeoutError: a hung
+# guest must not hold a CRI call (and the pod's lock) for ever. Longer than
+# the agent's own limit on crun (60 s), so that its error arrives first.
+# Calls that wait by design (a process's exit, its output, room in its
+# stdin) have none; a signal, sent on a stop's clock, a short one.
+CALL_TIMEOUT_S = 90.0
+SIGNAL_TIMEOUT_S = 10.0
 
 
 class AgentClient:
@@ -18,7 +25,8 @@ class AgentClient:
     async def close(self) -> None:
         await self.session.close()
 
-    async def _call(self, method, request, response_type, timeout=None):
+    async def _call(self, method, request, response_type,
+                    timeout: float | None = CALL_TIMEOUT_S):
         return await self.session.call(SERVICE, method, request, response_type, timeout)
 
     async def health(self, timeout: float | None = None) -> bool:
@@ -67,18 +75,20 @@ class AgentClient:
 
     async def wait_process(self, container_id: str, exec_id: str = "") -> pb.WaitProcessResponse:
         return await self._call("WaitProcess", pb.ProcessRequest(
-            container_id=container_id, exec_id=exec_id), pb.WaitProcessResponse)
+            container_id=container_id, exec_id=exec_id), pb.WaitProcessResponse, timeout=None)
 
     async def signal_process(self, container_id: str, exec_id: str, signal: int) -> None:
         await self._call("SignalProcess", pb.SignalProcessRequest(
-            container_id=container_id, exec_id=exec_id, signal=signal), pb.Empty)
+            container_id=container_id, exec_id=exec_id, signal=signal), pb.Empty,
+            timeout=SIGNAL_TIMEOUT_S)
 
     async def remove_container(self, container_id: str) -> None:
         await self._call("RemoveContainer", pb.ContainerRequest(container_id=container_id), pb.Empty)
 
     async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int:
         resp = await self._call("WriteStdin", pb.WriteStdinRequest(
-            container_id=container_id, exec_id=exec_id, data=data), pb.WriteStdinResponse)
+            container_id=container_id, exec_id=exec_id, data=data), pb.WriteStdinResponse,
+            timeout=None)
         return resp.written
 
     async def close_stdin(self, container_id: str, exec_id: str = "") -> None:
@@ -91,7 +101,7 @@ class AgentClient:
         method = {"stdout": "ReadStdout", "stderr": "ReadStderr"}[stream]
         resp = await self._call(method, pb.ReadStreamRequest(
             container_id=container_id, exec_id=exec_id, max_bytes=max_bytes),
-            pb.ReadStreamResponse)
+            pb.ReadStreamResponse, timeout=None)
         return b"" if resp.eof else resp.data
 
     async def resize_tty(self, container_id: str, exec_id: str, rows: int, cols: int) -> None:

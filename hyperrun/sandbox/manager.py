@@ -348,7 +348,13 @@ class SandboxManager:
         async with self._lock(sandbox_id):
             for c in self.state.containers(sandbox_id):
                 if c.state == RUNNING:
-                    await self.stop_container(c.id, 0)
+                    try:
+                        await self.stop_container(c.id, 0)
+                    except (TimeoutError, ConnectionLost) as exc:
+                        # A hung or dead guest: stopping its VM, next, ends
+                        # the container all the same.
+                        logger.warning("container not stopped by the agent", container=c.id,
+                                       sandbox=sandbox_id, error=str(exc))
             sandbox = self.sandboxes.pop(sandbox_id, None)
             if watcher := self._watchers.pop(sandbox_id, None):
                 watcher.cancel()

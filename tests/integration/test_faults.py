@@ -3,6 +3,7 @@
 - a pod's QEMU killed from outside;
 - the agent (the guest's PID 1) crashed from inside the guest, which is a
   guest kernel panic ("Attempted to kill init!");
+- a VM that stops answering (its QEMU frozen);
 - the daemon killed with -9 inside or right after each CRI call of a pod's
   life, and restarted on the same state.
 
@@ -188,6 +189,50 @@ def test_agent_crash_is_a_guest_kernel_panic(netd, pushed, cni_env):
     remove_pod(d, pod)
     assert d.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items == []
     assert leftovers(d, cni_env[1], [pod]) == NOTHING
+
+
+def test_hung_vm_is_stopped_all_the_same(netd, pushed, cni_env):
+    """A VM that stops answering (its QEMU frozen with SIGSTOP: the guest,
+    the agent and QMP all silent, as in a guest deadlock or a wedged VMM).
+    StopContainer fails with DEADLINE_EXCEEDED naming the silent call
+    instead of waiting for ever; StopPodSandbox stops it anyway (SIGKILL
+    after QMP's quit goes unanswered): the pod goes NotReady, its container
+    EXITED, and nothing is left."""
+    d = netd
+    image = pushed.ref("busybox:latest")
+    warm_up(d, image)
+    pod_config = cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name="hung", uid="uid-hung", namespace="faults"),
+        log_directory=str(d.base / "logs"))
+    pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
+    config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="c"),
+                                 image=cri.ImageSpec(image=image), command=["sleep", "600"])
+    cid = d.runtime.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
+    d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
+    (vm,) = leftovers(d, cni_env[1], [pod])["qemu"]
+    os.kill(vm, signal.SIGSTOP)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            d.runtime.StopContainer(cri.StopContainerRequest(container_id=cid, timeout=1),
+                                    timeout=120)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value
+        assert "SignalProcess: no reply" in err.value.details(), err.value.details()
+        c = d.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
+        assert c.state == cri.CONTAINER_RUNNING  # not known to have stopped
+        d.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=120)
+    finally:
+        try:
+            os.kill(vm, signal.SIGCONT)  # if the stop failed: let the cleanup end it
+        except ProcessLookupError:
+            pass
+    status = d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status
+    assert status.state == cri.SANDBOX_NOTREADY
+    c = d.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
+    assert (c.state, c.reason, c.exit_code) == (cri.CONTAINER_EXITED, "VMExited", 255)
+    assert leftovers(d, cni_env[1], [pod]) == NOTHING
+    remove_pod(d, pod)
+    assert d.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items == []
 
 
 def _rss_peak_kib(pid: int) -> int:
