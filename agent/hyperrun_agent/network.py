@@ -36,7 +36,11 @@ def _interface_by_mac(nl: Netlink, mac: str) -> str:
             others.append(name)
     if len(others) != 1:
         raise invalid(f"no network interface with MAC {mac}")
-    nl.set_link(_index(others[0]), up=False, mac=mac, what=f"{others[0]} address {mac}")
+    index = _index(others[0])
+    # Down first, in a request of its own: the kernel sets an address
+    # before it applies flags, and a running card may refuse a new one.
+    nl.set_link(index, up=False, what=f"{others[0]} down")
+    nl.set_link(index, mac=mac, what=f"{others[0]} address {mac}")
     return others[0]
 
 
