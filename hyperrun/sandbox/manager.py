@@ -39,6 +39,12 @@ from hyperrun import log
 logger = log.get("sandbox")
 READY, NOTREADY = "ready", "notready"
 STARTUP_WINDOW_S = 3.0  # see _resend_while_starting
+# A pod VM's agent is asked for its health this often; one that does not
+# answer within the timeout is hung (a guest deadlock, a wedged VMM): its VM
+# is killed and the pod reported as a dead VM's, as Kata's sandbox monitor
+# does. Generous: a loaded 2-core host under TCG answers in milliseconds.
+HEALTH_INTERVAL_S = float(os.environ.get("HYPERRUN_HEALTH_INTERVAL_S", 10))
+HEALTH_TIMEOUT_S = float(os.environ.get("HYPERRUN_HEALTH_TIMEOUT_S", 30))
 OUTLET_LIMIT = 256  # chunks (up to 64 KiB each) an attach session may lag behind
 CREATED, RUNNING, EXITED, UNKNOWN = "created", "running", "exited", "unknown"
 
@@ -313,9 +319,9 @@ class SandboxManager:
         sandbox = self.sandboxes[sandbox_id]
 
         async def watch() -> None:
-            await sandbox.vm.wait_exited()
+            hung = await self._monitor(sandbox)
             if sandbox_id in self.sandboxes:  # not a stop we asked for
-                self._sandbox_gone(sandbox_id, f"VM exited: {sandbox.vm.failure_reason()}")
+                self._sandbox_gone(sandbox_id, hung or f"VM exited: {sandbox.vm.failure_reason()}")
                 del self.sandboxes[sandbox_id]
                 # What the VM held goes now, not at the pod's removal: its
                 # network, run directory (sockets, volume binds), the session.
@@ -325,6 +331,36 @@ class SandboxManager:
                     await asyncio.to_thread(self.networks.teardown, sandbox_id, pod_network(row))
 
         self._watchers[sandbox_id] = asyncio.create_task(watch())
+
+    async def _monitor(self, sandbox: Sandbox) -> str | None:
+        """Return once the VM has exited: None if it did of itself, or why
+        it was killed (its agent stopped answering health checks)."""
+        exited = asyncio.ensure_future(sandbox.vm.wait_exited())
+        try:
+            while True:
+                done, _ = await asyncio.wait({exited}, timeout=HEALTH_INTERVAL_S)
+                if done:
+                    return None
+                try:
+                    await sandbox.agent.health(timeout=HEALTH_TIMEOUT_S)
+                    continue
+                except TimeoutError:
+                    reason = (f"VM hung: its agent did not answer a health check within "
+                              f"{HEALTH_TIMEOUT_S:g}s; the VM was killed")
+                except ConnectionLost:
+                    # Closed by a VM on its way out (its exit comes next), or
+                    # by the agent: a session lost for good, the pod unusable.
+                    await asyncio.wait({exited}, timeout=5)
+                    reason = "the agent's channel closed while the VM ran; the VM was killed"
+                except TtrpcError:
+                    continue
+                if sandbox.vm.exited:
+                    return None
+                logger.warning("sandbox killed", vm=sandbox.id, reason=reason)
+                await sandbox.vm.kill()
+                return reason
+        finally:
+            exited.cancel()
 
     def _sandbox_gone(self, sandbox_id: str, reason: str) -> None:
         logger.info("sandbox not ready", sandbox=sandbox_id, reason=reason)

@@ -3,7 +3,8 @@
 - a pod's QEMU killed from outside;
 - the agent (the guest's PID 1) crashed from inside the guest, which is a
   guest kernel panic ("Attempted to kill init!");
-- a VM that stops answering (its QEMU frozen);
+- a VM that stops answering (its QEMU frozen), under CRI calls and found
+  by the daemon's health checks;
 - the daemon killed with -9 inside or right after each CRI call of a pod's
   life, and restarted on the same state.
 
@@ -13,6 +14,7 @@ QEMU, netns, veth, iptables rule, lease, run directory, bind mount or
 cgroup."""
 import os
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -191,18 +193,13 @@ def test_agent_crash_is_a_guest_kernel_panic(netd, pushed, cni_env):
     assert leftovers(d, cni_env[1], [pod]) == NOTHING
 
 
-def test_hung_vm_is_stopped_all_the_same(netd, pushed, cni_env):
-    """A VM that stops answering (its QEMU frozen with SIGSTOP: the guest,
-    the agent and QMP all silent, as in a guest deadlock or a wedged VMM).
-    StopContainer fails with DEADLINE_EXCEEDED naming the silent call
-    instead of waiting for ever; StopPodSandbox stops it anyway (SIGKILL
-    after QMP's quit goes unanswered): the pod goes NotReady, its container
-    EXITED, and nothing is left."""
-    d = netd
-    image = pushed.ref("busybox:latest")
+def _frozen_pod(d, image: str, name: str):
+    """A pod whose container runs, then its QEMU frozen with SIGSTOP: the
+    guest, the agent and QMP all silent, as in a guest deadlock or a wedged
+    VMM. (pod id, container id, QEMU pid)."""
     warm_up(d, image)
     pod_config = cri.PodSandboxConfig(
-        metadata=cri.PodSandboxMetadata(name="hung", uid="uid-hung", namespace="faults"),
+        metadata=cri.PodSandboxMetadata(name=name, uid=f"uid-{name}", namespace="faults"),
         log_directory=str(d.base / "logs"))
     pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
     config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="c"),
@@ -210,8 +207,38 @@ def test_hung_vm_is_stopped_all_the_same(netd, pushed, cni_env):
     cid = d.runtime.CreateContainer(cri.CreateContainerRequest(
         pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
     d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
-    (vm,) = leftovers(d, cni_env[1], [pod])["qemu"]
+    (vm,) = qemu_pids(d.base / "run")
     os.kill(vm, signal.SIGSTOP)
+    return pod, cid, vm
+
+
+def _thaw(vm: int) -> None:
+    try:
+        os.kill(vm, signal.SIGCONT)  # if the daemon failed to end it: let the cleanup
+    except ProcessLookupError:
+        pass
+
+
+def _assert_dead_and_gone(d, pod: str, cid: str, leases: Path) -> str:
+    status = d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status
+    assert status.state == cri.SANDBOX_NOTREADY
+    c = d.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
+    assert (c.state, c.reason, c.exit_code) == (cri.CONTAINER_EXITED, "VMExited", 255)
+    assert leftovers(d, leases, [pod]) == NOTHING
+    remove_pod(d, pod)
+    assert d.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items == []
+    return c.message
+
+
+def test_hung_vm_is_stopped_all_the_same(netd, pushed, cni_env):
+    """A hung VM and the CRI calls that need its agent: StopContainer fails
+    with DEADLINE_EXCEEDED naming the silent call instead of waiting for
+    ever; StopPodSandbox stops it anyway (SIGKILL after QMP's quit goes
+    unanswered): the pod goes NotReady, its container EXITED, and nothing
+    is left. (The daemon's health checks, every 10 s with 30 s to answer,
+    do not come into it this soon.)"""
+    d = netd
+    pod, cid, vm = _frozen_pod(d, pushed.ref("busybox:latest"), "hung")
     try:
         with pytest.raises(grpc.RpcError) as err:
             d.runtime.StopContainer(cri.StopContainerRequest(container_id=cid, timeout=1),
@@ -222,17 +249,32 @@ def test_hung_vm_is_stopped_all_the_same(netd, pushed, cni_env):
         assert c.state == cri.CONTAINER_RUNNING  # not known to have stopped
         d.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=120)
     finally:
+        _thaw(vm)
+    _assert_dead_and_gone(d, pod, cid, cni_env[1])
+
+
+def test_hung_vm_is_found_by_its_health_checks(vm_assets, pushed, cni_env):
+    """A hung VM that no CRI call touches: the daemon's health checks find
+    it (here every second, 3 s to answer), kill it, and report the pod as
+    a dead VM's, with the reason; nothing is left."""
+    from tests.integration.test_cri import Daemon
+
+    d = Daemon(Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp")),
+               ("--network", "cni", "--cni-conf-dir", str(cni_env[0])))
+    d.env.update(HYPERRUN_HEALTH_INTERVAL_S="1", HYPERRUN_HEALTH_TIMEOUT_S="3")
+    d.start()
+    try:
+        pod, cid, vm = _frozen_pod(d, pushed.ref("busybox:latest"), "hung2")
         try:
-            os.kill(vm, signal.SIGCONT)  # if the stop failed: let the cleanup end it
-        except ProcessLookupError:
-            pass
-    status = d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status
-    assert status.state == cri.SANDBOX_NOTREADY
-    c = d.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
-    assert (c.state, c.reason, c.exit_code) == (cri.CONTAINER_EXITED, "VMExited", 255)
-    assert leftovers(d, cni_env[1], [pod]) == NOTHING
-    remove_pod(d, pod)
-    assert d.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items == []
+            wait_for(lambda: d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(
+                pod_sandbox_id=pod)).status.state == cri.SANDBOX_NOTREADY
+                and leftovers(d, cni_env[1], [pod]) == NOTHING)
+        finally:
+            _thaw(vm)
+        message = _assert_dead_and_gone(d, pod, cid, cni_env[1])
+        assert "VM hung: its agent did not answer a health check within 3s" in message, message
+    finally:
+        d.close()
 
 
 def _rss_peak_kib(pid: int) -> int:
