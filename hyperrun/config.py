@@ -19,6 +19,10 @@ Looked for at HYPERRUN_CONFIG, then /etc/hyperrun/config.toml, then
     # default shape and network to take: RunPodSandbox then boots nothing
     # (sandbox/pool.py). Each holds its memory while it waits.
     pool_size = 0
+    # TCG translation cache (MiB) of a pod VM restored from a template
+    # (a boot's is 64): touched cache is private memory, so smaller is
+    # denser and, below what a start translates, slower (vm/template.py)
+    clone_cache_mib = 32
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ class SandboxDefaults:
     overhead_mib: int = 96
     template: bool = False
     pool_size: int = 0
+    clone_cache_mib: int = 32
 
 
 def config_path() -> Path | None:
@@ -75,6 +80,8 @@ def load(path: Path | None = None) -> SandboxDefaults:
         setattr(defaults, key, value)
     if defaults.pool_size < 0:
         raise ConfigError(f"{path}: sandbox.pool_size must be 0 or more")
+    if defaults.clone_cache_mib < 4:
+        raise ConfigError(f"{path}: sandbox.clone_cache_mib must be 4 or more")
     if defaults.machine not in ("microvm", "q35"):
         raise ConfigError(f"{path}: sandbox.machine must be microvm or q35")
     return defaults

@@ -68,10 +68,15 @@ def execute(spec: RunSpec) -> int:
     try:
         config = spec.sandbox.vm_config()
         if spec.template:
+            from hyperrun import config as hconfig
             from hyperrun.vm import template as templates
 
+            try:
+                cache_mib = hconfig.load().clone_cache_mib
+            except hconfig.ConfigError as exc:
+                return _error(str(exc))
             template = templates.TemplateStore().find(config) or _make_template(config)
-            config = templates.clone_config(config, template)
+            config = templates.clone_config(config, template, cache_mib)
         vm = QemuVM(config)
         vm.spawn()
     except VMError as exc:

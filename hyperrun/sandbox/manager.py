@@ -263,7 +263,8 @@ class SandboxManager:
                 if self.templates is not None:  # made on first use of this VM shape
                     template = await self.templates.get(vm.config, self.root)
                     # A spare (no pod yet) keeps the full TCG cache: see clone_config.
-                    vm.config = clone_config(vm.config, template, small_cache=config is not None)
+                    vm.config = clone_config(vm.config, template, cache_mib=None if config is None
+                                             else self.defaults.clone_cache_mib)
                 sandbox = await Sandbox.start(vm, template=template)
             finally:
                 if nic is not None and nic.tap_fd >= 0:

@@ -39,7 +39,6 @@ from .qemu import QEMU_BINARY, QemuVM
 
 TEMPLATE_MAC = "52:54:00:00:00:01"  # the template's card; each clone's agent sets its own
 MEM, STATE = "mem", "state"
-CLONE_TB_MIB = int(os.environ.get("HYPERRUN_CLONE_TB_MIB", "32"))  # see clone_config
 
 
 def default_root() -> Path:
@@ -187,17 +186,17 @@ class TemplateStore:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def clone_config(config: VMConfig, template: Template, small_cache: bool = True) -> VMConfig:
+def clone_config(config: VMConfig, template: Template, cache_mib: int | None) -> VMConfig:
     """config, to start as a clone of template (RAM mapped private). With
-    small_cache, a smaller TCG translation cache than a boot's: a clone
-    translates only what it runs after the restore, and touched cache is
-    private memory (TCG's cache is not guest state: the template's size
-    does not matter). A pool spare keeps the full one: it is warmed up so
-    that its translations are there when it is taken, and a small cache
-    flushes them (measured: `run IMAGE true` from a pool of 16 MiB clones
-    0.79 s, of booted 64 MiB spares 0.49 s)."""
+    cache_mib (`[sandbox] clone_cache_mib`), a smaller TCG translation
+    cache than a boot's: a clone translates only what it runs after the
+    restore, and touched cache is private memory (TCG's cache is not guest
+    state: the template's size does not matter). A pool spare (None) keeps
+    the full one: it is warmed up so that its translations are there when
+    it is taken, and a small cache flushes them (measured: `run IMAGE true`
+    from a pool of 16 MiB clones 0.79 s, of booted 64 MiB spares 0.49 s)."""
     nic = config.nic or _card(config)  # the device must exist
-    tb = min(config.tb_size_mib, CLONE_TB_MIB) if small_cache else config.tb_size_mib
+    tb = config.tb_size_mib if cache_mib is None else min(config.tb_size_mib, cache_mib)
     return dataclasses.replace(config, nic=nic, memory_file=template.memory,
                                memory_shared=False, incoming=True, tb_size_mib=tb,
                                incoming_fd=os.open(template.state, os.O_RDONLY | os.O_CLOEXEC))

@@ -32,3 +32,28 @@ def test_vm_size_from_pod_resources():
     huge = cri.LinuxContainerResources(cpu_period=100000, cpu_quota=10**9,
                                        memory_limit_in_bytes=1 << 50)
     assert config.vm_size(d, huge, None) == (d.max_vcpus, d.max_memory_mib)
+
+
+def test_clone_cache_size(tmp_path):
+    """`[sandbox] clone_cache_mib` sizes a template clone's TCG cache (not a
+    pool spare's, which keeps a boot's), and nothing below 4 MiB."""
+    import os
+
+    from hyperrun.sandbox.config import SandboxConfig
+    from hyperrun.vm.template import Template, clone_config
+
+    path = tmp_path / "config.toml"
+    assert config.SandboxDefaults().clone_cache_mib == 32
+    path.write_text("[sandbox]\nclone_cache_mib = 16\n")
+    assert config.load(path).clone_cache_mib == 16
+    path.write_text("[sandbox]\nclone_cache_mib = 2\n")
+    with pytest.raises(config.ConfigError, match="clone_cache_mib must be 4 or more"):
+        config.load(path)
+    (tmp_path / "tpl").mkdir()
+    template = Template(tmp_path / "tpl")
+    template.state.write_bytes(b"")
+    booted = SandboxConfig().vm_config()
+    for cache_mib, expected in ((16, 16), (None, booted.tb_size_mib), (4096, booted.tb_size_mib)):
+        clone = clone_config(booted, template, cache_mib)
+        os.close(clone.incoming_fd)
+        assert clone.tb_size_mib == expected and clone.incoming and not clone.memory_shared
