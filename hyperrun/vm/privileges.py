@@ -21,19 +21,35 @@ bounding set):
   modules, raw I/O, devices, the network, other users' processes), not
   file access. See docs/SECURITY.md.
 
+Each VM's QEMU has a uid of its own, taken from a reserved range
+(`VM_UIDS`, named by no user), with `hyperrun-vmm`'s group: QEMUs of one
+uid could ptrace, signal or `process_vm_writev` each other, so a guest that
+took over its QEMU would reach the other VMs' (Firecracker's jailer gives
+each microVM its uid for the same reason). A uid is held by a lock on a
+file in `UID_LOCKS`, whose descriptor QEMU inherits: it is taken for as
+long as that QEMU lives, by any process of the host (a daemon, a
+restarted one, an embedded `hyperrun run`), and freed when it exits,
+however it ends.
+
 Without the user, or when not root, QEMU runs as the caller, as before;
 `reason` says why.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import VMConfig
 
 USER = os.environ.get("HYPERRUN_VMM_USER", "hyperrun-vmm")
+# Above systemd's container ranges (up to 0x6FFFFFFF) and below 2^31 (which
+# some tools read as negative): a user namespace or a login never has these.
+VM_UIDS = range(0x70000000, 0x70000000 + 65536)
+UID_LOCKS = Path("/run/hyperrun-vmm-uids")
 READ_CAPS = ("dac_read_search",)
 WRITE_CAPS = ("chown", "dac_override", "fowner", "fsetid")
 
@@ -45,6 +61,7 @@ class Identity:
     gid: int
     caps: tuple[str, ...]
     groups: tuple[int, ...] = ()  # of the devices QEMU opens (/dev/kvm), where needed
+    uid_lock: int = -1  # the fd holding the uid: QEMU's to inherit, then closed here
 
     def wrapper(self, keep_pdeathsig: bool) -> list[str]:
         """The setpriv command that becomes this identity and execs what follows."""
@@ -91,7 +108,26 @@ def identity(config: VMConfig) -> tuple[Identity | None, str]:
         if st.st_mode & 0o060 != 0o060 or st.st_gid == 0:
             return None, f"{device} is not open to a group QEMU could be given: QEMU runs as root"
         groups.append(st.st_gid)
-    return Identity(USER, pw.pw_uid, pw.pw_gid, caps, tuple(groups)), ""
+    try:
+        uid, lock = take_uid()
+    except OSError as exc:
+        return None, f"no uid free for QEMU in {UID_LOCKS}: {exc}; QEMU runs as root"
+    return Identity(USER, uid, pw.pw_gid, caps, tuple(groups), lock), ""
+
+
+def take_uid() -> tuple[int, int]:
+    """A uid of VM_UIDS no running QEMU has, and the descriptor whose lock
+    holds it (read-only, inheritable: QEMU gets it)."""
+    UID_LOCKS.mkdir(mode=0o700, exist_ok=True)
+    for uid in VM_UIDS:
+        fd = os.open(UID_LOCKS / str(uid), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return uid, fd
+    raise OSError(f"all {len(VM_UIDS)} uids are taken")
 
 
 def _devices(config: VMConfig) -> list[str]:

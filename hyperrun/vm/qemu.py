@@ -199,6 +199,13 @@ class QemuVM(VM):
 
         who, self.privileges_note = privileges.identity(self.config)
         privileges.log_reason(self.privileges_note)
+        try:
+            self._spawn_as(who)
+        finally:
+            if who and who.uid_lock >= 0:
+                os.close(who.uid_lock)  # QEMU holds the uid from here, or nobody does
+
+    def _spawn_as(self, who) -> None:
         for share in self.config.shares:  # a share the VM owns lives in its run dir
             if share.path.parent == self.run_dir:
                 share.path.mkdir(mode=0o700, exist_ok=True)
@@ -213,6 +220,8 @@ class QemuVM(VM):
             fds.append(self.config.nic.tap_fd)
         if self.config.incoming_fd >= 0:
             fds.append(self.config.incoming_fd)
+        if who and who.uid_lock >= 0:
+            fds.append(who.uid_lock)
         # A QEMU that may not read files as root does gets them opened here.
         files = _open_files(self.config) if who and not who.caps else {}
         fds += files.values()

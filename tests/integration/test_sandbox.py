@@ -307,7 +307,7 @@ def test_qemu_runs_confined(busybox_rootfs, no_leaks):
     writable 9p share needs, in a 0700 run directory of that user's, with
     no file descriptor but its own and those passed on purpose; the cgroup
     goes with the VM."""
-    from hyperrun.vm import cgroup, rundir
+    from hyperrun.vm import cgroup, privileges, rundir
 
     if os.geteuid() != 0:
         pytest.skip("not root: no cgroup can be made for QEMU, nor a user switched to")
@@ -329,24 +329,26 @@ def test_qemu_runs_confined(busybox_rootfs, no_leaks):
             status = _status(vm.pid)
             assert status["Seccomp"] == "2"  # filter mode
             assert status["NoNewPrivs"] == "1"
-            assert status["Uid"].split() == [str(user.pw_uid)] * 4
+            uid = int(status["Uid"].split()[0])  # its own, with hyperrun-vmm's group
+            assert uid in privileges.VM_UIDS and status["Uid"].split() == [str(uid)] * 4
             assert status["Gid"].split() == [str(user.pw_gid)] * 4
             assert status["Groups"].strip() == ""
             caps = sum(1 << n for n in (0, 1, 3, 4))  # chown dac_override fowner fsetid
             for kind in ("CapEff", "CapPrm", "CapAmb", "CapBnd"):
                 assert int(status[kind], 16) == caps, (kind, status[kind])
             st = vm.run_dir.stat()
-            assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (user.pw_uid, user.pw_gid, 0o700)
+            assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (uid, user.pw_gid, 0o700)
             assert Path(os.readlink(f"/proc/{vm.pid}/cwd")) == vm.run_dir
             console = (vm.run_dir / rundir.CONSOLE_LOG).stat()  # QEMU made it
-            assert (console.st_uid, console.st_gid) == (user.pw_uid, user.pw_gid)
+            assert (console.st_uid, console.st_gid) == (uid, user.pw_gid)
             fds = _fds(vm.pid)
             print("QEMU's fds:", fds)
             assert fds[0] == "/dev/null"
             assert fds[1] == fds[2] == str(vm.run_dir / "qemu.log")
             files = {t for t in fds.values() if t.startswith("/")}
             assert files == {"/dev/null", str(vm.run_dir / "qemu.log"), str(vm.console_log),
-                             str(vm.config.root_image.resolve()), str(busybox_rootfs.resolve())}, files
+                             str(vm.config.root_image.resolve()), str(busybox_rootfs.resolve()),
+                             str(privileges.UID_LOCKS / str(uid))}, files
             # and otherwise: sockets (QMP's and the agent's, listening and
             # connected), and QEMU's own eventfds and signalfd
             others = [t for t in fds.values() if not t.startswith("/")]
@@ -384,9 +386,11 @@ def test_qemu_without_shares_has_no_capabilities(vm_assets, no_leaks):
 
     from hyperrun.vm import rundir
 
+    from hyperrun.vm import privileges
+
     if os.geteuid() != 0:
         pytest.skip("not root: QEMU runs as the caller")
-    user = _vmm_user()
+    _vmm_user()
     vm = QemuVM(SandboxConfig(channel="serial", init="/bin/sh").vm_config())
     vm.spawn()
     try:
@@ -395,7 +399,7 @@ def test_qemu_without_shares_has_no_capabilities(vm_assets, no_leaks):
             time.sleep(0.05)
         assert vm.process.poll() is None, vm.failure_reason()
         status = _status(vm.pid)
-        assert status["Uid"].split() == [str(user.pw_uid)] * 4
+        assert int(status["Uid"].split()[0]) in privileges.VM_UIDS
         for kind in ("CapEff", "CapPrm", "CapAmb", "CapBnd"):
             assert int(status[kind], 16) == 0, (kind, status[kind])
         assert status["Seccomp"] == "2"
@@ -405,6 +409,63 @@ def test_qemu_without_shares_has_no_capabilities(vm_assets, no_leaks):
         vm.process.kill()
         vm.process.wait()
         rundir.remove(vm.run_dir)
+
+
+def test_each_qemu_has_a_uid_of_its_own(vm_assets, no_leaks):
+    """Two VMs' QEMUs run as two uids of the reserved range (a QEMU taken
+    over by its guest cannot ptrace or signal another VM's), with the same
+    group; a uid is free again once its QEMU has exited, however."""
+    import fcntl
+    import signal
+    import time
+
+    from hyperrun.vm import privileges, rundir
+
+    if os.geteuid() != 0:
+        pytest.skip("not root: QEMU runs as the caller")
+    user = _vmm_user()
+    vms = [QemuVM(SandboxConfig(channel="serial", init="/bin/sh").vm_config())
+           for _ in range(2)]
+    try:
+        for vm in vms:
+            vm.spawn()
+        while any(not vm.console_log.exists() and vm.process.poll() is None for vm in vms):
+            time.sleep(0.05)
+        uids = [int(_status(vm.pid)["Uid"].split()[0]) for vm in vms]
+        assert len(set(uids)) == 2 and all(u in privileges.VM_UIDS for u in uids), uids
+        assert {_status(vm.pid)["Gid"].split()[0] for vm in vms} == {str(user.pw_gid)}
+        with pytest.raises(PermissionError):  # as the first QEMU, towards the second
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.setgid(user.pw_gid)
+                    os.setuid(uids[0])
+                    os.kill(vms[1].pid, 0)
+                    os._exit(0)
+                except PermissionError:
+                    os._exit(13)
+            _, status = os.waitpid(pid, 0)
+            if os.waitstatus_to_exitcode(status) == 13:
+                raise PermissionError("signal refused")
+        vms[0].process.send_signal(signal.SIGKILL)
+        vms[0].process.wait()
+
+        def free(uid: int) -> bool:
+            fd = os.open(privileges.UID_LOCKS / str(uid), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                return False
+            finally:
+                os.close(fd)
+        assert free(uids[0]) and not free(uids[1])  # the dead QEMU's, the live one's
+    finally:
+        for vm in vms:
+            if vm.process is not None and vm.process.poll() is None:
+                vm.process.kill()
+                vm.process.wait()
+            rundir.remove(vm.run_dir)
 
 
 def test_qemu_runs_as_root_without_the_user(busybox_rootfs, monkeypatch, no_leaks):
