@@ -302,11 +302,12 @@ def _fds(pid: int) -> dict[int, str]:
 
 def test_qemu_runs_confined(busybox_rootfs, no_leaks):
     """QEMU under its seccomp filter, in a cgroup of its own capping its
-    memory (guest + QEMU's overhead) and CPU (the vCPUs + one), as the
-    unprivileged hyperrun-vmm user with only the file capabilities its
-    writable 9p share needs, in a 0700 run directory of that user's, with
-    no file descriptor but its own and those passed on purpose; the cgroup
-    goes with the VM."""
+    memory (guest + QEMU's overhead) and CPU (the vCPUs + one), as an
+    unprivileged uid of its own (hyperrun-vmm's group) with only the file
+    capabilities its writable 9p share needs, in a 0700 run directory of
+    that uid's, with no file descriptor but its own and those passed on
+    purpose (the lock holding its uid among them); the cgroup goes with
+    the VM."""
     from hyperrun.vm import cgroup, privileges, rundir
 
     if os.geteuid() != 0:
@@ -379,7 +380,7 @@ def test_qemu_runs_confined(busybox_rootfs, no_leaks):
 
 
 def test_qemu_without_shares_has_no_capabilities(vm_assets, no_leaks):
-    """A VM with no 9p share (direct mode's shape) runs as hyperrun-vmm with
+    """A VM with no 9p share (direct mode's shape) runs as its own uid with
     no capability at all; the kernel and root image it cannot open by name
     (under root's 0700 home here) are passed as fds."""
     import time
