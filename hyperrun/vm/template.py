@@ -145,14 +145,39 @@ class TemplateStore:
         return template
 
     async def _make(self, config: VMConfig, template: Template, run_root: Path) -> None:
+        self.sweep_unfinished()
+        work = template.path.with_name(template.path.name + ".new")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        try:
+            await self._make_in(work, config, template, run_root)
+        except BaseException:  # its memory file is RAM in /dev/shm
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    def sweep_unfinished(self) -> list[Path]:
+        """Remove the work directories of templates nobody is making (a
+        process killed while making one leaves its memory file, RAM in
+        /dev/shm): those whose lock no process holds. Returns them."""
+        swept = []
+        for work in self.root.glob("*.new"):
+            lock_path = self.root / f".{work.name[:-len('.new')]}.lock"
+            with open(lock_path, "a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # being made (by this process too: flock is per open file)
+                shutil.rmtree(work, ignore_errors=True)
+                swept.append(work)
+        return swept
+
+    async def _make_in(self, work: Path, config: VMConfig, template: Template,
+                       run_root: Path) -> None:
         import asyncio
 
         from hyperrun import log
         from hyperrun.sandbox.sandbox import Sandbox
 
-        work = template.path.with_name(template.path.name + ".new")
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
         made = dataclasses.replace(shape(config), memory_file=work / MEM, memory_shared=True)
         vm = QemuVM(made, root=run_root)
         # The shares' host paths do not matter to the saved state (the guest

@@ -110,3 +110,45 @@ def test_qmp_tolerates_events_before_the_greeting(tmp_path):
         await client.disconnect()
         server.close()
     asyncio.run(main())
+
+
+def test_unfinished_templates_are_swept(tmp_path):
+    """The work directory of a template whose maker died (its memory file
+    is RAM in /dev/shm) goes at the next making; one whose maker still
+    holds the lock stays."""
+    import fcntl
+
+    from hyperrun.vm.template import TemplateStore
+
+    store = TemplateStore(tmp_path)
+    dead, alive = tmp_path / "aaaa.new", tmp_path / "bbbb.new"
+    for work in (dead, alive):
+        work.mkdir()
+        (work / "mem").write_bytes(b"\0" * 4096)
+    with open(tmp_path / ".bbbb.lock", "w") as maker:  # another maker, at work
+        fcntl.flock(maker, fcntl.LOCK_EX)
+        assert store.sweep_unfinished() == [dead]
+        assert not dead.exists() and (alive / "mem").exists()
+    assert store.sweep_unfinished() == [alive]
+
+
+def test_a_failed_template_leaves_no_work_directory(tmp_path):
+    """A template VM that dies while being made (here: its kernel is not
+    one) takes its work directory, memory file and all, with it."""
+    import asyncio
+    import dataclasses
+
+    from hyperrun.sandbox.config import SandboxConfig
+    from hyperrun.vm import VMError
+    from hyperrun.vm.template import TemplateStore
+
+    store = TemplateStore(tmp_path / "templates")
+    try:
+        config = SandboxConfig().vm_config()
+    except Exception as exc:  # no guest kernel or image built here
+        pytest.skip(f"no VM assets: {exc}")
+    (tmp_path / "not-a-kernel").write_bytes(b"not a kernel\n" * 100)
+    config = dataclasses.replace(config, kernel=tmp_path / "not-a-kernel")
+    with pytest.raises(VMError):
+        asyncio.run(store.get(config, tmp_path / "run"))
+    assert list(store.root.glob("*.new")) == [] and list(store.root.glob("*/")) == []
