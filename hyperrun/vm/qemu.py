@@ -281,7 +281,16 @@ class QemuVM(VM):
             if not connect.done():
                 connect.cancel()
                 raise VMError(f"QEMU exited during start-up: {self.failure_reason()}")
-            connect.result()
+            try:
+                connect.result()
+            except Exception as exc:
+                # A QEMU that died at once closes its QMP socket: the refusal
+                # can come before its exit is seen. Its log says why.
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._exit_task), 2)
+                except asyncio.TimeoutError:
+                    raise VMError(f"QMP of VM {self.id}: {exc}") from exc
+                raise VMError(f"QEMU exited during start-up: {self.failure_reason()}") from None
         except BaseException:
             await self.remove()
             raise
