@@ -453,7 +453,6 @@ def _quietly(call, request) -> None:
 
 
 def _run_pod(host: Host, opts: RunOptions, ports=()):
-
     cri = _cri()
     name = "run-" + secrets.token_hex(4)
     logs_dir = (host.embedded.dir if host.embedded else paths.data_root()) / "logs" / name
@@ -581,7 +580,6 @@ def _remove_run(host: Host, cid: str | None, pod: str, with_pod: bool) -> None:
 # ----------------------------------------------------------------- images
 
 def _image_spec(name: str, platform: str = ""):
-
     return _cri().ImageSpec(image=name, annotations={annotations.PLATFORM: platform} if platform else {})
 
 

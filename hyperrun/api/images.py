@@ -40,8 +40,6 @@ def _credentials(auth: cri.AuthConfig) -> Credentials | None:
                        identity_token=auth.identity_token, registry_token=auth.registry_token)
 
 
-
-
 class ImageServicer(cri_grpc.ImageServiceServicer):
     def __init__(self, images: ImageService) -> None:
         self.images = images

@@ -151,11 +151,11 @@ class SandboxManager:
             live.add(vm.id)
             self.sandboxes[row.id] = sandbox
             self._watch_vm(row.id)
-            for c in self.state.containers(row.id):
+            containers = self.state.containers(row.id)
+            for c in containers:
                 if c.state == RUNNING:
                     self._follow(c)
-            rows = self.state.containers(row.id)
-            for name in volumes.unbind_unknown(self._shared_dir(vm), [c.id for c in rows]):
+            for name in volumes.unbind_unknown(self._shared_dir(vm), [c.id for c in containers]):
                 logger.info("removed volume binds of no container", sandbox=row.id, dir=name)
         root = self.root
         if root.is_dir():

@@ -138,7 +138,7 @@ class PodNetworks:
     def complete(self, sandbox_id: str, kind: str, config: cri.PodSandboxConfig) -> PodNetwork:
         """The pod's network on the prepared backend: CNI ADD and the tap
         joined to it, or the user-mode addresses (the VM adds the host
-        port forwards: forwards()). Blocking; on failure the network
+        port forwards: user_forwards()). Blocking; on failure the network
         (prepared part included) is gone before the error is raised."""
         if kind == "none":
             return PodNetwork("none")

@@ -133,19 +133,27 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def _open_for_qemu(path: Path, readonly: bool) -> int:
+    """A host file opened for a QEMU that may not open it by name
+    (read-only where the guest only reads it)."""
+    try:
+        return os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+    except OSError as exc:
+        raise VMError(f"cannot open {path} for QEMU: {exc.strerror}") from None
+
+
 def _open_files(config: VMConfig) -> dict[Path, int]:
-    """The kernel and disk images, opened for QEMU (read-only where the
-    guest only reads them)."""
+    """The kernel and disk images, opened for QEMU."""
     files: dict[Path, int] = {}
     try:
         for path, readonly in [(config.kernel, True), (config.root_image, True),
                                *((d.path, d.readonly) for d in config.disks)]:
             if path not in files:
-                files[path] = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
-    except OSError as exc:
+                files[path] = _open_for_qemu(path, readonly)
+    except VMError:
         for fd in files.values():
             os.close(fd)
-        raise VMError(f"cannot open {exc.filename} for QEMU: {exc.strerror}") from None
+        raise
     return files
 
 
@@ -418,10 +426,7 @@ class QemuVM(VM):
         from qemu.qmp import ExecuteError
 
         node, device = f"disk-{disk.serial}", f"dev-{disk.serial}"
-        try:
-            fd = os.open(disk.path, (os.O_RDONLY if disk.readonly else os.O_RDWR) | os.O_CLOEXEC)
-        except OSError as exc:
-            raise VMError(f"cannot open {disk.path} for QEMU: {exc.strerror}") from None
+        fd = _open_for_qemu(disk.path, disk.readonly)
         try:
             fdset = (await self.pass_fd(fd, "add-fd", {"opaque": node}))["fdset-id"]
         finally:
