@@ -28,7 +28,7 @@ from tests.conftest import qemu_pids
 from tests.integration.test_cri import _mounts_under
 from tests.integration.test_network import (cni_network, netd, pod_ip, remove_pod,  # noqa: F401
                                             warm_up)
-from tests.integration.test_network_host import iptables_state, ip_json
+from tests.integration.test_network_host import iptables_state, ip_json, wait_until
 
 # A network of this module's own: concurrent runs of test_network (which
 # use hrpod0) neither see nor disturb what is checked here.
@@ -69,14 +69,8 @@ NOTHING = {k: [] for k in ("qemu", "netns", "links", "iptables", "leases", "moun
 
 
 def wait_for(predicate, timeout: float = 60, interval: float = 0.2):
-    """predicate()'s last value, polled until true or the timeout (not a
-    timing assert: callers assert on the value)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
+    """wait_until with a VM's pace: a minute, five polls a second."""
+    return wait_until(predicate, timeout, interval)
 
 
 def sandbox_ids(d) -> list[str]:

@@ -181,13 +181,15 @@ def snapshot(leases: Path) -> dict:
             "leases": sorted(os.listdir(leases)) if leases.exists() else []}
 
 
-def wait_until(cond, timeout=5.0):
+def wait_until(cond, timeout: float = 5.0, interval: float = 0.05):
+    """cond()'s last value, polled until true or the timeout (not a timing
+    assert: callers assert on the value)."""
     deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    while True:
+        value = cond()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
 
 
 # -- 1. setup ---------------------------------------------------------------------
