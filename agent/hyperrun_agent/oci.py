@@ -136,5 +136,8 @@ def container_spec(container_id: str, process: dict, hostname: str, readonly: bo
             "maskedPaths": [] if privileged else MASKED_PATHS,
             "readonlyPaths": [] if privileged else READONLY_PATHS,
             "sysctl": dict(sysctls or {}),
+            # The agent runs crun with fixed maps under TCG (init.py); the
+            # container's programs get randomised ones back.
+            "personality": {"domain": "LINUX"},
         },
     }

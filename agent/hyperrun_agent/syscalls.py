@@ -1,4 +1,5 @@
-"""The few syscalls Python's os module lacks: mount, umount2, reboot."""
+"""The few syscalls Python's os module lacks: mount, umount2, reboot,
+personality."""
 import ctypes
 import os
 
@@ -16,6 +17,8 @@ MS_REC = 16384
 MNT_DETACH = 2
 
 RB_AUTOBOOT = 0x01234567
+ADDR_NO_RANDOMIZE = 0x0040000
+PERSONALITY_QUERY = 0xffffffff
 
 
 def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
@@ -36,3 +39,13 @@ def reboot() -> None:
     -no-reboot, so this ends the VM (microvm has no ACPI power-off)."""
     os.sync()
     _libc.reboot(RB_AUTOBOOT)
+
+
+def personality(persona: int = PERSONALITY_QUERY) -> int:
+    """Set the process's execution domain and flags (children inherit them
+    across exec); the query value only returns the current ones."""
+    old = _libc.personality(ctypes.c_ulong(persona))
+    if old == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"personality: {os.strerror(err)}")
+    return old

@@ -36,6 +36,9 @@ def tcg_cmdline(vcpus: int) -> list[str]:
     need it), and a known TSC frequency avoids a calibration that fails on
     a busy host and leaves the guest on a 4 ms jiffies clock."""
     args = ["nolapic_timer"] if vcpus == 1 else []
+    # The agent then starts crun at fixed addresses, where TCG's
+    # translations of it are found again (agent init.fix_child_maps).
+    args.append("hyperrun.fixed_maps=1")
     if khz := host_tsc_khz():
         args += [f"tsc_early_khz={khz}", f"lpj={khz * 4}"]  # lpj = kHz * 1000 / HZ(250)
     return args

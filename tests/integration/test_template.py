@@ -64,12 +64,15 @@ def test_clones_of_one_template_are_distinct_machines(tpl_daemon, pushed):
 
 def identity(d: Daemon, cid: str) -> tuple[str, str]:
     """A random uuid from the pod's guest and its card's MAC; its clock
-    must have been set (a clone wakes up with the template's)."""
+    must have been set (a clone wakes up with the template's). The
+    container's programs, its init and an exec, have randomised maps
+    although the agent starts crun with fixed ones under TCG."""
     code, out = exec_sync(d, cid, "cat /proc/sys/kernel/random/uuid /sys/class/net/eth0/address;"
-                                  " date +%s")
+                                  " date +%s; cat /proc/1/personality /proc/self/personality")
     assert code == 0, out
-    uuid, mac, clock = out.split()
+    uuid, mac, clock, init_persona, exec_persona = out.split()
     assert abs(int(clock) - time.time()) < 30, "the clock was not set"
+    assert int(init_persona, 16) == int(exec_persona, 16) == 0
     return uuid, mac
 
 

@@ -64,6 +64,7 @@ def test_container_spec_isolation():
     assert spec["root"] == {"path": "rootfs", "readonly": True}
     assert spec["hostname"] == "abc"
     assert spec["linux"]["cgroupsPath"] == "/hyperrun/abc"
+    assert spec["linux"]["personality"] == {"domain": "LINUX"}  # randomised maps
 
 
 def test_privileged_and_host_pid_spec():
@@ -143,3 +144,31 @@ def test_rtnetlink_configures_a_real_interface():
     assert ("10.99.0.0/16", "", "eth7") in routes
     assert out["again"] == errno.EEXIST
     assert "route 10.98.0.0/16 via 10.200.0.1: Network is unreachable" in out["unreachable"]
+
+
+FIXED_MAPS_CHILD = """
+import subprocess, sys
+sys.path.insert(0, {agent!r})
+from hyperrun_agent import init
+print(init.fix_child_maps({cmdline!r}))
+print(open("/proc/self/maps").read().count("[stack]"))
+for _ in range(2):
+    print(subprocess.run(["sh", "-c", "cat /proc/self/personality; grep stack /proc/self/maps"],
+                         capture_output=True, text=True, check=True).stdout)
+"""
+
+
+@pytest.mark.parametrize("cmdline", ["quiet hyperrun.fixed_maps=1 ro", "quiet ro"])
+def test_fixed_maps_for_the_agents_children_only_when_asked(cmdline):
+    """The flag the host sets under TCG: the agent's children then start at
+    the same addresses every time (their stacks do not move); without it
+    they are randomised."""
+    agent = str(Path(__file__).resolve().parents[2] / "agent")
+    out = subprocess.run([sys.executable, "-c", FIXED_MAPS_CHILD.format(agent=agent, cmdline=cmdline)],
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    fixed = out[0] == "True"
+    assert fixed == ("hyperrun.fixed_maps=1" in cmdline)
+    (persona1, stack1), (persona2, stack2) = (out[2:4], out[5:7])
+    assert int(persona1, 16) == int(persona2, 16) == (0x0040000 if fixed else 0)
+    assert (stack1 == stack2) == fixed
+
