@@ -1,15 +1,15 @@
 """The CLI as a client of the daemon (hyperrun daemon): pods, ps, exec,
-logs, stop, rm, and `run -d`, over the same CRI API the kubelet uses."""
+logs, stop, rm, pull, images, over the same CRI API the kubelet uses; and
+`run IMAGE`, which the daemon does in a run session (hyperrun/session.py)."""
 from __future__ import annotations
 
 import os
-import secrets
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from hyperrun import annotations, exitcodes, paths
+from hyperrun import annotations, exitcodes, paths, session
+from hyperrun.session import RUN_LABEL, RunError, RunOptions
 
 
 class NoDaemon(Exception):
@@ -140,11 +140,10 @@ def exec_(container: str, cmd: list[str], interactive: bool = False, tty: bool =
         return _stream(url, interactive, tty)
 
 
-def _stream(url: str, interactive: bool, tty: bool, on_open=None) -> int:
+def _stream(url: str, interactive: bool, tty: bool) -> int:
     """Be the client of the streaming server (channel.k8s.io over a
     websocket): local stdin to channel 0, channels 1/2 to stdout/stderr,
-    window sizes to channel 4, the exit status from channel 3. on_open
-    runs once the stream is connected (`run` starts its container then)."""
+    window sizes to channel 4, the exit status from channel 3."""
     import json
     import signal
     import threading
@@ -172,8 +171,6 @@ def _stream(url: str, interactive: bool, tty: bool, on_open=None) -> int:
             except (OSError, ConnectionClosed):
                 pass
 
-        if on_open is not None:
-            on_open()
         if tty:
             send_size()
             signal.signal(signal.SIGWINCH, send_size)
@@ -268,174 +265,136 @@ def rm(containers: list[str]) -> int:
 
 # ----------------------------------------------------------------- run
 
-RUN_LABEL = "io.hyperrun.run"          # a container `hyperrun run` made, in its own pod
-
-
-@dataclass
-class RunOptions:
-    image: str
-    args: list[str]
-    entrypoint: list[str] | None = None
-    env: list[str] = field(default_factory=list)
-    workdir: str = ""
-    user: str = ""
-    stdin: bool = False
-    tty: bool = False
-    hostname: str = ""
-    readonly: bool = False
-    volumes: list[str] = field(default_factory=list)   # HOST:CONTAINER[:ro]
-    platform: str = "linux/amd64"
-    pull: str = "missing"                              # missing | always | never
-    cpus: int | None = None         # a limit only where given, as Docker's
-    memory_mib: int | None = None
-    remove: bool = False
-    detach: bool = False
-    ports: list[str] = field(default_factory=list)     # [HOSTIP:]HOSTPORT:PORT[/PROTO]
-    network: str = "auto"
-
-
-class RunError(Exception):
-    def __init__(self, message: str, code: int = exitcodes.RUNTIME_ERROR) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def parse_volume(text: str):
-    """-v HOST:CONTAINER[:ro|rw] as a CRI mount."""
-    from hyperrun.proto import cri_api_pb2 as cri
-
-    parts = text.split(":")
-    if len(parts) not in (2, 3) or not parts[0] or not parts[1] or \
-            (len(parts) == 3 and parts[2] not in ("ro", "rw")):
-        raise RunError(f"-v {text!r}: expected HOST:CONTAINER[:ro]")
-    host = Path(parts[0])
-    if not host.is_absolute():
-        raise RunError(f"-v {text!r}: the host path must be absolute")
-    return cri.Mount(host_path=str(host), container_path=parts[1],
-                     readonly=len(parts) == 3 and parts[2] == "ro")
-
-
-def parse_port(text: str):
-    """-p [HOSTIP:]HOSTPORT:PORT[/tcp|udp] as a CRI port mapping."""
-    import ipaddress
-
-    cri = _cri()
-    spec, _, proto = text.partition("/")
-    parts = spec.rsplit(":", 2)
-    proto = (proto or "tcp").lower()
-    try:
-        if len(parts) < 2 or proto not in ("tcp", "udp", "sctp"):
-            raise ValueError
-        host_ip = parts[0] if len(parts) == 3 else ""
-        if host_ip:  # Docker's [::1]:8080:80 for IPv6
-            host_ip = str(ipaddress.ip_address(host_ip.removeprefix("[").removesuffix("]")))
-        if not (parts[-2].isascii() and parts[-2].isdigit() and parts[-1].isascii()
-                and parts[-1].isdigit()):
-            raise ValueError
-        host_port, port = int(parts[-2]), int(parts[-1])
-        if not (0 < host_port < 65536 and 0 < port < 65536):
-            raise ValueError
-    except ValueError:
-        raise RunError(f"-p {text!r}: expected [HOSTIP:]HOSTPORT:PORT[/tcp|udp]") from None
-    return cri.PortMapping(protocol={"tcp": cri.TCP, "udp": cri.UDP, "sctp": cri.SCTP}[proto],
-                           container_port=port, host_port=host_port, host_ip=host_ip)
-
-
-def _security_context(user: str):
-    """-u as the CRI's: numeric uid[:gid] as ids; names go whole in
-    run_as_username, which the guest resolves in the image's own files."""
-    from hyperrun.proto import cri_api_pb2 as cri
-
-    sc = cri.LinuxContainerSecurityContext()
-    name, _, group = user.partition(":")
-
-    def is_id(text: str) -> bool:  # ASCII digits within a uid's range
-        return text.isascii() and text.isdigit() and int(text) < 1 << 32
-
-    if (name.isdigit() and not is_id(name)) or (group.isdigit() and not is_id(group)):
-        raise RunError(f"-u {user!r}: ids are numbers below 2^32")
-    if is_id(name) and (not group or is_id(group)):
-        sc.run_as_user.value = int(name)
-        if group:
-            sc.run_as_group.value = int(group)
-    elif user:
-        sc.run_as_username = user
-    return sc
-
-
-def _ensure_image(host: Host, opts: RunOptions) -> None:
-    import grpc
-
-    from hyperrun.proto import cri_api_pb2 as cri
-
-    spec = _image_spec(opts.image, opts.platform)
-    if opts.pull != "always" and host.images.ImageStatus(
-            cri.ImageStatusRequest(image=spec)).HasField("image"):
-        return
-    if opts.pull == "never":
-        raise RunError(f"no such image: {opts.image} (and --pull=never)")
-    print(f"Unable to find image '{opts.image}' locally, pulling", file=sys.stderr)
-    try:
-        host.images.PullImage(cri.PullImageRequest(image=spec))
-    except grpc.RpcError as exc:
-        raise RunError(exc.details()) from None
-
-
 def run(opts: RunOptions) -> int:
-    """`hyperrun run IMAGE`: a pod of one container, as Docker's run: pull
-    if needed, create, attach, start, wait; with --rm (and always without
-    a daemon) everything goes when it exits. The exit code is Docker's."""
-    import grpc
+    """`hyperrun run IMAGE`: a pod of one container, as Docker's run, done
+    by the daemon (or, without one, by the same services in this process)
+    in a run session (hyperrun/session.py): pull if needed, create, attach,
+    start, wait; with --rm (and always without a daemon) everything goes
+    when it exits. The exit code is Docker's."""
+    opts.env = _resolved_env(opts.env)
+    embedded = None
+    try:
+        sock = _connect_session(session.socket_path(paths.daemon_socket()))
+        if sock is None:
+            if opts.detach:
+                print("hyperrun: run -d keeps the container in the daemon: no hyperrun daemon "
+                      f"at {paths.daemon_socket()}: start `hyperrun daemon`", file=sys.stderr)
+                return exitcodes.RUNTIME_ERROR
+            from hyperrun.api.embedded import EmbeddedHost
 
-    try:
-        mounts = [parse_volume(v) for v in opts.volumes]
-        ports = [parse_port(p) for p in opts.ports]
-        host = open_host() if not opts.detach else connect()
+            embedded = EmbeddedHost()
+            sock = _connect_session(session.socket_path(embedded.socket))
+            if sock is None:
+                raise RunError("the embedded host does not answer")
+        with sock:
+            return _run_session(sock, opts)
     except RunError as exc:
         print(f"hyperrun: {exc}", file=sys.stderr)
         return exc.code
-    except NoDaemon as exc:
-        print(f"hyperrun: run -d keeps the container in the daemon: {exc}", file=sys.stderr)
-        return exitcodes.RUNTIME_ERROR
-    if not opts.detach:
-        _prefetch_stream_client()
-    pod = cid = None
-    try:
-        _ensure_image(host, opts)
-        pod, pod_config = _run_pod(host, opts, ports)
-        cid = _create(host, opts, pod, pod_config, mounts)
-        if opts.detach:
-            _start(host, cid)
-            print(cid)
-            return 0
-        return _attach_and_wait(host, opts, cid)
-    except RunError as exc:
-        print(f"hyperrun: {exc}", file=sys.stderr)
-        return exc.code
-    except grpc.RpcError as exc:
-        print(f"hyperrun: {exc.details()}", file=sys.stderr)
-        return exitcodes.for_start_error(exc.details() or "")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before the container ran: the session ends with us
         return 130
     finally:
-        if pod is not None and not opts.detach:
-            if opts.remove or host.embedded is not None:
-                _remove_run(host, cid, pod, True)
-            else:  # kept for `hyperrun ps -a`/`logs`; its VM is not needed any more
-                _quietly(host.runtime.StopPodSandbox, _cri().StopPodSandboxRequest(pod_sandbox_id=pod))
-        host.close()
+        if embedded is not None:
+            embedded.close()
 
 
-def _prefetch_stream_client() -> None:
-    """Import the websocket client in a thread while the first RPCs wait
-    on the daemon (they release the GIL): 20 ms of a `run` from the pool
-    otherwise spent after CreateContainer. The import lock makes the later
-    import in _stream wait for this one."""
-    import importlib
+def _resolved_env(items: list[str]) -> list[str]:
+    """-e NAME passes the caller's value, as Docker; unset, it is left out."""
+    env = []
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            value = os.environ.get(key)
+            if value is None:
+                continue
+        env.append(f"{key}={value}")
+    return env
+
+
+def _connect_session(path: Path):
+    """A connection to the run sessions at path; None if nobody serves there."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def _run_session(sock, opts: RunOptions) -> int:
+    import contextlib
+    import json
     import threading
 
-    threading.Thread(target=importlib.import_module, args=("websockets.sync.client",),
-                     name="prefetch", daemon=True).start()
+    lock = threading.Lock()  # the stdin pump and signal handlers send too
+
+    def send(kind: int, payload: bytes = b"") -> None:
+        with lock:
+            try:
+                sock.sendall(session.frame(kind, payload))
+            except OSError:
+                pass  # the daemon ended the session: its EXIT or EOF follows
+
+    send(session.RUN, opts.to_json())
+    reader = session.FrameReader(sock)
+    with contextlib.ExitStack() as attached:
+        while (f := reader.next()) is not None:
+            kind, payload = f
+            if kind in (session.STDOUT, session.STDERR):
+                out = sys.stdout.buffer if kind == session.STDOUT else sys.stderr.buffer
+                try:
+                    out.write(payload)
+                    out.flush()
+                except BrokenPipeError:  # our reader went away: keep draining
+                    pass
+            elif kind == session.NOTICE:
+                print(payload.decode(errors="replace"), file=sys.stderr)
+            elif kind == session.STARTED:
+                _attach(opts, send, attached)
+            elif kind == session.EXIT:
+                result = json.loads(payload)
+                if "container" in result:
+                    print(result["container"])
+                    return 0
+                if "error" in result:
+                    print(f"hyperrun: {result['error']}", file=sys.stderr)
+                return int(result.get("code", exitcodes.RUNTIME_ERROR))
+    raise RunError("the daemon ended the run without its exit status")
+
+
+def _attach(opts: RunOptions, send, stack) -> None:
+    """The container runs: relay stdin, the terminal's size and stop signals."""
+    import json
+    import signal
+    import threading
+
+    from hyperrun.terminal import raw_terminal, terminal_size
+
+    if opts.tty:
+        def send_size(*_):
+            rows, cols = terminal_size()
+            if rows and cols:
+                send(session.RESIZE, json.dumps({"rows": rows, "cols": cols}).encode())
+
+        send_size()
+        signal.signal(signal.SIGWINCH, send_size)
+    else:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, lambda *_: send(session.STOP))
+    if opts.stdin:
+        def pump_stdin():
+            try:
+                while data := os.read(0, 65536):
+                    send(session.STDIN, data)
+            except OSError:
+                pass
+            send(session.STDIN_CLOSE)
+
+        threading.Thread(target=pump_stdin, daemon=True).start()
+    stack.enter_context(raw_terminal(enabled=opts.tty and opts.stdin))
 
 
 def _cri():
@@ -450,110 +409,6 @@ def _quietly(call, request) -> None:
         call(request)
     except grpc.RpcError:
         pass
-
-
-def _run_pod(host: Host, opts: RunOptions, ports=()):
-    cri = _cri()
-    name = "run-" + secrets.token_hex(4)
-    logs_dir = (host.embedded.dir if host.embedded else paths.data_root()) / "logs" / name
-    pod_config = cri.PodSandboxConfig(
-        metadata=cri.PodSandboxMetadata(name=name, uid=name, namespace="hyperrun"),
-        hostname=opts.hostname or name, log_directory=str(logs_dir), labels={RUN_LABEL: "1"},
-        port_mappings=ports, annotations={annotations.NETWORK: opts.network},
-        linux=cri.LinuxPodSandboxConfig(resources=_resources(opts)))
-    pod = host.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
-    return pod, pod_config
-
-
-def _resources(opts: RunOptions):
-    """The pod's limits (and so its VM's size), where given: without them
-    the pod gets the default VM, the shape pool spares and templates have."""
-    r = _cri().LinuxContainerResources()
-    if opts.cpus:
-        r.cpu_period, r.cpu_quota = 100000, opts.cpus * 100000
-    if opts.memory_mib:
-        r.memory_limit_in_bytes = opts.memory_mib << 20
-    return r
-
-
-def _create(host: Host, opts: RunOptions, pod: str, pod_config, mounts) -> str:
-    import grpc
-
-    cri = _cri()
-    env = []
-    for item in opts.env:
-        key, eq, value = item.partition("=")
-        if not eq:
-            value = os.environ.get(key)  # -e NAME passes the caller's value, as Docker
-            if value is None:
-                continue
-        env.append(cri.KeyValue(key=key, value=value))
-    config = cri.ContainerConfig(
-        metadata=cri.ContainerMetadata(name=pod_config.metadata.name),
-        image=cri.ImageSpec(image=opts.image), command=opts.entrypoint or [], args=opts.args,
-        working_dir=opts.workdir, envs=env, mounts=mounts, log_path="container.log",
-        labels={RUN_LABEL: "1"}, stdin=opts.stdin, stdin_once=opts.stdin, tty=opts.tty,
-        linux=cri.LinuxContainerConfig(security_context=_security_context(opts.user)))
-    config.linux.security_context.readonly_rootfs = opts.readonly
-    try:
-        return host.runtime.CreateContainer(cri.CreateContainerRequest(
-            pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
-    except grpc.RpcError as exc:
-        raise RunError(f"cannot create container: {exc.details()}",
-                       exitcodes.for_start_error(exc.details() or "")) from None
-
-
-def _start(host: Host, cid: str) -> None:
-    import grpc
-
-    try:
-        host.runtime.StartContainer(_cri().StartContainerRequest(container_id=cid))
-    except grpc.RpcError as exc:
-        raise RunError(f"cannot start container: {exc.details()}",
-                       exitcodes.for_start_error(exc.details() or "")) from None
-
-
-def _attach_and_wait(host: Host, opts: RunOptions, cid: str) -> int:
-    """Attach first, then start, so no output is missed; the exit code
-    comes from the container's status once its output has ended."""
-    import signal
-    import threading
-
-    cri = _cri()
-    url = host.runtime.Attach(cri.AttachRequest(container_id=cid, stdin=opts.stdin, tty=opts.tty,
-                                                stdout=True, stderr=not opts.tty)).url
-
-    def stop_container(signum, frame):
-        # The CRI has no "send this signal": a stop sends the container's
-        # stop signal (SIGTERM unless the image says otherwise), then SIGKILL.
-        threading.Thread(target=_quietly, daemon=True, args=(
-            host.runtime.StopContainer, cri.StopContainerRequest(container_id=cid, timeout=10)
-        )).start()
-
-    if not opts.tty:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, stop_container)
-    failure: list[RunError] = []
-
-    def start():
-        try:
-            _start(host, cid)
-        except RunError as exc:
-            failure.append(exc)
-
-    _stream(url, opts.stdin, opts.tty, on_open=start)
-    if failure:
-        raise failure[0]
-    deadline = time.monotonic() + 30
-    while True:
-        status = host.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
-        if status.state == cri.CONTAINER_EXITED:
-            if status.reason == "VMExited":
-                raise RunError(f"the VM ended while the container ran: {status.message}")
-            return status.exit_code
-        if time.monotonic() > deadline:
-            raise RunError("the container's output ended but it did not exit")
-        time.sleep(0.05)
 
 
 def _remove_run(host: Host, cid: str | None, pod: str, with_pod: bool) -> None:

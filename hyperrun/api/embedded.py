@@ -1,7 +1,8 @@
 """The CRI services inside a CLI process, for when no daemon answers: the
 same assembly as `hyperrun daemon` (api/server.Services) on a private
 socket, served from a thread of its own, so that the CLI's code is the
-same on both hosts (hyperrun/client.py speaks CRI to either).
+same on both hosts (hyperrun/client.py speaks CRI, and `run` its run
+session, to either).
 
 What differs is lifetime: an embedded host's sandboxes live as long as the
 CLI process. Its state and VM run directories are in a private directory
@@ -81,7 +82,8 @@ class EmbeddedHost:
             self._services = Services(
                 self.socket, state_path=self.dir / "state.db", sandbox_root=self.dir / "vms",
                 die_with_parent=True, pool_size=0,  # spares would outlive their one use
-                networks=_network_options(self.dir, os.getpid()).pod_networks())
+                networks=_network_options(self.dir, os.getpid()).pod_networks(),
+                logs_root=self.dir / "logs", embedded=True)
             await self._services.start()
 
         try:

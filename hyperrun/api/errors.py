@@ -38,15 +38,23 @@ _CODES = [
 ]
 
 
+def describe(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """A known failure's status code and message (what a CRI client sees
+    as the error's details); None for anything else (a bug)."""
+    if isinstance(exc, TtrpcError):
+        return grpc.StatusCode.UNKNOWN, f"guest agent: {exc.remote_message}"
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            return code, str(exc)
+    return None
+
+
 def rpc(method):
     """Run an RPC handler; turn known failures into their status codes."""
     @functools.wraps(method)
     async def wrapper(self, request, context):
         try:
             return await method(self, request, context)
-        except TtrpcError as exc:
-            await context.abort(grpc.StatusCode.UNKNOWN, f"guest agent: {exc.remote_message}")
-        except tuple(e for e, _ in _CODES) as exc:
-            code = next(c for e, c in _CODES if isinstance(exc, e))
-            await context.abort(code, str(exc))
+        except (TtrpcError, *(e for e, _ in _CODES)) as exc:
+            await context.abort(*describe(exc))
     return wrapper

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from hyperrun import config, log, paths
+from hyperrun import config, log, paths, session
 from hyperrun.image.service import ImageService
 from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
 from hyperrun.network import SandboxNetworks
@@ -19,19 +19,23 @@ from hyperrun.sandbox.podnet import PodNetworks
 from hyperrun.sandbox.state import State
 
 from .images import ImageServicer
+from .runs import RunServer
 from .runtime import RuntimeServicer
 from .streaming import StreamingServer
 
 
 class Services:
-    """The CRI services on a unix socket: one assembly for both hosts, the
-    daemon and a CLI running without one (embedded, hyperrun/api/embedded.py)."""
+    """The CRI services on a unix socket, and run sessions beside it: one
+    assembly for both hosts, the daemon and a CLI running without one
+    (embedded, hyperrun/api/embedded.py)."""
 
     def __init__(self, socket_path: Path, state_path: Path | None = None,
                  sandbox_root: Path | None = None, die_with_parent: bool = False,
                  networks: PodNetworks | None = None, group: str | None = None,
-                 pool_size: int | None = None) -> None:
-        """pool_size: spare VMs to keep (None: the config file's)."""
+                 pool_size: int | None = None, logs_root: Path | None = None,
+                 embedded: bool = False) -> None:
+        """pool_size: spare VMs to keep (None: the config file's). logs_root:
+        where `hyperrun run` pods log (None: the data root's logs/)."""
         self.socket_path = socket_path
         self.group = group
         self.images = ImageService()
@@ -47,6 +51,8 @@ class Services:
         cri_grpc.add_RuntimeServiceServicer_to_server(
             RuntimeServicer(self.manager, self.streaming), self.server)
         cri_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.images), self.server)
+        self.runs = RunServer(self.manager, self.images, session.socket_path(socket_path),
+                              logs_root or paths.data_root() / "logs", remove_always=embedded)
 
     async def start(self) -> None:
         await self.streaming.start()
@@ -54,14 +60,17 @@ class Services:
         self.socket_path.unlink(missing_ok=True)
         self.server.add_insecure_port(f"unix://{self.socket_path}")
         await self.server.start()
-        os.chmod(self.socket_path, 0o660)
-        if self.group:  # who may drive the runtime: root and this group
-            import grp
+        await self.runs.start()
+        for path in (self.socket_path, self.runs.path):
+            os.chmod(path, 0o660)
+            if self.group:  # who may drive the runtime: root and this group
+                import grp
 
-            os.chown(self.socket_path, -1, grp.getgrnam(self.group).gr_gid)
+                os.chown(path, -1, grp.getgrnam(self.group).gr_gid)
         self.manager.start_pool()
 
     async def stop(self) -> None:
+        await self.runs.stop()
         await self.server.stop(grace=2)
         await self.streaming.stop()
         await self.manager.close()  # sandboxes keep running; a restart re-attaches

@@ -2,7 +2,7 @@
 what the guest and QEMU are told, without VMs."""
 import pytest
 
-from hyperrun import client
+from hyperrun.api import runs
 from hyperrun.network import NetworkInfo
 from hyperrun.proto import cri_api_pb2 as cri
 from hyperrun.sandbox import podnet
@@ -72,21 +72,21 @@ def test_kind_per_pod_and_host_network_pods():
     ("1:65535/TCP", (cri.TCP, 65535, 1, "")),
 ])
 def test_publish_flags(text, expect):
-    p = client.parse_port(text)
+    p = runs.parse_port(text)
     assert (p.protocol, p.container_port, p.host_port, p.host_ip) == expect
 
 
 @pytest.mark.parametrize("text", ["80", "a:80", "8080:0", "8080:80/icmp", "70000:80", ""])
 def test_bad_publish_flags(text):
-    with pytest.raises(client.RunError, match="expected"):
-        client.parse_port(text)
+    with pytest.raises(runs.RunError, match="expected"):
+        runs.parse_port(text)
 
 
 def test_volume_flags():
-    m = client.parse_volume("/srv/data:/data:ro")
+    m = runs.parse_volume("/srv/data:/data:ro")
     assert (m.host_path, m.container_path, m.readonly) == ("/srv/data", "/data", True)
-    assert client.parse_volume("/a:/b").readonly is False
+    assert runs.parse_volume("/a:/b").readonly is False
     for bad in ("rel:/data", "/a", "/a:/b:rx", ":/b"):
-        with pytest.raises(client.RunError):
-            client.parse_volume(bad)
+        with pytest.raises(runs.RunError):
+            runs.parse_volume(bad)
 

@@ -1,0 +1,356 @@
+"""The daemon's side of run sessions (hyperrun/session.py): `hyperrun run
+IMAGE` as the CLI asked it, done here with the sandbox manager. The steps
+are the CRI's, as a kubelet would take them (image, RunPodSandbox,
+CreateContainer, attach, StartContainer, wait, removal), without a round
+trip for each and with the output sent straight from the attach outlet.
+
+A session ends with the run: a CLI that goes away before the container
+started ends it (its pod is removed); one that goes away after leaves the
+container running to its end, after which `--rm` still removes it, as
+Docker's daemon-side autoremove does. A daemon that stops leaves running
+pods running (a restart re-attaches them), as for every pod.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+from hyperrun import annotations, exitcodes, log, session
+from hyperrun.proto import cri_api_pb2 as cri
+from hyperrun.session import RUN_LABEL, ProtocolError, RunError, RunOptions
+
+from .errors import describe
+
+logger = log.get("runs")
+
+
+# ------------------------------------------------------ the run as CRI configs
+
+def parse_volume(text: str) -> cri.Mount:
+    """-v HOST:CONTAINER[:ro|rw] as a CRI mount."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1] or \
+            (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+        raise RunError(f"-v {text!r}: expected HOST:CONTAINER[:ro]")
+    host = Path(parts[0])
+    if not host.is_absolute():
+        raise RunError(f"-v {text!r}: the host path must be absolute")
+    return cri.Mount(host_path=str(host), container_path=parts[1],
+                     readonly=len(parts) == 3 and parts[2] == "ro")
+
+
+def parse_port(text: str) -> cri.PortMapping:
+    """-p [HOSTIP:]HOSTPORT:PORT[/tcp|udp] as a CRI port mapping."""
+    import ipaddress
+
+    spec, _, proto = text.partition("/")
+    parts = spec.rsplit(":", 2)
+    proto = (proto or "tcp").lower()
+    try:
+        if len(parts) < 2 or proto not in ("tcp", "udp", "sctp"):
+            raise ValueError
+        host_ip = parts[0] if len(parts) == 3 else ""
+        if host_ip:  # Docker's [::1]:8080:80 for IPv6
+            host_ip = str(ipaddress.ip_address(host_ip.removeprefix("[").removesuffix("]")))
+        if not (parts[-2].isascii() and parts[-2].isdigit() and parts[-1].isascii()
+                and parts[-1].isdigit()):
+            raise ValueError
+        host_port, port = int(parts[-2]), int(parts[-1])
+        if not (0 < host_port < 65536 and 0 < port < 65536):
+            raise ValueError
+    except ValueError:
+        raise RunError(f"-p {text!r}: expected [HOSTIP:]HOSTPORT:PORT[/tcp|udp]") from None
+    return cri.PortMapping(protocol={"tcp": cri.TCP, "udp": cri.UDP, "sctp": cri.SCTP}[proto],
+                           container_port=port, host_port=host_port, host_ip=host_ip)
+
+
+def security_context(user: str) -> cri.LinuxContainerSecurityContext:
+    """-u as the CRI's: numeric uid[:gid] as ids; names go whole in
+    run_as_username, which the guest resolves in the image's own files."""
+    sc = cri.LinuxContainerSecurityContext()
+    name, _, group = user.partition(":")
+
+    def is_id(text: str) -> bool:  # ASCII digits within a uid's range
+        return text.isascii() and text.isdigit() and int(text) < 1 << 32
+
+    if (name.isdigit() and not is_id(name)) or (group.isdigit() and not is_id(group)):
+        raise RunError(f"-u {user!r}: ids are numbers below 2^32")
+    if is_id(name) and (not group or is_id(group)):
+        sc.run_as_user.value = int(name)
+        if group:
+            sc.run_as_group.value = int(group)
+    elif user:
+        sc.run_as_username = user
+    return sc
+
+
+def resources(opts: RunOptions) -> cri.LinuxContainerResources:
+    """The pod's limits (and so its VM's size), where given: without them
+    the pod gets the default VM, the shape pool spares and templates have."""
+    r = cri.LinuxContainerResources()
+    if opts.cpus:
+        r.cpu_period, r.cpu_quota = 100000, opts.cpus * 100000
+    if opts.memory_mib:
+        r.memory_limit_in_bytes = opts.memory_mib << 20
+    return r
+
+
+def pod_config(opts: RunOptions, ports: list[cri.PortMapping], logs_root: Path) -> cri.PodSandboxConfig:
+    name = "run-" + secrets.token_hex(4)
+    return cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name=name, uid=name, namespace="hyperrun"),
+        hostname=opts.hostname or name, log_directory=str(logs_root / name),
+        labels={RUN_LABEL: "1"}, port_mappings=ports,
+        annotations={annotations.NETWORK: opts.network},
+        linux=cri.LinuxPodSandboxConfig(resources=resources(opts)))
+
+
+def container_config(opts: RunOptions, pod: cri.PodSandboxConfig, mounts: list[cri.Mount],
+                     sc: cri.LinuxContainerSecurityContext) -> cri.ContainerConfig:
+    env = [cri.KeyValue(key=k, value=v) for k, _, v in (e.partition("=") for e in opts.env)]
+    config = cri.ContainerConfig(
+        metadata=cri.ContainerMetadata(name=pod.metadata.name),
+        image=cri.ImageSpec(image=opts.image), command=opts.entrypoint or [], args=opts.args,
+        working_dir=opts.workdir, envs=env, mounts=mounts, log_path="container.log",
+        labels={RUN_LABEL: "1"}, stdin=opts.stdin, stdin_once=opts.stdin, tty=opts.tty,
+        linux=cri.LinuxContainerConfig(security_context=sc))
+    config.linux.security_context.readonly_rootfs = opts.readonly
+    return config
+
+
+def _message(exc: Exception) -> str:
+    """A known failure's message, as a CRI client would see it; anything
+    else is a bug and goes on up."""
+    known = describe(exc)
+    if known is None:
+        raise exc
+    return known[1]
+
+
+# ------------------------------------------------------------- the server
+
+class RunServer:
+    """Run sessions on a unix socket beside the CRI's. remove_always: every
+    run's pod goes when it ends (an embedded host, whose pods end with the
+    CLI anyway)."""
+
+    def __init__(self, manager, images, path: Path, logs_root: Path,
+                 remove_always: bool = False) -> None:
+        self.manager = manager
+        self.images = images
+        self.path = path
+        self.logs_root = logs_root
+        self.remove_always = remove_always
+        self._server: asyncio.AbstractServer | None = None
+        self._sessions: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        os.chmod(self.path, 0o660)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._sessions):
+            task.cancel()
+        if self._sessions:
+            await asyncio.wait(self._sessions, timeout=5)
+        self.path.unlink(missing_ok=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._sessions.add(task)
+        try:
+            await _Session(self, reader, writer).serve()
+        except Exception:  # a bug: this session ends, the daemon goes on
+            logger.exception("run session failed")
+        finally:
+            self._sessions.discard(task)
+            writer.close()
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class _Session:
+    def __init__(self, server: RunServer, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.m = server.manager
+        self.reader = reader
+        self.writer = writer
+        self.client_gone = False
+        self.pod: str | None = None
+        self.pod_name = ""
+        self.cid: str | None = None
+        self.io = None  # the container's process once it runs (an AttachIO)
+        self.detached = False
+
+    # --- to the CLI
+    def send(self, kind: int, payload: bytes = b"") -> None:
+        if self.client_gone or self.writer.is_closing():
+            self.client_gone = True
+            return
+        self.writer.write(session.frame(kind, payload))
+
+    async def flush(self) -> None:
+        try:
+            await self.writer.drain()
+        except ConnectionError:
+            self.client_gone = True
+
+    def _check_client(self) -> None:
+        if self.client_gone:
+            raise _ClientGone()
+
+    # --- the run
+    async def serve(self) -> None:
+        try:
+            first = await session.read_frame(self.reader)
+            if first is None or first[0] != session.RUN:
+                return
+            opts = RunOptions.from_json(first[1])
+        except ProtocolError as exc:
+            self.send(session.EXIT, json.dumps({"error": str(exc), "code": exitcodes.RUNTIME_ERROR}).encode())
+            await self.flush()
+            return
+        client = asyncio.ensure_future(self._read_client(opts))
+        ended = False
+        try:
+            try:
+                result = await self._run(opts)
+            except _ClientGone:
+                result = None
+            except RunError as exc:
+                result = {"error": str(exc), "code": exc.code}
+            except Exception as exc:
+                known = describe(exc)
+                if known is None:
+                    logger.exception("run failed", sandbox=self.pod)
+                message = known[1] if known else f"internal error: {type(exc).__name__}: {exc}"
+                result = {"error": message, "code": exitcodes.for_start_error(message)}
+            await self._end(opts)
+            ended = True
+        finally:
+            client.cancel()
+            if not ended and self.pod is not None:
+                logger.info("run session cancelled; its pod stays", sandbox=self.pod)
+        if result is not None:
+            self.send(session.EXIT, json.dumps(result).encode())
+            await self.flush()
+
+    async def _run(self, opts: RunOptions) -> dict:
+        mounts = [parse_volume(v) for v in opts.volumes]
+        ports = [parse_port(p) for p in opts.ports]
+        sc = security_context(opts.user)
+        await self._ensure_image(opts)
+        self._check_client()
+        config = pod_config(opts, ports, self.server.logs_root)
+        self.pod_name = config.metadata.name
+        self.pod = await self.m.run_pod(config)
+        self._check_client()
+        try:
+            self.cid = await self.m.create_container(
+                self.pod, container_config(opts, config, mounts, sc), config)
+        except Exception as exc:
+            message = _message(exc)
+            raise RunError(f"cannot create container: {message}",
+                           exitcodes.for_start_error(message)) from None
+        if opts.detach:
+            await self._start()
+            self.detached = True
+            return {"container": self.cid}
+        io = await self.m.attach(self.cid, opts.tty, opts.stdin)  # before the start: all output
+        await self._start()
+        self.io = io
+        self.send(session.STARTED)
+        await asyncio.gather(self._pump(io, "stdout", session.STDOUT),
+                             self._pump(io, "stderr", session.STDERR))
+        code = await io.wait()
+        row = self.m.container_row(self.cid)
+        if row.reason == "VMExited":
+            raise RunError(f"the VM ended while the container ran: {row.message}")
+        return {"code": code}
+
+    async def _ensure_image(self, opts: RunOptions) -> None:
+        try:
+            if opts.pull != "always" and self.server.images.find(opts.image) is not None:
+                return
+            if opts.pull == "never":
+                raise RunError(f"no such image: {opts.image} (and --pull=never)")
+            self.send(session.NOTICE, f"Unable to find image '{opts.image}' locally, pulling".encode())
+            await self.flush()
+            await self.server.images.pull(opts.image, platform=opts.platform or "linux/amd64",
+                                          progress=False)
+        except RunError:
+            raise
+        except Exception as exc:
+            raise RunError(_message(exc)) from None
+
+    async def _start(self) -> None:
+        try:
+            await self.m.start_container(self.cid)
+        except Exception as exc:
+            message = _message(exc)
+            raise RunError(f"cannot start container: {message}",
+                           exitcodes.for_start_error(message)) from None
+
+    async def _pump(self, io, stream: str, kind: int) -> None:
+        """A stream of the container's output to the CLI, to its end (a CLI
+        gone away stops the sending, not the draining)."""
+        while data := await io.read(stream):
+            self.send(kind, data)
+            await self.flush()
+
+    async def _end(self, opts: RunOptions) -> None:
+        """The pod of a run that ended, or failed: removed (--rm, an embedded
+        host), else stopped and kept for `ps -a`/`logs`, as Docker keeps an
+        exited container."""
+        if self.pod is None or self.detached:
+            return
+        remove = opts.remove or self.server.remove_always
+        for step in (self.m.stop_pod, self.m.remove_pod) if remove else (self.m.stop_pod,):
+            await _quietly(step(self.pod), "run cleanup")
+        if remove:
+            shutil.rmtree(self.server.logs_root / self.pod_name, ignore_errors=True)
+
+    # --- from the CLI
+    async def _read_client(self, opts: RunOptions) -> None:
+        try:
+            while (f := await session.read_frame(self.reader)) is not None:
+                # The process may have ended meanwhile: its input goes nowhere.
+                await _quietly(self._from_client(*f), "input from the CLI")
+        except (ProtocolError, ConnectionError):
+            pass
+        self.client_gone = True
+        if self.io is not None and opts.stdin:  # stdin_once: nobody will write any more
+            await _quietly(self.io.close_stdin(), "stdin close")
+
+    async def _from_client(self, kind: int, payload: bytes) -> None:
+        if self.io is None:
+            return  # the CLI sends input, sizes and stops only once STARTED
+        if kind == session.STDIN:
+            await self.io.write(payload)
+        elif kind == session.STDIN_CLOSE:
+            await self.io.close_stdin()
+        elif kind == session.RESIZE:
+            size = json.loads(payload)
+            await self.io.resize(int(size["rows"]), int(size["cols"]))
+        elif kind == session.STOP:
+            # The CRI has no "send this signal": a stop sends the container's
+            # stop signal (SIGTERM unless the image says otherwise), then SIGKILL.
+            asyncio.ensure_future(_quietly(self.m.stop_container(self.cid, 10), "stop"))
+
+
+async def _quietly(step, what: str) -> None:
+    """A step whose failure changes nothing for the run (logged)."""
+    try:
+        await step
+    except Exception as exc:
+        logger.info("run session: step failed", step=what, error=f"{type(exc).__name__}: {exc}")
