@@ -272,6 +272,10 @@ def run(opts: RunOptions) -> int:
     start, wait; with --rm (and always without a daemon) everything goes
     when it exits. The exit code is Docker's."""
     opts.env = _resolved_env(opts.env)
+    if opts.tty:
+        from hyperrun.terminal import terminal_size
+
+        opts.console = terminal_size()
     embedded = None
     try:
         sock = _connect_session(session.socket_path(paths.daemon_socket()))
@@ -379,8 +383,7 @@ def _attach(opts: RunOptions, send, stack) -> None:
             if rows and cols:
                 send(session.RESIZE, json.dumps({"rows": rows, "cols": cols}).encode())
 
-        send_size()
-        signal.signal(signal.SIGWINCH, send_size)
+        signal.signal(signal.SIGWINCH, send_size)  # its size at the start went in RUN
     else:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, lambda *_: send(session.STOP))

@@ -70,6 +70,7 @@ class RunOptions:
     detach: bool = False
     ports: list[str] = field(default_factory=list)     # [HOSTIP:]HOSTPORT:PORT[/PROTO]
     network: str = "auto"
+    console: tuple[int, int] | None = None  # -t: the terminal's rows and cols at the start
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()

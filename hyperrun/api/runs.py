@@ -21,6 +21,7 @@ from pathlib import Path
 
 from hyperrun import annotations, exitcodes, log, session
 from hyperrun.proto import cri_api_pb2 as cri
+from hyperrun.sandbox.manager import EXITED
 from hyperrun.session import RUN_LABEL, ProtocolError, RunError, RunOptions
 
 from .errors import describe
@@ -257,7 +258,9 @@ class _Session:
         self._check_client()
         try:
             self.cid = await self.m.create_container(
-                self.pod, container_config(opts, config, mounts, sc), config)
+                self.pod, container_config(opts, config, mounts, sc), config,
+                console_size=tuple(opts.console) if opts.tty and opts.console and all(opts.console)
+                else None)
         except Exception as exc:
             message = _message(exc)
             raise RunError(f"cannot create container: {message}",
@@ -270,13 +273,25 @@ class _Session:
         await self._start()
         self.io = io
         self.send(session.STARTED)
-        await asyncio.gather(self._pump(io, "stdout", session.STDOUT),
-                             self._pump(io, "stderr", session.STDERR))
-        code = await io.wait()
-        row = self.m.container_row(self.cid)
+        streams = [("stdout", session.STDOUT)] + ([] if opts.tty else [("stderr", session.STDERR)])
+        await asyncio.gather(*(self._pump(io, name, kind) for name, kind in streams))
+        await io.wait()
+        row = await self._exited()
         if row.reason == "VMExited":
             raise RunError(f"the VM ended while the container ran: {row.message}")
-        return {"code": code}
+        return {"code": row.exit_code}
+
+    async def _exited(self, timeout: float = 30):
+        """The container's row once it says EXITED. Its waiter records a
+        normal exit; a VM that died is recorded by the VM's watcher, a
+        moment after the channel closed and the waiter gave up."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (row := self.m.container_row(self.cid)).state != EXITED:
+            if loop.time() > deadline:
+                raise RunError("the container's output ended but it did not exit")
+            await asyncio.sleep(0.02)
+        return row
 
     async def _ensure_image(self, opts: RunOptions) -> None:
         try:
@@ -310,11 +325,12 @@ class _Session:
 
     async def _end(self, opts: RunOptions) -> None:
         """The pod of a run that ended, or failed: removed (--rm, an embedded
-        host), else stopped and kept for `ps -a`/`logs`, as Docker keeps an
-        exited container."""
+        host, a CLI gone before the start), else stopped and kept for
+        `ps -a`/`logs`, as Docker keeps an exited container."""
         if self.pod is None or self.detached:
             return
-        remove = opts.remove or self.server.remove_always
+        # A CLI gone before its container started never saw one: nothing to keep.
+        remove = opts.remove or self.server.remove_always or (self.client_gone and self.io is None)
         for step in (self.m.stop_pod, self.m.remove_pod) if remove else (self.m.stop_pod,):
             await _quietly(step(self.pod), "run cleanup")
         if remove:

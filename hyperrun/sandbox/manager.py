@@ -423,7 +423,11 @@ class SandboxManager:
         return sandbox
 
     async def create_container(self, sandbox_id: str, config: cri.ContainerConfig,
-                               sandbox_config: cri.PodSandboxConfig) -> str:
+                               sandbox_config: cri.PodSandboxConfig,
+                               console_size: tuple[int, int] | None = None) -> str:
+        """console_size: (rows, cols) of a tty container's terminal from its
+        start (the CRI has none: a kubelet resizes after; `hyperrun run -t`
+        knows its terminal's, as Docker's ConsoleSize)."""
         sandbox = self._running_sandbox(sandbox_id)
         if not config.metadata.name:
             raise Invalid("container config has no metadata.name")
@@ -449,7 +453,10 @@ class SandboxManager:
             process = apb.Process(args=defaults.args, env=defaults.env, cwd=defaults.cwd,
                                   user=apb.User(spec=defaults.user,
                                                 additional_gids=list(sc.supplemental_groups)),
-                                  terminal=config.tty, stdin=config.stdin)
+                                  terminal=config.tty, stdin=config.stdin,
+                                  console_size=apb.ConsoleSize(rows=console_size[0],
+                                                               cols=console_size[1])
+                                  if console_size else None)
             hostname = pod_hostname(sandbox_config)
             shared = self._shared_dir(sandbox.vm)
             try:

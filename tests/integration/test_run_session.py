@@ -1,0 +1,136 @@
+"""`hyperrun run IMAGE` through the daemon's run sessions (hyperrun/api/
+runs.py): stdin, a terminal, stop signals, errors, and a CLI that goes
+away before or after its container started. Real VMs, the busybox image
+from the local registry."""
+import fcntl
+import os
+import pty
+import signal
+import struct
+import subprocess
+import termios
+import time
+
+import pytest
+
+from hyperrun.proto import cri_api_pb2 as cri
+from tests.conftest import HYPERRUN, qemu_pids
+from tests.integration.test_cri import daemon  # noqa: F401 (a fixture)
+from tests.integration.test_network_host import wait_until
+
+
+@pytest.fixture
+def image(daemon, pushed):  # noqa: F811
+    ref = pushed.ref("busybox:latest")
+    daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=ref)))
+    return ref
+
+
+def env(d) -> dict:
+    return {**d.env, "HYPERRUN_SOCKET": str(d.socket)}
+
+
+def run(d, *args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([HYPERRUN, "run", *args], env=env(d), capture_output=True,
+                          timeout=120, **kw)
+
+
+def pods_and_containers(d) -> tuple[int, int]:
+    return (len(d.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items),
+            len(d.runtime.ListContainers(cri.ListContainersRequest()).containers))
+
+
+def test_stdin_exit_codes_and_errors(daemon, image):  # noqa: F811
+    d = daemon
+    r = run(d, "--rm", "-i", image, "sh", "-c", "cat; exit 3", input=b"abc\n")
+    assert (r.returncode, r.stdout) == (3, b"abc\n"), r
+    r = run(d, "--rm", image, "cat", input=b"not for it")  # without -i, stdin is closed
+    assert (r.returncode, r.stdout) == (0, b""), r
+    r = run(d, "--rm", image, "/no/such/binary")
+    assert r.returncode == 127 and b"hyperrun: cannot start container:" in r.stderr, r
+    r = run(d, "--rm", "-v", "relative:/x", image, "true")
+    assert r.returncode == 125, r
+    assert r.stderr == b"hyperrun: -v 'relative:/x': the host path must be absolute\n"
+    r = run(d, "--rm", "--pull=never", image.rsplit(":", 1)[0] + ":nosuch", "true")
+    assert r.returncode == 125 and b"no such image" in r.stderr, r
+    assert pods_and_containers(d) == (0, 0)  # --rm: every pod went, failed or not
+    # Without --rm the exited container stays, as Docker's, for ps -a and logs.
+    r = run(d, image, "sh", "-c", "echo kept; exit 4")
+    assert (r.returncode, r.stdout) == (4, b"kept\n")
+    (c,) = d.runtime.ListContainers(cri.ListContainersRequest()).containers
+    assert c.state == cri.CONTAINER_EXITED
+
+
+def test_terminal(daemon, image):  # noqa: F811
+    """-t: a pty of the local terminal's size from the first instant; -i
+    with it: what is typed reaches the container's shell."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+    proc = subprocess.Popen([HYPERRUN, "run", "--rm", "-it", image, "sh"], env=env(daemon),
+                            stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+    typed = False
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+        if not typed and b"#" in out:  # the shell's prompt
+            os.write(master, b"tty; stty size; exit 6\n")
+            typed = True
+    assert proc.wait(30) == 6, out
+    os.close(master)
+    assert b"/dev/pts/0" in out and b"33 101" in out, out
+
+
+def test_signals_stop_the_container(daemon, image):  # noqa: F811
+    """SIGINT to `hyperrun run` stops the container (its stop signal:
+    SIGTERM), as Docker's sig-proxy."""
+    proc = subprocess.Popen([HYPERRUN, "run", "--rm", image, "sh", "-c",
+                             "trap 'echo got TERM; exit 7' TERM; echo ready; "
+                             "while true; do sleep 0.1; done"],
+                            env=env(daemon), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"ready\n"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out) == (7, b"got TERM\n"), err
+    assert pods_and_containers(daemon) == (0, 0)
+
+
+def test_a_cli_that_goes_away(daemon, image):  # noqa: F811
+    """Killed after its container started, the run goes on in the daemon
+    and --rm still removes it at the end; killed while its VM starts, the
+    run ends there and its pod goes, with or without --rm."""
+    d = daemon
+    vms = d.base / "run"
+    proc = subprocess.Popen([HYPERRUN, "run", "--rm", image, "sh", "-c", "echo up; sleep 2"],
+                            env=env(d), stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"up\n"
+    proc.kill()
+    proc.wait()
+    assert pods_and_containers(d) == (1, 1)  # still running
+    assert wait_until(lambda: pods_and_containers(d) == (0, 0), 30), "the run was not removed"
+    assert wait_until(lambda: not qemu_pids(vms), 10)
+    proc = subprocess.Popen([HYPERRUN, "run", image, "sleep", "600"], env=env(d))
+    assert wait_until(lambda: qemu_pids(vms), 30, interval=0.02), "no VM was started"
+    proc.kill()
+    proc.wait()
+    assert wait_until(lambda: pods_and_containers(d) == (0, 0) and not qemu_pids(vms), 60), \
+        "the pod of a run whose CLI went away before its start stayed"
+
+
+def test_vm_killed_mid_run_is_reported(daemon, image):  # noqa: F811
+    proc = subprocess.Popen([HYPERRUN, "run", "--rm", image, "sh", "-c", "echo up; sleep 600"],
+                            env=env(daemon), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"up\n"
+    (qemu,) = qemu_pids(daemon.base / "run")
+    os.kill(qemu, signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 125, (out, err)
+    assert err.startswith(b"hyperrun: the VM ended while the container ran: "), err
+    assert pods_and_containers(daemon) == (0, 0)
