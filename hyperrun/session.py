@@ -77,11 +77,40 @@ class RunOptions:
 
     @classmethod
     def from_json(cls, data: bytes) -> "RunOptions":
+        """The options a CLI sent, each of its type (the daemon trusts
+        nothing else about them)."""
         try:
             fields = json.loads(data)
-            return cls(**fields)
-        except (ValueError, TypeError) as exc:
+            opts = cls(**fields)
+        except (ValueError, TypeError, RecursionError) as exc:
             raise ProtocolError(f"bad run request: {exc}") from None
+        for name, kind in _FIELD_TYPES.items():
+            value = getattr(opts, name)
+            if not _is(value, kind):
+                raise ProtocolError(f"bad run request: {name}={value!r:.80}")
+        if opts.console is not None:
+            opts.console = tuple(opts.console)
+        return opts
+
+
+def _is(value, kind) -> bool:
+    if kind == "strs":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == "strs?":
+        return value is None or _is(value, "strs")
+    if kind == "int?":
+        return value is None or (type(value) is int and 0 <= value < 1 << 31)
+    if kind == "size?":
+        return value is None or (isinstance(value, list) and len(value) == 2 and
+                                 all(type(v) is int and 0 <= v < 1 << 16 for v in value))
+    return type(value) is kind
+
+
+_FIELD_TYPES = {"image": str, "args": "strs", "entrypoint": "strs?", "env": "strs",
+                "workdir": str, "user": str, "stdin": bool, "tty": bool, "hostname": str,
+                "readonly": bool, "volumes": "strs", "platform": str, "pull": str,
+                "cpus": "int?", "memory_mib": "int?", "remove": bool, "detach": bool,
+                "ports": "strs", "network": str, "console": "size?"}
 
 
 class RunError(Exception):

@@ -206,6 +206,12 @@ class _Session:
         except ConnectionError:
             self.client_gone = True
 
+    async def exit(self, result: dict) -> None:
+        """The session's last frame."""
+        if not (self.client_gone or self.writer.is_closing()):
+            self.writer.write(session.json_frame(session.EXIT, result))
+            await self.flush()
+
     def _check_client(self) -> None:
         if self.client_gone:
             raise _ClientGone()
@@ -218,8 +224,7 @@ class _Session:
                 return
             opts = RunOptions.from_json(first[1])
         except ProtocolError as exc:
-            self.send(session.EXIT, json.dumps({"error": str(exc), "code": exitcodes.RUNTIME_ERROR}).encode())
-            await self.flush()
+            await self.exit({"error": str(exc), "code": exitcodes.RUNTIME_ERROR})
             return
         client = asyncio.ensure_future(self._read_client(opts))
         ended = False
@@ -243,8 +248,7 @@ class _Session:
             if not ended and self.pod is not None:
                 logger.info("run session cancelled; its pod stays", sandbox=self.pod)
         if result is not None:
-            self.send(session.EXIT, json.dumps(result).encode())
-            await self.flush()
+            await self.exit(result)
 
     async def _run(self, opts: RunOptions) -> dict:
         mounts = [parse_volume(v) for v in opts.volumes]

@@ -1,0 +1,83 @@
+"""Run sessions (hyperrun/session.py) under hostile input: what a client of
+the daemon's run-session socket sends is either a well-typed request and
+well-formed frames, or a ProtocolError the daemon answers with an error;
+never another exception, never a frame over the limit."""
+from __future__ import annotations
+
+import json
+import socket
+
+from hypothesis import given, strategies as st
+
+from hyperrun import session
+from hyperrun.session import ProtocolError, RunOptions
+
+from . import FUZZ, counted
+
+scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) |
+                      st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+field_names = st.sampled_from(list(RunOptions.__dataclass_fields__)) | st.text(max_size=10)
+
+
+@FUZZ
+@given(fields=st.dictionaries(field_names, values, max_size=25))
+@counted
+def test_run_requests_are_typed_or_refused(fields):
+    try:
+        opts = RunOptions.from_json(json.dumps(fields).encode())
+    except ProtocolError:
+        return
+    assert isinstance(opts.image, str) and all(isinstance(a, str) for a in opts.args)
+    assert opts.cpus is None or (type(opts.cpus) is int and opts.cpus >= 0)
+    assert opts.console is None or (len(opts.console) == 2 and all(type(v) is int
+                                                                    for v in opts.console))
+    assert RunOptions.from_json(opts.to_json()) == opts
+
+
+@FUZZ
+@given(data=st.binary(max_size=64))
+@counted
+def test_raw_requests_are_refused_cleanly(data):
+    try:
+        RunOptions.from_json(data)
+    except ProtocolError:
+        pass
+
+
+@FUZZ
+@given(data=st.binary(max_size=256), cut=st.integers(min_value=1, max_value=64))
+@counted
+def test_frame_reader_on_any_bytes(data, cut):
+    """The CLI's reader, fed in pieces: whole frames, then end of stream or
+    a ProtocolError (a length over the limit)."""
+    a, b = socket.socketpair()
+    try:
+        for i in range(0, len(data), cut):
+            a.sendall(data[i:i + cut])
+        a.close()
+        reader = session.FrameReader(b)
+        used = 0
+        try:
+            while (f := reader.next()) is not None:
+                kind, payload = f
+                assert 0 <= kind < 256 and len(payload) <= session.MAX_FRAME
+                used += session.HEADER.size + len(payload)
+        except ProtocolError:
+            return
+        assert used <= len(data)
+    finally:
+        b.close()
+
+
+@FUZZ
+@given(kind=st.integers(min_value=0, max_value=255), payload=st.binary(max_size=2048))
+@counted
+def test_frames_round_trip(kind, payload):
+    a, b = socket.socketpair()
+    try:
+        a.sendall(session.frame(kind, payload))
+        a.close()
+        assert session.FrameReader(b).next() == (kind, payload)
+    finally:
+        b.close()
