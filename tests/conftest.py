@@ -84,6 +84,39 @@ def hyperrun(*args: str, input: bytes | None = None, timeout: float = 120,
                           timeout=timeout, **kwargs)
 
 
+def in_terminal(argv: list[str], rows: int, cols: int, env: dict | None = None,
+                answer=None, timeout: float = 120) -> tuple[int, bytes]:
+    """Run `hyperrun ...` on a pty of rows x cols: (its exit code, all it
+    wrote). answer(output so far) may return bytes to type, once."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    proc = subprocess.Popen([HYPERRUN, *argv], env=env, stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: every slave end is closed
+                break
+            if not chunk:
+                break
+            out += chunk
+            if answer is not None and (typed := answer(out)):
+                os.write(master, typed)
+                answer = None
+        return proc.wait(30), out
+    finally:
+        os.close(master)
+
+
 # Registry and test-image fixtures (real docker-registry, umoci, skopeo).
 pytest_plugins = ["tests.registry"]
 

@@ -1,12 +1,11 @@
 """`hyperrun run --rootfs` end to end: real QEMU, real guest kernel, the
 agent as PID 1, crun in the guest."""
 import os
-import pty
 import signal
 import subprocess
 import time
 
-from tests.conftest import HYPERRUN, hyperrun, qemu_pids
+from tests.conftest import HYPERRUN, hyperrun, in_terminal, qemu_pids
 
 
 def test_stdout_stderr_and_exit_code(busybox_rootfs, no_leaks):
@@ -66,27 +65,9 @@ def test_writes_reach_the_rootfs(busybox_rootfs):
 
 def test_tty(busybox_rootfs, no_leaks):
     """-t gives the process a pty of the local terminal's size."""
-    master, slave = pty.openpty()
-    import fcntl
-    import struct
-    import termios
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
-    proc = subprocess.Popen([HYPERRUN, "run", "-t", "--rootfs", str(busybox_rootfs), "--",
-                             "sh", "-c", "tty; stty size; exit 5"],
-                            stdin=slave, stdout=slave, stderr=slave)
-    os.close(slave)
-    out = b""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
-    assert proc.wait(30) == 5
-    os.close(master)
+    code, out = in_terminal(["run", "-t", "--rootfs", str(busybox_rootfs), "--",
+                             "sh", "-c", "tty; stty size; exit 5"], 33, 101)
+    assert code == 5, out
     assert b"/dev/pts/0" in out, out
     assert b"33 101" in out, out
 

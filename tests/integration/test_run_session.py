@@ -2,19 +2,14 @@
 runs.py): stdin, a terminal, stop signals, errors, and a CLI that goes
 away before or after its container started. Real VMs, the busybox image
 from the local registry."""
-import fcntl
 import os
-import pty
 import signal
-import struct
 import subprocess
-import termios
-import time
 
 import pytest
 
 from hyperrun.proto import cri_api_pb2 as cri
-from tests.conftest import HYPERRUN, qemu_pids
+from tests.conftest import HYPERRUN, in_terminal, qemu_pids
 from tests.integration.test_cri import daemon  # noqa: F401 (a fixture)
 from tests.integration.test_network_host import wait_until
 
@@ -64,27 +59,9 @@ def test_stdin_exit_codes_and_errors(daemon, image):  # noqa: F811
 def test_terminal(daemon, image):  # noqa: F811
     """-t: a pty of the local terminal's size from the first instant; -i
     with it: what is typed reaches the container's shell."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
-    proc = subprocess.Popen([HYPERRUN, "run", "--rm", "-it", image, "sh"], env=env(daemon),
-                            stdin=slave, stdout=slave, stderr=slave)
-    os.close(slave)
-    out = b""
-    typed = False
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
-        if not typed and b"#" in out:  # the shell's prompt
-            os.write(master, b"tty; stty size; exit 6\n")
-            typed = True
-    assert proc.wait(30) == 6, out
-    os.close(master)
+    code, out = in_terminal(["run", "--rm", "-it", image, "sh"], 33, 101, env=env(daemon),
+                            answer=lambda out: b"#" in out and b"tty; stty size; exit 6\n")
+    assert code == 6, out
     assert b"/dev/pts/0" in out and b"33 101" in out, out
 
 
