@@ -23,6 +23,9 @@ class Sandbox:
     def __init__(self, vm: QemuVM, agent: AgentClient) -> None:
         self.vm = vm
         self.agent = agent
+        # Serials of the image disks this daemon plugged into the VM (a
+        # restarted daemon knows those of its containers' records).
+        self.disks: set[str] = set()
 
     @property
     def id(self) -> str:

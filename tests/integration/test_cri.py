@@ -35,6 +35,15 @@ class Daemon:
         self.runtime = cri_grpc.RuntimeServiceStub(channel)
         self.images = cri_grpc.ImageServiceStub(channel)
 
+    def events(self, event: str) -> list[dict]:
+        """The daemon's log records of one kind (its log is JSON lines in
+        its data root: its stderr is not a terminal)."""
+        import json
+
+        log = self.base / "root" / "daemon.log"
+        records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        return [r for r in records if r.get("event") == event]
+
     def kill9(self) -> None:
         self.proc.kill()
         self.proc.wait()

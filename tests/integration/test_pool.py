@@ -95,6 +95,14 @@ def test_pods_take_spare_vms_and_spares_leave_nothing(pool_daemon, pushed, cni_e
 
     refilled = wait_pool(d)  # two new spares besides the two pods
     assert len(refilled - spares) == POOL
+    # The refills have the image the pods ran plugged already: a pod of it
+    # creates its container without a hot-plug (and the guest's disk scan).
+    pod, cid = run_pod(d, image, "preplugged", "exec sleep 600")
+    assert pod[:16] in refilled
+    (created,) = [e for e in d.events("container created") if e["container"] == cid]
+    assert created["hotplugged"] is False, created
+    remove_pod(d, pod)
+    refilled = wait_pool(d)
     for pod in pods:
         remove_pod(d, pod)
     # A pod that does not fit the spares' shape boots its own VM.
