@@ -295,6 +295,9 @@ def run(opts: RunOptions) -> int:
     except RunError as exc:
         print(f"hyperrun: {exc}", file=sys.stderr)
         return exc.code
+    except session.ProtocolError as exc:  # a request over the frame limit (1 MiB of args)
+        print(f"hyperrun: {exc}", file=sys.stderr)
+        return exitcodes.RUNTIME_ERROR
     except KeyboardInterrupt:  # before the container ran: the session ends with us
         return 130
     finally:
