@@ -74,6 +74,19 @@ def state(leases: Path) -> dict:
                              if p.name[0].isdigit()) if leases.exists() else []}
 
 
+def state_diff(before: dict, after: dict) -> str:
+    """What changed between two state() snapshots, line by line."""
+    out = []
+    for key in before:
+        b, a = before[key], after[key]
+        if b == a:
+            continue
+        b = b.splitlines() if isinstance(b, str) else sorted(b)
+        a = a.splitlines() if isinstance(a, str) else sorted(a)
+        out += [f"{key}: -{x}" for x in b if x not in a] + [f"{key}: +{x}" for x in a if x not in b]
+    return "\n".join(out)
+
+
 def run_pod(d: Daemon, image: str, name: str, script: str, **pod_kw):
     pod_config = cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name=name, uid=f"uid-{name}", namespace="net"),
@@ -160,7 +173,8 @@ def test_pod_ip_host_port_pod_to_pod_and_dns(netd, pushed, cni_env):
 
     for pod in (web, client):
         remove_pod(d, pod)
-    assert state(leases) == before
+    after = state(leases)
+    assert after == before, state_diff(before, after)
 
 
 def test_user_mode_network_with_a_host_port(vm_assets, pushed):
