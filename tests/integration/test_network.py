@@ -69,7 +69,10 @@ def state(leases: Path) -> dict:
     iptables rules and chains, host-local leases."""
     netns = sorted(n for n in os.listdir("/run/netns") if n.startswith("hyperrun-")) \
         if os.path.isdir("/run/netns") else []
-    return {"netns": netns, "links": host_links() - {BRIDGE}, "iptables": iptables_state(),
+    # iptables as a sorted list of lines: what a pod leaves is a line, and
+    # the plugins' shared chains may be listed in another order meanwhile.
+    return {"netns": netns, "links": host_links() - {BRIDGE},
+            "iptables": sorted(iptables_state().splitlines()),
             "leases": sorted(p.name for p in leases.iterdir()
                              if p.name[0].isdigit()) if leases.exists() else []}
 
