@@ -273,13 +273,18 @@ class _Session:
             await self._start()
             self.detached = True
             return {"container": self.cid}
-        io = await self.m.attach(self.cid, opts.tty, opts.stdin)  # before the start: all output
-        await self._start()
-        self.io = io
-        self.send(session.STARTED)
-        streams = [("stdout", session.STDOUT)] + ([] if opts.tty else [("stderr", session.STDERR)])
-        await asyncio.gather(*(self._pump(io, name, kind) for name, kind in streams))
-        await io.wait()
+        # Attached before the start (no output missed), losslessly: the
+        # container's output waits for the user's pipe, as `docker run`'s.
+        io = await self.m.attach(self.cid, opts.tty, opts.stdin, lossless=True)
+        try:
+            await self._start()
+            self.io = io
+            self.send(session.STARTED)
+            streams = [("stdout", session.STDOUT)] + ([] if opts.tty else [("stderr", session.STDERR)])
+            await asyncio.gather(*(self._pump(io, name, kind) for name, kind in streams))
+            await io.wait()
+        finally:
+            io.detach()
         row = await self._exited()
         if row.reason == "VMExited":
             raise RunError(f"the VM ended while the container ran: {row.message}")

@@ -557,14 +557,17 @@ class SandboxManager:
                 while data := await sandbox.agent.read_stream(stream, cid, "", 65536):
                     logfile.write(stream, data)
                     for outlet in list(self._attached.get(cid, [])):
-                        if outlet[stream].qsize() >= OUTLET_LIMIT:
+                        queue = outlet[stream]
+                        if queue.maxsize:  # lossless: the output waits for its reader
+                            await queue.put(data)
+                        elif queue.qsize() >= OUTLET_LIMIT:
                             self._drop_outlet(cid, outlet)
                         else:
-                            outlet[stream].put_nowait(data)
+                            queue.put_nowait(data)
             except (ConnectionLost, TtrpcError):
                 pass
-            for outlet in self._attached.get(cid, []):
-                outlet[stream].put_nowait(b"")
+            for outlet in list(self._attached.get(cid, [])):
+                await outlet[stream].put(b"")
 
         async def waiter() -> None:
             try:
@@ -648,15 +651,13 @@ class SandboxManager:
         """An attach session that does not keep up is ended (the log has
         everything) rather than buffered without bound in the daemon."""
         self._attached[container_id].remove(outlet)
-        for queue in outlet.values():
-            queue.put_nowait(b"")
+        end_outlet(outlet)
         logger.warning("attach session too slow: ended", container=container_id)
 
     def _end_attached(self, container_id: str) -> None:
         """No more output will come: tell attach sessions."""
         for outlet in self._attached.pop(container_id, []):
-            for queue in outlet.values():
-                queue.put_nowait(b"")
+            end_outlet(outlet)
         self._reserved.pop(container_id, None)
 
     def _forget_container(self, container_id: str) -> None:
@@ -698,18 +699,22 @@ class SandboxManager:
             args=cmd, terminal=tty, stdin=stdin))
         return ExecIO(sandbox, container_id, eid)
 
-    async def attach(self, container_id: str, tty: bool, stdin: bool) -> "AttachIO":
+    async def attach(self, container_id: str, tty: bool, stdin: bool,
+                     lossless: bool = False) -> "AttachIO":
         """Attach to a container's own process: its output (copied from the
         log pumps) and, if it was created with stdin, its input. A created
         container may be attached before it starts (as `docker run` does),
-        so that none of its output is missed."""
+        so that none of its output is missed. A session that falls behind
+        is ended (the log has everything), unless lossless: then the
+        container's output waits for it, as an attached `docker run` does
+        (a run session, whose reader is the user's pipe)."""
         row = self.container_row(container_id)
         if row.state not in (CREATED, RUNNING):
             raise Conflict(f"container {container_id} is not running")
         sandbox = self._running_sandbox(row.sandbox_id)
         if reserved := self._reserved.get(container_id):
             return AttachIO(self, sandbox, container_id, reserved.pop(0))
-        outlet = new_outlet()
+        outlet = new_outlet(lossless)
         self._attached.setdefault(container_id, []).append(outlet)
         return AttachIO(self, sandbox, container_id, outlet)
 
@@ -776,12 +781,23 @@ class SandboxManager:
 
 # An attach session's share of a container's output: one queue per stream
 # (b"" marks its end), so that the stdout and stderr readers never take
-# each other's data.
+# each other's data. A lossless outlet's queues are bounded: the log pump
+# waits for room in them.
 Outlet = dict[str, asyncio.Queue]
 
 
-def new_outlet() -> Outlet:
-    return {"stdout": asyncio.Queue(), "stderr": asyncio.Queue()}
+def new_outlet(lossless: bool = False) -> Outlet:
+    size = OUTLET_LIMIT if lossless else 0
+    return {"stdout": asyncio.Queue(size), "stderr": asyncio.Queue(size)}
+
+
+def end_outlet(outlet: Outlet) -> None:
+    """Mark the end of an outlet's streams now; a full lossless queue loses
+    its oldest chunk for it (this is a teardown: nobody waits for them)."""
+    for queue in outlet.values():
+        if queue.full():
+            queue.get_nowait()
+        queue.put_nowait(b"")
 
 
 class ExecIO:
@@ -836,6 +852,14 @@ class AttachIO(ExecIO):
                 await asyncio.shield(waiter)
             return self.manager.container_row(self.cid).exit_code
         finally:
-            outlets = self.manager._attached.get(self.cid, [])
-            if self.outlet in outlets:
-                outlets.remove(self.outlet)
+            self.detach()
+
+    def detach(self) -> None:
+        """Take this session's outlet off the log pumps, and empty it: a
+        pump waiting for room in a lossless one goes on, and puts no more."""
+        outlets = self.manager._attached.get(self.cid, [])
+        if self.outlet in outlets:
+            outlets.remove(self.outlet)
+        for queue in self.outlet.values():
+            while not queue.empty():
+                queue.get_nowait()

@@ -111,3 +111,17 @@ def test_vm_killed_mid_run_is_reported(daemon, image):  # noqa: F811
     assert proc.returncode == 125, (out, err)
     assert err.startswith(b"hyperrun: the VM ended while the container ran: "), err
     assert pods_and_containers(daemon) == (0, 0)
+
+
+def test_a_slow_reader_gets_every_byte(daemon, image):  # noqa: F811
+    """`hyperrun run IMAGE ... | slow`: the container's output waits for the
+    pipe, as an attached `docker run`'s does (a CRI attach session that
+    falls that far behind is ended instead; the log keeps everything)."""
+    size = 20_000_000
+    run_ = subprocess.Popen([HYPERRUN, "run", "--rm", image, "head", "-c", str(size), "/dev/zero"],
+                            env=env(daemon), stdout=subprocess.PIPE)
+    reader = subprocess.run(["sh", "-c", "sleep 3; wc -c"], stdin=run_.stdout,
+                            capture_output=True, timeout=120)
+    run_.stdout.close()
+    assert run_.wait(60) == 0
+    assert int(reader.stdout) == size
