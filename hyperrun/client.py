@@ -1,6 +1,6 @@
-"""The CLI as a client of the daemon (hyperrun daemon): pods, ps, exec,
-logs, stop, rm, pull, images, over the same CRI API the kubelet uses; and
-`run IMAGE`, which the daemon does in a run session (hyperrun/session.py)."""
+"""The CLI as a client of the daemon (hyperrun daemon): pods, ps, logs,
+stop, rm, pull, images, over the same CRI API the kubelet uses; `run
+IMAGE` and `exec`, which the daemon does in a session (hyperrun/session.py)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from hyperrun import annotations, exitcodes, paths, session
-from hyperrun.session import RUN_LABEL, RunError, RunOptions
+from hyperrun.session import RUN_LABEL, ExecOptions, RunError, RunOptions
 
 
 class NoDaemon(Exception):
@@ -125,86 +125,25 @@ def _full_id(runtime, prefix: str) -> str:
 
 
 def exec_(container: str, cmd: list[str], interactive: bool = False, tty: bool = False) -> int:
-    from hyperrun.proto import cri_api_pb2 as cri
+    """`hyperrun exec`: in an exec session with the daemon (the output as it
+    comes, stdin with -i, a terminal with -t), as `run` does."""
+    path = paths.daemon_socket()
+    sock = _connect_session(session.socket_path(path))
+    if sock is None:
+        raise NoDaemon(f"no hyperrun daemon at {path}: start `hyperrun daemon`")
+    opts = ExecOptions(container, cmd, stdin=interactive, tty=tty)
+    if tty:
+        from hyperrun.terminal import terminal_size
 
-    with connect() as host:
-        cid = _full_id(host.runtime, container)
-        if not interactive and not tty:
-            r = host.runtime.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=cmd))
-            sys.stdout.buffer.write(r.stdout)
-            sys.stderr.buffer.write(r.stderr)
-            return r.exit_code
-        url = host.runtime.Exec(cri.ExecRequest(container_id=cid, cmd=cmd, tty=tty,
-                                                stdin=interactive, stdout=True,
-                                                stderr=not tty)).url
-        return _stream(url, interactive, tty)
-
-
-def _stream(url: str, interactive: bool, tty: bool) -> int:
-    """Be the client of the streaming server (channel.k8s.io over a
-    websocket): local stdin to channel 0, channels 1/2 to stdout/stderr,
-    window sizes to channel 4, the exit status from channel 3."""
-    import json
-    import signal
-    import threading
-
-    from websockets.exceptions import ConnectionClosed
-    from websockets.sync.client import connect as ws_connect
-
-    from hyperrun.terminal import raw_terminal, terminal_size
-
-    with ws_connect("ws" + url[4:], subprotocols=["v5.channel.k8s.io", "v4.channel.k8s.io"],
-                    max_size=None) as ws:
-        v5 = ws.subprotocol == "v5.channel.k8s.io"
-
-        def send_size(*_):
-            rows, cols = terminal_size()
-            if rows and cols:
-                ws.send(b"\x04" + json.dumps({"Width": cols, "Height": rows}).encode())
-
-        def pump_stdin():
-            try:
-                while data := os.read(0, 65536):
-                    ws.send(b"\x00" + data)
-                if v5:
-                    ws.send(b"\xff\x00")  # v5: close stdin
-            except (OSError, ConnectionClosed):
-                pass
-
-        if tty:
-            send_size()
-            signal.signal(signal.SIGWINCH, send_size)
-        if interactive:
-            threading.Thread(target=pump_stdin, daemon=True).start()
-        status = b""
-        with raw_terminal(enabled=tty and interactive):
-            while True:
-                try:
-                    msg = ws.recv()
-                except ConnectionClosed:
-                    break
-                if not isinstance(msg, bytes) or not msg:
-                    continue
-                channel, data = msg[0], msg[1:]
-                if channel in (1, 2):
-                    out = sys.stdout.buffer if channel == 1 else sys.stderr.buffer
-                    try:
-                        out.write(data)
-                        out.flush()
-                    except BrokenPipeError:  # our reader went away: keep draining
-                        pass
-                elif channel == 3:
-                    status += data
-    if not status:
-        return 0
-    parsed = json.loads(status)
-    if parsed.get("status") == "Success":
-        return 0
-    for cause in (parsed.get("details") or {}).get("causes") or []:
-        if cause.get("reason") == "ExitCode":
-            return int(cause.get("message", 1))
-    print(f"hyperrun: {parsed.get('message', 'exec failed')}", file=sys.stderr)
-    return 126
+        opts.console = terminal_size()
+    try:
+        with sock:
+            return _session(sock, session.EXEC, opts)
+    except RunError as exc:
+        print(f"hyperrun: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:  # the process goes on, as under `docker exec`
+        return 130
 
 
 def logs(container: str, follow: bool) -> int:
@@ -291,7 +230,7 @@ def run(opts: RunOptions) -> int:
             if sock is None:
                 raise RunError("the embedded host does not answer")
         with sock:
-            return _run_session(sock, opts)
+            return _session(sock, session.RUN, opts)
     except RunError as exc:
         print(f"hyperrun: {exc}", file=sys.stderr)
         return exc.code
@@ -331,7 +270,8 @@ def _connect_session(path: Path):
     return sock
 
 
-def _run_session(sock, opts: RunOptions) -> int:
+def _session(sock, kind: int, opts: RunOptions | ExecOptions) -> int:
+    """A session's client: the request, then output frames until EXIT."""
     import contextlib
     import json
     import threading
@@ -345,7 +285,7 @@ def _run_session(sock, opts: RunOptions) -> int:
             except OSError:
                 pass  # the daemon ended the session: its EXIT or EOF follows
 
-    send(session.RUN, opts.to_json())
+    send(kind, opts.to_json())
     reader = session.FrameReader(sock)
     with contextlib.ExitStack() as attached:
         while (f := reader.next()) is not None:
@@ -372,8 +312,9 @@ def _run_session(sock, opts: RunOptions) -> int:
     raise RunError("the daemon ended the run without its exit status")
 
 
-def _attach(opts: RunOptions, send, stack) -> None:
-    """The container runs: relay stdin, the terminal's size and stop signals."""
+def _attach(opts: RunOptions | ExecOptions, send, stack) -> None:
+    """The process runs: relay stdin, the terminal's size and (for a run)
+    stop signals; an exec, as Docker's, has none to proxy."""
     import json
     import signal
     import threading
@@ -387,7 +328,7 @@ def _attach(opts: RunOptions, send, stack) -> None:
                 send(session.RESIZE, json.dumps({"rows": rows, "cols": cols}).encode())
 
         signal.signal(signal.SIGWINCH, send_size)  # its size at the start went in RUN
-    else:
+    elif isinstance(opts, RunOptions):
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, lambda *_: send(session.STOP))
     if opts.stdin:

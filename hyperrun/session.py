@@ -1,5 +1,6 @@
-"""A run session: `hyperrun run IMAGE` done by the daemon for the CLI, over
-one unix-socket connection (the daemon's side is hyperrun/api/runs.py).
+"""A run session: `hyperrun run IMAGE` (or `hyperrun exec`) done by the
+daemon for the CLI, over one unix-socket connection (the daemon's side is
+hyperrun/api/runs.py).
 
 Why not the CRI, as every other command: a CLI that speaks gRPC imports
 grpc and the CRI's messages (~55 ms) and the websocket client (~45 ms)
@@ -31,7 +32,8 @@ HEADER = struct.Struct(">BI")
 MAX_FRAME = 1 << 20  # a frame's payload; output comes in 64 KiB reads
 
 # The CLI's frames.
-RUN = ord("R")          # JSON: RunOptions
+RUN = ord("R")          # JSON: RunOptions (a session starts with RUN or EXEC)
+EXEC = ord("E")         # JSON: ExecOptions
 STDIN = ord("i")
 STDIN_CLOSE = ord("c")
 RESIZE = ord("z")       # JSON: {"rows": n, "cols": n}
@@ -77,20 +79,41 @@ class RunOptions:
 
     @classmethod
     def from_json(cls, data: bytes) -> "RunOptions":
-        """The options a CLI sent, each of its type (the daemon trusts
-        nothing else about them)."""
-        try:
-            fields = json.loads(data)
-            opts = cls(**fields)
-        except (ValueError, TypeError, RecursionError) as exc:
-            raise ProtocolError(f"bad run request: {exc}") from None
-        for name, kind in _FIELD_TYPES.items():
-            value = getattr(opts, name)
-            if not _is(value, kind):
-                raise ProtocolError(f"bad run request: {name}={value!r:.80}")
-        if opts.console is not None:
-            opts.console = tuple(opts.console)
-        return opts
+        return _typed(cls, data, _RUN_FIELDS)
+
+
+@dataclass
+class ExecOptions:
+    """What `hyperrun exec CONTAINER CMD` was asked to do."""
+    container: str                  # an id or a unique prefix of one
+    cmd: list[str]
+    stdin: bool = False
+    tty: bool = False
+    console: tuple[int, int] | None = None
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "ExecOptions":
+        return _typed(cls, data, _EXEC_FIELDS)
+
+
+def _typed(cls, data: bytes, types: dict):
+    """The options a CLI sent, each of its type (the daemon trusts nothing
+    else about them)."""
+    try:
+        fields = json.loads(data)
+        opts = cls(**fields)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise ProtocolError(f"bad request: {exc}") from None
+    for name, kind in types.items():
+        value = getattr(opts, name)
+        if not _is(value, kind):
+            raise ProtocolError(f"bad request: {name}={value!r:.80}")
+    if opts.console is not None:
+        opts.console = tuple(opts.console)
+    return opts
 
 
 def _is(value, kind) -> bool:
@@ -106,7 +129,8 @@ def _is(value, kind) -> bool:
     return type(value) is kind
 
 
-_FIELD_TYPES = {"image": str, "args": "strs", "entrypoint": "strs?", "env": "strs",
+_EXEC_FIELDS = {"container": str, "cmd": "strs", "stdin": bool, "tty": bool, "console": "size?"}
+_RUN_FIELDS = {"image": str, "args": "strs", "entrypoint": "strs?", "env": "strs",
                 "workdir": str, "user": str, "stdin": bool, "tty": bool, "hostname": str,
                 "readonly": bool, "volumes": "strs", "platform": str, "pull": str,
                 "cpus": "int?", "memory_mib": "int?", "remove": bool, "detach": bool,

@@ -1,5 +1,6 @@
 """The daemon's side of run sessions (hyperrun/session.py): `hyperrun run
-IMAGE` as the CLI asked it, done here with the sandbox manager. The steps
+IMAGE` as the CLI asked it, done here with the sandbox manager (and
+`hyperrun exec`, a process in a running container, the same way). The steps
 are the CRI's, as a kubelet would take them (image, RunPodSandbox,
 CreateContainer, attach, StartContainer, wait, removal), without a round
 trip for each and with the output sent straight from the attach outlet.
@@ -22,7 +23,7 @@ from pathlib import Path
 from hyperrun import annotations, exitcodes, log, session
 from hyperrun.proto import cri_api_pb2 as cri
 from hyperrun.sandbox.manager import EXITED
-from hyperrun.session import RUN_LABEL, ProtocolError, RunError, RunOptions
+from hyperrun.session import RUN_LABEL, ExecOptions, ProtocolError, RunError, RunOptions
 
 from .errors import describe
 
@@ -220,9 +221,15 @@ class _Session:
     async def serve(self) -> None:
         try:
             first = await session.read_frame(self.reader)
-            if first is None or first[0] != session.RUN:
+            if first is None:
                 return
-            opts = RunOptions.from_json(first[1])
+            kind, payload = first
+            if kind == session.RUN:
+                opts, work = RunOptions.from_json(payload), self._run
+            elif kind == session.EXEC:
+                opts, work = ExecOptions.from_json(payload), self._exec
+            else:
+                raise ProtocolError(f"a session starts with a RUN or an EXEC frame, not {kind}")
         except ProtocolError as exc:
             await self.exit({"error": str(exc), "code": exitcodes.RUNTIME_ERROR})
             return
@@ -230,7 +237,7 @@ class _Session:
         ended = False
         try:
             try:
-                result = await self._run(opts)
+                result = await work(opts)
             except _ClientGone:
                 result = None
             except RunError as exc:
@@ -302,6 +309,27 @@ class _Session:
             await asyncio.sleep(0.02)
         return row
 
+    async def _exec(self, opts: ExecOptions) -> dict:
+        """`hyperrun exec`: a process in a running container, its output
+        streamed as it comes (ExecSync would hold it to the end), its exit
+        code. A CLI gone away leaves the process running, as Docker's."""
+        self.cid = self._container_id(opts.container)
+        io = await self.m.exec(self.cid, opts.cmd, opts.tty, opts.stdin,
+                               console_size=tuple(opts.console)
+                               if opts.tty and opts.console and all(opts.console) else None)
+        self.io = io
+        self.send(session.STARTED)
+        streams = [("stdout", session.STDOUT)] + ([] if opts.tty else [("stderr", session.STDERR)])
+        await asyncio.gather(*(self._pump(io, name, kind) for name, kind in streams))
+        return {"code": await io.wait()}
+
+    def _container_id(self, prefix: str) -> str:
+        """A container's id from the id or a unique prefix of it, as Docker's."""
+        matches = [row.id for row in self.m.state.containers() if row.id.startswith(prefix)]
+        if len(matches) != 1 or not prefix:
+            raise RunError(f"{'no' if not matches else 'more than one'} container {prefix!r}", 1)
+        return matches[0]
+
     async def _ensure_image(self, opts: RunOptions) -> None:
         try:
             if opts.pull != "always" and self.server.images.find(opts.image) is not None:
@@ -367,7 +395,7 @@ class _Session:
         elif kind == session.RESIZE:
             size = json.loads(payload)
             await self.io.resize(int(size["rows"]), int(size["cols"]))
-        elif kind == session.STOP:
+        elif kind == session.STOP and self.pod is not None:  # a run's (an exec has no stop)
             # The CRI has no "send this signal": a stop sends the container's
             # stop signal (SIGTERM unless the image says otherwise), then SIGKILL.
             asyncio.ensure_future(_quietly(self.m.stop_container(self.cid, 10), "stop"))

@@ -686,8 +686,10 @@ class SandboxManager:
             logfile.reopen()
 
     # ------------------------------------------------------------ streaming
-    async def exec(self, container_id: str, cmd: list[str], tty: bool, stdin: bool) -> "ExecIO":
-        """An interactive exec for the streaming server."""
+    async def exec(self, container_id: str, cmd: list[str], tty: bool, stdin: bool,
+                   console_size: tuple[int, int] | None = None) -> "ExecIO":
+        """An exec whose output is read as it comes (the streaming server's,
+        a run session's); console_size: a tty's (rows, cols) from the start."""
         row = self.container_row(container_id)
         if row.state != RUNNING:
             raise Conflict(f"container {container_id} is not running")
@@ -696,7 +698,9 @@ class SandboxManager:
         sandbox = self._running_sandbox(row.sandbox_id)
         eid = "exec-" + secrets.token_hex(8)
         await sandbox.agent.exec_process(container_id, eid, apb.Process(
-            args=cmd, terminal=tty, stdin=stdin))
+            args=cmd, terminal=tty, stdin=stdin,
+            console_size=apb.ConsoleSize(rows=console_size[0], cols=console_size[1])
+            if console_size else None))
         return ExecIO(sandbox, container_id, eid)
 
     async def attach(self, container_id: str, tty: bool, stdin: bool,

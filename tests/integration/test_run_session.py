@@ -125,3 +125,27 @@ def test_a_slow_reader_gets_every_byte(daemon, image):  # noqa: F811
     run_.stdout.close()
     assert run_.wait(60) == 0
     assert int(reader.stdout) == size
+
+
+def test_exec_streams_output_takes_a_terminal_and_names_bad_ids(daemon, image):  # noqa: F811
+    """`hyperrun exec` is a session too: the output as it comes (not at the
+    exit), -it on a pty of the local size, a clear error for a bad id."""
+    d = daemon
+    cid = subprocess.run([HYPERRUN, "run", "-d", image, "sleep", "600"], env=env(d),
+                         capture_output=True, check=True, timeout=120).stdout.decode().strip()
+    proc = subprocess.Popen([HYPERRUN, "exec", cid[:12], "sh", "-c", "echo first; sleep 30"],
+                            env=env(d), stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"first\n"  # while the process still runs
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+    code, out = in_terminal(["exec", "-it", cid[:12], "sh"], 33, 101, env=env(d),
+                            answer=lambda out: b"#" in out and b"stty size; exit 6\n")
+    assert code == 6 and b"33 101" in out, out
+    r = subprocess.run([HYPERRUN, "exec", "nosuch", "true"], env=env(d), capture_output=True)
+    assert (r.returncode, r.stderr) == (1, b"hyperrun: no container 'nosuch'\n")
+    r = subprocess.run([HYPERRUN, "exec", cid[:12], "/no/such/binary"], env=env(d),
+                       capture_output=True)
+    assert r.returncode == 127, r
