@@ -17,23 +17,19 @@ class NoDaemon(Exception):
 
 
 class Host:
-    """Where the CRI services run: the daemon, or this process (embedded).
-    Everything below speaks CRI to either, through the same stubs."""
+    """The daemon's CRI services, through their stubs."""
 
-    def __init__(self, path: Path, embedded=None) -> None:
+    def __init__(self, path: Path) -> None:
         import grpc
 
         from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
 
-        self.embedded = embedded
         self.channel = grpc.insecure_channel(f"unix://{path}")
         self.runtime = cri_grpc.RuntimeServiceStub(self.channel)
         self.images = cri_grpc.ImageServiceStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
-        if self.embedded is not None:
-            self.embedded.close()
 
     def __enter__(self) -> "Host":
         return self
@@ -58,17 +54,6 @@ def connect() -> Host:
         host.close()
         raise NoDaemon(f"the daemon at {path} does not answer: {exc.details()}") from None
     return host
-
-
-def open_host() -> Host:
-    """The daemon if it answers, else the same services in this process."""
-    try:
-        return connect()
-    except NoDaemon:
-        from hyperrun.api.embedded import EmbeddedHost
-
-        embedded = EmbeddedHost()
-        return Host(embedded.socket, embedded)
 
 
 def _age(ns: int) -> str:
