@@ -117,10 +117,6 @@ def exec_(container: str, cmd: list[str], interactive: bool = False, tty: bool =
     if sock is None:
         raise NoDaemon(f"no hyperrun daemon at {path}: start `hyperrun daemon`")
     opts = ExecOptions(container, cmd, stdin=interactive, tty=tty)
-    if tty:
-        from hyperrun.terminal import terminal_size
-
-        opts.console = terminal_size()
     try:
         with sock:
             return _session(sock, session.EXEC, opts)
@@ -196,10 +192,6 @@ def run(opts: RunOptions) -> int:
     start, wait; with --rm (and always without a daemon) everything goes
     when it exits. The exit code is Docker's."""
     opts.env = _resolved_env(opts.env)
-    if opts.tty:
-        from hyperrun.terminal import terminal_size
-
-        opts.console = terminal_size()
     embedded = None
     try:
         sock = _connect_session(session.socket_path(paths.daemon_socket()))
@@ -256,7 +248,12 @@ def _connect_session(path: Path):
 
 
 def _session(sock, kind: int, opts: RunOptions | ExecOptions) -> int:
-    """A session's client: the request, then output frames until EXIT."""
+    """A session's client: the request (with -t, the terminal's size), then
+    output frames until EXIT."""
+    if opts.tty:
+        from hyperrun.terminal import terminal_size
+
+        opts.console = terminal_size()
     import contextlib
     import json
     import threading

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 from hyperrun import exitcodes
@@ -50,8 +51,37 @@ class ProtocolError(Exception):
     pass
 
 
+class _Request:
+    """What a session's first frame asks for (a dataclass below), as JSON."""
+    FIELDS: ClassVar[dict]  # each field's type, checked on arrival (see _is)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes):
+        """The options a CLI sent, each of its type (the daemon trusts
+        nothing else about them)."""
+        try:
+            opts = cls(**json.loads(data))
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise ProtocolError(f"bad request: {exc}") from None
+        for name, kind in cls.FIELDS.items():
+            value = getattr(opts, name)
+            if not _is(value, kind):
+                raise ProtocolError(f"bad request: {name}={value!r:.80}")
+        if opts.console is not None:
+            opts.console = tuple(opts.console)
+        return opts
+
+    @property
+    def console_size(self) -> tuple[int, int] | None:
+        """-t's terminal (rows, cols) from the start, where it has one."""
+        return self.console if self.tty and self.console and all(self.console) else None
+
+
 @dataclass
-class RunOptions:
+class RunOptions(_Request):
     """What `hyperrun run IMAGE` was asked to do (Docker's options)."""
     image: str
     args: list[str]
@@ -74,16 +104,15 @@ class RunOptions:
     network: str = "auto"
     console: tuple[int, int] | None = None  # -t: the terminal's rows and cols at the start
 
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> "RunOptions":
-        return _typed(cls, data, _RUN_FIELDS)
+    FIELDS: ClassVar[dict] = {
+        "image": str, "args": "strs", "entrypoint": "strs?", "env": "strs", "workdir": str,
+        "user": str, "stdin": bool, "tty": bool, "hostname": str, "readonly": bool,
+        "volumes": "strs", "platform": str, "pull": str, "cpus": "int?", "memory_mib": "int?",
+        "remove": bool, "detach": bool, "ports": "strs", "network": str, "console": "size?"}
 
 
 @dataclass
-class ExecOptions:
+class ExecOptions(_Request):
     """What `hyperrun exec CONTAINER CMD` was asked to do."""
     container: str                  # an id or a unique prefix of one
     cmd: list[str]
@@ -91,29 +120,8 @@ class ExecOptions:
     tty: bool = False
     console: tuple[int, int] | None = None
 
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> "ExecOptions":
-        return _typed(cls, data, _EXEC_FIELDS)
-
-
-def _typed(cls, data: bytes, types: dict):
-    """The options a CLI sent, each of its type (the daemon trusts nothing
-    else about them)."""
-    try:
-        fields = json.loads(data)
-        opts = cls(**fields)
-    except (ValueError, TypeError, RecursionError) as exc:
-        raise ProtocolError(f"bad request: {exc}") from None
-    for name, kind in types.items():
-        value = getattr(opts, name)
-        if not _is(value, kind):
-            raise ProtocolError(f"bad request: {name}={value!r:.80}")
-    if opts.console is not None:
-        opts.console = tuple(opts.console)
-    return opts
+    FIELDS: ClassVar[dict] = {"container": str, "cmd": "strs", "stdin": bool, "tty": bool,
+                              "console": "size?"}
 
 
 def _is(value, kind) -> bool:
@@ -127,14 +135,6 @@ def _is(value, kind) -> bool:
         return value is None or (isinstance(value, list) and len(value) == 2 and
                                  all(type(v) is int and 0 <= v < 1 << 16 for v in value))
     return type(value) is kind
-
-
-_EXEC_FIELDS = {"container": str, "cmd": "strs", "stdin": bool, "tty": bool, "console": "size?"}
-_RUN_FIELDS = {"image": str, "args": "strs", "entrypoint": "strs?", "env": "strs",
-                "workdir": str, "user": str, "stdin": bool, "tty": bool, "hostname": str,
-                "readonly": bool, "volumes": "strs", "platform": str, "pull": str,
-                "cpus": "int?", "memory_mib": "int?", "remove": bool, "detach": bool,
-                "ports": "strs", "network": str, "console": "size?"}
 
 
 class RunError(Exception):

@@ -270,8 +270,7 @@ class _Session:
         try:
             self.cid = await self.m.create_container(
                 self.pod, container_config(opts, config, mounts, sc), config,
-                console_size=tuple(opts.console) if opts.tty and opts.console and all(opts.console)
-                else None)
+                console_size=opts.console_size)
         except Exception as exc:
             message = _message(exc)
             raise RunError(f"cannot create container: {message}",
@@ -285,10 +284,7 @@ class _Session:
         io = await self.m.attach(self.cid, opts.tty, opts.stdin, lossless=True)
         try:
             await self._start()
-            self.io = io
-            self.send(session.STARTED)
-            streams = [("stdout", session.STDOUT)] + ([] if opts.tty else [("stderr", session.STDERR)])
-            await asyncio.gather(*(self._pump(io, name, kind) for name, kind in streams))
+            await self._relay(io, opts.tty)
             await io.wait()
         finally:
             io.detach()
@@ -315,12 +311,8 @@ class _Session:
         code. A CLI gone away leaves the process running, as Docker's."""
         self.cid = self._container_id(opts.container)
         io = await self.m.exec(self.cid, opts.cmd, opts.tty, opts.stdin,
-                               console_size=tuple(opts.console)
-                               if opts.tty and opts.console and all(opts.console) else None)
-        self.io = io
-        self.send(session.STARTED)
-        streams = [("stdout", session.STDOUT)] + ([] if opts.tty else [("stderr", session.STDERR)])
-        await asyncio.gather(*(self._pump(io, name, kind) for name, kind in streams))
+                               console_size=opts.console_size)
+        await self._relay(io, opts.tty)
         return {"code": await io.wait()}
 
     def _container_id(self, prefix: str) -> str:
@@ -353,6 +345,14 @@ class _Session:
             raise RunError(f"cannot start container: {message}",
                            exitcodes.for_start_error(message)) from None
 
+    async def _relay(self, io, tty: bool) -> None:
+        """The process runs: tell the CLI, take its input from now on
+        (_read_client), send its output to the end (a tty has no stderr)."""
+        self.io = io
+        self.send(session.STARTED)
+        streams = [("stdout", session.STDOUT)] + ([] if tty else [("stderr", session.STDERR)])
+        await asyncio.gather(*(self._pump(io, name, kind) for name, kind in streams))
+
     async def _pump(self, io, stream: str, kind: int) -> None:
         """A stream of the container's output to the CLI, to its end (a CLI
         gone away stops the sending, not the draining)."""
@@ -374,7 +374,7 @@ class _Session:
             shutil.rmtree(self.server.logs_root / self.pod_name, ignore_errors=True)
 
     # --- from the CLI
-    async def _read_client(self, opts: RunOptions) -> None:
+    async def _read_client(self, opts: RunOptions | ExecOptions) -> None:
         try:
             while (f := await session.read_frame(self.reader)) is not None:
                 # The process may have ended meanwhile: its input goes nowhere.

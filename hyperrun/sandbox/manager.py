@@ -475,9 +475,7 @@ class SandboxManager:
                                   user=apb.User(spec=defaults.user,
                                                 additional_gids=list(sc.supplemental_groups)),
                                   terminal=config.tty, stdin=config.stdin,
-                                  console_size=apb.ConsoleSize(rows=console_size[0],
-                                                               cols=console_size[1])
-                                  if console_size else None)
+                                  console_size=_console(console_size))
             hostname = pod_hostname(sandbox_config)
             shared = self._shared_dir(sandbox.vm)
             try:
@@ -698,9 +696,7 @@ class SandboxManager:
         sandbox = self._running_sandbox(row.sandbox_id)
         eid = "exec-" + secrets.token_hex(8)
         await sandbox.agent.exec_process(container_id, eid, apb.Process(
-            args=cmd, terminal=tty, stdin=stdin,
-            console_size=apb.ConsoleSize(rows=console_size[0], cols=console_size[1])
-            if console_size else None))
+            args=cmd, terminal=tty, stdin=stdin, console_size=_console(console_size)))
         return ExecIO(sandbox, container_id, eid)
 
     async def attach(self, container_id: str, tty: bool, stdin: bool,
@@ -782,6 +778,11 @@ class SandboxManager:
         except asyncio.TimeoutError:
             await io.agent.signal_process(container_id, io.eid, signal.SIGKILL)
             raise TimeoutError(f"command {cmd!r} timed out after {timeout}s") from None
+
+def _console(size: tuple[int, int] | None) -> "apb.ConsoleSize | None":
+    """A tty's size from the start, as the agent takes it."""
+    return apb.ConsoleSize(rows=size[0], cols=size[1]) if size else None
+
 
 # An attach session's share of a container's output: one queue per stream
 # (b"" marks its end), so that the stdout and stderr readers never take
