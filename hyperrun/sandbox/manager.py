@@ -153,6 +153,10 @@ class SandboxManager:
             self.sandboxes[row.id] = sandbox
             self._watch_vm(row.id)
             containers = self.state.containers(row.id)
+            # Its plugged disks, as recorded; one plugged with no record yet (a
+            # pre-plug, a kill inside a create) is plugged again, and
+            # hotplug_disk takes it as it is.
+            sandbox.disks = {c.disk_serial for c in containers}
             for c in containers:
                 if c.state == RUNNING:
                     self._follow(c)
@@ -464,8 +468,7 @@ class SandboxManager:
         disk = Disk(self.images.rootfs(image), serial=serial)
         async with self._lock(sandbox_id):
             began = time.monotonic()
-            hotplug = serial not in sandbox.disks and \
-                not any(c.disk_serial == serial for c in self.state.containers(sandbox_id))
+            hotplug = serial not in sandbox.disks
             if hotplug:
                 await sandbox.vm.hotplug_disk(disk)
                 sandbox.disks.add(serial)

@@ -23,8 +23,8 @@ class Sandbox:
     def __init__(self, vm: QemuVM, agent: AgentClient) -> None:
         self.vm = vm
         self.agent = agent
-        # Serials of the image disks this daemon plugged into the VM (a
-        # restarted daemon knows those of its containers' records).
+        # Serials of the image disks plugged into the VM: a restarted daemon
+        # takes those of its containers' records (manager.recover).
         self.disks: set[str] = set()
 
     @property
