@@ -175,10 +175,12 @@ def _process_tree(pid: int) -> list[int]:
     return pids
 
 
-def _vm_pss_mib(root: Path) -> list[float]:
-    """PSS (MiB) of each running QEMU whose run directory is under root."""
+def _vm_pss_mib(root: Path, measure=None) -> list[float]:
+    """PSS (MiB) of each running QEMU whose run directory is under root, or
+    what measure(pid) says in KiB (tcg_cache_kib: its TCG cache's share)."""
+    measure = measure or pss_kib
     pids = [rundir.qemu_pid(p) for p in root.glob("*")]
-    return [pss_kib(pid) / 1024 for pid in pids if pid is not None and rundir.alive_qemu(pid)]
+    return [measure(pid) / 1024 for pid in pids if pid is not None and rundir.alive_qemu(pid)]
 
 
 def _daemon_pss(d: "_Daemon") -> float:
@@ -545,12 +547,6 @@ def tcg_cache_kib(pid: int) -> int:
     return total
 
 
-def _vm_cache_mib(root: Path) -> list[float]:
-    """The TCG cache's share of _vm_pss_mib, VM by VM."""
-    pids = [rundir.qemu_pid(p) for p in root.glob("*")]
-    return [tcg_cache_kib(pid) / 1024 for pid in pids if pid is not None and rundir.alive_qemu(pid)]
-
-
 def bench_density(count: int) -> dict:
     """`count` idle pods at once, each running a container that answers an
     exec, booted cold and then restored from a template: time to start them
@@ -578,7 +574,7 @@ def bench_density(count: int) -> dict:
                 assert r.exit_code == 0
             time.sleep(2)  # idle
             median = statistics.median(_vm_pss_mib(base / "run" / "sandboxes"))
-            cache = statistics.median(_vm_cache_mib(base / "run" / "sandboxes"))
+            cache = statistics.median(_vm_pss_mib(base / "run" / "sandboxes", tcg_cache_kib))
             row(f"{count} pods started ({mode}), each answered an exec", f"{elapsed:.1f} s")
             row(f"PSS per idle pod VM ({mode}), median", f"{median:.1f} MiB, of which "
                 f"{cache:.1f} MiB TCG's translation cache (none under KVM)")
