@@ -176,6 +176,8 @@ class Platform:
         for v in (os_, arch, variant):
             if not isinstance(v, str):  # from a registry's JSON: a typed error, not AttributeError
                 raise ManifestError(f"platform field {type(v).__name__} is not a string")
+            if "/" in v:  # written as os/arch/variant: a field with a / reads back as another
+                raise ManifestError(f"platform field {v[:80]!r} has a '/'")
         os_, arch, variant = os_.lower(), arch.lower(), variant.lower()
         if arch in ("armhf",) and not variant:
             variant = "v7"
