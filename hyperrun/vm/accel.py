@@ -1,8 +1,12 @@
 """Choosing the accelerator: KVM only where it can really run a guest.
 
-Some hosts (paravirtualised "PVM" hosts) expose /dev/kvm without VT-x or
-AMD-V in the CPU flags; a standard guest started with KVM there hangs. So
-KVM needs both: /dev/kvm opens read-write *and* the CPU shows vmx or svm.
+Some hosts expose /dev/kvm without VT-x or AMD-V in the CPU flags; a
+standard guest started with KVM there hangs. So KVM needs both: /dev/kvm
+opens read-write *and* the CPU shows vmx or svm. One such host is a PVM
+host (the `kvm_pvm` module, "Pagetable-based Virtual Machine", which runs
+guests in a VM without nested VT-x): its KVM runs only guest kernels built
+for PVM, which ours is not (its patches are outside Linux and Debian). A
+user with such a kernel forces KVM with HYPERRUN_KERNEL and HYPERRUN_ACCEL.
 """
 from __future__ import annotations
 
@@ -28,6 +32,10 @@ def _cpu_has_virt() -> bool:
     return False
 
 
+def _pvm_host() -> bool:
+    return os.path.isdir("/sys/module/kvm_pvm")
+
+
 def _kvm_opens() -> tuple[bool, str]:
     try:
         fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
@@ -46,6 +54,10 @@ def choose() -> Accel:
     ok, why = _kvm_opens()
     if not ok:
         return Accel("tcg", f"{why}; using TCG (software emulation)")
+    if not _cpu_has_virt() and _pvm_host():
+        return Accel("tcg", "/dev/kvm is PVM (kvm_pvm), which runs only guest kernels built for "
+                            "PVM; the guest kernel is a standard one; using TCG (a PVM guest "
+                            "kernel: HYPERRUN_KERNEL=... HYPERRUN_ACCEL=kvm)")
     if not _cpu_has_virt():
         return Accel("tcg", "/dev/kvm opens but the CPU shows no vmx/svm (a paravirtualised "
                             "host cannot run a standard guest); using TCG")

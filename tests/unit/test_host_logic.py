@@ -27,7 +27,10 @@ def test_accel_needs_vmx_or_svm(monkeypatch):
     monkeypatch.delenv("HYPERRUN_ACCEL", raising=False)
     monkeypatch.setattr(accel, "_kvm_opens", lambda: (True, ""))
     monkeypatch.setattr(accel, "_cpu_has_virt", lambda: False)
+    monkeypatch.setattr(accel, "_pvm_host", lambda: False)
     assert accel.choose().name == "tcg"
+    monkeypatch.setattr(accel, "_pvm_host", lambda: True)  # says which kernel KVM would need
+    assert accel.choose().name == "tcg" and "PVM" in accel.choose().reason
     monkeypatch.setattr(accel, "_cpu_has_virt", lambda: True)
     assert accel.choose().name == "kvm"
     monkeypatch.setattr(accel, "_kvm_opens", lambda: (False, "/dev/kvm: No such file"))
