@@ -531,20 +531,34 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
+def _anonymous_kib(pid: int, wanted, field: str = "Pss:") -> int:
+    """field summed over pid's anonymous mappings (no path) for which
+    wanted(permissions, size in KiB) holds."""
+    with open(f"/proc/{pid}/smaps") as f:
+        lines = f.read().splitlines()
+    total, counted = 0, False
+    for line in lines:
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and ":" not in fields[0]:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            counted = len(fields) == 5 and wanted(fields[1], (end - start) // 1024)
+        elif counted and line.startswith(field):
+            total += int(fields[1])
+    return total
+
+
 def tcg_cache_kib(pid: int) -> int:
     """The PSS of QEMU's TCG translation cache: its one anonymous mapping
     that is writable and executable (`-accel tcg,tb-size`). Private to each
     VM and filled as the guest runs new code; a KVM guest has none."""
-    with open(f"/proc/{pid}/smaps") as f:
-        lines = f.read().splitlines()
-    total, in_cache = 0, False
-    for line in lines:
-        fields = line.split()
-        if fields and "-" in fields[0] and len(fields) >= 5 and ":" not in fields[0]:
-            in_cache = len(fields) == 5 and fields[1] == "rwxp"  # anonymous: no path
-        elif in_cache and line.startswith("Pss:"):
-            total += int(fields[1])
-    return total
+    return _anonymous_kib(pid, lambda perms, _: perms == "rwxp")
+
+
+def guest_ram_kib(pid: int, memory_mib: int) -> int:
+    """How much of a booted VM's RAM (anonymous, `-m memory_mib`) is resident:
+    what the guest has touched and not handed back (free page reporting)."""
+    return _anonymous_kib(pid, lambda perms, size: perms == "rw-p" and size == memory_mib * 1024,
+                          "Rss:")
 
 
 def bench_density(count: int) -> dict:

@@ -119,6 +119,13 @@ def command_line(config: VMConfig, run_dir: Path, qmp_fd: int | None, agent_fd: 
             netdev = "user,id=net0" + (",restrict=on" if nic.restrict else "") + \
                 "".join(f",hostfwd={f}" for f in nic.forwards)
         argv += ["-netdev", netdev, "-device", f"virtio-net-{bus},netdev=net0,mac={nic.mac}"]
+    if config.memory_file is None:
+        # Free page reporting: the guest reports the 2 MiB blocks it has
+        # freed, and QEMU drops them from its RAM (MADV_DONTNEED). Not for
+        # RAM in a file: QEMU 7.2 drops those pages with fallocate(PUNCH_HOLE)
+        # even for a private mapping, which would zero a template's file
+        # under its clones.
+        argv += ["-device", f"virtio-balloon-{bus},free-page-reporting=on"]
     if qmp_fd is not None:
         argv += ["-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off",
                  "-mon", "chardev=qmp,mode=control"]

@@ -96,6 +96,41 @@ def test_sandbox_lifecycle_and_agent_api(busybox_rootfs, no_leaks):
     run(main())
 
 
+def test_freed_guest_memory_goes_back_to_the_host(busybox_rootfs, no_leaks):
+    """Free page reporting: 60 MiB a container fills and frees leave QEMU's
+    RAM again (without it, a booted VM keeps every page it ever touched)."""
+    from hyperrun.bench import guest_ram_kib
+
+    async def main():
+        sb = await booted(busybox_rootfs)
+        try:
+            def resident_mib() -> float:
+                return guest_ram_kib(sb.vm.pid, sb.vm.config.memory_mib) / 1024
+
+            await sb.agent.create_container("c1", ROOTFS, pb.Process(args=["sleep", "300"]))
+            await sb.agent.start_container("c1")
+            before = resident_mib()
+
+            async def sh(eid: str, script: str) -> None:
+                await sb.agent.exec_process("c1", eid, pb.Process(args=["sh", "-c", script]))
+                assert (await sb.agent.wait_process("c1", eid)).exit_code == 0
+
+            # A file in the container's tmpfs holds its pages until removed.
+            await sh("fill", "dd if=/dev/zero of=/dev/shm/fill bs=1M count=60 2>/dev/null")
+            filled = resident_mib()
+            assert filled - before > 50, (before, filled)
+            await sh("rm", "rm /dev/shm/fill")
+            # The guest reports freed blocks 2 s after they are freed.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while (now := resident_mib()) > before + 20:
+                assert loop.time() < deadline, f"RAM {before:.0f} -> {filled:.0f} -> {now:.0f} MiB"
+                await asyncio.sleep(0.5)
+        finally:
+            await sb.destroy()
+    run(main())
+
+
 def test_agent_serves_a_reconnecting_host(busybox_rootfs, no_leaks):
     """The host side disconnects (as a restarting daemon would) and a new
     session on the same socket finds the agent and its containers."""

@@ -50,8 +50,19 @@ def test_command_line_microvm(tmp_path):
     assert "socket,id=qmp,fd=5,server=on,wait=off" in joined
     assert "mount_tag=rootfs" in joined and "readonly=on" in joined
     assert "-no-reboot" in argv
+    assert "virtio-balloon-device,free-page-reporting=on" in argv
     append = argv[argv.index("-append") + 1]
     assert "root=/dev/vda" in append and "init=/sbin/init" in append and "reboot=t" in append
+
+
+def test_ram_in_a_file_gets_no_free_page_reporting(tmp_path):
+    """QEMU 7.2 would punch freed pages out of the file: a template's, under
+    its clones. Only anonymous RAM gets the balloon."""
+    for shared in (True, False):
+        cfg = VMConfig(kernel=Path("/k"), root_image=Path("/img"),
+                       memory_file=tmp_path / "mem", memory_shared=shared)
+        argv = command_line(cfg, tmp_path, qmp_fd=5, agent_fd=6)
+        assert not any("balloon" in a for a in argv)
 
 
 def test_command_line_q35_vsock(tmp_path):
@@ -60,6 +71,7 @@ def test_command_line_q35_vsock(tmp_path):
     argv = command_line(cfg, tmp_path, qmp_fd=5, agent_fd=None)
     assert "vhost-vsock-pci,guest-cid=7" in argv
     assert "virtio-blk-pci,drive=root" in argv
+    assert "virtio-balloon-pci,free-page-reporting=on" in argv
     assert argv[argv.index("-cpu") + 1] == "host"
 
 
