@@ -1,6 +1,7 @@
-"""The CLI as a client of the daemon (hyperrun daemon): pods, ps, logs,
-stop, rm, pull, images, over the same CRI API the kubelet uses; `run
-IMAGE` and `exec`, which the daemon does in a session (hyperrun/session.py)."""
+"""The CLI as a client of the daemon (hyperrun daemon): `run IMAGE`,
+`exec`, `ps`, `pods`, `logs`, `stop` and `rm`, which the daemon does in a
+session (hyperrun/session.py); `pull`, `images` and `rmi` over the CRI's
+image service, as the kubelet uses it."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,8 @@ import time
 from pathlib import Path
 
 from hyperrun import annotations, exitcodes, paths, session
-from hyperrun.session import RUN_LABEL, ExecOptions, RunError, RunOptions
+from hyperrun.session import (ContainersOptions, ExecOptions, ListOptions, LogsOptions, RunError,
+                              RunOptions)
 
 
 class NoDaemon(Exception):
@@ -72,115 +74,71 @@ def table(rows: list[tuple]) -> int:
 
 
 def pods() -> int:
-    from hyperrun.proto import cri_api_pb2 as cri
-
-    with connect() as host:
-        rows = [("POD ID", "NAME", "NAMESPACE", "STATE", "CREATED")]
-        for p in host.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items:
-            rows.append((p.id[:13], p.metadata.name, p.metadata.namespace,
-                         cri.PodSandboxState.Name(p.state).removeprefix("SANDBOX_"),
-                         _age(p.created_at)))
-    table(rows)
-    return 0
+    rows = _ask(session.LIST, ListOptions(pods=True))
+    return table([("POD ID", "NAME", "NAMESPACE", "STATE", "CREATED")] + [
+        (p["id"][:13], p["name"], p["namespace"], p["state"], _age(p["created"])) for p in rows])
 
 
 def ps(all_: bool) -> int:
-    from hyperrun.proto import cri_api_pb2 as cri
-
-    with connect() as host:
-        rows = [("CONTAINER ID", "IMAGE", "NAME", "STATE", "CREATED", "POD ID")]
-        for c in host.runtime.ListContainers(cri.ListContainersRequest()).containers:
-            if not all_ and c.state != cri.CONTAINER_RUNNING:
-                continue
-            rows.append((c.id[:13], c.image.image, c.metadata.name,
-                         cri.ContainerState.Name(c.state).removeprefix("CONTAINER_"),
-                         _age(c.created_at), c.pod_sandbox_id[:13]))
-    table(rows)
-    return 0
-
-
-def _full_id(runtime, prefix: str) -> str:
-    from hyperrun.proto import cri_api_pb2 as cri
-
-    matches = [c.id for c in runtime.ListContainers(cri.ListContainersRequest(
-        filter=cri.ContainerFilter(id=prefix))).containers]
-    if len(matches) != 1:
-        raise SystemExit(f"hyperrun: {'no' if not matches else 'more than one'} container {prefix!r}")
-    return matches[0]
+    rows = _ask(session.LIST, ListOptions(all=all_))
+    return table([("CONTAINER ID", "IMAGE", "NAME", "STATE", "CREATED", "POD ID")] + [
+        (c["id"][:13], c["image"], c["name"], c["state"], _age(c["created"]), c["pod"][:13])
+        for c in rows])
 
 
 def exec_(container: str, cmd: list[str], interactive: bool = False, tty: bool = False) -> int:
     """`hyperrun exec`: in an exec session with the daemon (the output as it
     comes, stdin with -i, a terminal with -t), as `run` does."""
-    path = paths.daemon_socket()
-    sock = _connect_session(session.socket_path(path))
-    if sock is None:
-        raise NoDaemon(f"no hyperrun daemon at {path}: start `hyperrun daemon`")
-    opts = ExecOptions(container, cmd, stdin=interactive, tty=tty)
     try:
-        with sock:
-            return _session(sock, session.EXEC, opts)
-    except RunError as exc:
-        print(f"hyperrun: {exc}", file=sys.stderr)
-        return exc.code
+        return _command(session.EXEC, ExecOptions(container, cmd, stdin=interactive, tty=tty))
     except KeyboardInterrupt:  # the process goes on, as under `docker exec`
         return 130
 
 
 def logs(container: str, follow: bool) -> int:
-    """Print a container's output from its CRI log file (as `crictl logs`)."""
-    from hyperrun.proto import cri_api_pb2 as cri
-
-    with connect() as host:
-        cid = _full_id(host.runtime, container)
-        status = host.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
-        if not status.log_path:
-            raise SystemExit(f"hyperrun: container {container} has no log")
-        with open(status.log_path, "rb") as f:
-            while True:
-                line = f.readline()
-                if line:
-                    _, stream, tag, text = line.split(b" ", 3)
-                    out = sys.stdout.buffer if stream == b"stdout" else sys.stderr.buffer
-                    out.write(text if tag == b"F" else text.rstrip(b"\n"))
-                    out.flush()
-                    continue
-                if not follow:
-                    return 0
-                state = host.runtime.ContainerStatus(
-                    cri.ContainerStatusRequest(container_id=cid)).status.state
-                if state != cri.CONTAINER_RUNNING:
-                    return 0
-                time.sleep(0.2)
+    """A container's output from its CRI log file, which the daemon reads
+    (as `docker logs`; the file is root's)."""
+    try:
+        return _command(session.LOGS, LogsOptions(container, follow))
+    except KeyboardInterrupt:
+        return 130
 
 
 def stop(containers: list[str], timeout: int) -> int:
-    from hyperrun.proto import cri_api_pb2 as cri
-
-    with connect() as host:
-        for name in containers:
-            cid = _full_id(host.runtime, name)
-            host.runtime.StopContainer(cri.StopContainerRequest(container_id=cid, timeout=timeout))
-            print(name)
-    return 0
+    return _command(session.STOP_CONTAINERS, ContainersOptions(containers, timeout))
 
 
 def rm(containers: list[str]) -> int:
     """Remove containers, and the pod `run` made for each."""
-    from hyperrun.proto import cri_api_pb2 as cri
+    return _command(session.REMOVE_CONTAINERS, ContainersOptions(containers))
 
-    with connect() as host:
-        for name in containers:
-            cid = _full_id(host.runtime, name)
-            status = host.runtime.ContainerStatus(
-                cri.ContainerStatusRequest(container_id=cid)).status
-            if status.state == cri.CONTAINER_RUNNING:
-                raise SystemExit(f"hyperrun: container {name} is running: stop it first")
-            pod = next(c.pod_sandbox_id for c in host.runtime.ListContainers(
-                cri.ListContainersRequest(filter=cri.ContainerFilter(id=cid))).containers)
-            _remove_run(host, cid, pod, status.labels.get(RUN_LABEL) == "1")
-            print(name)
-    return 0
+
+def _daemon_session():
+    """A session connection to the daemon."""
+    path = paths.daemon_socket()
+    sock = _connect_session(session.socket_path(path))
+    if sock is None:
+        raise NoDaemon(f"no hyperrun daemon at {path}: start `hyperrun daemon`")
+    return sock
+
+
+def _command(kind: int, opts) -> int:
+    """A command the daemon does in a session: its exit code."""
+    with _daemon_session() as sock:
+        try:
+            return _exit_code(_session(sock, kind, opts))
+        except RunError as exc:
+            print(f"hyperrun: {exc}", file=sys.stderr)
+            return exc.code
+
+
+def _ask(kind: int, opts) -> list[dict]:
+    """The rows a LIST session answers with."""
+    with _daemon_session() as sock:
+        result = _session(sock, kind, opts)
+    if "error" in result:
+        raise SystemExit(f"hyperrun: {result['error']}")
+    return result["rows"]
 
 
 # ----------------------------------------------------------------- run
@@ -207,7 +165,7 @@ def run(opts: RunOptions) -> int:
             if sock is None:
                 raise RunError("the embedded host does not answer")
         with sock:
-            return _session(sock, session.RUN, opts)
+            return _exit_code(_session(sock, session.RUN, opts))
     except RunError as exc:
         print(f"hyperrun: {exc}", file=sys.stderr)
         return exc.code
@@ -247,9 +205,9 @@ def _connect_session(path: Path):
     return sock
 
 
-def _session(sock, kind: int, opts: RunOptions | ExecOptions) -> int:
+def _session(sock, kind: int, opts) -> dict:
     """A session's client: the request (with -t, the terminal's size), then
-    output frames until EXIT."""
+    output frames until EXIT, whose content it returns."""
     if opts.tty:
         from hyperrun.terminal import terminal_size
 
@@ -284,14 +242,19 @@ def _session(sock, kind: int, opts: RunOptions | ExecOptions) -> int:
             elif kind == session.STARTED:
                 _attach(opts, send, attached)
             elif kind == session.EXIT:
-                result = json.loads(payload)
-                if "container" in result:
-                    print(result["container"])
-                    return 0
-                if "error" in result:
-                    print(f"hyperrun: {result['error']}", file=sys.stderr)
-                return int(result.get("code", exitcodes.RUNTIME_ERROR))
-    raise RunError("the daemon ended the run without its exit status")
+                return json.loads(payload)
+    raise RunError("the daemon ended the session without its exit status")
+
+
+def _exit_code(result: dict) -> int:
+    """A command's exit code from its EXIT (a detached run's container id
+    printed, an error told)."""
+    if "container" in result:
+        print(result["container"])
+        return 0
+    if "error" in result:
+        print(f"hyperrun: {result['error']}", file=sys.stderr)
+    return int(result.get("code", exitcodes.RUNTIME_ERROR))
 
 
 def _attach(opts: RunOptions | ExecOptions, send, stack) -> None:
@@ -329,36 +292,6 @@ def _attach(opts: RunOptions | ExecOptions, send, stack) -> None:
 def _cri():
     from hyperrun.proto import cri_api_pb2 as cri
     return cri
-
-
-def _quietly(call, request) -> None:
-    import grpc
-
-    try:
-        call(request)
-    except grpc.RpcError:
-        pass
-
-
-def _remove_run(host: Host, cid: str | None, pod: str, with_pod: bool) -> None:
-    """A container, and the pod `run` made for it, with its log directory."""
-    import shutil
-
-    cri = _cri()
-    if cid is not None and not with_pod:  # RemovePodSandbox takes its containers along
-        _quietly(host.runtime.RemoveContainer, cri.RemoveContainerRequest(container_id=cid))
-    if with_pod:
-        try:
-            status = host.runtime.PodSandboxStatus(
-                cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status
-        except Exception:
-            status = None
-        _quietly(host.runtime.StopPodSandbox, cri.StopPodSandboxRequest(pod_sandbox_id=pod))
-        _quietly(host.runtime.RemovePodSandbox, cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
-        if status is not None and status.labels.get(RUN_LABEL) == "1":
-            from hyperrun.paths import data_root
-
-            shutil.rmtree(data_root() / "logs" / status.metadata.name, ignore_errors=True)
 
 
 # ----------------------------------------------------------------- images

@@ -1,6 +1,6 @@
-"""A run session: `hyperrun run IMAGE` (or `hyperrun exec`) done by the
-daemon for the CLI, over one unix-socket connection (the daemon's side is
-hyperrun/api/runs.py).
+"""A session: a CLI command done by the daemon for the CLI, over one
+unix-socket connection (the daemon's side is hyperrun/api/runs.py): `run
+IMAGE` and `exec`, and `ps`, `pods`, `logs`, `stop` and `rm`.
 
 Why not the CRI, as every other command: a CLI that speaks gRPC imports
 grpc and the CRI's messages (~55 ms) and the websocket client (~45 ms)
@@ -10,12 +10,19 @@ imports nothing but the standard library's socket, json and struct, and
 the daemon does the CRI steps in its own process. Docker's CLI talks to
 dockerd the same way: one request, the output multiplexed back.
 
+The daemon also does what the CLI could not: it reads the containers'
+logs (root's files) and removes a run's log directory, for a member of
+its socket's group too.
+
 The wire is frames of a 5-byte header (kind, payload length) and a
 payload. The CLI sends RUN first (its options as JSON), then STDIN,
 STDIN_CLOSE, RESIZE and STOP as they happen; the daemon sends NOTICE
 lines, STARTED once the container runs, STDOUT and STDERR, and one EXIT
 last (JSON: the exit code, or an error and its code, or the container
-of a detached run). This module is import-light: the CLI loads it first.
+of a detached run). The other commands send their request first too
+(LOGS, LIST, STOP_CONTAINERS, REMOVE_CONTAINERS) and get STDOUT and STDERR
+lines and EXIT back (LIST: its rows in EXIT). This module is
+import-light: the CLI loads it first.
 """
 from __future__ import annotations
 
@@ -32,9 +39,14 @@ RUN_LABEL = "io.hyperrun.run"  # a container `hyperrun run` made, in its own pod
 HEADER = struct.Struct(">BI")
 MAX_FRAME = 1 << 20  # a frame's payload; output comes in 64 KiB reads
 
-# The CLI's frames.
-RUN = ord("R")          # JSON: RunOptions (a session starts with RUN or EXEC)
+# The CLI's frames. A session starts with one of these five:
+RUN = ord("R")          # JSON: RunOptions
 EXEC = ord("E")         # JSON: ExecOptions
+LOGS = ord("L")         # JSON: LogsOptions
+LIST = ord("P")         # JSON: ListOptions
+STOP_CONTAINERS = ord("T")    # JSON: ContainersOptions
+REMOVE_CONTAINERS = ord("D")  # JSON: ContainersOptions
+# then, in a run or an exec:
 STDIN = ord("i")
 STDIN_CLOSE = ord("c")
 RESIZE = ord("z")       # JSON: {"rows": n, "cols": n}
@@ -45,6 +57,7 @@ STARTED = ord("S")
 STDOUT = ord("o")
 STDERR = ord("e")
 EXIT = ord("x")         # JSON: {"code": n} | {"error": text, "code": n} | {"container": id}
+                        # | {"code": 0, "rows": [...]}
 
 
 class ProtocolError(Exception):
@@ -54,6 +67,8 @@ class ProtocolError(Exception):
 class _Request:
     """What a session's first frame asks for (a dataclass below), as JSON."""
     FIELDS: ClassVar[dict]  # each field's type, checked on arrival (see _is)
+    stdin = tty = False     # fields of the requests that run a process
+    console = None
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -122,6 +137,33 @@ class ExecOptions(_Request):
 
     FIELDS: ClassVar[dict] = {"container": str, "cmd": "strs", "stdin": bool, "tty": bool,
                               "console": "size?"}
+
+
+@dataclass
+class LogsOptions(_Request):
+    """`hyperrun logs [-f] CONTAINER`."""
+    container: str
+    follow: bool = False
+
+    FIELDS: ClassVar[dict] = {"container": str, "follow": bool}
+
+
+@dataclass
+class ListOptions(_Request):
+    """`hyperrun ps [-a]` (containers) or `hyperrun pods`."""
+    pods: bool = False
+    all: bool = False
+
+    FIELDS: ClassVar[dict] = {"pods": bool, "all": bool}
+
+
+@dataclass
+class ContainersOptions(_Request):
+    """`hyperrun stop [-t N]` or `hyperrun rm`, of these containers."""
+    containers: list[str]
+    timeout: int = 10
+
+    FIELDS: ClassVar[dict] = {"containers": "strs", "timeout": int}
 
 
 def _is(value, kind) -> bool:

@@ -1,6 +1,8 @@
-"""The daemon's side of run sessions (hyperrun/session.py): `hyperrun run
+"""The daemon's side of sessions (hyperrun/session.py): `hyperrun run
 IMAGE` as the CLI asked it, done here with the sandbox manager (and
-`hyperrun exec`, a process in a running container, the same way). The steps
+`hyperrun exec`, a process in a running container, the same way; and
+`ps`, `pods`, `logs`, `stop` and `rm`, which need the daemon's records,
+files and rights rather than a CLI's). The steps
 are the CRI's, as a kubelet would take them (image, RunPodSandbox,
 CreateContainer, attach, StartContainer, wait, removal), without a round
 trip for each and with the output sent straight from the attach outlet.
@@ -22,10 +24,12 @@ from pathlib import Path
 
 from hyperrun import annotations, exitcodes, log, session
 from hyperrun.proto import cri_api_pb2 as cri
-from hyperrun.sandbox.manager import EXITED
-from hyperrun.session import RUN_LABEL, ExecOptions, ProtocolError, RunError, RunOptions
+from hyperrun.sandbox.manager import EXITED, RUNNING
+from hyperrun.session import (RUN_LABEL, ContainersOptions, ExecOptions, ListOptions, LogsOptions,
+                              ProtocolError, RunError, RunOptions)
 
 from .errors import describe
+from .runtime import container_status, pod_status
 
 logger = log.get("runs")
 
@@ -224,12 +228,16 @@ class _Session:
             if first is None:
                 return
             kind, payload = first
-            if kind == session.RUN:
-                opts, work = RunOptions.from_json(payload), self._run
-            elif kind == session.EXEC:
-                opts, work = ExecOptions.from_json(payload), self._exec
-            else:
-                raise ProtocolError(f"a session starts with a RUN or an EXEC frame, not {kind}")
+            requests = {session.RUN: (RunOptions, self._run),
+                        session.EXEC: (ExecOptions, self._exec),
+                        session.LOGS: (LogsOptions, self._logs),
+                        session.LIST: (ListOptions, self._list),
+                        session.STOP_CONTAINERS: (ContainersOptions, self._stop),
+                        session.REMOVE_CONTAINERS: (ContainersOptions, self._remove)}
+            if kind not in requests:
+                raise ProtocolError(f"a session cannot start with a frame of kind {kind}")
+            request, work = requests[kind]
+            opts = request.from_json(payload)
         except ProtocolError as exc:
             await self.exit({"error": str(exc), "code": exitcodes.RUNTIME_ERROR})
             return
@@ -315,6 +323,100 @@ class _Session:
         await self._relay(io, opts.tty)
         return {"code": await io.wait()}
 
+    async def _logs(self, opts: LogsOptions) -> dict:
+        """`hyperrun logs`: the container's CRI log file, read here (it is
+        root's), each line sent as the stream it came from; with follow,
+        until the container is no longer running."""
+        cid = self._container_id(opts.container)
+        path = self.m.log_path(self.m.container_row(cid))
+        if not path:
+            raise RunError(f"container {opts.container} has no log", 1)
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            return {"code": 0}  # nothing written yet
+        with f:
+            partial = b""
+            while not self.client_gone:
+                # Asked before the read: what a container wrote before it
+                # ended is in the file by then.
+                ended = not opts.follow or not self._running(cid)
+                chunk = await asyncio.to_thread(f.read, 65536)
+                if chunk:
+                    *lines, partial = (partial + chunk).split(b"\n")
+                    for line in lines:
+                        self._send_log_line(line)
+                    await self.flush()
+                elif ended:
+                    break
+                else:
+                    await asyncio.sleep(0.2)
+        return {"code": 0}
+
+    def _send_log_line(self, line: bytes) -> None:
+        """A CRI log line (TIME STREAM TAG TEXT): TEXT to its stream, with
+        its newline unless the tag says it is part of a longer line."""
+        fields = line.split(b" ", 3)
+        if len(fields) == 4:
+            _, stream, tag, text = fields
+            self.send(session.STDOUT if stream == b"stdout" else session.STDERR,
+                      text if tag == b"P" else text + b"\n")
+
+    def _running(self, cid: str) -> bool:
+        try:
+            return self.m.container_row(cid).state == RUNNING
+        except Exception:  # removed meanwhile
+            return False
+
+    async def _list(self, opts: ListOptions) -> dict:
+        """`hyperrun ps` (running containers, or all) and `hyperrun pods`:
+        rows for the CLI's table."""
+        if opts.pods:
+            pods = [pod_status(row) for row in self.m.state.sandboxes()]
+            return {"code": 0, "rows": [
+                {"id": p.id, "name": p.metadata.name, "namespace": p.metadata.namespace,
+                 "state": cri.PodSandboxState.Name(p.state).removeprefix("SANDBOX_"),
+                 "created": p.created_at} for p in pods]}
+        statuses = [(row, container_status(self.m, row)) for row in self.m.state.containers()]
+        return {"code": 0, "rows": [
+            {"id": c.id, "image": c.image.image, "name": c.metadata.name,
+             "state": cri.ContainerState.Name(c.state).removeprefix("CONTAINER_"),
+             "created": c.created_at, "pod": row.sandbox_id}
+            for row, c in statuses if opts.all or c.state == cri.CONTAINER_RUNNING]}
+
+    async def _stop(self, opts: ContainersOptions) -> dict:
+        return await self._each(opts, lambda cid: self.m.stop_container(cid, opts.timeout))
+
+    async def _remove(self, opts: ContainersOptions) -> dict:
+        """`hyperrun rm`: a stopped container; one that `run` made goes with
+        its pod and its log directory."""
+        async def remove(cid: str) -> None:
+            row = self.m.container_row(cid)
+            if row.state == RUNNING:
+                raise RunError(f"container {cid[:12]} is running: stop it first")
+            if cri.ContainerConfig.FromString(row.config).labels.get(RUN_LABEL) == "1":
+                name = cri.PodSandboxConfig.FromString(
+                    self.m.sandbox_row(row.sandbox_id).config).metadata.name
+                await self._remove_run_pod(row.sandbox_id, name)
+            else:
+                await self.m.remove_container(cid)
+        return await self._each(opts, remove)
+
+    async def _each(self, opts: ContainersOptions, step) -> dict:
+        """step for each container named, as Docker's stop and rm: its name
+        printed once done, an error for it on stderr, and on to the next."""
+        code = 0
+        for name in opts.containers:
+            try:
+                await step(self._container_id(name))
+                self.send(session.STDOUT, f"{name}\n".encode())
+            except Exception as exc:
+                message = str(exc) if isinstance(exc, RunError) else _message(exc)
+                self.send(session.STDERR, f"hyperrun: {message}\n".encode())
+                code = 1
+            await self.flush()
+        return {"code": code}
+
     def _container_id(self, prefix: str) -> str:
         """A container's id from the id or a unique prefix of it, as Docker's."""
         matches = [row.id for row in self.m.state.containers() if row.id.startswith(prefix)]
@@ -360,18 +462,23 @@ class _Session:
             self.send(kind, data)
             await self.flush()
 
-    async def _end(self, opts: RunOptions) -> None:
+    async def _end(self, opts) -> None:
         """The pod of a run that ended, or failed: removed (--rm, an embedded
         host, a CLI gone before the start), else stopped and kept for
         `ps -a`/`logs`, as Docker keeps an exited container."""
         if self.pod is None or self.detached:
             return
         # A CLI gone before its container started never saw one: nothing to keep.
-        remove = opts.remove or self.server.remove_always or (self.client_gone and self.io is None)
-        for step in (self.m.stop_pod, self.m.remove_pod) if remove else (self.m.stop_pod,):
-            await _quietly(step(self.pod), "run cleanup")
-        if remove:
-            shutil.rmtree(self.server.logs_root / self.pod_name, ignore_errors=True)
+        if opts.remove or self.server.remove_always or (self.client_gone and self.io is None):
+            await _quietly(self._remove_run_pod(self.pod, self.pod_name), "run cleanup")
+        else:
+            await _quietly(self.m.stop_pod(self.pod), "run cleanup")
+
+    async def _remove_run_pod(self, pod: str, name: str) -> None:
+        """A run's pod, and its log directory (the daemon's to remove)."""
+        await _quietly(self.m.stop_pod(pod), "run cleanup")  # removal stops what is left
+        await self.m.remove_pod(pod)
+        shutil.rmtree(self.server.logs_root / name, ignore_errors=True)
 
     # --- from the CLI
     async def _read_client(self, opts: RunOptions | ExecOptions) -> None:

@@ -45,6 +45,27 @@ def _network_status(row) -> cri.PodSandboxNetworkStatus:
                                        additional_ips=[cri.PodIP(ip=ip) for ip in ips[1:]])
 
 
+def pod_status(row: SandboxRow) -> cri.PodSandboxStatus:
+    """A pod's record as the CRI shows it (here and in `hyperrun pods`)."""
+    config = cri.PodSandboxConfig.FromString(row.config)
+    return cri.PodSandboxStatus(
+        id=row.id, metadata=config.metadata, state=_POD_STATE.get(row.state, cri.SANDBOX_NOTREADY),
+        created_at=row.created_at, network=_network_status(row),
+        labels=config.labels, annotations=config.annotations)
+
+
+def container_status(manager: SandboxManager, row: ContainerRow) -> cri.ContainerStatus:
+    """A container's record as the CRI shows it (here and in `hyperrun ps`)."""
+    config = cri.ContainerConfig.FromString(row.config)
+    return cri.ContainerStatus(
+        id=row.id, metadata=config.metadata, state=_CONTAINER_STATE.get(row.state, cri.CONTAINER_UNKNOWN),
+        created_at=row.created_at, started_at=row.started_at, finished_at=row.finished_at,
+        exit_code=row.exit_code, image=config.image, image_ref=row.image_ref,
+        reason=row.reason, message=row.message, labels=config.labels,
+        annotations=config.annotations, log_path=manager.log_path(row), mounts=config.mounts,
+        resources=cri.ContainerResources(linux=config.linux.resources))
+
+
 class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
     def __init__(self, manager: SandboxManager, streaming: StreamingServer) -> None:
         self.m = manager
@@ -99,27 +120,20 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
         await self.m.remove_pod(request.pod_sandbox_id)
         return cri.RemovePodSandboxResponse()
 
-    def _pod_status(self, row: SandboxRow) -> cri.PodSandboxStatus:
-        config = cri.PodSandboxConfig.FromString(row.config)
-        return cri.PodSandboxStatus(
-            id=row.id, metadata=config.metadata, state=_POD_STATE.get(row.state, cri.SANDBOX_NOTREADY),
-            created_at=row.created_at, network=_network_status(row),
-            labels=config.labels, annotations=config.annotations)
-
     @rpc
     async def PodSandboxStatus(self, request, context):
         row = self.m.sandbox_row(request.pod_sandbox_id)
         info = {}
         if request.verbose and (sb := self.m.sandboxes.get(row.id)):
             info["vm"] = f"{sb.vm.id} pid {sb.vm.pid} run dir {sb.vm.run_dir}"
-        return cri.PodSandboxStatusResponse(status=self._pod_status(row), info=info)
+        return cri.PodSandboxStatusResponse(status=pod_status(row), info=info)
 
     @rpc
     async def ListPodSandbox(self, request, context):
         f = request.filter
         items = []
         for row in self.m.state.sandboxes():
-            s = self._pod_status(row)
+            s = pod_status(row)
             if not _matches(f, row.id, s.labels, s.state):
                 continue
             items.append(cri.PodSandbox(id=s.id, metadata=s.metadata, state=s.state,
@@ -149,27 +163,17 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
         await self.m.remove_container(request.container_id)
         return cri.RemoveContainerResponse()
 
-    def _container_status(self, row: ContainerRow) -> cri.ContainerStatus:
-        config = cri.ContainerConfig.FromString(row.config)
-        return cri.ContainerStatus(
-            id=row.id, metadata=config.metadata, state=_CONTAINER_STATE.get(row.state, cri.CONTAINER_UNKNOWN),
-            created_at=row.created_at, started_at=row.started_at, finished_at=row.finished_at,
-            exit_code=row.exit_code, image=config.image, image_ref=row.image_ref,
-            reason=row.reason, message=row.message, labels=config.labels,
-            annotations=config.annotations, log_path=self.m.log_path(row), mounts=config.mounts,
-            resources=cri.ContainerResources(linux=config.linux.resources))
-
     @rpc
     async def ContainerStatus(self, request, context):
         return cri.ContainerStatusResponse(
-            status=self._container_status(self.m.container_row(request.container_id)))
+            status=container_status(self.m, self.m.container_row(request.container_id)))
 
     @rpc
     async def ListContainers(self, request, context):
         f = request.filter
         out = []
         for row in self.m.state.containers():
-            s = self._container_status(row)
+            s = container_status(self.m, row)
             if not _matches(f, row.id, s.labels, s.state, row.sandbox_id):
                 continue
             out.append(cri.Container(id=row.id, pod_sandbox_id=row.sandbox_id, metadata=s.metadata,

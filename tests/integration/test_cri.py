@@ -326,6 +326,35 @@ def test_cli_through_the_daemon(daemon, pushed):
     assert "busybox" not in cli("images").stdout.decode()
 
 
+
+def test_cli_as_a_member_of_the_socket_group(daemon, pushed):
+    """A user who is not root but in the daemon's socket group (--group)
+    reads logs, whose files are root's, and removes a run, whose log
+    directory is the daemon's: the daemon does both for the CLI."""
+    image = pushed.ref("busybox:latest")
+    daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
+    os.chmod(daemon.base, 0o711)  # the sockets are in there (mkdtemp made it 0700)
+    env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "HYPERRUN_SOCKET": str(daemon.socket)}
+
+    def cli(*args, check=True):
+        r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=daemon", "--clear-groups",
+                            HYPERRUN, *args], env=env, capture_output=True, timeout=120)
+        assert not check or r.returncode == 0, r
+        return r
+
+    cid = cli("run", "-d", image, "sh", "-c", "echo out; sleep 1; echo err >&2").stdout.decode().strip()
+    # -f follows to the container's end, and has everything it wrote.
+    r = cli("logs", "-f", cid[:12])
+    assert (r.stdout, r.stderr) == (b"out\n", b"err\n"), r
+    assert cli("logs", cid[:12]).stdout == b"out\n"
+    logs = daemon.base / "root" / "logs"
+    assert len(list(logs.iterdir())) == 1  # the run's pod's
+    r = cli("rm", cid[:12], "nosuch", check=False)
+    assert (r.returncode, r.stdout) == (1, f"{cid[:12]}\n".encode()), r
+    assert b"no container 'nosuch'" in r.stderr
+    assert list(logs.iterdir()) == []
+    assert cli("ps", "-a").stdout.decode().count("\n") == 1  # the header only
+
 def _mounts_under(path: Path) -> list[str]:
     with open("/proc/self/mountinfo") as f:
         return [line.split()[4] for line in f if str(path) in line.split()[4]]

@@ -1,5 +1,5 @@
 """Run sessions (hyperrun/session.py) under hostile input: what a client of
-the daemon's run-session socket sends is either a well-typed request and
+the daemon's session socket sends is either a well-typed request and
 well-formed frames, or a ProtocolError the daemon answers with an error;
 never another exception, never a frame over the limit."""
 from __future__ import annotations
@@ -17,22 +17,30 @@ from . import FUZZ, counted
 scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) |
                       st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
-field_names = st.sampled_from(list(RunOptions.__dataclass_fields__)) | st.text(max_size=10)
+REQUESTS = [session.RunOptions, session.ExecOptions, session.LogsOptions, session.ListOptions,
+            session.ContainersOptions]
+
+
+def request_fields(cls):
+    names = st.sampled_from(list(cls.__dataclass_fields__)) | st.text(max_size=10)
+    return st.tuples(st.just(cls), st.dictionaries(names, values, max_size=25))
 
 
 @FUZZ
-@given(fields=st.dictionaries(field_names, values, max_size=25))
+@given(request=st.sampled_from(REQUESTS).flatmap(request_fields))
 @counted
-def test_run_requests_are_typed_or_refused(fields):
+def test_requests_are_typed_or_refused(request):
+    cls, fields = request
     try:
-        opts = RunOptions.from_json(json.dumps(fields).encode())
+        opts = cls.from_json(json.dumps(fields).encode())
     except ProtocolError:
         return
-    assert isinstance(opts.image, str) and all(isinstance(a, str) for a in opts.args)
-    assert opts.cpus is None or (type(opts.cpus) is int and opts.cpus >= 0)
-    assert opts.console is None or (len(opts.console) == 2 and all(type(v) is int
-                                                                    for v in opts.console))
-    assert RunOptions.from_json(opts.to_json()) == opts
+    for name, kind in cls.FIELDS.items():
+        value = getattr(opts, name)
+        assert session._is(list(value) if name == "console" and value else value, kind), name
+    if cls is RunOptions:
+        assert opts.cpus is None or (type(opts.cpus) is int and opts.cpus >= 0)
+    assert cls.from_json(opts.to_json()) == opts
 
 
 @FUZZ
