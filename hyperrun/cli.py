@@ -208,22 +208,13 @@ def _images_service():
     return ImageService()
 
 
-def _daemon_host():
-    """The daemon if its socket answers: image commands then go through it."""
-    from hyperrun import client
-    try:
-        return client.connect()
-    except client.NoDaemon:
-        return None
-
-
 def _pull(args: argparse.Namespace) -> int:
     import asyncio
 
-    if host := _daemon_host():
-        from hyperrun import client
-        with host:
-            return client.pull(host, args.image, args.platform, args.quiet)
+    from hyperrun import client
+
+    if (sock := client.daemon_session()) is not None:
+        return client.pull(sock, args.image, args.platform, args.quiet)
 
     from hyperrun.image.distribution import PullError
     from hyperrun.image.reference import InvalidReference
@@ -242,36 +233,26 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _images(args: argparse.Namespace) -> int:
-    from hyperrun.image import reference
+    """The daemon's images (its store may be another), else this store's."""
+    from hyperrun import client
 
-    rows = [("REPOSITORY", "TAG", "DIGEST", "IMAGE ID", "SIZE")]
-    if host := _daemon_host():
-        from hyperrun import client
-        with host:
-            return client.table(rows + client.images(host))
-    service = _images_service()
-    for summary in service.list():
-        image = summary.image
-        size = f"{summary.image.size / 1e6:.1f}MB"
-        image_id = image.config_digest[7:19]
-        if not summary.names:
-            rows.append(("<none>", "<none>", image.digest[:19], image_id, size))
-        for name in summary.names:
-            ref = reference.parse(name.name)
-            repo = reference.Reference(ref.registry, ref.repository).familiar
-            rows.append((repo, ref.tag or "<none>", name.repo_digest[:19], image_id, size))
-    service.close()
-    from hyperrun.client import table
-    return table(rows)
+    if (sock := client.daemon_session()) is not None:
+        rows = client.images(sock)
+    else:
+        service = _images_service()
+        try:
+            rows = service.listing()
+        finally:
+            service.close()
+    return client.table([("REPOSITORY", "TAG", "DIGEST", "IMAGE ID", "SIZE"), *rows])
 
 
 def _rmi(args: argparse.Namespace) -> int:
+    from hyperrun import client
     from hyperrun.image.service import ImageError
 
-    if host := _daemon_host():
-        from hyperrun import client
-        with host:
-            return client.rmi(host, args.images)
+    if (sock := client.daemon_session()) is not None:
+        return client.rmi(sock, args.images)
     service = _images_service()
     status = 0
     for name in args.images:

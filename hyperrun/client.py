@@ -1,7 +1,7 @@
 """The CLI as a client of the daemon (hyperrun daemon): `run IMAGE`,
-`exec`, `ps`, `pods`, `logs`, `stop` and `rm`, which the daemon does in a
-session (hyperrun/session.py); `pull`, `images` and `rmi` over the CRI's
-image service, as the kubelet uses it."""
+`exec`, `ps`, `pods`, `logs`, `stop`, `rm`, `pull`, `images` and `rmi`,
+which the daemon does in sessions (hyperrun/session.py). The CRI is for
+other clients (kubelet, crictl): the CLI imports no grpc."""
 from __future__ import annotations
 
 import os
@@ -9,53 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-from hyperrun import annotations, exitcodes, paths, session
-from hyperrun.session import (ContainersOptions, ExecOptions, ListOptions, LogsOptions, RunError,
-                              RunOptions)
+from hyperrun import exitcodes, paths, session
+from hyperrun.session import (ExecOptions, ListOptions, LogsOptions, NamesOptions, PullOptions,
+                              RunError, RunOptions)
 
 
 class NoDaemon(Exception):
     pass
-
-
-class Host:
-    """The daemon's CRI services, through their stubs."""
-
-    def __init__(self, path: Path) -> None:
-        import grpc
-
-        from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
-
-        self.channel = grpc.insecure_channel(f"unix://{path}")
-        self.runtime = cri_grpc.RuntimeServiceStub(self.channel)
-        self.images = cri_grpc.ImageServiceStub(self.channel)
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self) -> "Host":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def connect() -> Host:
-    """The daemon, if one answers on its socket."""
-    import grpc
-
-    from hyperrun.proto import cri_api_pb2 as cri
-
-    path = paths.daemon_socket()
-    if not path.exists():
-        raise NoDaemon(f"no hyperrun daemon at {path}: start `hyperrun daemon`")
-    host = Host(path)
-    try:
-        host.runtime.Version(cri.VersionRequest(), timeout=5)
-    except grpc.RpcError as exc:
-        host.close()
-        raise NoDaemon(f"the daemon at {path} does not answer: {exc.details()}") from None
-    return host
 
 
 def _age(ns: int) -> str:
@@ -74,13 +34,13 @@ def table(rows: list[tuple]) -> int:
 
 
 def pods() -> int:
-    rows = _ask(session.LIST, ListOptions(pods=True))
+    rows = _ask(session.LIST, ListOptions("pods"))["rows"]
     return table([("POD ID", "NAME", "NAMESPACE", "STATE", "CREATED")] + [
         (p["id"][:13], p["name"], p["namespace"], p["state"], _age(p["created"])) for p in rows])
 
 
 def ps(all_: bool) -> int:
-    rows = _ask(session.LIST, ListOptions(all=all_))
+    rows = _ask(session.LIST, ListOptions("containers", all=all_))["rows"]
     return table([("CONTAINER ID", "IMAGE", "NAME", "STATE", "CREATED", "POD ID")] + [
         (c["id"][:13], c["image"], c["name"], c["state"], _age(c["created"]), c["pod"][:13])
         for c in rows])
@@ -105,26 +65,39 @@ def logs(container: str, follow: bool) -> int:
 
 
 def stop(containers: list[str], timeout: int) -> int:
-    return _command(session.STOP_CONTAINERS, ContainersOptions(containers, timeout))
+    return _command(session.STOP_CONTAINERS, NamesOptions(containers, timeout))
 
 
 def rm(containers: list[str]) -> int:
     """Remove containers, and the pod `run` made for each."""
-    return _command(session.REMOVE_CONTAINERS, ContainersOptions(containers))
+    return _command(session.REMOVE_CONTAINERS, NamesOptions(containers))
 
 
-def _daemon_session():
-    """A session connection to the daemon."""
-    path = paths.daemon_socket()
-    sock = _connect_session(session.socket_path(path))
-    if sock is None:
-        raise NoDaemon(f"no hyperrun daemon at {path}: start `hyperrun daemon`")
-    return sock
+def pull(sock, name: str, platform: str, quiet: bool) -> int:
+    """`hyperrun pull` by the daemon, into its store."""
+    digest = _ask(session.PULL, PullOptions(name, platform), sock)["digest"]
+    print(digest if quiet else f"Digest: {digest}")
+    return 0
 
 
-def _command(kind: int, opts) -> int:
-    """A command the daemon does in a session: its exit code."""
-    with _daemon_session() as sock:
+def images(sock) -> list[list[str]]:
+    """The daemon's `images` rows."""
+    return _ask(session.LIST, ListOptions("images"), sock)["rows"]
+
+
+def rmi(sock, names: list[str]) -> int:
+    return _command(session.REMOVE_IMAGES, NamesOptions(names), sock)
+
+
+def daemon_session():
+    """A session connection to the daemon; None if none answers."""
+    return _connect_session(session.socket_path(paths.daemon_socket()))
+
+
+def _command(kind: int, opts, sock=None) -> int:
+    """A command the daemon does in a session (on sock, else a new one):
+    its exit code."""
+    with sock or _daemon_session() as sock:
         try:
             return _exit_code(_session(sock, kind, opts))
         except RunError as exc:
@@ -132,13 +105,23 @@ def _command(kind: int, opts) -> int:
             return exc.code
 
 
-def _ask(kind: int, opts) -> list[dict]:
-    """The rows a LIST session answers with."""
-    with _daemon_session() as sock:
-        result = _session(sock, kind, opts)
+def _ask(kind: int, opts, sock=None) -> dict:
+    """What a session (on sock, else a new one) answers in its EXIT; an
+    error ends the CLI."""
+    with sock or _daemon_session() as sock:
+        try:
+            result = _session(sock, kind, opts)
+        except RunError as exc:
+            raise SystemExit(f"hyperrun: {exc}") from None
     if "error" in result:
         raise SystemExit(f"hyperrun: {result['error']}")
-    return result["rows"]
+    return result
+
+
+def _daemon_session():
+    if (sock := daemon_session()) is None:
+        raise NoDaemon(f"no hyperrun daemon at {paths.daemon_socket()}: start `hyperrun daemon`")
+    return sock
 
 
 # ----------------------------------------------------------------- run
@@ -287,65 +270,3 @@ def _attach(opts: RunOptions | ExecOptions, send, stack) -> None:
 
         threading.Thread(target=pump_stdin, daemon=True).start()
     stack.enter_context(raw_terminal(enabled=opts.tty and opts.stdin))
-
-
-def _cri():
-    from hyperrun.proto import cri_api_pb2 as cri
-    return cri
-
-
-# ----------------------------------------------------------------- images
-
-def _image_spec(name: str, platform: str = ""):
-    return _cri().ImageSpec(image=name, annotations={annotations.PLATFORM: platform} if platform else {})
-
-
-def pull(host: Host, name: str, platform: str, quiet: bool) -> int:
-    """`hyperrun pull` through the daemon (progress is the daemon's own)."""
-    import grpc
-
-    try:
-        ref = host.images.PullImage(_cri().PullImageRequest(image=_image_spec(name, platform))).image_ref
-    except grpc.RpcError as exc:
-        print(f"hyperrun: {exc.details()}", file=sys.stderr)
-        return 1
-    digest = ref.rpartition("@")[2]
-    print(digest if quiet else f"Digest: {digest}")
-    return 0
-
-
-def images(host: Host) -> list[tuple]:
-    """Rows of `hyperrun images`, from the daemon's ListImages."""
-    from hyperrun.image import reference
-
-    rows = []
-    for image in host.images.ListImages(_cri().ListImagesRequest()).images:
-        size, image_id = f"{image.size / 1e6:.1f}MB", image.id.removeprefix("sha256:")[:12]
-        digests = {d.partition("@")[0]: d.partition("@")[2] for d in image.repo_digests}
-        if not image.repo_tags:
-            rows.append(("<none>", "<none>", next(iter(digests.values()), "")[:19], image_id, size))
-        for tag in image.repo_tags:
-            ref = reference.parse(tag)
-            repo = reference.Reference(ref.registry, ref.repository)
-            rows.append((repo.familiar, ref.tag or "<none>", digests.get(repo.name, "")[:19],
-                         image_id, size))
-    return rows
-
-
-def rmi(host: Host, names: list[str]) -> int:
-    import grpc
-
-    status = 0
-    for name in names:
-        spec = _image_spec(name)
-        if not host.images.ImageStatus(_cri().ImageStatusRequest(image=spec)).HasField("image"):
-            print(f"hyperrun: no such image: {name}", file=sys.stderr)
-            status = 1
-            continue
-        try:
-            host.images.RemoveImage(_cri().RemoveImageRequest(image=spec))
-            print(f"Untagged: {name}")
-        except grpc.RpcError as exc:
-            print(f"hyperrun: {exc.details()}", file=sys.stderr)
-            status = 1
-    return status

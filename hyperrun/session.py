@@ -1,6 +1,7 @@
 """A session: a CLI command done by the daemon for the CLI, over one
 unix-socket connection (the daemon's side is hyperrun/api/runs.py): `run
-IMAGE` and `exec`, and `ps`, `pods`, `logs`, `stop` and `rm`.
+IMAGE` and `exec`, `ps`, `pods`, `logs`, `stop` and `rm`, and `pull`,
+`images` and `rmi`.
 
 Why not the CRI, as every other command: a CLI that speaks gRPC imports
 grpc and the CRI's messages (~55 ms) and the websocket client (~45 ms)
@@ -20,8 +21,9 @@ STDIN_CLOSE, RESIZE and STOP as they happen; the daemon sends NOTICE
 lines, STARTED once the container runs, STDOUT and STDERR, and one EXIT
 last (JSON: the exit code, or an error and its code, or the container
 of a detached run). The other commands send their request first too
-(LOGS, LIST, STOP_CONTAINERS, REMOVE_CONTAINERS) and get STDOUT and STDERR
-lines and EXIT back (LIST: its rows in EXIT). This module is
+(LOGS, LIST, STOP_CONTAINERS, REMOVE_CONTAINERS, PULL, REMOVE_IMAGES) and
+get STDOUT and STDERR lines and EXIT back (LIST: its rows in EXIT; PULL:
+the image's digest). This module is
 import-light: the CLI loads it first.
 """
 from __future__ import annotations
@@ -39,13 +41,15 @@ RUN_LABEL = "io.hyperrun.run"  # a container `hyperrun run` made, in its own pod
 HEADER = struct.Struct(">BI")
 MAX_FRAME = 1 << 20  # a frame's payload; output comes in 64 KiB reads
 
-# The CLI's frames. A session starts with one of these five:
+# The CLI's frames. A session starts with one of these:
 RUN = ord("R")          # JSON: RunOptions
 EXEC = ord("E")         # JSON: ExecOptions
 LOGS = ord("L")         # JSON: LogsOptions
 LIST = ord("P")         # JSON: ListOptions
-STOP_CONTAINERS = ord("T")    # JSON: ContainersOptions
-REMOVE_CONTAINERS = ord("D")  # JSON: ContainersOptions
+STOP_CONTAINERS = ord("T")    # JSON: NamesOptions
+REMOVE_CONTAINERS = ord("D")  # JSON: NamesOptions
+PULL = ord("U")         # JSON: PullOptions
+REMOVE_IMAGES = ord("M")      # JSON: NamesOptions
 # then, in a run or an exec:
 STDIN = ord("i")
 STDIN_CLOSE = ord("c")
@@ -57,7 +61,7 @@ STARTED = ord("S")
 STDOUT = ord("o")
 STDERR = ord("e")
 EXIT = ord("x")         # JSON: {"code": n} | {"error": text, "code": n} | {"container": id}
-                        # | {"code": 0, "rows": [...]}
+                        # | {"code": 0, "rows": [...]} | {"code": 0, "digest": d}
 
 
 class ProtocolError(Exception):
@@ -148,22 +152,36 @@ class LogsOptions(_Request):
     FIELDS: ClassVar[dict] = {"container": str, "follow": bool}
 
 
+LISTS = ("containers", "pods", "images")
+
+
 @dataclass
 class ListOptions(_Request):
-    """`hyperrun ps [-a]` (containers) or `hyperrun pods`."""
-    pods: bool = False
+    """`hyperrun ps [-a]`, `hyperrun pods` or `hyperrun images`: what (one
+    of LISTS), all (containers that are not running too)."""
+    what: str = "containers"
     all: bool = False
 
-    FIELDS: ClassVar[dict] = {"pods": bool, "all": bool}
+    FIELDS: ClassVar[dict] = {"what": str, "all": bool}
 
 
 @dataclass
-class ContainersOptions(_Request):
-    """`hyperrun stop [-t N]` or `hyperrun rm`, of these containers."""
-    containers: list[str]
-    timeout: int = 10
+class NamesOptions(_Request):
+    """`hyperrun stop [-t N]` or `hyperrun rm` of these containers, or
+    `hyperrun rmi` of these images."""
+    names: list[str]
+    timeout: int = 10   # stop's
 
-    FIELDS: ClassVar[dict] = {"containers": "strs", "timeout": int}
+    FIELDS: ClassVar[dict] = {"names": "strs", "timeout": int}
+
+
+@dataclass
+class PullOptions(_Request):
+    """`hyperrun pull IMAGE`."""
+    image: str
+    platform: str = "linux/amd64"
+
+    FIELDS: ClassVar[dict] = {"image": str, "platform": str}
 
 
 def _is(value, kind) -> bool:

@@ -25,8 +25,8 @@ from pathlib import Path
 from hyperrun import annotations, exitcodes, log, session
 from hyperrun.proto import cri_api_pb2 as cri
 from hyperrun.sandbox.manager import EXITED, RUNNING
-from hyperrun.session import (RUN_LABEL, ContainersOptions, ExecOptions, ListOptions, LogsOptions,
-                              ProtocolError, RunError, RunOptions)
+from hyperrun.session import (RUN_LABEL, ExecOptions, ListOptions, LogsOptions, NamesOptions,
+                              ProtocolError, PullOptions, RunError, RunOptions)
 
 from .errors import describe
 from .runtime import container_status, pod_status
@@ -232,8 +232,10 @@ class _Session:
                         session.EXEC: (ExecOptions, self._exec),
                         session.LOGS: (LogsOptions, self._logs),
                         session.LIST: (ListOptions, self._list),
-                        session.STOP_CONTAINERS: (ContainersOptions, self._stop),
-                        session.REMOVE_CONTAINERS: (ContainersOptions, self._remove)}
+                        session.STOP_CONTAINERS: (NamesOptions, self._stop),
+                        session.REMOVE_CONTAINERS: (NamesOptions, self._remove),
+                        session.PULL: (PullOptions, self._pull),
+                        session.REMOVE_IMAGES: (NamesOptions, self._remove_images)}
             if kind not in requests:
                 raise ProtocolError(f"a session cannot start with a frame of kind {kind}")
             request, work = requests[kind]
@@ -369,9 +371,13 @@ class _Session:
             return False
 
     async def _list(self, opts: ListOptions) -> dict:
-        """`hyperrun ps` (running containers, or all) and `hyperrun pods`:
-        rows for the CLI's table."""
-        if opts.pods:
+        """`hyperrun ps` (running containers, or all), `hyperrun pods` and
+        `hyperrun images`: rows for the CLI's table."""
+        if opts.what not in session.LISTS:
+            raise RunError(f"cannot list {opts.what!r}: one of {', '.join(session.LISTS)}")
+        if opts.what == "images":
+            return {"code": 0, "rows": self.server.images.listing()}
+        if opts.what == "pods":
             pods = [pod_status(row) for row in self.m.state.sandboxes()]
             return {"code": 0, "rows": [
                 {"id": p.id, "name": p.metadata.name, "namespace": p.metadata.namespace,
@@ -384,32 +390,51 @@ class _Session:
              "created": c.created_at, "pod": row.sandbox_id}
             for row, c in statuses if opts.all or c.state == cri.CONTAINER_RUNNING]}
 
-    async def _stop(self, opts: ContainersOptions) -> dict:
-        return await self._each(opts, lambda cid: self.m.stop_container(cid, opts.timeout))
+    async def _stop(self, opts: NamesOptions) -> dict:
+        async def stop(name: str) -> list[str]:
+            await self.m.stop_container(self._container_id(name), opts.timeout)
+            return [name]
+        return await self._each(opts.names, stop)
 
-    async def _remove(self, opts: ContainersOptions) -> dict:
+    async def _remove(self, opts: NamesOptions) -> dict:
         """`hyperrun rm`: a stopped container; one that `run` made goes with
         its pod and its log directory."""
-        async def remove(cid: str) -> None:
+        async def remove(name: str) -> list[str]:
+            cid = self._container_id(name)
             row = self.m.container_row(cid)
             if row.state == RUNNING:
                 raise RunError(f"container {cid[:12]} is running: stop it first")
             if cri.ContainerConfig.FromString(row.config).labels.get(RUN_LABEL) == "1":
-                name = cri.PodSandboxConfig.FromString(
+                pod_name = cri.PodSandboxConfig.FromString(
                     self.m.sandbox_row(row.sandbox_id).config).metadata.name
-                await self._remove_run_pod(row.sandbox_id, name)
+                await self._remove_run_pod(row.sandbox_id, pod_name)
             else:
                 await self.m.remove_container(cid)
-        return await self._each(opts, remove)
+            return [name]
+        return await self._each(opts.names, remove)
 
-    async def _each(self, opts: ContainersOptions, step) -> dict:
-        """step for each container named, as Docker's stop and rm: its name
-        printed once done, an error for it on stderr, and on to the next."""
+    async def _pull(self, opts: PullOptions) -> dict:
+        """`hyperrun pull`, into the daemon's store (its progress is not sent)."""
+        try:
+            image = await self.server.images.pull(opts.image, platform=opts.platform,
+                                                  progress=False)
+        except Exception as exc:
+            raise RunError(_message(exc), 1) from None
+        return {"code": 0, "digest": image.digest}
+
+    async def _remove_images(self, opts: NamesOptions) -> dict:
+        async def remove(name: str) -> list[str]:
+            return self.server.images.remove(name)
+        return await self._each(opts.names, remove)
+
+    async def _each(self, names: list[str], step) -> dict:
+        """step for each name, as Docker's stop, rm and rmi: the lines it
+        reports once done, an error for it on stderr, and on to the next."""
         code = 0
-        for name in opts.containers:
+        for name in names:
             try:
-                await step(self._container_id(name))
-                self.send(session.STDOUT, f"{name}\n".encode())
+                for line in await step(name):
+                    self.send(session.STDOUT, f"{line}\n".encode())
             except Exception as exc:
                 message = str(exc) if isinstance(exc, RunError) else _message(exc)
                 self.send(session.STDERR, f"hyperrun: {message}\n".encode())

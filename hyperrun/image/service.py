@@ -96,6 +96,21 @@ class ImageService:
     def list(self) -> list[ImageSummary]:
         return [ImageSummary(i, self.meta.names(i.digest)) for i in self.meta.images()]
 
+    def listing(self) -> list[tuple[str, str, str, str, str]]:
+        """`images` as Docker lists them: a row (REPOSITORY, TAG, DIGEST,
+        IMAGE ID, SIZE) per name, one for an image without a name."""
+        rows = []
+        for summary in self.list():
+            image = summary.image
+            size, image_id = f"{image.size / 1e6:.1f}MB", image.config_digest[7:19]
+            if not summary.names:
+                rows.append(("<none>", "<none>", image.digest[:19], image_id, size))
+            for name in summary.names:
+                ref = reference.parse(name.name)
+                repo = reference.Reference(ref.registry, ref.repository).familiar
+                rows.append((repo, ref.tag or "<none>", name.repo_digest[:19], image_id, size))
+        return rows
+
     def config(self, image: ImageRecord) -> dict:
         try:
             return json.loads(self.store.read(image.config_digest))

@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -322,7 +323,14 @@ def test_cli_through_the_daemon(daemon, pushed):
     while qemu_pids() - before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert qemu_pids() - before == set()
+    # The CLI speaks sessions only: grpc and the CRI's messages (~55 ms of
+    # imports) are the daemon's.
+    r = subprocess.run([sys.executable, "-X", "importtime", HYPERRUN, "images"], env=env,
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0 and b"busybox" in r.stdout and b"grpc" not in r.stderr, r.stderr[-2000:]
     assert "Untagged" in cli("rmi", image).stdout.decode()
+    r = cli("rmi", image, check=False)
+    assert r.returncode == 1 and b"no such image" in r.stderr.lower(), r
     assert "busybox" not in cli("images").stdout.decode()
 
 

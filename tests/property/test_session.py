@@ -18,7 +18,7 @@ scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) |
                       st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
 REQUESTS = [session.RunOptions, session.ExecOptions, session.LogsOptions, session.ListOptions,
-            session.ContainersOptions]
+            session.NamesOptions, session.PullOptions]
 
 
 def request_fields(cls):
