@@ -75,7 +75,8 @@ def rm(containers: list[str]) -> int:
 
 def pull(sock, name: str, platform: str, quiet: bool) -> int:
     """`hyperrun pull` by the daemon, into its store."""
-    digest = _ask(session.PULL, PullOptions(name, platform), sock)["digest"]
+    opts = PullOptions(name, platform, progress=not quiet and sys.stderr.isatty())
+    digest = _ask(session.PULL, opts, sock)["digest"]
     print(digest if quiet else f"Digest: {digest}")
     return 0
 
@@ -133,6 +134,7 @@ def run(opts: RunOptions) -> int:
     start, wait; with --rm (and always without a daemon) everything goes
     when it exits. The exit code is Docker's."""
     opts.env = _resolved_env(opts.env)
+    opts.progress = sys.stderr.isatty()  # a pull's, if the image is missing
     embedded = None
     try:
         sock = _connect_session(session.socket_path(paths.daemon_socket()))
@@ -210,9 +212,15 @@ def _session(sock, kind: int, opts) -> dict:
 
     send(kind, opts.to_json())
     reader = session.FrameReader(sock)
+    pull = _PullShown()
     with contextlib.ExitStack() as attached:
+        attached.callback(pull.end)
         while (f := reader.next()) is not None:
             kind, payload = f
+            if kind == session.PROGRESS:
+                pull.show(payload)
+                continue
+            pull.end()  # the pull is over: its bars go before anything else is written
             if kind in (session.STDOUT, session.STDERR):
                 out = sys.stdout.buffer if kind == session.STDOUT else sys.stderr.buffer
                 try:
@@ -227,6 +235,32 @@ def _session(sock, kind: int, opts) -> dict:
             elif kind == session.EXIT:
                 return json.loads(payload)
     raise RunError("the daemon ended the session without its exit status")
+
+
+class _PullShown:
+    """A daemon's pull, shown on the terminal as a pull without a daemon
+    (rich, imported once the first PROGRESS frame comes)."""
+    CALLS = ("start", "advance", "finish")
+
+    def __init__(self) -> None:
+        self.bars = None
+
+    def show(self, payload: bytes) -> None:
+        import json
+
+        event = json.loads(payload)
+        op = event.pop("op", None)
+        if op not in self.CALLS:
+            return
+        if self.bars is None:
+            from hyperrun.image.progress import RichProgress
+            self.bars = RichProgress()
+        getattr(self.bars, op)(**event)
+
+    def end(self) -> None:
+        if self.bars is not None:
+            self.bars.close()
+            self.bars = None
 
 
 def _exit_code(result: dict) -> int:

@@ -57,6 +57,8 @@ RESIZE = ord("z")       # JSON: {"rows": n, "cols": n}
 STOP = ord("s")         # stop the container (its stop signal, then SIGKILL)
 # The daemon's frames.
 NOTICE = ord("n")       # a line for the user's stderr
+PROGRESS = ord("p")     # JSON: a pull's progress, one call of image/progress.PullProgress:
+                        # {"op": "start" | "advance" | "finish", its arguments}
 STARTED = ord("S")
 STDOUT = ord("o")
 STDERR = ord("e")
@@ -122,12 +124,14 @@ class RunOptions(_Request):
     ports: list[str] = field(default_factory=list)     # [HOSTIP:]HOSTPORT:PORT[/PROTO]
     network: str = "auto"
     console: tuple[int, int] | None = None  # -t: the terminal's rows and cols at the start
+    progress: bool = False          # a pull's progress wanted (the CLI's stderr is a terminal)
 
     FIELDS: ClassVar[dict] = {
         "image": str, "args": "strs", "entrypoint": "strs?", "env": "strs", "workdir": str,
         "user": str, "stdin": bool, "tty": bool, "hostname": str, "readonly": bool,
         "volumes": "strs", "platform": str, "pull": str, "cpus": "int?", "memory_mib": "int?",
-        "remove": bool, "detach": bool, "ports": "strs", "network": str, "console": "size?"}
+        "remove": bool, "detach": bool, "ports": "strs", "network": str, "console": "size?",
+        "progress": bool}
 
 
 @dataclass
@@ -180,8 +184,9 @@ class PullOptions(_Request):
     """`hyperrun pull IMAGE`."""
     image: str
     platform: str = "linux/amd64"
+    progress: bool = False
 
-    FIELDS: ClassVar[dict] = {"image": str, "platform": str}
+    FIELDS: ClassVar[dict] = {"image": str, "platform": str, "progress": bool}
 
 
 def _is(value, kind) -> bool:

@@ -414,10 +414,11 @@ class _Session:
         return await self._each(opts.names, remove)
 
     async def _pull(self, opts: PullOptions) -> dict:
-        """`hyperrun pull`, into the daemon's store (its progress is not sent)."""
+        """`hyperrun pull`, into the daemon's store (its progress sent, if
+        the CLI has a terminal to show it on)."""
         try:
             image = await self.server.images.pull(opts.image, platform=opts.platform,
-                                                  progress=False)
+                                                  progress=self._progress(opts))
         except Exception as exc:
             raise RunError(_message(exc), 1) from None
         return {"code": 0, "digest": image.digest}
@@ -458,11 +459,14 @@ class _Session:
             self.send(session.NOTICE, f"Unable to find image '{opts.image}' locally, pulling".encode())
             await self.flush()
             await self.server.images.pull(opts.image, platform=opts.platform or "linux/amd64",
-                                          progress=False)
+                                          progress=self._progress(opts))
         except RunError:
             raise
         except Exception as exc:
             raise RunError(_message(exc)) from None
+
+    def _progress(self, opts: RunOptions | PullOptions):
+        return _SentProgress(self) if opts.progress else False
 
     async def _start(self) -> None:
         try:
@@ -531,6 +535,45 @@ class _Session:
             # The CRI has no "send this signal": a stop sends the container's
             # stop signal (SIGTERM unless the image says otherwise), then SIGKILL.
             asyncio.ensure_future(_quietly(self.m.stop_container(self.cid, 10), "stop"))
+
+
+class _SentProgress:
+    """A pull's progress (image/progress.PullProgress) sent to the CLI as
+    PROGRESS frames, which it shows as a pull without a daemon does; a
+    layer's advances at most every 0.1 s."""
+
+    def __init__(self, s: "_Session") -> None:
+        self.session = s
+        self.pending: dict[str, int] = {}
+        self.sent_at = 0.0
+
+    def _send(self, op: str, **args) -> None:
+        self.session.send(session.PROGRESS, json.dumps({"op": op, **args}).encode())
+
+    def start(self, digest: str, total: int, done: int = 0) -> None:
+        self._send("start", digest=digest, total=total, done=done)
+
+    def advance(self, digest: str, n: int) -> None:
+        import time
+
+        self.pending[digest] = self.pending.get(digest, 0) + n
+        if time.monotonic() - self.sent_at >= 0.1:
+            self._flush()
+
+    def _flush(self) -> None:
+        import time
+
+        for digest, n in self.pending.items():
+            self._send("advance", digest=digest, n=n)
+        self.pending.clear()
+        self.sent_at = time.monotonic()
+
+    def finish(self, digest: str, skipped: bool = False) -> None:
+        self._flush()
+        self._send("finish", digest=digest, skipped=skipped)
+
+    def close(self) -> None:
+        self._flush()
 
 
 async def _quietly(step, what: str) -> None:

@@ -703,8 +703,10 @@ def test_connection_cut_mid_layer_is_retried_within_a_pull(pushed, store):
 def test_progress_display(pushed, store):
     from rich.console import Console
 
+    from hyperrun.image.progress import RichProgress
+
     buf = io.StringIO()
-    progress = dist.RichProgress(Console(file=buf, force_terminal=True, width=100))
+    progress = RichProgress(Console(file=buf, force_terminal=True, width=100))
     do_pull(pushed.ref("layered"), store, progress=progress)
     assert "MB" in buf.getvalue() or "kB" in buf.getvalue()
 

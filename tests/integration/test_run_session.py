@@ -2,6 +2,7 @@
 runs.py): stdin, a terminal, stop signals, errors, and a CLI that goes
 away before or after its container started. Real VMs, the busybox image
 from the local registry."""
+import json
 import os
 import signal
 import subprocess
@@ -149,3 +150,35 @@ def test_exec_streams_output_takes_a_terminal_and_names_bad_ids(daemon, image): 
     r = subprocess.run([HYPERRUN, "exec", cid[:12], "/no/such/binary"], env=env(d),
                        capture_output=True)
     assert r.returncode == 127, r
+
+
+def test_a_pull_shows_its_progress_on_a_terminal(daemon, pushed):  # noqa: F811
+    """The daemon's pull, for `hyperrun pull` and for a `run` whose image is
+    missing, shows its layers on the CLI's terminal, as a pull without a
+    daemon does; on a pipe, nothing but the digest."""
+    import socket
+
+    from hyperrun import session
+
+    d, ref = daemon, pushed.ref("busybox:latest")
+    with socket.socket(socket.AF_UNIX) as sock:  # the frames themselves
+        sock.connect(str(session.socket_path(d.socket)))
+        sock.sendall(session.frame(session.PULL, session.PullOptions(ref, progress=True).to_json()))
+        frames, reader = [], session.FrameReader(sock)
+        while (f := reader.next()) is not None:
+            frames.append(f)
+    kind, payload = frames[-1]
+    assert kind == session.EXIT and json.loads(payload)["digest"].startswith("sha256:")
+    events = [json.loads(p) for k, p in frames if k == session.PROGRESS]
+    layers = {e["digest"] for e in events if e["op"] == "start"}
+    assert layers and layers == {e["digest"] for e in events if e["op"] == "finish"}, events
+    r = subprocess.run([HYPERRUN, "rmi", ref], env=env(d), capture_output=True)
+    assert r.returncode == 0, r
+    layer = next(iter(layers)).split(":")[1][:12]
+    code, out = in_terminal(["pull", ref], 24, 100, env=env(d))
+    assert code == 0 and layer.encode() in out and b"Digest: sha256:" in out, out
+    subprocess.run([HYPERRUN, "rmi", ref], env=env(d), capture_output=True, check=True)
+    code, out = in_terminal(["run", "--rm", ref, "echo", "ran"], 24, 100, env=env(d))
+    assert code == 0 and layer.encode() in out and out.rstrip().endswith(b"ran"), out
+    r = subprocess.run([HYPERRUN, "pull", ref], env=env(d), capture_output=True)
+    assert r.returncode == 0 and r.stdout.startswith(b"Digest: sha256:") and r.stderr == b"", r

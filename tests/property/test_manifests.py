@@ -24,8 +24,9 @@ from hypothesis import assume, example, given, strategies as st
 from hyperrun.image import distribution as d
 from hyperrun.image import imageconfig, reference
 from hyperrun.image.distribution import (CONFIG_MAX, CONFIG_TYPES, INDEX_TYPES, LAYER_TYPES,
-                                         MANIFEST_MAX, MANIFEST_TYPES, ManifestError,
-                                         NullProgress, Platform, PullError, PullResult)
+                                         MANIFEST_MAX, MANIFEST_TYPES, ManifestError, Platform,
+                                         PullError, PullResult)
+from hyperrun.image.progress import NullProgress
 from hyperrun.image.reference import InvalidReference, Reference
 
 from . import FUZZ, budget, counted, still_failing
