@@ -1,8 +1,8 @@
 """The daemon's side of sessions (hyperrun/session.py): `hyperrun run
 IMAGE` as the CLI asked it, done here with the sandbox manager (and
 `hyperrun exec`, a process in a running container, the same way; and
-`ps`, `pods`, `logs`, `stop` and `rm`, which need the daemon's records,
-files and rights rather than a CLI's). The steps
+`ps`, `pods`, `logs`, `stop`, `rm`, `pull`, `images` and `rmi`, which need
+the daemon's records, files and rights rather than a CLI's). A run's steps
 are the CRI's, as a kubelet would take them (image, RunPodSandbox,
 CreateContainer, attach, StartContainer, wait, removal), without a round
 trip for each and with the output sent straight from the attach outlet.
@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import shutil
+import time
 from pathlib import Path
 
 from hyperrun import annotations, exitcodes, log, session
@@ -139,8 +140,9 @@ def _message(exc: Exception) -> str:
 
 # ------------------------------------------------------------- the server
 
-class RunServer:
-    """Run sessions on a unix socket beside the CRI's. remove_always: every
+class SessionServer:
+    """The CLI's sessions, on a unix socket beside the CRI's (named
+    `<CRI socket>-run.sock`: runs were its first). remove_always: every
     run's pod goes when it ends (an embedded host, whose pods end with the
     CLI anyway)."""
 
@@ -174,7 +176,7 @@ class RunServer:
         try:
             await _Session(self, reader, writer).serve()
         except Exception:  # a bug: this session ends, the daemon goes on
-            logger.exception("run session failed")
+            logger.exception("session failed")
         finally:
             self._sessions.discard(task)
             writer.close()
@@ -185,7 +187,7 @@ class _ClientGone(Exception):
 
 
 class _Session:
-    def __init__(self, server: RunServer, reader: asyncio.StreamReader,
+    def __init__(self, server: SessionServer, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
         self.server = server
         self.m = server.manager
@@ -554,15 +556,11 @@ class _SentProgress:
         self._send("start", digest=digest, total=total, done=done)
 
     def advance(self, digest: str, n: int) -> None:
-        import time
-
         self.pending[digest] = self.pending.get(digest, 0) + n
         if time.monotonic() - self.sent_at >= 0.1:
             self._flush()
 
     def _flush(self) -> None:
-        import time
-
         for digest, n in self.pending.items():
             self._send("advance", digest=digest, n=n)
         self.pending.clear()

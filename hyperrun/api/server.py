@@ -19,7 +19,7 @@ from hyperrun.sandbox.podnet import PodNetworks
 from hyperrun.sandbox.state import State
 
 from .images import ImageServicer
-from .runs import RunServer
+from .runs import SessionServer
 from .runtime import RuntimeServicer
 from .streaming import StreamingServer
 
@@ -51,7 +51,7 @@ class Services:
         cri_grpc.add_RuntimeServiceServicer_to_server(
             RuntimeServicer(self.manager, self.streaming), self.server)
         cri_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.images), self.server)
-        self.runs = RunServer(self.manager, self.images, session.socket_path(socket_path),
+        self.runs = SessionServer(self.manager, self.images, session.socket_path(socket_path),
                               logs_root or paths.data_root() / "logs", remove_always=embedded)
 
     async def start(self) -> None:
