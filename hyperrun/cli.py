@@ -73,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("cmd", nargs=argparse.REMAINDER)
     lg = sub.add_parser("logs", help="a container's output (daemon)")
     lg.add_argument("-f", "--follow", action="store_true")
+    lg.add_argument("-n", "--tail", type=_tail, default=None, metavar="N",
+                    help="only the last N lines (\"all\": every line, the default)")
+    lg.add_argument("-t", "--timestamps", action="store_true",
+                    help="each line with the time it was written")
     lg.add_argument("container")
     st = sub.add_parser("stop", help="stop containers (daemon)")
     st.add_argument("-t", "--time", type=int, default=10, help="seconds before SIGKILL")
@@ -133,12 +137,21 @@ def _client(args: argparse.Namespace) -> int:
             cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
             return client.exec_(args.container, cmd, args.interactive, args.tty)
         if args.command == "logs":
-            return client.logs(args.container, args.follow)
+            return client.logs(args.container, args.follow, args.tail, args.timestamps)
         if args.command == "stop":
             return client.stop(args.containers, args.time)
         return client.rm(args.containers)
     except client.NoDaemon as exc:
         return _fail(str(exc))
+
+
+def _tail(text: str) -> int | None:
+    """logs --tail: a count of lines, or "all" (Docker's spelling of none)."""
+    if text == "all":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of lines or \"all\", not {text!r}")
+    return int(text)
 
 
 def _fail(message: str) -> int:

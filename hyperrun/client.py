@@ -55,11 +55,11 @@ def exec_(container: str, cmd: list[str], interactive: bool = False, tty: bool =
         return 130
 
 
-def logs(container: str, follow: bool) -> int:
+def logs(container: str, follow: bool, tail: int | None = None, timestamps: bool = False) -> int:
     """A container's output from its CRI log file, which the daemon reads
     (as `docker logs`; the file is root's)."""
     try:
-        return _command(session.LOGS, LogsOptions(container, follow))
+        return _command(session.LOGS, LogsOptions(container, follow, tail, timestamps))
     except KeyboardInterrupt:
         return 130
 

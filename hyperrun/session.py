@@ -149,11 +149,14 @@ class ExecOptions(_Request):
 
 @dataclass
 class LogsOptions(_Request):
-    """`hyperrun logs [-f] CONTAINER`."""
+    """`hyperrun logs [-f] [--tail N] [-t] CONTAINER`."""
     container: str
     follow: bool = False
+    tail: int | None = None   # only the last lines
+    timestamps: bool = False  # each line after the time it was written
 
-    FIELDS: ClassVar[dict] = {"container": str, "follow": bool}
+    FIELDS: ClassVar[dict] = {"container": str, "follow": bool, "tail": "int?",
+                              "timestamps": bool}
 
 
 LISTS = ("containers", "pods", "images")

@@ -340,7 +340,10 @@ class _Session:
         except FileNotFoundError:
             return {"code": 0}  # nothing written yet
         with f:
+            if opts.tail is not None:
+                f.seek(await asyncio.to_thread(tail_offset, f, opts.tail))
             partial = b""
+            open_lines: set[bytes] = set()  # streams whose last entry was part of a line
             while not self.client_gone:
                 # Asked before the read: what a container wrote before it
                 # ended is in the file by then.
@@ -349,7 +352,7 @@ class _Session:
                 if chunk:
                     *lines, partial = (partial + chunk).split(b"\n")
                     for line in lines:
-                        self._send_log_line(line)
+                        self._send_log_line(line, opts.timestamps, open_lines)
                     await self.flush()
                 elif ended:
                     break
@@ -357,14 +360,19 @@ class _Session:
                     await asyncio.sleep(0.2)
         return {"code": 0}
 
-    def _send_log_line(self, line: bytes) -> None:
-        """A CRI log line (TIME STREAM TAG TEXT): TEXT to its stream, with
-        its newline unless the tag says it is part of a longer line."""
+    def _send_log_line(self, line: bytes, timestamps: bool, open_lines: set[bytes]) -> None:
+        """A CRI log entry (TIME STREAM TAG TEXT): TEXT to its stream, with
+        its newline unless the tag says it is part of a longer line; with
+        timestamps, after the TIME of a line's first part, as Docker's -t."""
         fields = line.split(b" ", 3)
-        if len(fields) == 4:
-            _, stream, tag, text = fields
-            self.send(session.STDOUT if stream == b"stdout" else session.STDERR,
-                      text if tag == b"P" else text + b"\n")
+        if len(fields) != 4:
+            return
+        written, stream, tag, text = fields
+        if timestamps and stream not in open_lines:
+            text = written + b" " + text
+        (open_lines.add if tag == b"P" else open_lines.discard)(stream)
+        self.send(session.STDOUT if stream == b"stdout" else session.STDERR,
+                  text if tag == b"P" else text + b"\n")
 
     def _running(self, cid: str) -> bool:
         try:
@@ -537,6 +545,29 @@ class _Session:
             # The CRI has no "send this signal": a stop sends the container's
             # stop signal (SIGTERM unless the image says otherwise), then SIGKILL.
             asyncio.ensure_future(_quietly(self.m.stop_container(self.cid, 10), "stop"))
+
+
+def tail_offset(f, entries: int, block: int = 65536) -> int:
+    """Where the last `entries` log entries of f begin (read backwards, a
+    block at a time: a log can be large). An entry still being written,
+    without its newline yet, counts as one."""
+    end = f.seek(0, os.SEEK_END)
+    if entries == 0:
+        return end
+    pos, found = end, 0
+    while pos > 0:
+        start = max(pos - block, 0)
+        f.seek(start)
+        data = f.read(pos - start)
+        # Newlines in this block, from its end; the file's last byte, if a
+        # newline, ends the last entry rather than starting one.
+        at = len(data) - 1 if start + len(data) == end and data.endswith(b"\n") else len(data)
+        while (at := data.rfind(b"\n", 0, at)) >= 0:
+            found += 1
+            if found == entries:
+                return start + at + 1
+        pos = start
+    return 0
 
 
 class _SentProgress:

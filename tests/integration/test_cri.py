@@ -2,6 +2,7 @@
 a pod, two containers, exec, CRI-format logs, stop, remove — and a kill -9
 of the daemon in the middle, after which everything is still there."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -313,6 +314,11 @@ def test_cli_through_the_daemon(daemon, pushed):
             break
         time.sleep(0.1)
     assert (r.stdout, r.stderr) == (b"started\n", b"warn\n")
+    r = cli("logs", "--tail", "0", cid[:12])
+    assert (r.stdout, r.stderr) == (b"", b"")
+    r = cli("logs", "-n", "2", "-t", cid[:12])
+    assert re.fullmatch(rb"\d{4}-\d\d-\d\dT[\d:.]+Z started\n", r.stdout), r
+    assert cli("logs", "--tail", "x", cid[:12], check=False).returncode == 2  # argparse's
     assert cli("rm", cid[:12], check=False).returncode != 0  # running: stop first
     cli("stop", "-t", "1", cid[:12])
     assert cid[:13] not in cli("ps").stdout.decode()

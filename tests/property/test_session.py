@@ -89,3 +89,22 @@ def test_frames_round_trip(kind, payload):
         assert session.FrameReader(b).next() == (kind, payload)
     finally:
         b.close()
+
+
+@FUZZ
+@given(entries=st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), max_size=30),
+       partial=st.binary(max_size=20).map(lambda b: b.replace(b"\n", b"")),
+       tail=st.integers(min_value=0, max_value=40), block=st.sampled_from([1, 3, 64, 65536]))
+@counted
+def test_logs_tail_starts_at_the_last_entries(entries, partial, tail, block):
+    """`logs --tail N`: the offset of the last N entries of any log (an
+    entry still being written counts as one), read backwards a block at a
+    time."""
+    import io
+
+    from hyperrun.api.runs import tail_offset
+
+    whole = [e + b"\n" for e in entries] + ([partial] if partial else [])
+    kept = whole[len(whole) - min(tail, len(whole)):] if tail else []
+    data = b"".join(whole)
+    assert tail_offset(io.BytesIO(data), tail, block) == len(data) - len(b"".join(kept))
