@@ -122,7 +122,13 @@ def main(argv: list[str] | None = None) -> None:
                "daemon": _daemon, "check": _check, "version": _version, "pods": _client,
                "ps": _client, "exec": _client, "logs": _client, "stop": _client,
                "rm": _client}[args.command]
-    sys.exit(handler(args))
+    try:
+        code = handler(args)
+    except KeyboardInterrupt:
+        # Ctrl-C ends the CLI quietly; what the daemon was doing for it goes
+        # on (an exec's process, a pull), as under Docker.
+        code = 130
+    sys.exit(code)
 
 
 def _client(args: argparse.Namespace) -> int:

@@ -49,19 +49,13 @@ def ps(all_: bool) -> int:
 def exec_(container: str, cmd: list[str], interactive: bool = False, tty: bool = False) -> int:
     """`hyperrun exec`: in an exec session with the daemon (the output as it
     comes, stdin with -i, a terminal with -t), as `run` does."""
-    try:
-        return _command(session.EXEC, ExecOptions(container, cmd, stdin=interactive, tty=tty))
-    except KeyboardInterrupt:  # the process goes on, as under `docker exec`
-        return 130
+    return _command(session.EXEC, ExecOptions(container, cmd, stdin=interactive, tty=tty))
 
 
 def logs(container: str, follow: bool, tail: int | None = None, timestamps: bool = False) -> int:
     """A container's output from its CRI log file, which the daemon reads
     (as `docker logs`; the file is root's)."""
-    try:
-        return _command(session.LOGS, LogsOptions(container, follow, tail, timestamps))
-    except KeyboardInterrupt:
-        return 130
+    return _command(session.LOGS, LogsOptions(container, follow, tail, timestamps))
 
 
 def stop(containers: list[str], timeout: int) -> int:
