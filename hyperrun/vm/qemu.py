@@ -244,13 +244,12 @@ class QemuVM(VM):
                             agent_sock.fileno() if agent_sock else None, files)
         if who:
             argv = who.wrapper(keep_pdeathsig=self.config.die_with_parent) + argv
-        parent = os.getpid()
         try:
             with open(self.run_dir / "qemu.log", "wb") as errlog:
                 self._proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
                     pass_fds=fds, close_fds=True, start_new_session=True, cwd=self.run_dir,
-                    preexec_fn=(lambda: _die_with_parent(parent)) if self.config.die_with_parent else None)
+                    preexec_fn=self._before_exec())
             # Written here, not by QEMU's -pidfile: QEMU 7.2 resolves that
             # path from / and an unprivileged QEMU may not search the run root.
             rundir.write_pid(self.run_dir, self._proc.pid)
@@ -270,6 +269,25 @@ class QemuVM(VM):
                 cgroup.confine(self.id, self._proc.pid, self.config.memory_mib, self.config.vcpus)
             except cgroup.CgroupError as exc:
                 self.cgroup_error = str(exc)
+
+    def _before_exec(self):
+        """What the forked child does before QEMU is executed, if anything
+        (None lets subprocess use vfork): die with this process (an
+        embedded host's VMs); no set-ID bits through a writable 9p share
+        (setid.py)."""
+        steps = []
+        if self.config.die_with_parent:
+            parent = os.getpid()
+            steps.append(lambda: _die_with_parent(parent))
+        if any(not share.readonly for share in self.config.shares):
+            from . import setid
+            try:
+                steps.append(setid.Installer())
+            except setid.FilterError as exc:
+                raise VMError(f"cannot confine QEMU's 9p server: {exc}") from None
+        if not steps:
+            return None
+        return lambda: [step() for step in steps]
 
     async def attach(self) -> None:
         """Re-attach to the QEMU of this VM's run directory, started by an

@@ -1,5 +1,6 @@
 """Host-side pieces that need no VM: accelerator choice, QEMU command
 line, run directories, generated code."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,48 @@ def test_a_failed_template_leaves_no_work_directory(tmp_path):
     with pytest.raises(VMError, match="QEMU exited during start-up: .*invalid kernel header"):
         asyncio.run(store.get(config, tmp_path / "run"))
     assert list(store.root.glob("*.new")) == [] and list(store.root.glob("*/")) == []
+
+
+def test_setid_filter_refuses_setid_modes_only(tmp_path):
+    """The filter QEMU's 9p server runs under (vm/setid.py), in a child of
+    this process: every way to give a file a set-ID mode fails with EPERM,
+    and nothing else does."""
+    import errno
+    import stat
+
+    from hyperrun.vm import setid
+
+    install = setid.Installer()
+    f = tmp_path / "f"
+    f.touch()
+    calls = {
+        "chmod 4755": lambda: os.chmod(f, 0o4755),
+        "chmod 2755": lambda: os.chmod(f, 0o2755),
+        "fchmod 4755": lambda: os.fchmod(os.open(f, os.O_RDONLY), 0o4755),
+        "open O_CREAT 4755": lambda: os.open(tmp_path / "g", os.O_CREAT | os.O_WRONLY, 0o4755),
+        "mkfifo 2644": lambda: os.mkfifo(tmp_path / "p", 0o2644),
+        "mkdir 2775": lambda: os.mkdir(tmp_path / "d", 0o2775),
+        "chmod 755": lambda: os.chmod(f, 0o755),
+        "open O_CREAT 644": lambda: os.open(tmp_path / "h", os.O_CREAT | os.O_WRONLY, 0o644),
+        "open, no O_CREAT": lambda: os.open(f, os.O_RDONLY),
+        "mkdir 755": lambda: os.mkdir(tmp_path / "e", 0o755),
+    }
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        install()
+        results = []
+        for name, call in calls.items():
+            try:
+                call()
+                results.append("ok")
+            except OSError as exc:
+                results.append(errno.errorcode[exc.errno])
+        os.write(w, " ".join(results).encode())
+        os._exit(0)
+    os.close(w)
+    got = dict(zip(calls, os.read(r, 4096).decode().split()))
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert got == {name: "EPERM" if i < 6 else "ok" for i, name in enumerate(calls)}, got
+    assert stat.S_IMODE(f.stat().st_mode) == 0o755
