@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("pods", help="list the daemon's pod sandboxes")
     ps = sub.add_parser("ps", help="list the daemon's containers")
     ps.add_argument("-a", "--all", action="store_true", help="exited ones too")
+    sub.add_parser("stats", help="running containers' CPU and memory, and their VMs' host "
+                                 "memory (PSS)")
     ex = sub.add_parser("exec", help="run a command in a running container (daemon)")
     ex.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
     ex.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["HYPERRUN_ROOT"] = str(args.root)
     handler = {"run": _run, "pull": _pull, "images": _images, "rmi": _rmi, "load": _load,
                "daemon": _daemon, "check": _check, "version": _version, "pods": _client,
-               "ps": _client, "exec": _client, "logs": _client, "stop": _client,
+               "ps": _client, "stats": _client, "exec": _client, "logs": _client, "stop": _client,
                "rm": _client}[args.command]
     try:
         code = handler(args)
@@ -139,6 +141,8 @@ def _client(args: argparse.Namespace) -> int:
             return client.pods()
         if args.command == "ps":
             return client.ps(args.all)
+        if args.command == "stats":
+            return client.stats()
         if args.command == "exec":
             cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
             return client.exec_(args.container, cmd, args.interactive, args.tty)

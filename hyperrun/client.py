@@ -46,6 +46,19 @@ def ps(all_: bool) -> int:
         for c in rows])
 
 
+def stats() -> int:
+    """`hyperrun stats`: as `docker stats --no-stream`, with what each
+    container's VM costs the host (its PSS: shared pages in part)."""
+    rows = _ask(session.LIST, ListOptions("stats"))["rows"]
+    return table([("CONTAINER ID", "NAME", "CPU %", "MEM USAGE / LIMIT", "POD VM PSS")] + [
+        (c["id"][:13], c["name"], "--" if c["cpu"] is None else f"{c['cpu']:.2f}%",
+         f"{_mib(c['memory'])} / {_mib(c['limit'])}", _mib(c["vm_pss"])) for c in rows])
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f}MiB"
+
+
 def exec_(container: str, cmd: list[str], interactive: bool = False, tty: bool = False) -> int:
     """`hyperrun exec`: in an exec session with the daemon (the output as it
     comes, stdin with -i, a terminal with -t), as `run` does."""

@@ -159,13 +159,13 @@ class LogsOptions(_Request):
                               "timestamps": bool}
 
 
-LISTS = ("containers", "pods", "images")
+LISTS = ("containers", "pods", "images", "stats")
 
 
 @dataclass
 class ListOptions(_Request):
-    """`hyperrun ps [-a]`, `hyperrun pods` or `hyperrun images`: what (one
-    of LISTS), all (containers that are not running too)."""
+    """`hyperrun ps [-a]`, `hyperrun pods`, `hyperrun images` or `hyperrun
+    stats`: what (one of LISTS), all (containers that are not running too)."""
     what: str = "containers"
     all: bool = False
 

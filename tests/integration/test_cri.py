@@ -301,6 +301,12 @@ def test_cli_through_the_daemon(daemon, pushed):
     assert len(cid) == 64
     assert cid[:13] in cli("ps").stdout.decode()
     assert "READY" in cli("pods").stdout.decode()
+    # stats: the container's CPU over a second, its memory in the VM against
+    # the VM's RAM (no limit was set), the pod VM's PSS on the host.
+    header, row = cli("stats").stdout.decode().splitlines()
+    assert header.split()[:3] == ["CONTAINER", "ID", "NAME"], header
+    assert re.fullmatch(rf"{cid[:13]}\s+\S+\s+\d+\.\d\d%\s+[\d.]+MiB / [\d.]+MiB\s+[\d.]+MiB",
+                        row), row
     r = cli("exec", cid[:12], "sh", "-c", "echo in; exit 4", check=False)
     assert (r.returncode, r.stdout) == (4, b"in\n")
     # -i: through the streaming server, stdin relayed and closed.

@@ -99,7 +99,7 @@ def test_sandbox_lifecycle_and_agent_api(busybox_rootfs, no_leaks):
 def test_freed_guest_memory_goes_back_to_the_host(busybox_rootfs, no_leaks):
     """Free page reporting: 60 MiB a container fills and frees leave QEMU's
     RAM again (without it, a booted VM keeps every page it ever touched)."""
-    from hyperrun.bench import guest_ram_kib
+    from hyperrun.vm.memory import guest_ram_kib
 
     async def main():
         sb = await booted(busybox_rootfs)
