@@ -472,8 +472,11 @@ class _Session:
         return {"code": 0, "digest": image.digest}
 
     async def _remove_images(self, opts: NamesOptions) -> dict:
+        """`hyperrun rmi`: not an image a container (running or not) was
+        made from, as Docker's."""
         async def remove(name: str) -> list[str]:
-            return self.server.images.remove(name)
+            in_use = {row.image_ref: row.id for row in self.m.state.containers()}
+            return self.server.images.remove(name, in_use)
         return await self._each(opts.names, remove)
 
     async def _each(self, names: list[str], step) -> dict:

@@ -159,17 +159,24 @@ class ImageService:
         self.meta.add(image, name, repo_digest)
 
     # --- removal ----------------------------------------------------------
-    def remove(self, text: str) -> list[str]:
+    def remove(self, text: str, in_use: dict[str, str] | None = None) -> list[str]:
         """By name: untag, and delete the image once no name is left. By
         digest or id: delete the image and all its names. Docker-style
-        report lines."""
+        report lines. in_use (image digest: a container of it) says which
+        images must not be deleted: such a removal changes nothing, as
+        Docker's `rmi` without -f."""
         image = self.resolve(text)
         done = []
         try:
             ref = reference.parse(text)
         except reference.InvalidReference:
             ref = None
-        if ref is not None and ref.digest is None and self.meta.lookup(ref.key):
+        by_name = ref is not None and ref.digest is None and self.meta.lookup(ref.key)
+        last_name = not by_name or {n.name for n in self.meta.names(image.digest)} == {ref.key}
+        if last_name and image.digest in (in_use or {}):
+            raise ImageError(f"cannot remove image {image.config_digest[7:19]}: container "
+                             f"{in_use[image.digest][:12]} uses it (remove the container first)")
+        if by_name:
             self.meta.untag(ref.key)
             done.append(f"Untagged: {ref.familiar}")
             if self.meta.names(image.digest):

@@ -326,6 +326,9 @@ def test_cli_through_the_daemon(daemon, pushed):
     assert re.fullmatch(rb"\d{4}-\d\d-\d\dT[\d:.]+Z started\n", r.stdout), r
     assert cli("logs", "--tail", "x", cid[:12], check=False).returncode == 2  # argparse's
     assert cli("rm", cid[:12], check=False).returncode != 0  # running: stop first
+    r = cli("rmi", image, check=False)  # a container was made from it
+    assert r.returncode == 1 and f"container {cid[:12]} uses it".encode() in r.stderr, r
+    assert "busybox" in cli("images").stdout.decode()  # nothing untagged either
     cli("stop", "-t", "1", cid[:12])
     assert cid[:13] not in cli("ps").stdout.decode()
     assert "EXITED" in cli("ps", "-a").stdout.decode()
