@@ -41,9 +41,18 @@ def pods() -> int:
 
 def ps(all_: bool) -> int:
     rows = _ask(session.LIST, ListOptions("containers", all=all_))["rows"]
-    return table([("CONTAINER ID", "IMAGE", "NAME", "STATE", "CREATED", "POD ID")] + [
-        (c["id"][:13], c["image"], c["name"], c["state"], _age(c["created"]), c["pod"][:13])
+    return table([("CONTAINER ID", "IMAGE", "NAME", "CREATED", "STATUS", "POD ID")] + [
+        (c["id"][:13], c["image"], c["name"], _age(c["created"]), _status(c), c["pod"][:13])
         for c in rows])
+
+
+def _status(c: dict) -> str:
+    """A container's STATUS as `docker ps` words it."""
+    if c["state"] == "RUNNING":
+        return "Up " + _age(c["started"]).removesuffix(" ago")
+    if c["state"] == "EXITED":
+        return f"Exited ({c['exit_code']}) {_age(c['finished'])}"
+    return c["state"].capitalize()
 
 
 def stats() -> int:

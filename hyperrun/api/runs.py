@@ -399,7 +399,8 @@ class _Session:
         return {"code": 0, "rows": [
             {"id": c.id, "image": c.image.image, "name": c.metadata.name,
              "state": cri.ContainerState.Name(c.state).removeprefix("CONTAINER_"),
-             "created": c.created_at, "pod": row.sandbox_id}
+             "created": c.created_at, "started": c.started_at, "finished": c.finished_at,
+             "exit_code": c.exit_code, "pod": row.sandbox_id}
             for row, c in statuses if opts.all or c.state == cri.CONTAINER_RUNNING]}
 
     async def _stats(self) -> list[dict]:
