@@ -330,7 +330,8 @@ class _Session:
     async def _logs(self, opts: LogsOptions) -> dict:
         """`hyperrun logs`: the container's CRI log file, read here (it is
         root's), each line sent as the stream it came from; with follow,
-        until the container is no longer running."""
+        until the container is no longer running, across a rotation (the
+        kubelet's: the file renamed, then ReopenContainerLog)."""
         cid = self._container_id(opts.container)
         path = self.m.log_path(self.m.container_row(cid))
         if not path:
@@ -339,25 +340,40 @@ class _Session:
             f = open(path, "rb")
         except FileNotFoundError:
             return {"code": 0}  # nothing written yet
-        with f:
+        try:
             if opts.tail is not None:
                 f.seek(await asyncio.to_thread(tail_offset, f, opts.tail))
             partial = b""
             open_lines: set[bytes] = set()  # streams whose last entry was part of a line
+
+            async def send(data: bytes) -> None:
+                nonlocal partial
+                *lines, partial = (partial + data).split(b"\n")
+                for line in lines:
+                    self._send_log_line(line, opts.timestamps, open_lines)
+                await self.flush()
+
             while not self.client_gone:
                 # Asked before the read: what a container wrote before it
                 # ended is in the file by then.
                 ended = not opts.follow or not self._running(cid)
                 chunk = await asyncio.to_thread(f.read, 65536)
                 if chunk:
-                    *lines, partial = (partial + chunk).split(b"\n")
-                    for line in lines:
-                        self._send_log_line(line, opts.timestamps, open_lines)
-                    await self.flush()
+                    await send(chunk)
                 elif ended:
                     break
+                elif (rotated := _reopened(f, path)) is not None:
+                    # The daemon writes to the new file only, now (its
+                    # reopen runs in this thread): the old one's rest, then
+                    # the new one.
+                    f, old = rotated, f
+                    rest = await asyncio.to_thread(old.read)
+                    old.close()
+                    await send(rest)
                 else:
                     await asyncio.sleep(0.2)
+        finally:
+            f.close()
         return {"code": 0}
 
     def _send_log_line(self, line: bytes, timestamps: bool, open_lines: set[bytes]) -> None:
@@ -587,6 +603,19 @@ class _Session:
             # The CRI has no "send this signal": a stop sends the container's
             # stop signal (SIGTERM unless the image says otherwise), then SIGKILL.
             asyncio.ensure_future(_quietly(self.m.stop_container(self.cid, 10), "stop"))
+
+
+def _reopened(f, path: str):
+    """The file now at path, open, if it is not f's any more (rotated: a
+    file at path is made only by the daemon's reopen); else None."""
+    try:
+        new = open(path, "rb")
+    except FileNotFoundError:  # renamed, not yet reopened
+        return None
+    if os.fstat(new.fileno()).st_ino == os.fstat(f.fileno()).st_ino:
+        new.close()
+        return None
+    return new
 
 
 def tail_offset(f, entries: int, block: int = 65536) -> int:

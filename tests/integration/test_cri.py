@@ -383,6 +383,38 @@ def _mounts_under(path: Path) -> list[str]:
         return [line.split()[4] for line in f if str(path) in line.split()[4]]
 
 
+def test_logs_follow_across_a_rotation(daemon, pushed):
+    """`hyperrun logs -f` goes on in the new file when the kubelet rotates
+    a container's log (rename, then ReopenContainerLog), missing nothing."""
+    d, image = daemon, pushed.ref("busybox:latest")
+    d.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
+    pod_config = cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name="rot", uid="rot", namespace="default"),
+        log_directory=str(d.base / "logs"))
+    pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
+    config = cri.ContainerConfig(
+        metadata=cri.ContainerMetadata(name="c"), image=cri.ImageSpec(image=image),
+        command=["sh", "-c", "i=0; while [ $i -lt 40 ]; do echo line$i; i=$((i+1)); "
+                             "sleep 0.1; done"], log_path="c.log")
+    cid = d.runtime.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
+    d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
+    follow = subprocess.Popen([HYPERRUN, "logs", "-f", cid[:12]], stdout=subprocess.PIPE,
+                              env={**d.env, "HYPERRUN_SOCKET": str(d.socket)})
+    log = d.base / "logs" / "c.log"
+    deadline = time.monotonic() + 30
+    while b"line5\n" not in (log.read_bytes() if log.exists() else b""):
+        assert time.monotonic() < deadline, "the container wrote nothing"
+        time.sleep(0.05)
+    log.rename(log.with_name("c.log.1"))
+    time.sleep(0.3)  # lines go to the renamed file meanwhile
+    d.runtime.ReopenContainerLog(cri.ReopenContainerLogRequest(container_id=cid))
+    out, _ = follow.communicate(timeout=60)
+    assert out == b"".join(b"line%d\n" % i for i in range(40)), out
+    assert b"line39" in log.read_bytes() and b"line0" in log.with_name("c.log.1").read_bytes()
+    d.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
+
+
 def test_cri_volumes(daemon, pushed, tmp_path):
     """Host directories and files mounted into a container: read-write and
     read-only, seen by the guest at once; the host binds go with the
