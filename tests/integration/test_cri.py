@@ -383,15 +383,21 @@ def _mounts_under(path: Path) -> list[str]:
         return [line.split()[4] for line in f if str(path) in line.split()[4]]
 
 
+def run_pod_named(d: Daemon, name: str):
+    """A pod of that name (and uid) logging under the daemon's base: its id
+    and config."""
+    config = cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name=name, uid=f"uid-{name}", namespace="default"),
+        log_directory=str(d.base / "logs"))
+    return d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config)).pod_sandbox_id, config
+
+
 def test_logs_follow_across_a_rotation(daemon, pushed):
     """`hyperrun logs -f` goes on in the new file when the kubelet rotates
     a container's log (rename, then ReopenContainerLog), missing nothing."""
     d, image = daemon, pushed.ref("busybox:latest")
     d.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
-    pod_config = cri.PodSandboxConfig(
-        metadata=cri.PodSandboxMetadata(name="rot", uid="rot", namespace="default"),
-        log_directory=str(d.base / "logs"))
-    pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
+    pod, pod_config = run_pod_named(d, "rot")
     config = cri.ContainerConfig(
         metadata=cri.ContainerMetadata(name="c"), image=cri.ImageSpec(image=image),
         command=["sh", "-c", "i=0; while [ $i -lt 40 ]; do echo line$i; i=$((i+1)); "
@@ -428,10 +434,7 @@ def test_cri_volumes(daemon, pushed, tmp_path):
     conf = tmp_path / "app.conf"
     conf.write_text("setting=1\n")
     fresh = tmp_path / "made" / "by" / "runtime"  # missing: created, as containerd does
-    pod_config = cri.PodSandboxConfig(
-        metadata=cri.PodSandboxMetadata(name="vol", uid="uid-vol", namespace="default"),
-        log_directory=str(d.base / "logs"))
-    pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
+    pod, pod_config = run_pod_named(d, "vol")
     config = cri.ContainerConfig(
         metadata=cri.ContainerMetadata(name="v"), image=cri.ImageSpec(image=image),
         command=["sleep", "300"], log_path="v.log",
