@@ -433,7 +433,10 @@ class _Session:
             await self.m.stats(pod, ids)  # the CPU rate is taken against this sample
             await asyncio.sleep(1)
             response, rates = await self.m.stats(pod, ids)
-            vm = self.m.sandboxes[pod].vm
+            sandbox = self.m.sandboxes.get(pod)
+            if sandbox is None:  # stopped just now
+                return []
+            vm = sandbox.vm
             pss = pss_kib(vm.pid) * 1024
             return [{"id": item.container_id,
                      "name": cri.ContainerConfig.FromString(
