@@ -137,8 +137,12 @@ def _ask(kind: int, opts, sock=None) -> dict:
 
 def _daemon_session():
     if (sock := daemon_session()) is None:
-        raise NoDaemon(f"no hyperrun daemon at {paths.daemon_socket()}: start `hyperrun daemon`")
+        raise NoDaemon(_no_daemon())
     return sock
+
+
+def _no_daemon() -> str:
+    return f"no hyperrun daemon at {paths.daemon_socket()}: start `hyperrun daemon`"
 
 
 # ----------------------------------------------------------------- run
@@ -153,11 +157,11 @@ def run(opts: RunOptions) -> int:
     opts.progress = sys.stderr.isatty()  # a pull's, if the image is missing
     embedded = None
     try:
-        sock = _connect_session(session.socket_path(paths.daemon_socket()))
+        sock = daemon_session()
         if sock is None:
             if opts.detach:
-                print("hyperrun: run -d keeps the container in the daemon: no hyperrun daemon "
-                      f"at {paths.daemon_socket()}: start `hyperrun daemon`", file=sys.stderr)
+                print(f"hyperrun: run -d keeps the container in the daemon: {_no_daemon()}",
+                      file=sys.stderr)
                 return exitcodes.RUNTIME_ERROR
             from hyperrun.api.embedded import EmbeddedHost
 
@@ -194,7 +198,7 @@ def _resolved_env(items: list[str]) -> list[str]:
 
 
 def _connect_session(path: Path):
-    """A connection to the run sessions at path; None if nobody serves there."""
+    """A connection to the sessions at path; None if nobody serves there."""
     import socket
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

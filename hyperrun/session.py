@@ -23,8 +23,8 @@ last (JSON: the exit code, or an error and its code, or the container
 of a detached run). The other commands send their request first too
 (LOGS, LIST, STOP_CONTAINERS, REMOVE_CONTAINERS, PULL, REMOVE_IMAGES) and
 get STDOUT and STDERR lines and EXIT back (LIST: its rows in EXIT; PULL:
-the image's digest). This module is
-import-light: the CLI loads it first.
+the image's digest). This module is import-light: the CLI loads it
+first.
 """
 from __future__ import annotations
 

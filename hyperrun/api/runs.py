@@ -25,7 +25,7 @@ from pathlib import Path
 
 from hyperrun import annotations, exitcodes, log, session
 from hyperrun.proto import cri_api_pb2 as cri
-from hyperrun.sandbox.manager import EXITED, RUNNING
+from hyperrun.sandbox.manager import EXITED, RUNNING, NotFound
 from hyperrun.session import (RUN_LABEL, ExecOptions, ListOptions, LogsOptions, NamesOptions,
                               ProtocolError, PullOptions, RunError, RunOptions)
 
@@ -159,7 +159,6 @@ class SessionServer:
     async def start(self) -> None:
         self.path.unlink(missing_ok=True)
         self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
-        os.chmod(self.path, 0o660)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -393,12 +392,12 @@ class _Session:
     def _running(self, cid: str) -> bool:
         try:
             return self.m.container_row(cid).state == RUNNING
-        except Exception:  # removed meanwhile
+        except NotFound:  # removed meanwhile
             return False
 
     async def _list(self, opts: ListOptions) -> dict:
-        """`hyperrun ps` (running containers, or all), `hyperrun pods` and
-        `hyperrun images`: rows for the CLI's table."""
+        """`hyperrun ps` (running containers, or all), `hyperrun pods`,
+        `hyperrun images` and `hyperrun stats`: rows for the CLI's table."""
         if opts.what not in session.LISTS:
             raise RunError(f"cannot list {opts.what!r}: one of {', '.join(session.LISTS)}")
         if opts.what == "images":
@@ -427,6 +426,7 @@ class _Session:
 
         rows = [r for r in self.m.state.containers()
                 if r.state == RUNNING and r.sandbox_id in self.m.sandboxes]
+        names = {r.id: cri.ContainerConfig.FromString(r.config).metadata.name for r in rows}
 
         async def sample(pod: str) -> list[dict]:
             ids = [r.id for r in rows if r.sandbox_id == pod]
@@ -439,8 +439,7 @@ class _Session:
             vm = sandbox.vm
             pss = pss_kib(vm.pid) * 1024
             return [{"id": item.container_id,
-                     "name": cri.ContainerConfig.FromString(
-                         self.m.container_row(item.container_id).config).metadata.name,
+                     "name": names[item.container_id],
                      "cpu": rates[item.container_id] / 1e7 if item.container_id in rates else None,
                      "memory": item.memory_working_set_bytes,
                      "limit": item.memory_limit_bytes or vm.config.memory_mib << 20,
@@ -494,8 +493,9 @@ class _Session:
     async def _remove_images(self, opts: NamesOptions) -> dict:
         """`hyperrun rmi`: not an image a container (running or not) was
         made from, as Docker's."""
+        in_use = {row.image_ref: row.id for row in self.m.state.containers()}
+
         async def remove(name: str) -> list[str]:
-            in_use = {row.image_ref: row.id for row in self.m.state.containers()}
             return self.server.images.remove(name, in_use)
         return await self._each(opts.names, remove)
 
@@ -581,7 +581,7 @@ class _Session:
         shutil.rmtree(self.server.logs_root / name, ignore_errors=True)
 
     # --- from the CLI
-    async def _read_client(self, opts: RunOptions | ExecOptions) -> None:
+    async def _read_client(self, opts) -> None:
         try:
             while (f := await session.read_frame(self.reader)) is not None:
                 # The process may have ended meanwhile: its input goes nowhere.

@@ -25,7 +25,7 @@ from .streaming import StreamingServer
 
 
 class Services:
-    """The CRI services on a unix socket, and run sessions beside it: one
+    """The CRI services on a unix socket, and the CLI's sessions beside it: one
     assembly for both hosts, the daemon and a CLI running without one
     (embedded, hyperrun/api/embedded.py)."""
 
@@ -52,7 +52,7 @@ class Services:
             RuntimeServicer(self.manager, self.streaming), self.server)
         cri_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.images), self.server)
         self.runs = SessionServer(self.manager, self.images, session.socket_path(socket_path),
-                              logs_root or paths.data_root() / "logs", remove_always=embedded)
+                                  logs_root or paths.data_root() / "logs", remove_always=embedded)
 
     async def start(self) -> None:
         await self.streaming.start()

@@ -782,6 +782,7 @@ class SandboxManager:
             await io.agent.signal_process(container_id, io.eid, signal.SIGKILL)
             raise TimeoutError(f"command {cmd!r} timed out after {timeout}s") from None
 
+
 def _console(size: tuple[int, int] | None) -> "apb.ConsoleSize | None":
     """A tty's size from the start, as the agent takes it."""
     return apb.ConsoleSize(rows=size[0], cols=size[1]) if size else None

@@ -54,11 +54,11 @@ def choose() -> Accel:
     ok, why = _kvm_opens()
     if not ok:
         return Accel("tcg", f"{why}; using TCG (software emulation)")
-    if not _cpu_has_virt() and _pvm_host():
-        return Accel("tcg", "/dev/kvm is PVM (kvm_pvm), which runs only guest kernels built for "
-                            "PVM; the guest kernel is a standard one; using TCG (a PVM guest "
-                            "kernel: HYPERRUN_KERNEL=... HYPERRUN_ACCEL=kvm)")
     if not _cpu_has_virt():
+        if _pvm_host():
+            return Accel("tcg", "/dev/kvm is PVM (kvm_pvm), which runs only guest kernels built "
+                                "for PVM; the guest kernel is a standard one; using TCG (a PVM "
+                                "guest kernel: HYPERRUN_KERNEL=... HYPERRUN_ACCEL=kvm)")
         return Accel("tcg", "/dev/kvm opens but the CPU shows no vmx/svm (a paravirtualised "
                             "host cannot run a standard guest); using TCG")
     return Accel("kvm", "/dev/kvm opens and the CPU has hardware virtualisation")

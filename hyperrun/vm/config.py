@@ -126,6 +126,13 @@ class VMConfig:
     # TCG translation cache in MiB; small VMs do not need QEMU's 1 GiB default.
     tb_size_mib: int = 64
 
+    @property
+    def writes_shares(self) -> bool:
+        """A 9p share the guest writes through to the host: QEMU then keeps
+        the file capabilities for it (privileges.py) and runs under the
+        set-ID filter (setid.py)."""
+        return any(not s.readonly for s in self.shares)
+
     def cmdline(self) -> str:
         parts = list(BASE_CMDLINE)
         if self.accel == "tcg":

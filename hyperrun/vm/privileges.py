@@ -77,7 +77,7 @@ class Identity:
 
 
 def caps_for(config: VMConfig) -> tuple[str, ...]:
-    if config.memory_file is not None or any(not s.readonly for s in config.shares):
+    if config.memory_file is not None or config.writes_shares:
         return WRITE_CAPS
     return READ_CAPS if config.shares else ()
 

@@ -279,7 +279,7 @@ class QemuVM(VM):
         if self.config.die_with_parent:
             parent = os.getpid()
             steps.append(lambda: _die_with_parent(parent))
-        if any(not share.readonly for share in self.config.shares):
+        if self.config.writes_shares:
             from . import setid
             try:
                 steps.append(setid.Installer())
