@@ -9,9 +9,9 @@ APT_PACKAGES := qemu-system-x86 qemu-utils linux-source-6.1 build-essential flex
 	libelf-dev libssl-dev dwarves erofs-utils busybox-static crun binutils xz-utils \
 	docker-registry skopeo umoci runc apache2-utils openssl debootstrap \
 	containernetworking-plugins iptables iproute2 curl \
-	python3-venv
+	python3-venv procps kmod util-linux passwd e2fsprogs
 
-.PHONY: setup apt venv bytecode cni-config vmm-user proto kernel guest assets demo test test-unit bench check clean fuzz
+.PHONY: setup apt venv bytecode cni-config vmm-user proto kernel guest assets demo test test-kvm test-unit bench check clean fuzz
 
 setup: apt venv bytecode cni-config vmm-user
 
@@ -68,6 +68,12 @@ demo: assets
 
 test: assets
 	$(PY) -m pytest -v -rs tests
+
+# The tests marked `kvm`, with KVM and the vsock agent channel: on this host
+# where it has both, else in an L1 VM under TCG with nested SVM (its image
+# built once from Debian packages and cached; tests/nested/lane.py).
+test-kvm: assets
+	$(PY) -m tests.nested.lane
 
 test-unit: venv
 	$(PY) -m pytest -v tests/unit

@@ -88,6 +88,7 @@ def wait_state(d: Daemon, cid: str, state, timeout: float = 60):
         time.sleep(0.1)
 
 
+@pytest.mark.kvm
 def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
     d = daemon
     before = qemu_pids()

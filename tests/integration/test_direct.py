@@ -10,6 +10,7 @@ def root(tmp_path, monkeypatch, vm_assets):
     monkeypatch.setenv("HYPERRUN_ROOT", str(tmp_path / "root"))
 
 
+@pytest.mark.kvm(channel=None)
 def test_program_is_init_with_args_env_and_exit_code(pushed, root, no_leaks):
     ref = pushed.ref("busybox:latest")
     r = hyperrun("run", "--direct", "-e", "GREETING=hi there", "--entrypoint", "sh", ref, "-c",

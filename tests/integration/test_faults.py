@@ -133,6 +133,7 @@ echo overwritten $((end - start)) bytes
 """
 
 
+@pytest.mark.kvm
 def test_agent_crash_is_a_guest_kernel_panic(netd, pushed, cni_env):
     """The agent killed inside the guest. It is PID 1, so its death is a
     guest kernel panic, and with panic=-1 and -no-reboot QEMU exits. The

@@ -141,6 +141,7 @@ def warm_up(d: Daemon, image: str) -> None:
     remove_pod(d, pod)
 
 
+@pytest.mark.kvm
 def test_pod_ip_host_port_pod_to_pod_and_dns(netd, pushed, cni_env):
     d = netd
     leases = cni_env[1]

@@ -5,9 +5,12 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from tests.conftest import HYPERRUN, hyperrun, in_terminal, qemu_pids
 
 
+@pytest.mark.kvm
 def test_stdout_stderr_and_exit_code(busybox_rootfs, no_leaks):
     r = hyperrun("run", "--rootfs", str(busybox_rootfs), "--",
                  "sh", "-c", "echo out; echo err >&2; exit 3")
@@ -16,6 +19,7 @@ def test_stdout_stderr_and_exit_code(busybox_rootfs, no_leaks):
     assert r.returncode == 3
 
 
+@pytest.mark.kvm
 def test_stdin_is_relayed_with_eof(busybox_rootfs, no_leaks):
     r = hyperrun("run", "-i", "--rootfs", str(busybox_rootfs), "--", "cat", input=b"abc")
     assert (r.returncode, r.stdout) == (0, b"abc"), r
@@ -72,6 +76,7 @@ def test_tty(busybox_rootfs, no_leaks):
     assert b"33 101" in out, out
 
 
+@pytest.mark.kvm
 def test_signal_proxied_to_container(busybox_rootfs, no_leaks):
     """SIGTERM to `hyperrun run` reaches the container (docker's sig-proxy)."""
     proc = subprocess.Popen([HYPERRUN, "run", "--rootfs", str(busybox_rootfs), "--", "sh", "-c",
@@ -143,6 +148,7 @@ def parent_pid(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
+@pytest.mark.kvm
 def test_runs_from_a_template_are_distinct_and_leave_nothing(busybox_rootfs, no_leaks, tmp_path,
                                                             monkeypatch):
     """--template: the first run makes the template (a boot), the next ones

@@ -36,6 +36,7 @@ def pods_and_containers(d) -> tuple[int, int]:
             len(d.runtime.ListContainers(cri.ListContainersRequest()).containers))
 
 
+@pytest.mark.kvm
 def test_stdin_exit_codes_and_errors(daemon, image):  # noqa: F811
     d = daemon
     r = run(d, "--rm", "-i", image, "sh", "-c", "cat; exit 3", input=b"abc\n")

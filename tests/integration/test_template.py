@@ -31,6 +31,7 @@ def tpl_daemon(vm_assets, cni_env, tmp_path):
     shutil.rmtree(templates, ignore_errors=True)
 
 
+@pytest.mark.kvm
 def test_clones_of_one_template_are_distinct_machines(tpl_daemon, pushed):
     d = tpl_daemon
     image = pushed.ref("busybox:latest")
