@@ -1,0 +1,223 @@
+"""`make test-kvm`: the real-VM tests marked `kvm`, run with KVM and the
+vsock agent channel, the mode every user with a KVM host gets.
+
+Where this host can run it (KVM with vmx/svm, /dev/vhost-vsock), pytest
+runs here. Otherwise in an L1 VM (image.py) under TCG with `-cpu max`,
+whose stock kernel gets a working /dev/kvm (kvm_amd, nested paging) and
+/dev/vhost-vsock: the checkout and the built guest assets are shared in,
+the tests' output comes back on L1's console as it is written, and one
+hard deadline holds for the whole lane; when it runs out, the report says
+which test was running and for how long.
+
+L2 VMs "with KVM" in L1 are still translated by the outer TCG: this lane
+shows that the mode works, never how fast it is.
+
+    python -m tests.nested.lane [--deadline MIN] [PYTEST ARGS...]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from hyperrun import assets  # noqa: E402
+from hyperrun.vm import accel  # noqa: E402
+
+from tests.nested import image  # noqa: E402
+
+DEFAULT_DEADLINE_MIN = 50
+L1_MEMORY = "8G"
+L1_CPUS = 2
+MIN_TESTS = 15  # the lane must run at least this many kvm tests
+PYTEST = ["-m", "kvm", "-p", "tests.nested.plugin", "-v", "-rfEs", "--timeout=900",
+          "-p", "no:cacheprovider", "tests/integration"]
+
+
+def host_has_kvm_vsock() -> tuple[bool, str]:
+    chosen = accel.choose() if not os.environ.get("HYPERRUN_ACCEL") else None
+    if chosen is not None and chosen.name != "kvm":
+        return False, chosen.reason
+    if not os.access("/dev/vhost-vsock", os.R_OK | os.W_OK):
+        return False, "no /dev/vhost-vsock"
+    return True, "KVM and /dev/vhost-vsock on this host"
+
+
+class Report:
+    """The lane's progress, from the "@@lane" events."""
+
+    def __init__(self) -> None:
+        self.running: tuple[str, float] | None = None
+        self.results: list[tuple[str, str, str]] = []  # nodeid, outcome, seconds
+        self.exit: int | None = None
+        self.check_ok = False
+
+    def feed(self, line: str) -> None:
+        words = line.split()
+        if words[:1] == ["start"] and len(words) == 2:
+            self.running = (words[1], time.monotonic())
+        elif words[:1] == ["end"] and len(words) == 4:
+            self.results.append((words[1], words[2], words[3]))
+            self.running = None
+        elif words[:1] == ["checked"]:
+            self.check_ok = words[1:] == ["0"]
+        elif words[:1] == ["exit"]:
+            self.exit = int(words[1])
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for _, outcome, _ in self.results:
+            counts[outcome] = counts.get(outcome, 0) + 1
+        return ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no test ran"
+
+
+def run_here(pytest_args: list[str], deadline_s: float) -> int:
+    events = os.dup(1)  # a copy of stdout that pytest's capture does not replace
+    env = dict(os.environ, HYPERRUN_ACCEL="kvm", HYPERRUN_LANE_FD=str(events))
+    print("test-kvm: on this host (KVM and vhost-vsock)", flush=True)
+    try:
+        return subprocess.run([sys.executable, "-m", "pytest", *pytest_args], cwd=REPO, env=env,
+                              pass_fds=(events,), timeout=deadline_s).returncode
+    finally:
+        os.close(events)
+
+
+def l1_command(run: Path, built: Path, checkout: Path) -> list[str]:
+    def share(tag: str, path: Path, ro: bool) -> list[str]:
+        return ["-fsdev", f"local,id={tag},path={path},security_model=none"
+                          + (",readonly=on" if ro else ""),
+                "-device", f"virtio-9p-pci,fsdev={tag},mount_tag={tag}"]
+
+    return ["qemu-system-x86_64", "-name", "hyperrun-l1",
+            "-M", "q35", "-accel", "tcg,thread=multi", "-cpu", "max",
+            "-smp", str(L1_CPUS), "-m", L1_MEMORY,
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-serial", "stdio",
+            "-kernel", str(built / "vmlinuz"), "-initrd", str(built / "initrd.img"),
+            "-append", f"root=/dev/vda rw console=ttyS0 init={image.STUB_INIT} quiet "
+                       "loglevel=3 random.trust_cpu=on panic=-1",
+            "-drive", f"file={run / 'root.qcow2'},format=qcow2,if=virtio,cache=unsafe",
+            "-device", "virtio-rng-pci",
+            *share("checkout", checkout, True), *share("assets", run / "assets", True),
+            *share("results", run / "results", False)]
+
+
+def run_nested(pytest_args: list[str], deadline_s: float, why: str) -> int:
+    t0 = time.monotonic()
+    print(f"test-kvm: in an L1 VM ({why} here); nested emulation: its timings are not "
+          "KVM timings", flush=True)
+    for path in (assets.kernel_path(), assets.guest_image_path()):
+        if not path.exists():
+            print(f"test-kvm: {path} missing: run `make assets`", file=sys.stderr)
+            return 2
+    built = image.ensure()
+    print(f"test-kvm: L1 image ready ({time.monotonic() - t0:.0f}s)", flush=True)
+    with tempfile.TemporaryDirectory(prefix="hyperrun-l1-") as tmp:
+        run = Path(tmp)
+        (run / "assets").mkdir()
+        (run / "results").mkdir()
+        shutil.copy(assets.kernel_path(), run / "assets" / assets.KERNEL_FILE)
+        shutil.copy(assets.guest_image_path(), run / "assets" / assets.GUEST_FILE)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                        str(built / "root.img"), str(run / "root.qcow2")], check=True)
+        command = shlex.join(["/opt/hyperrun-venv/bin/python", "-m", "pytest", *pytest_args])
+        (run / "results" / "lane.env").write_text(
+            f"export HYPERRUN_ACCEL=kvm HYPERRUN_LANE_FD=3\n"
+            f"export HYPERRUN_KERNEL=/mnt/assets/{assets.KERNEL_FILE}\n"
+            f"export HYPERRUN_GUEST_IMAGE=/mnt/assets/{assets.GUEST_FILE}\n"
+            f"LANE_COMMAND={shlex.quote(command)}\n")
+        log_path = REPO / "build" / "test-kvm.log"
+        log_path.parent.mkdir(exist_ok=True)
+        return _watch(l1_command(run, built, REPO), log_path, t0 + deadline_s, t0)
+
+
+def _watch(argv: list[str], log_path: Path, deadline: float, t0: float) -> int:
+    """Run L1, echo its console, follow the events; kill it at the deadline."""
+    report = Report()
+    lines: queue.Queue[str | None] = queue.Queue()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def reader() -> None:
+        for raw in proc.stdout:
+            lines.put(raw.decode(errors="replace").rstrip("\r\n"))
+        lines.put(None)
+
+    threading.Thread(target=reader, daemon=True).start()
+    timed_out = False
+    with open(log_path, "w") as log:
+        while True:
+            try:
+                line = lines.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                timed_out = True
+                break
+            if line is None:
+                break
+            log.write(line + "\n")
+            log.flush()
+            if m := re.search(r"@@lane (.*)", line):
+                report.feed(m.group(1))
+            print(line, flush=True)
+    proc.kill()
+    proc.wait()
+    took = time.monotonic() - t0
+    print(f"test-kvm: {report.summary()} in {took / 60:.1f} min (log {log_path})")
+    if timed_out:
+        if report.running:
+            nodeid, since = report.running
+            print(f"test-kvm: FAILED: the lane's deadline ran out while {nodeid} had run for "
+                  f"{time.monotonic() - since:.0f}s", file=sys.stderr)
+        else:
+            print("test-kvm: FAILED: the lane's deadline ran out with no test running "
+                  f"({len(report.results)} finished)", file=sys.stderr)
+        return 1
+    if report.exit is None:
+        print(f"test-kvm: FAILED: L1 ended (QEMU status {proc.returncode}) without the tests' "
+              "exit status; its console is in the log", file=sys.stderr)
+        return 1
+    if not report.check_ok:
+        print("test-kvm: FAILED: `hyperrun check` failed in L1", file=sys.stderr)
+        return 1
+    if report.exit == 0 and len(report.results) < MIN_TESTS:
+        print(f"test-kvm: FAILED: only {len(report.results)} tests ran (at least {MIN_TESTS} "
+              "expected)", file=sys.stderr)
+        return 1
+    return report.exit
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--deadline", type=float, default=float(
+        os.environ.get("HYPERRUN_KVM_DEADLINE_MIN", DEFAULT_DEADLINE_MIN)),
+        help="minutes for the whole lane, the L1 image build included (default %(default)s)")
+    ap.add_argument("--nested", action="store_true", help="use an L1 VM even if this host has KVM")
+    args, extra = ap.parse_known_args(argv)
+    pytest_args = PYTEST[:-1] + extra if extra else PYTEST
+    ok, why = host_has_kvm_vsock()
+    try:
+        if ok and not args.nested:
+            return run_here(pytest_args, args.deadline * 60)
+        return run_nested(pytest_args, args.deadline * 60, why)
+    except image.BuildError as exc:
+        print(f"test-kvm: {exc}", file=sys.stderr)
+        return 1
+    except subprocess.TimeoutExpired:
+        print("test-kvm: FAILED: the lane's deadline ran out", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
