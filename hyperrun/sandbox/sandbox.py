@@ -7,6 +7,7 @@ with its console instead of a timeout.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from hyperrun.channel import transport
 from hyperrun.channel.agent import AgentClient
@@ -15,8 +16,33 @@ from hyperrun.vm.qemu import QemuVM
 
 from .config import SandboxConfig
 
-BOOT_TIMEOUT = 60.0
+# A boot's deadline is a span of idleness, not of time: a VM that works
+# (runs, or waits for a CPU to run on) is booting, however slow the host
+# (TCG, nested, loaded), and one that has done nothing for BOOT_IDLE_S while
+# its agent did not answer is hung. BOOT_CAP_S bounds a VM that works for
+# ever (a guest spinning) all the same.
+BOOT_IDLE_S = 10.0
+BOOT_CAP_S = 900.0
+IDLE_SHARE = 0.2  # of one CPU: an idle guest under TCG takes 1-5 % (its timers)
 HEALTH_ATTEMPT_S = 5.0  # a serial-channel health check, before reconnecting
+
+
+class Activity:
+    """How long a VM has been idle, from its hypervisor's busy time sampled
+    at each call."""
+
+    def __init__(self, vm: QemuVM) -> None:
+        self.vm = vm
+        self._busy = vm.busy_ns()
+        self._at = self.active_at = time.monotonic()
+
+    def idle_s(self) -> float:
+        now, busy = time.monotonic(), self.vm.busy_ns()
+        if busy is not None and self._busy is not None and \
+                busy - self._busy > IDLE_SHARE * (now - self._at) * 1e9:
+            self.active_at = now
+        self._busy, self._at = busy, now
+        return now - self.active_at
 
 
 class Sandbox:
@@ -32,12 +58,11 @@ class Sandbox:
         return self.vm.id
 
     @classmethod
-    async def boot(cls, config: SandboxConfig, timeout: float = BOOT_TIMEOUT) -> "Sandbox":
-        return await cls.start(QemuVM(config.vm_config()), timeout)
+    async def boot(cls, config: SandboxConfig) -> "Sandbox":
+        return await cls.start(QemuVM(config.vm_config()))
 
     @classmethod
-    async def start(cls, vm: QemuVM, timeout: float = BOOT_TIMEOUT,
-                    template=None) -> "Sandbox":
+    async def start(cls, vm: QemuVM, template=None) -> "Sandbox":
         """Launch vm (or attach to it if already spawned), or restore it from
         a template (vm/template.py), and wait for its agent."""
         if template is not None:
@@ -48,7 +73,7 @@ class Sandbox:
         agent = AgentClient(f"agent-{vm.id}")
         sandbox = cls(vm, agent)
         try:
-            await sandbox._wait_agent(timeout)
+            await sandbox._wait_agent()
         except BaseException:
             await sandbox.destroy()
             raise
@@ -83,20 +108,35 @@ class Sandbox:
                     from hyperrun import log
                     log.get("sandbox").warning("agent did not answer; reconnecting",
                                                vm=self.vm.id)
-        while True:  # vsock: nothing listens until the agent is up
+        # vsock: nothing listens until the agent is up. Each refused
+        # attempt is work for the guest: the pause grows to 0.5 s.
+        pause = 0.02
+        while True:
             try:
                 await self.agent.connect(self.agent_opener())
                 return await self.agent.health(timeout=timeout)
             except (ConnectionError, OSError):
                 await self.agent.close()
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.5)
 
-    async def _wait_agent(self, timeout: float) -> None:
-        health = asyncio.create_task(self._connect_agent(timeout))
+    async def _wait_agent(self) -> None:
+        """Until the agent answers, QEMU exits, or the VM is idle for
+        BOOT_IDLE_S (hung: a wedged guest, an agent that does not listen)."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        health = asyncio.create_task(self._connect_agent(BOOT_CAP_S))
         exited = asyncio.create_task(self.vm.wait_exited())
+        activity = Activity(self.vm)
+        idle = 0.0
         try:
-            done, _ = await asyncio.wait({health, exited}, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                done, _ = await asyncio.wait({health, exited}, timeout=1.0,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if done or loop.time() - start >= BOOT_CAP_S:
+                    break
+                if (idle := activity.idle_s()) >= BOOT_IDLE_S:
+                    break
         finally:
             exited.cancel()
         if health in done:
@@ -106,17 +146,19 @@ class Sandbox:
         health.cancel()
         if exited in done or self.vm.exited:
             raise VMError(f"VM {self.id} died during boot: {self.vm.failure_reason()}")
-        raise VMError(f"agent in VM {self.id} did not answer within {timeout:.0f}s; "
-                      f"console: {self.vm.failure_reason()}")
+        why = (f"the VM has done nothing for {idle:.0f}s" if idle >= BOOT_IDLE_S
+               else f"the VM has worked for {BOOT_CAP_S:.0f}s")
+        raise VMError(f"agent in VM {self.id} did not answer after {loop.time() - start:.0f}s "
+                      f"({why}); console: {self.vm.failure_reason()}")
 
     @classmethod
-    async def reattach(cls, vm: QemuVM, timeout: float = 10.0) -> "Sandbox":
+    async def reattach(cls, vm: QemuVM) -> "Sandbox":
         """Take over a running sandbox VM (after a daemon restart): QMP and
         a new agent session on its sockets."""
         await vm.attach()
         sandbox = cls(vm, AgentClient(f"agent-{vm.id}"))
         try:
-            await sandbox._wait_agent(timeout)
+            await sandbox._wait_agent()
         except BaseException:
             await sandbox.agent.close()
             if vm.qmp is not None:

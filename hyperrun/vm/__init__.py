@@ -45,3 +45,8 @@ class VM(abc.ABC):
     @property
     @abc.abstractmethod
     def exited(self) -> bool: ...
+
+    @abc.abstractmethod
+    def busy_ns(self) -> int | None:
+        """The hypervisor's time spent running or waiting to run, in ns:
+        grows while the VM works, stands while it idles or hangs."""

@@ -56,6 +56,10 @@ def confine(vm_id: str, pid: int, memory_mib: int, vcpus: int) -> list[Path]:
     try:
         if _v2_ready():
             parent = ROOT / GROUP
+            # Delegated at the root by systemd; a host without it (an init of
+            # its own, a minimal VM) has them off there, and then in ours.
+            if not {"memory", "cpu"} <= set((ROOT / "cgroup.subtree_control").read_text().split()):
+                _write(ROOT / "cgroup.subtree_control", "+memory +cpu")
             parent.mkdir(exist_ok=True)
             _write(parent / "cgroup.subtree_control", "+memory +cpu")
             d = parent / vm_id

@@ -197,6 +197,25 @@ class QemuVM(VM):
     def process(self) -> subprocess.Popen | None:
         return self._proc
 
+    def busy_ns(self) -> int | None:
+        """Nanoseconds QEMU's threads have run or waited for a CPU to run
+        on (/proc/PID/task/*/schedstat): what a VM that works at something
+        accumulates on any host, loaded or not, and a hung or idle one
+        does not. None where QEMU is gone."""
+        total, pid = 0, self.pid
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except (OSError, TypeError):
+            return None
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    ran, waited = f.read().split()[:2]
+            except (OSError, ValueError):
+                continue  # a thread that ended meanwhile
+            total += int(ran) + int(waited)
+        return total
+
     def spawn(self) -> None:
         """Create the run directory and start QEMU."""
         self.run_dir = rundir.create(self.run_dir)

@@ -54,9 +54,10 @@ def shape(config: VMConfig) -> VMConfig:
     """The config a template is made with and its clones must match, for
     what the guest sees: same machine, RAM, CPUs, kernel command line and
     devices. Host-side backends (tap fd or user network, share paths)
-    may differ; the card's MAC is set by the agent."""
-    if config.channel.kind != "serial":
-        raise VMError("VM templates need the virtio-serial agent channel")
+    may differ; the card's MAC is set by the agent. A vsock clone has a
+    CID of its own: QEMU tells the restored guest with a transport reset
+    event, on which its driver reads the new CID (the agent's listening
+    socket is bound to any CID and stays)."""
     return dataclasses.replace(config, nic=_card(config), memory_file=None,
                                memory_shared=False, incoming=False, incoming_fd=-1)
 
@@ -81,6 +82,7 @@ def key(config: VMConfig) -> str:
             "memory_mib": c.memory_mib, "accel": c.accel,
             "cmdline": c.cmdline(), "disks": [d.serial for d in c.disks],
             "hotplug": c.hotplug_disks, "shares": [s.tag for s in c.shares],
+            "channel": c.channel.kind,
             "nic": [c.nic.kind, c.nic.restrict]}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -13,6 +13,7 @@ from hyperrun.channel.ttrpc import TtrpcError
 from hyperrun.proto import agent_pb2 as pb
 from hyperrun.sandbox.config import SandboxConfig
 from hyperrun.sandbox.sandbox import Sandbox
+from hyperrun.vm import VMError
 from hyperrun.vm.config import Share, vsock_available
 from hyperrun.vm.qemu import QemuVM
 
@@ -228,6 +229,19 @@ def test_vm_dying_is_noticed(busybox_rootfs, no_leaks):
     run(main())
 
 
+@pytest.mark.kvm
+def test_a_vm_whose_agent_never_answers_fails_its_boot_once_idle(vm_assets, no_leaks):
+    """A guest that boots but serves no agent (here its init is a shell
+    waiting on the console) is reported once it has done nothing for
+    BOOT_IDLE_S, with its console, and removed: the boot's deadline is
+    the VM's idleness, not a time that only holds at one host's speed."""
+    async def main():
+        with pytest.raises(VMError, match=r"did not answer after \d+s \(the VM has done "
+                                          r"nothing for \d+s\)"):
+            await Sandbox.boot(SandboxConfig(init="/bin/sh"))
+    run(main())
+
+
 def test_graceful_stop_through_qmp(busybox_rootfs, no_leaks):
     async def main():
         sb = await booted(busybox_rootfs)
@@ -411,7 +425,9 @@ def test_qemu_runs_confined(busybox_rootfs, no_leaks):
             uid = int(status["Uid"].split()[0])  # its own, with hyperrun-vmm's group
             assert uid in privileges.VM_UIDS and status["Uid"].split() == [str(uid)] * 4
             assert status["Gid"].split() == [str(user.pw_gid)] * 4
-            assert status["Groups"].strip() == ""
+            # the groups of the devices it opens by name, if any (KVM, vsock)
+            devices = privileges._devices(vm.config)
+            assert set(status["Groups"].split()) == {str(os.stat(d).st_gid) for d in devices}
             caps = sum(1 << n for n in (0, 1, 3, 4))  # chown dac_override fowner fsetid
             for kind in ("CapEff", "CapPrm", "CapAmb", "CapBnd"):
                 assert int(status[kind], 16) == caps, (kind, status[kind])
@@ -427,7 +443,7 @@ def test_qemu_runs_confined(busybox_rootfs, no_leaks):
             files = {t for t in fds.values() if t.startswith("/")}
             assert files == {"/dev/null", str(vm.run_dir / "qemu.log"), str(vm.console_log),
                              str(vm.config.root_image.resolve()), str(busybox_rootfs.resolve()),
-                             str(privileges.UID_LOCKS / str(uid))}, files
+                             str(privileges.UID_LOCKS / str(uid)), *devices}, files
             # and otherwise: sockets (QMP's and the agent's, listening and
             # connected), and QEMU's own eventfds and signalfd
             others = [t for t in fds.values() if not t.startswith("/")]
@@ -504,8 +520,7 @@ def test_each_qemu_has_a_uid_of_its_own(vm_assets, no_leaks):
     if os.geteuid() != 0:
         pytest.skip("not root: QEMU runs as the caller")
     user = _vmm_user()
-    vms = [QemuVM(SandboxConfig(channel="serial", init="/bin/sh").vm_config())
-           for _ in range(2)]
+    vms = [QemuVM(SandboxConfig(init="/bin/sh").vm_config()) for _ in range(2)]
     try:
         for vm in vms:
             vm.spawn()

@@ -46,6 +46,7 @@ PACKAGES = [
     "docker-registry", "skopeo", "umoci", "apache2-utils", "openssl", "curl",
     "containernetworking-plugins", "ca-certificates", "python3", "python3-venv",
     "e2fsprogs", "xz-utils", "zstd",
+    "runc",  # the bench's baseline (hyperrun bench start in L1)
 ]
 VENV = "/opt/hyperrun-venv"
 CHECKOUT = "/hyperrun"       # where L1's init copies the checkout (the venv's .pth)
@@ -110,8 +111,8 @@ def run(cmd: list[str], what: str, logf) -> None:
 
 STUB = """#!/bin/sh
 # L1's init: the lane's script comes from the checkout shared at each run.
-mount -t proc proc /proc
-mount -t sysfs sys /sys
+mount -t proc proc /proc 2>/dev/null  # the initramfs moved them here already
+mount -t sysfs sys /sys 2>/dev/null
 mount -t devtmpfs dev /dev 2>/dev/null
 modprobe -a 9pnet_virtio 9p
 mkdir -p /mnt/checkout

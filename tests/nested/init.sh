@@ -29,9 +29,16 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 results /mnt/results |
 # KVM: kvm_amd (TCG's -cpu max shows AMD's SVM) or kvm_intel; vhost-vsock.
 modprobe kvm_amd 2>/dev/null || modprobe kvm_intel 2>/dev/null
 modprobe vhost_vsock
+modprobe tun  # /dev/net/tun for pod taps (no udev here to make the node on demand)
 for dev in /dev/kvm /dev/vhost-vsock; do
     [ -c "$dev" ] || { echo "lane: $dev missing after modprobe"; finish 91; }
 done
+# The modes Debian's udev rules give them (L1 runs no udev): group kvm,
+# so that an unprivileged QEMU can be given them.
+getent group kvm >/dev/null || groupadd --system kvm
+chgrp kvm /dev/kvm /dev/vhost-vsock
+chmod 0660 /dev/kvm
+chmod 0666 /dev/vhost-vsock
 
 # The checkout, copied: tests write beside themselves (caches, temp files).
 mkdir -p /hyperrun
