@@ -121,14 +121,17 @@ def l1_command(run: Path, built: Path, checkout: Path) -> list[str]:
             *share("results", run / "results", False)]
 
 
-def run_nested(pytest_args: list[str], deadline_s: float, why: str) -> int:
+def run_nested(command: str, deadline_s: float, why: str,
+               collect: tuple[str, ...] = ()) -> tuple[int, Report, dict[str, bytes]]:
+    """command (a shell line) in L1: its status, the report, and the named
+    files it left in /mnt/results."""
     t0 = time.monotonic()
     print(f"test-kvm: in an L1 VM ({why} here); nested emulation: its timings are not "
           "KVM timings", flush=True)
     for path in (assets.kernel_path(), assets.guest_image_path()):
         if not path.exists():
             print(f"test-kvm: {path} missing: run `make assets`", file=sys.stderr)
-            return 2
+            return 2, Report(), {}
     built = image.ensure()
     print(f"test-kvm: L1 image ready ({time.monotonic() - t0:.0f}s)", flush=True)
     with tempfile.TemporaryDirectory(prefix="hyperrun-l1-") as tmp:
@@ -139,7 +142,6 @@ def run_nested(pytest_args: list[str], deadline_s: float, why: str) -> int:
         shutil.copy(assets.guest_image_path(), run / "assets" / assets.GUEST_FILE)
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
                         str(built / "root.img"), str(run / "root.qcow2")], check=True)
-        command = shlex.join(["/opt/hyperrun-venv/bin/python", "-m", "pytest", *pytest_args])
         (run / "results" / "lane.env").write_text(
             f"export HYPERRUN_ACCEL=kvm HYPERRUN_LANE_FD=3\n"
             f"export HYPERRUN_KERNEL=/mnt/assets/{assets.KERNEL_FILE}\n"
@@ -147,10 +149,30 @@ def run_nested(pytest_args: list[str], deadline_s: float, why: str) -> int:
             f"LANE_COMMAND={shlex.quote(command)}\n")
         log_path = REPO / "build" / "test-kvm.log"
         log_path.parent.mkdir(exist_ok=True)
-        return _watch(l1_command(run, built, REPO), log_path, t0 + deadline_s, t0)
+        code, report = _watch(l1_command(run, built, REPO), log_path, t0 + deadline_s, t0)
+        files = {name: (run / "results" / name).read_bytes() for name in collect
+                 if (run / "results" / name).exists()}
+        return code, report, files
 
 
-def _watch(argv: list[str], log_path: Path, deadline: float, t0: float) -> int:
+def check_tests(code: int, report: Report) -> int:
+    """The lane's verdict on a test run: every test passed (a skip did not
+    run in the lane's mode), and enough of them."""
+    if code != 0:
+        return code
+    if not_passed := [(n, o) for n, o, _ in report.results if o != "passed"]:
+        print("test-kvm: FAILED: " + ", ".join(f"{n} {o}" for n, o in not_passed),
+              file=sys.stderr)
+        return report.exit or 1
+    if len(report.results) < MIN_TESTS:
+        print(f"test-kvm: FAILED: only {len(report.results)} tests ran (at least {MIN_TESTS} "
+              "expected)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _watch(argv: list[str], log_path: Path, deadline: float,
+           t0: float) -> tuple[int, Report]:
     """Run L1, echo its console, follow the events; kill it at the deadline."""
     report = Report()
     lines: queue.Queue[str | None] = queue.Queue()
@@ -192,26 +214,61 @@ def _watch(argv: list[str], log_path: Path, deadline: float, t0: float) -> int:
         else:
             print("test-kvm: FAILED: the lane's deadline ran out with no test running "
                   f"({len(report.results)} finished)", file=sys.stderr)
-        return 1
+        return 1, report
     if report.exit is None:
         why = "L1's kernel panicked" if report.panic else f"QEMU status {proc.returncode}"
-        print(f"test-kvm: FAILED: L1 ended ({why}) without the tests' exit status"
+        print(f"test-kvm: FAILED: L1 ended ({why}) without the command's exit status"
               + (f", during {report.running[0]}" if report.running else "")
               + f"; its console is in {log_path}", file=sys.stderr)
-        return 1
+        return 1, report
     if not report.check_ok:
         print("test-kvm: FAILED: `hyperrun check` failed in L1", file=sys.stderr)
-        return 1
-    if not_passed := [(n, o) for n, o, _ in report.results if o != "passed"]:
-        # a skipped test did not run in the lane's mode: as good as failed
-        print("test-kvm: FAILED: " + ", ".join(f"{n} {o}" for n, o in not_passed),
-              file=sys.stderr)
-        return report.exit or 1
-    if len(report.results) < MIN_TESTS:
-        print(f"test-kvm: FAILED: only {len(report.results)} tests ran (at least {MIN_TESTS} "
-              "expected)", file=sys.stderr)
-        return 1
-    return report.exit
+        return 1, report
+    return report.exit, report
+
+
+BENCH_NOTE = """# `hyperrun bench start` in the KVM lane's L1 VM: KVM against TCG
+
+**Nested emulation.** These figures come from an L1 VM that itself runs
+under TCG (software emulation) on a host without usable KVM. Its "KVM"
+guests are still translated by the outer TCG: the ratios below say how the
+two modes of the same runtime compare *inside that L1*, not what KVM gives
+on real hardware, and none of the times is a KVM time. The host's own
+figures are in `results.md`; do not mix the two tables.
+
+Made by `python -m tests.nested.lane --bench N` ({runs} rounds each, one
+after the other in the same L1: first `HYPERRUN_ACCEL=kvm`, then
+`HYPERRUN_ACCEL=tcg`), {date}, L1 with {cpus} vCPUs and {memory} of RAM,
+hyperrun at {commit}.
+
+| variant | what runs | KVM in L1 | TCG in L1 | TCG / KVM |
+| --- | --- | ---: | ---: | ---: |
+"""
+
+
+def bench(runs: int, deadline_s: float, why: str) -> int:
+    """bench start in L1 with KVM, then with TCG; docs/bench/nested.md."""
+    hr = "/opt/hyperrun-venv/bin/hyperrun"
+    command = " && ".join(
+        f"HYPERRUN_ACCEL={a} {hr} bench start -n {runs} --no-report --json /mnt/results/{a}.json"
+        for a in ("kvm", "tcg"))
+    code, report, files = run_nested(command, deadline_s, why, ("kvm.json", "tcg.json"))
+    if code != 0 or len(files) != 2:
+        return code or 1
+    import json
+
+    kvm, tcg = (json.loads(files[f])["start"]["variants"] for f in ("kvm.json", "tcg.json"))
+    machine = json.loads(files["kvm.json"])["machine"]
+    text = BENCH_NOTE.format(runs=runs, date=machine["date"], cpus=L1_CPUS, memory=L1_MEMORY,
+                             commit=machine["hyperrun_commit"])
+    for name, v in kvm.items():
+        if name in tcg:
+            k, t = v["median_s"], tcg[name]["median_s"]
+            text += f"| {name} | {v['what']} | {k:.2f} s | {t:.2f} s | {t / k:.1f} |\n"
+    out = REPO / "docs" / "bench" / "nested.md"
+    out.write_text(text)
+    print(f"wrote {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,13 +277,19 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.get("HYPERRUN_KVM_DEADLINE_MIN", DEFAULT_DEADLINE_MIN)),
         help="minutes for the whole lane, the L1 image build included (default %(default)s)")
     ap.add_argument("--nested", action="store_true", help="use an L1 VM even if this host has KVM")
+    ap.add_argument("--bench", type=int, metavar="ROUNDS",
+                    help="instead of the tests: `hyperrun bench start` in L1, KVM then TCG "
+                         "(docs/bench/nested.md)")
     args, extra = ap.parse_known_args(argv)
     pytest_args = PYTEST[:-1] + extra if extra else PYTEST
     ok, why = host_has_kvm_vsock()
     try:
+        if args.bench:
+            return bench(args.bench, args.deadline * 60, why)
         if ok and not args.nested:
             return run_here(pytest_args, args.deadline * 60)
-        return run_nested(pytest_args, args.deadline * 60, why)
+        command = shlex.join(["/opt/hyperrun-venv/bin/python", "-m", "pytest", *pytest_args])
+        return check_tests(*run_nested(command, args.deadline * 60, why)[:2])
     except image.BuildError as exc:
         print(f"test-kvm: {exc}", file=sys.stderr)
         return 1
