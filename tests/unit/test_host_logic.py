@@ -214,3 +214,28 @@ def test_setid_filter_refuses_setid_modes_only(tmp_path):
     os.waitpid(pid, 0)
     assert got == {name: "EPERM" if i < 6 else "ok" for i, name in enumerate(calls)}, got
     assert stat.S_IMODE(f.stat().st_mode) == 0o755
+
+
+def test_a_vm_is_idle_while_its_busy_time_stands(monkeypatch):
+    """The boot's deadline counts idleness: a fifth of a CPU or more of
+    QEMU's run and run-queue time is work; less (an idle guest's timers)
+    adds to the idle span; a QEMU gone counts as idle."""
+    from types import SimpleNamespace
+
+    from hyperrun.sandbox import sandbox as sandbox_mod
+
+    clock, busy = [0.0], [0]
+    monkeypatch.setattr(sandbox_mod, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    activity = sandbox_mod.Activity(SimpleNamespace(busy_ns=lambda: busy[0]))
+
+    def tick(seconds: float, cpu_share: float | None) -> float:
+        clock[0] += seconds
+        busy[0] = None if cpu_share is None else busy[0] + int(cpu_share * seconds * 1e9)
+        return activity.idle_s()
+
+    assert tick(1, 1.0) == 0  # booting: a whole CPU
+    assert tick(1, 0.3) == 0  # starved or slow, still working
+    assert [tick(1, 0.05) for _ in range(3)] == [1, 2, 3]  # idle guest: timers only
+    assert tick(1, 0.5) == 0  # worked again
+    assert tick(2, 0.1) == 2
+    assert tick(1, None) == 3  # QEMU gone: nothing more is done
