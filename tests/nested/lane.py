@@ -158,12 +158,12 @@ def run_nested(command: str, deadline_s: float, why: str,
 def check_tests(code: int, report: Report) -> int:
     """The lane's verdict on a test run: every test passed (a skip did not
     run in the lane's mode), and enough of them."""
-    if code != 0:
-        return code
     if not_passed := [(n, o) for n, o, _ in report.results if o != "passed"]:
         print("test-kvm: FAILED: " + ", ".join(f"{n} {o}" for n, o in not_passed),
               file=sys.stderr)
-        return report.exit or 1
+        return code or 1
+    if code != 0:
+        return code
     if len(report.results) < MIN_TESTS:
         print(f"test-kvm: FAILED: only {len(report.results)} tests ran (at least {MIN_TESTS} "
               "expected)", file=sys.stderr)
