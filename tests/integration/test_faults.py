@@ -399,6 +399,7 @@ def test_daemon_killed_in_run_pod_sandbox(netd, pushed, cni_env):
     assert leftovers(d, cni_env[1], [pod, *orphans]) == NOTHING
 
 
+@pytest.mark.kvm
 def test_daemon_killed_in_create_and_start_container(netd, pushed, cni_env, tmp_path):
     """kill -9 inside CreateContainer, once the container's volume is bound
     into the pod's shared directory (its image disk hot-plugged, the guest

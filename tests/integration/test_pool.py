@@ -64,6 +64,7 @@ def daemon_qemus(d: Daemon) -> set[int]:
     return qemu_pids(d.base / "run")  # QEMU runs in its run directory
 
 
+@pytest.mark.kvm
 def test_pods_take_spare_vms_and_spares_leave_nothing(pool_daemon, pushed, cni_env):
     d = pool_daemon
     leases = cni_env[1]

@@ -259,8 +259,10 @@ def bench(runs: int, deadline_s: float, why: str) -> int:
 
     kvm, tcg = (json.loads(files[f])["start"]["variants"] for f in ("kvm.json", "tcg.json"))
     machine = json.loads(files["kvm.json"])["machine"]
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()  # L1 has no git
     text = BENCH_NOTE.format(runs=runs, date=machine["date"], cpus=L1_CPUS, memory=L1_MEMORY,
-                             commit=machine["hyperrun_commit"])
+                             commit=commit)
     for name, v in kvm.items():
         if name in tcg:
             k, t = v["median_s"], tcg[name]["median_s"]
