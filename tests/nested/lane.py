@@ -17,11 +17,13 @@ shows that the mode works, never how fast it is.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import queue
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -113,8 +115,13 @@ def l1_command(run: Path, built: Path, checkout: Path) -> list[str]:
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-serial", "stdio",
             "-kernel", str(built / "vmlinuz"), "-initrd", str(built / "initrd.img"),
+            # softlockup_panic: a CPU of L1 stuck in its kernel ends L1 (and is
+            # reported) instead of hanging the lane; sysrq for a look inside
+            # (`sendkey alt-sysrq-l` on the monitor socket).
             "-append", f"root=/dev/vda rw console=ttyS0 init={image.STUB_INIT} quiet "
-                       "loglevel=3 random.trust_cpu=on panic=-1",
+                       "loglevel=3 random.trust_cpu=on panic=-1 softlockup_panic=1 "
+                       "sysrq_always_enabled",
+            "-monitor", f"unix:{run / 'monitor.sock'},server=on,wait=off",
             "-drive", f"file={run / 'root.qcow2'},format=qcow2,if=virtio,cache=unsafe",
             "-device", "virtio-rng-pci",
             *share("checkout", checkout, True), *share("assets", run / "assets", True),
@@ -186,7 +193,9 @@ def _watch(argv: list[str], log_path: Path, deadline: float,
 
     threading.Thread(target=reader, daemon=True).start()
     timed_out = False
-    with open(log_path, "w") as log:
+    with contextlib.ExitStack() as cleanup, open(log_path, "w") as log:
+        cleanup.callback(proc.wait)
+        cleanup.callback(proc.kill)  # also when this process is stopped (SIGTERM)
         while True:
             try:
                 line = lines.get(timeout=max(deadline - time.monotonic(), 0))
@@ -202,8 +211,6 @@ def _watch(argv: list[str], log_path: Path, deadline: float,
             elif "Kernel panic - not syncing" in line:
                 report.panic = line
             print(line, flush=True)
-    proc.kill()
-    proc.wait()
     took = time.monotonic() - t0
     print(f"test-kvm: {report.summary()} in {took / 60:.1f} min (log {log_path})")
     if timed_out:
@@ -283,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="instead of the tests: `hyperrun bench start` in L1, KVM then TCG "
                          "(docs/bench/nested.md)")
     args, extra = ap.parse_known_args(argv)
+    # SIGTERM (CI's timeout, a kill) unwinds like Ctrl-C: L1 killed, its files removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     pytest_args = PYTEST[:-1] + extra if extra else PYTEST
     ok, why = host_has_kvm_vsock()
     try:
