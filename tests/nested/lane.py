@@ -48,7 +48,15 @@ L1_CPUS = 2
 # guests (a page fault on its per-CPU area right after a VM exit, in
 # __svm_vcpu_run), an outer-TCG matter, not the project's.
 L1_CPU = "max,-la57"
-MIN_TESTS = 15  # the lane must run at least this many kvm tests
+# One thread for both vCPUs: with multi-threaded TCG, both of L1's vCPUs
+# froze for good (each on one instruction, interrupts off) within minutes
+# of nested guests, in 2 of 5 runs; an outer-TCG matter too.
+L1_ACCEL = "tcg,thread=single"
+MIN_TESTS = 15
+# No console line for this long while a test runs: look inside L1 (the
+# slowest test took 100 s; a test's own deadline is pytest's 900 s).
+STALL_S = 300
+QMP_SOCKET = "qmp.sock"  # the lane must run at least this many kvm tests
 PYTEST = ["-m", "kvm", "-p", "tests.nested.plugin", "-v", "-rfEs", "--timeout=900",
           "-p", "no:cacheprovider", "tests/integration"]
 
@@ -110,18 +118,18 @@ def l1_command(run: Path, built: Path, checkout: Path) -> list[str]:
 
     return ["qemu-system-x86_64", "-name", "hyperrun-l1",
             # -la57: L1 on 4-level paging (see L1_CPU)
-            "-M", "q35", "-accel", "tcg,thread=multi", "-cpu", L1_CPU,
+            "-M", "q35", "-accel", L1_ACCEL, "-cpu", L1_CPU,
             "-smp", str(L1_CPUS), "-m", L1_MEMORY,
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-serial", "stdio",
             "-kernel", str(built / "vmlinuz"), "-initrd", str(built / "initrd.img"),
             # softlockup_panic: a CPU of L1 stuck in its kernel ends L1 (and is
             # reported) instead of hanging the lane; sysrq for a look inside
-            # (`sendkey alt-sysrq-l` on the monitor socket).
+            # (`stall_report`).
             "-append", f"root=/dev/vda rw console=ttyS0 init={image.STUB_INIT} quiet "
                        "loglevel=3 random.trust_cpu=on panic=-1 softlockup_panic=1 "
-                       "sysrq_always_enabled",
-            "-monitor", f"unix:{run / 'monitor.sock'},server=on,wait=off",
+                       "sysrq_always_enabled nokaslr",
+            "-qmp", f"unix:{run / QMP_SOCKET},server=on,wait=off",
             "-drive", f"file={run / 'root.qcow2'},format=qcow2,if=virtio,cache=unsafe",
             "-device", "virtio-rng-pci",
             *share("checkout", checkout, True), *share("assets", run / "assets", True),
@@ -156,7 +164,8 @@ def run_nested(command: str, deadline_s: float, why: str,
             f"LANE_COMMAND={shlex.quote(command)}\n")
         log_path = REPO / "build" / "test-kvm.log"
         log_path.parent.mkdir(exist_ok=True)
-        code, report = _watch(l1_command(run, built, REPO), log_path, t0 + deadline_s, t0)
+        code, report = _watch(l1_command(run, built, REPO), log_path, t0 + deadline_s, t0,
+                              run / QMP_SOCKET)
         files = {name: (run / "results" / name).read_bytes() for name in collect
                  if (run / "results" / name).exists()}
         return code, report, files
@@ -178,8 +187,41 @@ def check_tests(code: int, report: Report) -> int:
     return 0
 
 
+def _hmp(qmp: Path, *commands: str) -> str:
+    """Human monitor commands through L1's QMP socket; their output."""
+    import json
+    import socket
+
+    out = []
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(qmp))
+        f = sock.makefile("rw")
+        f.readline()  # greeting
+        for request in [{"execute": "qmp_capabilities"}] + [
+                {"execute": "human-monitor-command", "arguments": {"command-line": c}}
+                for c in commands]:
+            f.write(json.dumps(request) + "\n")
+            f.flush()
+            while "event" in (reply := json.loads(f.readline())):
+                pass
+            if isinstance(reply.get("return"), str):
+                out.append(reply["return"])
+    return "".join(out)
+
+
+def stall_report(qmp: Path) -> str:
+    """What L1 is doing when its console has been silent for STALL_S: its
+    vCPUs' registers here, and its kernel's backtraces of every CPU and of
+    the blocked tasks on its console (sysrq l and w)."""
+    try:
+        return _hmp(qmp, "info registers -a", "sendkey alt-sysrq-l", "sendkey alt-sysrq-w")
+    except (OSError, ValueError) as exc:
+        return f"(no answer from L1's monitor: {exc})"
+
+
 def _watch(argv: list[str], log_path: Path, deadline: float,
-           t0: float) -> tuple[int, Report]:
+           t0: float, qmp: Path) -> tuple[int, Report]:
     """Run L1, echo its console, follow the events; kill it at the deadline."""
     report = Report()
     lines: queue.Queue[str | None] = queue.Queue()
@@ -198,8 +240,14 @@ def _watch(argv: list[str], log_path: Path, deadline: float,
         cleanup.callback(proc.kill)  # also when this process is stopped (SIGTERM)
         while True:
             try:
-                line = lines.get(timeout=max(deadline - time.monotonic(), 0))
+                line = lines.get(timeout=min(max(deadline - time.monotonic(), 0), STALL_S))
             except queue.Empty:
+                if time.monotonic() < deadline:
+                    silent = f"test-kvm: L1's console silent for {STALL_S / 60:.0f} min" + (
+                        f", in {report.running[0]}" if report.running else "")
+                    print(f"{silent}; its vCPUs and kernel backtraces follow", flush=True)
+                    log.write(f"{silent}\n{stall_report(qmp)}\n")
+                    continue
                 timed_out = True
                 break
             if line is None:
