@@ -2,8 +2,8 @@
 vsock agent channel, the mode every user with a KVM host gets.
 
 Where this host can run it (KVM with vmx/svm, /dev/vhost-vsock), pytest
-runs here. Otherwise in an L1 VM (image.py) under TCG with `-cpu max`,
-whose stock kernel gets a working /dev/kvm (kvm_amd, nested paging) and
+runs here. Otherwise in an L1 VM (image.py) under TCG with `-cpu max`
+(L1_CPU, L1_ACCEL), whose stock kernel gets a working /dev/kvm (kvm_amd, nested paging) and
 /dev/vhost-vsock: the checkout and the built guest assets are shared in,
 the tests' output comes back on L1's console as it is written, and one
 hard deadline holds for the whole lane; when it runs out, the report says
@@ -52,11 +52,11 @@ L1_CPU = "max,-la57"
 # froze for good (each on one instruction, interrupts off) within minutes
 # of nested guests, in 2 of 5 runs; an outer-TCG matter too.
 L1_ACCEL = "tcg,thread=single"
-MIN_TESTS = 15
+MIN_TESTS = 15  # the lane must run at least this many kvm tests
 # No console line for this long while a test runs: look inside L1 (the
 # slowest test took 100 s; a test's own deadline is pytest's 900 s).
 STALL_S = 300
-QMP_SOCKET = "qmp.sock"  # the lane must run at least this many kvm tests
+QMP_SOCKET = "qmp.sock"
 PYTEST = ["-m", "kvm", "-p", "tests.nested.plugin", "-v", "-rfEs", "--timeout=900",
           "-p", "no:cacheprovider", "tests/integration"]
 
