@@ -75,22 +75,18 @@ def mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
-def python_requirements() -> list[str]:
-    """The project's dependencies and its dev extras, from pyproject.toml."""
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return [*project["dependencies"], *project["optional-dependencies"]["dev"], "setuptools>=68"]
-
-
-def project_version() -> str:
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+# The project's dependencies and its dev extras.
+REQUIREMENTS = [*PROJECT["dependencies"], *PROJECT["optional-dependencies"]["dev"],
+                "setuptools>=68"]
 
 
 def key() -> str:
     h = hashlib.sha256()
     for label, data in [("builder", Path(__file__).read_bytes()),
                         ("packages", " ".join(PACKAGES).encode()),
-                        ("python", "\n".join(python_requirements()).encode()),
-                        ("version", project_version().encode()),
+                        ("python", "\n".join(REQUIREMENTS).encode()),
+                        ("version", PROJECT["version"].encode()),
                         ("suite", SUITE.encode())]:
         h.update(label.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
     return h.hexdigest()[:16]
@@ -135,18 +131,18 @@ def install_python(root: Path, logf) -> None:
     settings) for the same Python minor version, then installed offline."""
     wheels = root / "tmp/wheels"
     run([sys.executable, "-m", "pip", "download", "-q", "-d", str(wheels),
-         *python_requirements()], "pip download", logf)
+         *REQUIREMENTS], "pip download", logf)
     run(["chroot", str(root), "python3", "-m", "venv", VENV], "venv", logf)
     run(["chroot", str(root), "env", "-u", "PIP_FIND_LINKS", "-u", "PIP_CERT",
          f"{VENV}/bin/pip", "install", "-q", "--no-index", "--find-links", "/tmp/wheels",
-         *python_requirements()], "pip install (offline)", logf)
+         *REQUIREMENTS], "pip install (offline)", logf)
     shutil.rmtree(wheels)
     site = next((root / VENV.lstrip("/") / "lib").glob("python3*/site-packages"))
     (site / "hyperrun-checkout.pth").write_text(CHECKOUT + "\n")
-    info = site / f"hyperrun-{project_version()}.dist-info"
+    info = site / f"hyperrun-{PROJECT['version']}.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: hyperrun\n"
-                                   f"Version: {project_version()}\n")
+                                   f"Version: {PROJECT['version']}\n")
     (info / "entry_points.txt").write_text("[console_scripts]\nhyperrun = hyperrun.cli:main\n")
     (info / "RECORD").write_text("")
     script = root / VENV.lstrip("/") / "bin/hyperrun"
@@ -170,7 +166,7 @@ def build(out: Path, work: Path) -> None:
         (root / STUB_INIT.lstrip("/")).chmod(0o755)
         (root / "etc/hostname").write_text("hyperrun-l1\n")
         (root / "etc/resolv.conf").write_text("")  # L1 has no network
-        for name in ["checkout", "assets", "results", "hyperrun"]:
+        for name in ["checkout", "assets", "results"]:
             (root / "mnt" / name).mkdir(parents=True, exist_ok=True)
         boot = root / "boot"
         vmlinuz = max(boot.glob("vmlinuz-*"))

@@ -37,6 +37,7 @@ if str(REPO) not in sys.path:
 
 from hyperrun import assets  # noqa: E402
 from hyperrun.vm import accel  # noqa: E402
+from hyperrun.vm.config import vsock_available  # noqa: E402
 
 from tests.nested import image  # noqa: E402
 
@@ -66,7 +67,7 @@ def host_has_kvm_vsock() -> tuple[bool, str]:
     chosen = accel.choose() if not os.environ.get("HYPERRUN_ACCEL") else None
     if chosen is not None and chosen.name != "kvm":
         return False, chosen.reason
-    if not os.access("/dev/vhost-vsock", os.R_OK | os.W_OK):
+    if not vsock_available():
         return False, "no /dev/vhost-vsock"
     return True, "KVM and /dev/vhost-vsock on this host"
 
@@ -118,7 +119,6 @@ def l1_command(run: Path, built: Path, checkout: Path) -> list[str]:
                 "-device", f"virtio-9p-pci,fsdev={tag},mount_tag={tag}"]
 
     return ["qemu-system-x86_64", "-name", "hyperrun-l1",
-            # -la57: L1 on 4-level paging (see L1_CPU)
             "-M", "q35", "-accel", L1_ACCEL, "-cpu", L1_CPU,
             "-smp", str(L1_CPUS), "-m", L1_MEMORY,
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
