@@ -43,21 +43,26 @@ from tests.nested import image  # noqa: E402
 
 DEFAULT_DEADLINE_MIN = 50
 L1_MEMORY = "8G"
-L1_CPUS = 2
+L1_CPUS = 1
 # max: AMD's SVM with nested paging, which L1's kvm_amd needs. Without
 # 5-level paging: with it, L1's kernel died within minutes of nested
 # guests (a page fault on its per-CPU area right after a VM exit, in
 # __svm_vcpu_run), an outer-TCG matter, not the project's.
 L1_CPU = "max,-la57"
-# Multi-threaded TCG. It is not reliable: in 2 of 5 runs both of L1's
-# vCPUs froze for good (one instruction each, interrupts off), an
-# outer-TCG defect. Single-threaded TCG was too slow: the lane's 50 minutes
-# ran out at its 5th test, with 4 tests failed.
+# One vCPU. With two, both froze for good in 2 of 5 runs (one instruction
+# each, interrupts off: an outer-TCG defect with nested SVM), and with two
+# under single-threaded TCG every IPI one vCPU spins on waited for the
+# round-robin's next turn: tests took 15 minutes each.
 L1_ACCEL = "tcg,thread=multi"
 MIN_TESTS = 15  # the lane must run at least this many kvm tests
 # No console line for this long while a test runs: look inside L1 (the
 # slowest test took 100 s; a test's own deadline is pytest's 900 s).
 STALL_S = 300
+# No console line for this long: is L1 frozen (FROZEN_SAMPLES of its vCPUs'
+# registers, FROZEN_EVERY_S apart, all the same, interrupts off)?
+PROBE_S = 120
+FROZEN_SAMPLES = 3
+FROZEN_EVERY_S = 10
 QMP_SOCKET = "qmp.sock"
 PYTEST = ["-m", "kvm", "-p", "tests.nested.plugin", "-v", "-rfEs", "--timeout=900",
           "-p", "no:cacheprovider", "tests/integration"]
@@ -81,6 +86,14 @@ class Report:
         self.exit: int | None = None
         self.check_ok = False
         self.panic = ""  # L1's own kernel panic, if any
+        self.frozen = ""  # L1's vCPUs, when they froze for good
+
+    def l1_died(self) -> str:
+        """Why L1 itself (not a test) ended the run, if it did."""
+        if self.exit is not None:
+            return ""
+        return "L1's kernel panicked" if self.panic else (
+            f"L1's vCPUs froze ({self.frozen})" if self.frozen else "")
 
     def feed(self, line: str) -> None:
         words = line.split()
@@ -221,38 +234,79 @@ def stall_report(qmp: Path) -> str:
         return f"(no answer from L1's monitor: {exc})"
 
 
+def frozen_vcpus(qmp: Path, console: threading.Event) -> str:
+    """L1's vCPUs as "CPU#0 at RIP ..." when every one of them stood on one
+    instruction with interrupts off, and its console said nothing, for the
+    whole sampling; else "". console is set on each line L1 writes.
+
+    A kernel cannot stay there that long (its soft-lockup watchdog would
+    fire and panic): this is the outer TCG's freeze, not a test's hang."""
+    samples = []
+    console.clear()
+    for i in range(FROZEN_SAMPLES):
+        if i and console.wait(FROZEN_EVERY_S):
+            return ""  # it spoke: alive
+        try:
+            text = _hmp(qmp, "info registers -a")
+        except (OSError, ValueError):
+            return ""
+        samples.append(re.findall(r"RIP=([0-9a-f]+) RFL=([0-9a-f]+)", text))
+    first = samples[0]
+    if not first or any(s != first for s in samples[1:]):
+        return ""
+    if any(int(rfl, 16) & 0x200 for _, rfl in first):  # IF set: it can still be woken
+        return ""
+    return ", ".join(f"CPU#{n} at RIP {rip}" for n, (rip, _) in enumerate(first))
+
+
 def _watch(argv: list[str], log_path: Path, deadline: float,
            t0: float, qmp: Path) -> tuple[int, Report]:
-    """Run L1, echo its console, follow the events; kill it at the deadline."""
+    """Run L1, echo its console, follow the events; kill it at the deadline
+    or when it froze."""
     report = Report()
     lines: queue.Queue[str | None] = queue.Queue()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
+    spoke = threading.Event()
+
     def reader() -> None:
         for raw in proc.stdout:
             lines.put(raw.decode(errors="replace").rstrip("\r\n"))
+            spoke.set()
         lines.put(None)
+        spoke.set()
 
     threading.Thread(target=reader, daemon=True).start()
     timed_out = False
+    last_line = time.monotonic()
     with contextlib.ExitStack() as cleanup, open(log_path, "w") as log:
         cleanup.callback(proc.wait)
         cleanup.callback(proc.kill)  # also when this process is stopped (SIGTERM)
         while True:
             try:
-                line = lines.get(timeout=min(max(deadline - time.monotonic(), 0), STALL_S))
+                line = lines.get(timeout=min(max(deadline - time.monotonic(), 0), PROBE_S))
             except queue.Empty:
-                if time.monotonic() < deadline:
-                    silent = f"test-kvm: L1's console silent for {STALL_S / 60:.0f} min" + (
-                        f", in {report.running[0]}" if report.running else "")
-                    print(f"{silent}; its vCPUs and kernel backtraces follow", flush=True)
-                    log.write(f"{silent}\n{stall_report(qmp)}\n")
-                    continue
-                timed_out = True
-                break
+                if time.monotonic() >= deadline:
+                    timed_out = True
+                    break
+                where = f", in {report.running[0]}" if report.running else ""
+                report.frozen = frozen_vcpus(qmp, spoke)
+                if report.frozen:
+                    print(f"test-kvm: L1 froze{where}: {report.frozen} for "
+                          f"{FROZEN_EVERY_S * (FROZEN_SAMPLES - 1)}s with interrupts off",
+                          flush=True)
+                    log.write(f"L1 froze: {report.frozen}\n{stall_report(qmp)}\n")
+                    break
+                if time.monotonic() - last_line >= STALL_S:
+                    print(f"test-kvm: L1's console silent for {STALL_S / 60:.0f} min{where}; "
+                          "its vCPUs and kernel backtraces follow", flush=True)
+                    log.write(f"silent{where}\n{stall_report(qmp)}\n")
+                    last_line = time.monotonic()
+                continue
             if line is None:
                 break
+            last_line = time.monotonic()
             log.write(line + "\n")
             log.flush()
             if m := re.search(r"@@lane (.*)", line):
@@ -272,7 +326,7 @@ def _watch(argv: list[str], log_path: Path, deadline: float,
                   f"({len(report.results)} finished)", file=sys.stderr)
         return 1, report
     if report.exit is None:
-        why = "L1's kernel panicked" if report.panic else f"QEMU status {proc.returncode}"
+        why = report.l1_died() or f"QEMU status {proc.returncode}"
         print(f"test-kvm: FAILED: L1 ended ({why}) without the command's exit status"
               + (f", during {report.running[0]}" if report.running else "")
               + f"; its console is in {log_path}", file=sys.stderr)
