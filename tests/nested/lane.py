@@ -151,7 +151,8 @@ def l1_command(run: Path, built: Path, checkout: Path) -> list[str]:
 
 
 def run_nested(command: str, deadline_s: float, why: str,
-               collect: tuple[str, ...] = ()) -> tuple[int, Report, dict[str, bytes]]:
+               collect: tuple[str, ...] = (), log_name: str = "test-kvm.log"
+               ) -> tuple[int, Report, dict[str, bytes]]:
     """command (a shell line) in L1: its status, the report, and the named
     files it left in /mnt/results."""
     t0 = time.monotonic()
@@ -176,7 +177,7 @@ def run_nested(command: str, deadline_s: float, why: str,
             f"export HYPERRUN_KERNEL=/mnt/assets/{assets.KERNEL_FILE}\n"
             f"export HYPERRUN_GUEST_IMAGE=/mnt/assets/{assets.GUEST_FILE}\n"
             f"LANE_COMMAND={shlex.quote(command)}\n")
-        log_path = REPO / "build" / "test-kvm.log"
+        log_path = REPO / "build" / log_name
         log_path.parent.mkdir(exist_ok=True)
         code, report = _watch(l1_command(run, built, REPO), log_path, t0 + deadline_s, t0,
                               run / QMP_SOCKET)
@@ -402,14 +403,23 @@ def main(argv: list[str] | None = None) -> int:
             return bench(args.bench, args.deadline * 60, why)
         if ok and not args.nested:
             return run_here(pytest_args, args.deadline * 60)
-        command = shlex.join(["/opt/hyperrun-venv/bin/python", "-m", "pytest", *pytest_args])
+
+        def command(argv: list[str]) -> str:
+            return shlex.join(["/opt/hyperrun-venv/bin/python", "-m", "pytest", *argv])
+
         end = time.monotonic() + args.deadline * 60
-        code, report, _ = run_nested(command, end - time.monotonic(), why)
-        if report.panic and report.exit is None and end - time.monotonic() > 15 * 60:
-            # L1's own kernel (under the outer TCG) died, not a test: once more
-            print("test-kvm: L1's kernel panicked (nested emulation); running the lane again",
-                  flush=True)
-            code, report, _ = run_nested(command, end - time.monotonic(), why)
+        code, report, _ = run_nested(command(pytest_args), end - time.monotonic(), why)
+        if (died := report.l1_died()) and end - time.monotonic() > 15 * 60:
+            # L1 itself (its kernel, or the outer TCG) failed, not a test:
+            # the tests that had not finished run again in a new L1.
+            done = [nodeid for nodeid, _, _ in report.results]
+            print(f"test-kvm: {died} (nested emulation); the tests not finished run again "
+                  f"in a new L1 ({len(done)} finished)", flush=True)
+            code, again, _ = run_nested(
+                command(pytest_args + [f"--deselect={n}" for n in done]),
+                end - time.monotonic(), why, log_name="test-kvm-again.log")
+            again.results[:0] = report.results
+            report = again
         return check_tests(code, report)
     except image.BuildError as exc:
         print(f"test-kvm: {exc}", file=sys.stderr)
