@@ -26,6 +26,7 @@ Looked for at HYPERRUN_CONFIG, then /etc/hyperrun/config.toml, then
 """
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, fields
@@ -87,15 +88,14 @@ def load(path: Path | None = None) -> SandboxDefaults:
     return defaults
 
 
-def vm_size(defaults: SandboxDefaults, resources, overhead) -> tuple[int, int]:
-    """(vCPUs, MiB) for a pod: its CPU limit rounded up, its memory limit
-    plus the pod overhead plus the guest's own overhead; defaults where the
-    pod sets no limit, capped by the configured maximums."""
-    vcpus = defaults.vcpus
-    if resources is not None and resources.cpu_quota > 0 and resources.cpu_period > 0:
-        vcpus = -(-resources.cpu_quota // resources.cpu_period)
+def vm_size(defaults: SandboxDefaults, spec) -> tuple[int, int]:
+    """(vCPUs, MiB) of a pod's VM (spec: a pods.spec.PodSpec): its CPU
+    limit rounded up, its memory limit plus the pod's overhead plus the
+    guest's own; the defaults where it sets no limit, capped by the
+    configured maximums."""
+    vcpus = math.ceil(spec.cpus) if spec.cpus > 0 else defaults.vcpus
     memory = defaults.memory_mib
-    if resources is not None and resources.memory_limit_in_bytes > 0:
-        extra = overhead.memory_limit_in_bytes if overhead is not None else 0
-        memory = -(-(resources.memory_limit_in_bytes + extra) // (1 << 20)) + defaults.overhead_mib
+    if spec.memory_limit_bytes > 0:
+        memory = -(-(spec.memory_limit_bytes + spec.overhead_memory_bytes) // (1 << 20)) \
+            + defaults.overhead_mib
     return min(max(vcpus, 1), defaults.max_vcpus), min(max(memory, 128), defaults.max_memory_mib)

@@ -23,22 +23,21 @@ import shutil
 import time
 from pathlib import Path
 
-from hyperrun import annotations, exitcodes, log, session
-from hyperrun.proto import cri_api_pb2 as cri
+from hyperrun import exitcodes, log, session
+from hyperrun.pods.spec import ContainerSpec, Mount, PodSpec, PortMapping
 from hyperrun.sandbox.manager import EXITED, RUNNING, NotFound
 from hyperrun.session import (RUN_LABEL, ExecOptions, ListOptions, LogsOptions, NamesOptions,
                               ProtocolError, PullOptions, RunError, RunOptions)
 
 from .errors import describe
-from .runtime import container_status, pod_status
 
 logger = log.get("runs")
 
 
-# ------------------------------------------------------ the run as CRI configs
+# ------------------------------------------------------ the run as specs
 
-def parse_volume(text: str) -> cri.Mount:
-    """-v HOST:CONTAINER[:ro|rw] as a CRI mount."""
+def parse_volume(text: str) -> Mount:
+    """-v HOST:CONTAINER[:ro|rw]."""
     parts = text.split(":")
     if len(parts) not in (2, 3) or not parts[0] or not parts[1] or \
             (len(parts) == 3 and parts[2] not in ("ro", "rw")):
@@ -46,12 +45,12 @@ def parse_volume(text: str) -> cri.Mount:
     host = Path(parts[0])
     if not host.is_absolute():
         raise RunError(f"-v {text!r}: the host path must be absolute")
-    return cri.Mount(host_path=str(host), container_path=parts[1],
-                     readonly=len(parts) == 3 and parts[2] == "ro")
+    return Mount(host_path=str(host), container_path=parts[1],
+                 readonly=len(parts) == 3 and parts[2] == "ro")
 
 
-def parse_port(text: str) -> cri.PortMapping:
-    """-p [HOSTIP:]HOSTPORT:PORT[/tcp|udp] as a CRI port mapping."""
+def parse_port(text: str) -> PortMapping:
+    """-p [HOSTIP:]HOSTPORT:PORT[/tcp|udp]."""
     import ipaddress
 
     spec, _, proto = text.partition("/")
@@ -71,62 +70,37 @@ def parse_port(text: str) -> cri.PortMapping:
             raise ValueError
     except ValueError:
         raise RunError(f"-p {text!r}: expected [HOSTIP:]HOSTPORT:PORT[/tcp|udp]") from None
-    return cri.PortMapping(protocol={"tcp": cri.TCP, "udp": cri.UDP, "sctp": cri.SCTP}[proto],
-                           container_port=port, host_port=host_port, host_ip=host_ip)
+    return PortMapping(host_port, port, proto, host_ip)
 
 
-def security_context(user: str) -> cri.LinuxContainerSecurityContext:
-    """-u as the CRI's: numeric uid[:gid] as ids; names go whole in
-    run_as_username, which the guest resolves in the image's own files."""
-    sc = cri.LinuxContainerSecurityContext()
+def check_user(user: str) -> str:
+    """-u name|uid[:group|gid], as Docker takes it: ids are numbers below
+    2^32; names are resolved in the image's own files, in the guest."""
     name, _, group = user.partition(":")
-
-    def is_id(text: str) -> bool:  # ASCII digits within a uid's range
-        return text.isascii() and text.isdigit() and int(text) < 1 << 32
-
-    if (name.isdigit() and not is_id(name)) or (group.isdigit() and not is_id(group)):
-        raise RunError(f"-u {user!r}: ids are numbers below 2^32")
-    if is_id(name) and (not group or is_id(group)):
-        sc.run_as_user.value = int(name)
-        if group:
-            sc.run_as_group.value = int(group)
-    elif user:
-        sc.run_as_username = user
-    return sc
+    for part in (name, group):
+        if part.isdigit() and not (part.isascii() and int(part) < 1 << 32):
+            raise RunError(f"-u {user!r}: ids are numbers below 2^32")
+    return user
 
 
-def resources(opts: RunOptions) -> cri.LinuxContainerResources:
-    """The pod's limits (and so its VM's size), where given: without them
-    the pod gets the default VM, the shape pool spares and templates have."""
-    r = cri.LinuxContainerResources()
-    if opts.cpus:
-        r.cpu_period, r.cpu_quota = 100000, opts.cpus * 100000
-    if opts.memory_mib:
-        r.memory_limit_in_bytes = opts.memory_mib << 20
-    return r
-
-
-def pod_config(opts: RunOptions, ports: list[cri.PortMapping], logs_root: Path) -> cri.PodSandboxConfig:
+def pod_spec(opts: RunOptions, ports: list[PortMapping], logs_root: Path) -> PodSpec:
+    """A run's pod. Its limits (and so its VM's size) only where given:
+    without them the pod gets the default VM, the shape pool spares and
+    templates have."""
     name = "run-" + secrets.token_hex(4)
-    return cri.PodSandboxConfig(
-        metadata=cri.PodSandboxMetadata(name=name, uid=name, namespace="hyperrun"),
-        hostname=opts.hostname or name, log_directory=str(logs_root / name),
-        labels={RUN_LABEL: "1"}, port_mappings=ports,
-        annotations={annotations.NETWORK: opts.network},
-        linux=cri.LinuxPodSandboxConfig(resources=resources(opts)))
+    return PodSpec(name=name, uid=name, namespace="hyperrun", hostname=opts.hostname or name,
+                   log_directory=str(logs_root / name), labels={RUN_LABEL: "1"},
+                   network=opts.network if opts.network != "auto" else "", ports=tuple(ports),
+                   cpus=opts.cpus or 0, memory_limit_bytes=(opts.memory_mib or 0) << 20)
 
 
-def container_config(opts: RunOptions, pod: cri.PodSandboxConfig, mounts: list[cri.Mount],
-                     sc: cri.LinuxContainerSecurityContext) -> cri.ContainerConfig:
-    env = [cri.KeyValue(key=k, value=v) for k, _, v in (e.partition("=") for e in opts.env)]
-    config = cri.ContainerConfig(
-        metadata=cri.ContainerMetadata(name=pod.metadata.name),
-        image=cri.ImageSpec(image=opts.image), command=opts.entrypoint or [], args=opts.args,
-        working_dir=opts.workdir, envs=env, mounts=mounts, log_path="container.log",
+def container_spec(opts: RunOptions, pod: PodSpec, mounts: list[Mount]) -> ContainerSpec:
+    return ContainerSpec(
+        name=pod.name, image=opts.image, command=tuple(opts.entrypoint) if opts.entrypoint else None,
+        args=tuple(opts.args), workdir=opts.workdir, env=tuple(opts.env),
+        user=check_user(opts.user), mounts=tuple(mounts), log_path="container.log",
         labels={RUN_LABEL: "1"}, stdin=opts.stdin, stdin_once=opts.stdin, tty=opts.tty,
-        linux=cri.LinuxContainerConfig(security_context=sc))
-    config.linux.security_context.readonly_rootfs = opts.readonly
-    return config
+        readonly_rootfs=opts.readonly, console_size=opts.console_size)
 
 
 def _message(exc: Exception) -> str:
@@ -271,17 +245,15 @@ class _Session:
     async def _run(self, opts: RunOptions) -> dict:
         mounts = [parse_volume(v) for v in opts.volumes]
         ports = [parse_port(p) for p in opts.ports]
-        sc = security_context(opts.user)
+        spec = pod_spec(opts, ports, self.server.logs_root)
+        container = container_spec(opts, spec, mounts)
         await self._ensure_image(opts)
         self._check_client()
-        config = pod_config(opts, ports, self.server.logs_root)
-        self.pod_name = config.metadata.name
-        self.pod = await self.m.run_pod(config)
+        self.pod_name = spec.name
+        self.pod = await self.m.run_pod(spec)
         self._check_client()
         try:
-            self.cid = await self.m.create_container(
-                self.pod, container_config(opts, config, mounts, sc), config,
-                console_size=opts.console_size)
+            self.cid = await self.m.create_container(self.pod, container)
         except Exception as exc:
             message = _message(exc)
             raise RunError(f"cannot create container: {message}",
@@ -405,18 +377,15 @@ class _Session:
         if opts.what == "stats":
             return {"code": 0, "rows": await self._stats()}
         if opts.what == "pods":
-            pods = [pod_status(row) for row in self.m.state.sandboxes()]
             return {"code": 0, "rows": [
-                {"id": p.id, "name": p.metadata.name, "namespace": p.metadata.namespace,
-                 "state": cri.PodSandboxState.Name(p.state).removeprefix("SANDBOX_"),
-                 "created": p.created_at} for p in pods]}
-        statuses = [(row, container_status(self.m, row)) for row in self.m.state.containers()]
+                {"id": row.id, "name": (spec := row.spec).name, "namespace": spec.namespace,
+                 "state": row.state.upper(), "created": row.created_at}
+                for row in self.m.state.sandboxes()]}
         return {"code": 0, "rows": [
-            {"id": c.id, "image": c.image.image, "name": c.metadata.name,
-             "state": cri.ContainerState.Name(c.state).removeprefix("CONTAINER_"),
-             "created": c.created_at, "started": c.started_at, "finished": c.finished_at,
-             "exit_code": c.exit_code, "pod": row.sandbox_id}
-            for row, c in statuses if opts.all or c.state == cri.CONTAINER_RUNNING]}
+            {"id": row.id, "image": (spec := row.spec).image, "name": spec.name,
+             "state": row.state.upper(), "created": row.created_at, "started": row.started_at,
+             "finished": row.finished_at, "exit_code": row.exit_code, "pod": row.sandbox_id}
+            for row in self.m.state.containers() if opts.all or row.state == RUNNING]}
 
     async def _stats(self) -> list[dict]:
         """Each running container's CPU (its rate over a second) and memory
@@ -426,7 +395,7 @@ class _Session:
 
         rows = [r for r in self.m.state.containers()
                 if r.state == RUNNING and r.sandbox_id in self.m.sandboxes]
-        names = {r.id: cri.ContainerConfig.FromString(r.config).metadata.name for r in rows}
+        names = {r.id: r.spec.name for r in rows}
 
         async def sample(pod: str) -> list[dict]:
             ids = [r.id for r in rows if r.sandbox_id == pod]
@@ -471,9 +440,8 @@ class _Session:
             row = self.m.container_row(cid)
             if row.state == RUNNING:
                 raise RunError(f"container {cid[:12]} is running: stop it first")
-            if cri.ContainerConfig.FromString(row.config).labels.get(RUN_LABEL) == "1":
-                pod_name = cri.PodSandboxConfig.FromString(
-                    self.m.sandbox_row(row.sandbox_id).config).metadata.name
+            if row.spec.labels.get(RUN_LABEL) == "1":
+                pod_name = self.m.sandbox_row(row.sandbox_id).spec.name
                 await self._remove_run_pod(row.sandbox_id, pod_name)
             else:
                 await self.m.remove_container(cid)

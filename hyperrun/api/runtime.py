@@ -13,6 +13,7 @@ from hyperrun.sandbox.manager import (CREATED, EXITED, READY, RUNNING, SandboxMa
                                       pod_network)
 from hyperrun.sandbox.state import ContainerRow, SandboxRow
 
+from . import cri_specs
 from .errors import rpc
 from .streaming import AttachRequestInfo, ExecRequestInfo, PortForwardRequestInfo, StreamingServer
 
@@ -47,23 +48,26 @@ def _network_status(row) -> cri.PodSandboxNetworkStatus:
 
 def pod_status(row: SandboxRow) -> cri.PodSandboxStatus:
     """A pod's record as the CRI shows it (here and in `hyperrun pods`)."""
-    config = cri.PodSandboxConfig.FromString(row.config)
+    spec = row.spec
     return cri.PodSandboxStatus(
-        id=row.id, metadata=config.metadata, state=_POD_STATE.get(row.state, cri.SANDBOX_NOTREADY),
+        id=row.id, metadata=cri_specs.pod_metadata(spec),
+        state=_POD_STATE.get(row.state, cri.SANDBOX_NOTREADY),
         created_at=row.created_at, network=_network_status(row),
-        labels=config.labels, annotations=config.annotations)
+        labels=spec.labels, annotations=spec.annotations)
 
 
 def container_status(manager: SandboxManager, row: ContainerRow) -> cri.ContainerStatus:
     """A container's record as the CRI shows it (here and in `hyperrun ps`)."""
-    config = cri.ContainerConfig.FromString(row.config)
+    spec = row.spec
     return cri.ContainerStatus(
-        id=row.id, metadata=config.metadata, state=_CONTAINER_STATE.get(row.state, cri.CONTAINER_UNKNOWN),
+        id=row.id, metadata=cri_specs.container_metadata(spec),
+        state=_CONTAINER_STATE.get(row.state, cri.CONTAINER_UNKNOWN),
         created_at=row.created_at, started_at=row.started_at, finished_at=row.finished_at,
-        exit_code=row.exit_code, image=config.image, image_ref=row.image_ref,
-        reason=row.reason, message=row.message, labels=config.labels,
-        annotations=config.annotations, log_path=manager.log_path(row), mounts=config.mounts,
-        resources=cri.ContainerResources(linux=config.linux.resources))
+        exit_code=row.exit_code, image=cri.ImageSpec(image=spec.image), image_ref=row.image_ref,
+        reason=row.reason, message=row.message, labels=spec.labels,
+        annotations=spec.annotations, log_path=manager.log_path(row),
+        mounts=cri_specs.cri_mounts(spec),
+        resources=cri.ContainerResources(linux=cri_specs.cri_resources(spec.resources)))
 
 
 class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
@@ -108,7 +112,8 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
         if request.runtime_handler not in ("", "hyperrun"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"unknown runtime handler {request.runtime_handler!r}")
-        return cri.RunPodSandboxResponse(pod_sandbox_id=await self.m.run_pod(request.config))
+        return cri.RunPodSandboxResponse(
+            pod_sandbox_id=await self.m.run_pod(cri_specs.pod_spec(request.config)))
 
     @rpc
     async def StopPodSandbox(self, request, context):
@@ -144,8 +149,8 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
     # --- containers -------------------------------------------------------
     @rpc
     async def CreateContainer(self, request, context):
-        cid = await self.m.create_container(request.pod_sandbox_id, request.config,
-                                            request.sandbox_config)
+        cid = await self.m.create_container(request.pod_sandbox_id,
+                                            cri_specs.container_spec(request.config))
         return cri.CreateContainerResponse(container_id=cid)
 
     @rpc
@@ -210,14 +215,14 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
         return mem
 
     def _container_stats(self, row: ContainerRow, ts: int, item, rate) -> cri.ContainerStats:
-        config = cri.ContainerConfig.FromString(row.config)
+        spec = row.spec
         writable = cri.FilesystemUsage(timestamp=ts, fs_id=cri.FilesystemIdentifier(
             mountpoint=f"guest:/run/hyperrun/containers/{row.id}/upper"))
         writable.used_bytes.value = item.writable_bytes
         writable.inodes_used.value = item.writable_inodes
         return cri.ContainerStats(
-            attributes=cri.ContainerAttributes(id=row.id, metadata=config.metadata,
-                                               labels=config.labels, annotations=config.annotations),
+            attributes=cri.ContainerAttributes(id=row.id, metadata=cri_specs.container_metadata(spec),
+                                               labels=spec.labels, annotations=spec.annotations),
             cpu=self._cpu(ts, item, rate), memory=self._memory(ts, item), writable_layer=writable)
 
     async def _stats_of(self, rows: list[ContainerRow]) -> list[cri.ContainerStats]:
@@ -247,12 +252,12 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
     async def ListContainerStats(self, request, context):
         f = request.filter
         rows = [r for r in self.m.state.containers()
-                if _matches(f, r.id, cri.ContainerConfig.FromString(r.config).labels,
+                if _matches(f, r.id, r.spec.labels,
                             sandbox_id=r.sandbox_id)]
         return cri.ListContainerStatsResponse(stats=await self._stats_of(rows))
 
     async def _pod_stats(self, row: SandboxRow) -> cri.PodSandboxStats:
-        config = cri.PodSandboxConfig.FromString(row.config)
+        spec = row.spec
         running = [c for c in self.m.state.containers(row.id) if c.state == RUNNING]
         response, rates = await self.m.stats(row.id, [c.id for c in running])
         ts = response.timestamp_ns
@@ -260,8 +265,8 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
         process = cri.ProcessUsage(timestamp=ts)
         process.process_count.value = response.guest.pids
         return cri.PodSandboxStats(
-            attributes=cri.PodSandboxAttributes(id=row.id, metadata=config.metadata,
-                                                labels=config.labels, annotations=config.annotations),
+            attributes=cri.PodSandboxAttributes(id=row.id, metadata=cri_specs.pod_metadata(spec),
+                                                labels=spec.labels, annotations=spec.annotations),
             linux=cri.LinuxPodSandboxStats(
                 cpu=self._cpu(ts, response.guest, rates.get("")),
                 memory=self._memory(ts, response.guest), process=process,
@@ -280,8 +285,7 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
         f = request.filter
         out = []
         for row in self.m.state.sandboxes():
-            config = cri.PodSandboxConfig.FromString(row.config)
-            if row.id in self.m.sandboxes and _matches(f, row.id, config.labels):
+            if row.id in self.m.sandboxes and _matches(f, row.id, row.spec.labels):
                 out.append(await self._pod_stats(row))
         return cri.ListPodSandboxStatsResponse(stats=out)
 
@@ -313,7 +317,7 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
 
     @rpc
     async def UpdateContainerResources(self, request, context):
-        await self.m.update_container(request.container_id, request.linux)
+        await self.m.update_container(request.container_id, cri_specs.resources(request.linux))
         return cri.UpdateContainerResourcesResponse()
 
     @rpc

@@ -18,6 +18,7 @@ from hyperrun.sandbox.manager import SandboxManager
 from hyperrun.sandbox.podnet import PodNetworks
 from hyperrun.sandbox.state import State
 
+from . import cri_specs
 from .images import ImageServicer
 from .runs import SessionServer
 from .runtime import RuntimeServicer
@@ -40,6 +41,9 @@ class Services:
         self.group = group
         self.images = ImageService()
         self.state = State(state_path or self.images.root / "state.db")
+        if migrated := cri_specs.migrate(self.state):
+            log.get("daemon").info("records of an earlier daemon rewritten as specs",
+                                   records=migrated)
         defaults = config.load()
         if pool_size is not None:
             defaults.pool_size = pool_size

@@ -24,6 +24,7 @@ from pyroute2 import IPRoute
 
 from hyperrun import log
 from hyperrun.paths import data_root
+from hyperrun.pods.spec import PortMapping
 
 from . import cni, default_config, netns, tap
 
@@ -32,22 +33,6 @@ logger = log.get("network")
 NETNS_DIR = Path("/run/netns")
 NETNS_PREFIX = "hyperrun-"
 IFNAME = "eth0"
-
-
-@dataclass(frozen=True)
-class PortMapping:
-    """A host port forwarded to the pod (CNI's portMappings capability)."""
-    host_port: int
-    container_port: int
-    protocol: str = "tcp"
-    host_ip: str = ""
-
-    def to_cni(self) -> dict:
-        d = {"hostPort": self.host_port, "containerPort": self.container_port,
-             "protocol": self.protocol.lower()}
-        if self.host_ip:
-            d["hostIP"] = self.host_ip
-        return d
 
 
 @dataclass

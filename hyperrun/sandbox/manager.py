@@ -10,6 +10,7 @@ guest by serial, and unplugged when no container of the pod uses them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import secrets
@@ -19,8 +20,8 @@ import time
 from hyperrun.channel.ttrpc import ConnectionLost, TtrpcError
 from hyperrun.image.imageconfig import Overrides, apply
 from hyperrun.image.service import ImageService, chain_id
+from hyperrun.pods.spec import ContainerSpec, PodSpec, Resources
 from hyperrun.proto import agent_pb2 as apb
-from hyperrun.proto import cri_api_pb2 as cri
 from hyperrun.vm import VMError, rundir
 from hyperrun.vm.config import Channel, Disk, Share
 from hyperrun.vm.qemu import QemuVM
@@ -65,21 +66,11 @@ def _now() -> int:
     return time.time_ns()
 
 
-def pod_hostname(config: cri.PodSandboxConfig) -> str:
-    """The pod's hostname, or its name cut to a valid hostname (63 bytes:
-    sethostname refuses more; pod names can be longer)."""
-    if config.hostname:
-        return config.hostname
-    # 63 bytes, not characters: a name may be non-ASCII.
-    cut = config.metadata.name.encode()[:63].decode(errors="ignore")
-    return cut.rstrip("-.") or "pod"
-
-
-def agent_resources(r: cri.LinuxContainerResources) -> apb.Resources:
-    """CRI linux resources as the agent's (OCI) resources."""
+def agent_resources(r: Resources) -> apb.Resources:
+    """A container's limits as the agent's (OCI) resources."""
     return apb.Resources(cpu_period=r.cpu_period, cpu_quota=r.cpu_quota,
-                         cpu_shares=max(r.cpu_shares, 0), memory_limit_bytes=r.memory_limit_in_bytes,
-                         memory_swap_limit_bytes=r.memory_swap_limit_in_bytes,
+                         cpu_shares=r.cpu_shares, memory_limit_bytes=r.memory_limit_bytes,
+                         memory_swap_limit_bytes=r.memory_swap_limit_bytes,
                          cpuset_cpus=r.cpuset_cpus, cpuset_mems=r.cpuset_mems, unified=r.unified)
 
 
@@ -197,21 +188,17 @@ class SandboxManager:
             logfile.close()
 
     # ------------------------------------------------------------ sandboxes
-    async def run_pod(self, config: cri.PodSandboxConfig) -> str:
-        if not config.metadata.name:
+    async def run_pod(self, spec: PodSpec) -> str:
+        if not spec.name:
             raise Invalid("sandbox config has no metadata.name")
         for row in self.state.sandboxes():
-            old = cri.PodSandboxConfig.FromString(row.config)
-            if (old.metadata.name, old.metadata.namespace, old.metadata.uid,
-                    old.metadata.attempt) == (config.metadata.name, config.metadata.namespace,
-                                              config.metadata.uid, config.metadata.attempt):
-                raise Conflict(f"sandbox {config.metadata.name!r} attempt {config.metadata.attempt}"
+            old = row.spec
+            if (old.name, old.namespace, old.uid, old.attempt) == (
+                    spec.name, spec.namespace, spec.uid, spec.attempt):
+                raise Conflict(f"sandbox {spec.name!r} attempt {spec.attempt}"
                                f" exists already: {row.id}")
-        kind = self.networks.kind_for(config)
-        linux = config.linux if config.HasField("linux") else None
-        vcpus, memory = hconfig.vm_size(
-            self.defaults, linux.resources if linux and linux.HasField("resources") else None,
-            linux.overhead if linux and linux.HasField("overhead") else None)
+        kind = self.networks.kind_for(spec)
+        vcpus, memory = hconfig.vm_size(self.defaults, spec)
         clock = asyncio.get_running_loop().time
         t0 = clock()
         spare = None
@@ -221,34 +208,33 @@ class SandboxManager:
         if spare is not None:
             sandbox_id, sandbox = spare.sandbox_id, spare.sandbox
             try:
-                network = await asyncio.to_thread(self.networks.complete, sandbox_id, kind, config)
+                network = await asyncio.to_thread(self.networks.complete, sandbox_id, kind, spec)
             except BaseException:
                 await self._discard(sandbox_id, sandbox, podnet.PodNetwork(kind))
                 raise
         else:
             sandbox_id = secrets.token_hex(32)
-            sandbox, network = await self._start_sandbox(sandbox_id, kind, vcpus, memory, config)
+            sandbox, network = await self._start_sandbox(sandbox_id, kind, vcpus, memory, spec)
         t1 = clock()
         try:
-            for rule in podnet.user_forwards(network, config):
+            for rule in podnet.user_forwards(network, spec):
                 await sandbox.vm.add_host_forward(rule)
-            await sandbox.agent.setup_sandbox(
-                podnet.setup_request(network, config, pod_hostname(config)))
+            await sandbox.agent.setup_sandbox(podnet.setup_request(network, spec))
         except BaseException:
             await self._discard(sandbox_id, sandbox, network)
             raise
         vm = sandbox.vm
-        self.state.add_sandbox(SandboxRow(sandbox_id, config.SerializeToString(), READY, _now(),
+        self.state.add_sandbox(SandboxRow(sandbox_id, spec.to_json(), READY, _now(),
                                           _vm_json(vm, network)))
         self.sandboxes[sandbox_id] = sandbox
         self._watch_vm(sandbox_id)
-        logger.info("sandbox started", sandbox=sandbox_id, name=config.metadata.name,
+        logger.info("sandbox started", sandbox=sandbox_id, name=spec.name,
                     vm=vm.id, pid=vm.pid, from_pool=spare is not None,
                     vm_and_network_s=round(t1 - t0, 3), setup_s=round(clock() - t1, 3))
         return sandbox_id
 
     async def _start_sandbox(self, sandbox_id: str, kind: str, vcpus: int, memory: int,
-                             config: cri.PodSandboxConfig | None = None
+                             spec: PodSpec | None = None
                              ) -> tuple[Sandbox, podnet.PodNetwork | None]:
         """A sandbox VM with its network prepared, restored from the
         template or booted; with a pod config, the pod's network is added
@@ -258,9 +244,9 @@ class SandboxManager:
         nic = await asyncio.to_thread(self.networks.prepare, sandbox_id, kind)
         vm.config.nic = nic
         adding = None
-        if config is not None:
+        if spec is not None:
             adding = asyncio.create_task(
-                asyncio.to_thread(self.networks.complete, sandbox_id, kind, config))
+                asyncio.to_thread(self.networks.complete, sandbox_id, kind, spec))
         sandbox = None
         try:
             try:
@@ -268,7 +254,7 @@ class SandboxManager:
                 if self.templates is not None:  # made on first use of this VM shape
                     template = await self.templates.get(vm.config, self.root)
                     # A spare (no pod yet) keeps the full TCG cache: see clone_config.
-                    vm.config = clone_config(vm.config, template, cache_mib=None if config is None
+                    vm.config = clone_config(vm.config, template, cache_mib=None if spec is None
                                              else self.defaults.clone_cache_mib)
                 sandbox = await Sandbox.start(vm, template=template)
             finally:
@@ -442,27 +428,18 @@ class SandboxManager:
             raise Conflict(f"pod sandbox {sandbox_id} is not ready")
         return sandbox
 
-    async def create_container(self, sandbox_id: str, config: cri.ContainerConfig,
-                               sandbox_config: cri.PodSandboxConfig,
-                               console_size: tuple[int, int] | None = None) -> str:
-        """console_size: (rows, cols) of a tty container's terminal from its
-        start (the CRI has none: a kubelet resizes after; `hyperrun run -t`
-        knows its terminal's, as Docker's ConsoleSize)."""
+    async def create_container(self, sandbox_id: str, spec: ContainerSpec) -> str:
         sandbox = self._running_sandbox(sandbox_id)
-        if not config.metadata.name:
+        pod = self.sandbox_row(sandbox_id).spec
+        if not spec.name:
             raise Invalid("container config has no metadata.name")
-        image = self.images.find(config.image.image)
+        image = self.images.find(spec.image)
         if image is None:
-            raise NotFound(f"image {config.image.image!r} not found")
+            raise NotFound(f"image {spec.image!r} not found")
         image_config = self.images.config(image)
-        sc = config.linux.security_context
-        user = sc.run_as_username or (str(sc.run_as_user.value) if sc.HasField("run_as_user") else "")
-        if sc.HasField("run_as_group"):
-            user = f"{user or 0}:{sc.run_as_group.value}"
         defaults = apply(image_config, Overrides(
-            args=list(config.args), entrypoint=list(config.command) or None,
-            env=[f"{kv.key}={kv.value}" for kv in config.envs], workdir=config.working_dir,
-            user=user))
+            args=list(spec.args), entrypoint=list(spec.command) if spec.command else None,
+            env=list(spec.env), workdir=spec.workdir, user=spec.user))
         container_id = secrets.token_hex(32)
         serial = "img-" + chain_id(image)[:16]
         disk = Disk(self.images.rootfs(image), serial=serial)
@@ -476,13 +453,12 @@ class SandboxManager:
             plugged = time.monotonic()
             process = apb.Process(args=defaults.args, env=defaults.env, cwd=defaults.cwd,
                                   user=apb.User(spec=defaults.user,
-                                                additional_gids=list(sc.supplemental_groups)),
-                                  terminal=config.tty, stdin=config.stdin,
-                                  console_size=_console(console_size))
-            hostname = pod_hostname(sandbox_config)
+                                                additional_gids=list(spec.groups)),
+                                  terminal=spec.tty, stdin=spec.stdin,
+                                  console_size=_console(spec.console_size))
             shared = self._shared_dir(sandbox.vm)
             try:
-                mounts = volumes.bind(shared, container_id, list(config.mounts))
+                mounts = volumes.bind(shared, container_id, spec.mounts)
             except volumes.VolumeError as exc:
                 await self._unplug_if_unused(sandbox, sandbox_id, serial)
                 raise Invalid(str(exc)) from None
@@ -490,17 +466,15 @@ class SandboxManager:
                 await sandbox.agent.create_container(
                     container_id, apb.Storage(source=f"serial:{serial}", fstype="erofs",
                                               overlay=True),
-                    process, hostname=hostname, readonly_rootfs=sc.readonly_rootfs,
-                    resources=agent_resources(config.linux.resources),
-                    sysctls=dict(sandbox_config.linux.sysctls), mounts=mounts,
-                    privileged=sc.privileged,
-                    host_pid=sc.namespace_options.pid == cri.NODE)
+                    process, hostname=pod.pod_hostname(), readonly_rootfs=spec.readonly_rootfs,
+                    resources=agent_resources(spec.resources), sysctls=pod.sysctls,
+                    mounts=mounts, privileged=spec.privileged, host_pid=spec.host_pid)
             except TtrpcError:
                 volumes.unbind(shared, container_id)
                 await self._unplug_if_unused(sandbox, sandbox_id, serial)
                 raise
             self.state.add_container(ContainerRow(container_id, sandbox_id,
-                                                  config.SerializeToString(), image.digest,
+                                                  spec.to_json(), image.digest,
                                                   serial, CREATED, _now(),
                                                   stop_signal=defaults.stop_signal))
         logger.info("container created", container=container_id, sandbox=sandbox_id,
@@ -514,11 +488,10 @@ class SandboxManager:
             sandbox.disks.discard(serial)
 
     def log_path(self, row: ContainerRow) -> str:
-        config = cri.ContainerConfig.FromString(row.config)
-        pod = cri.PodSandboxConfig.FromString(self.sandbox_row(row.sandbox_id).config)
-        if not config.log_path:
+        log_path = row.spec.log_path
+        if not log_path:
             return ""
-        return os.path.join(pod.log_directory, config.log_path)
+        return os.path.join(self.sandbox_row(row.sandbox_id).spec.log_directory, log_path)
 
     async def start_container(self, container_id: str) -> None:
         row = self.container_row(container_id)
@@ -551,7 +524,7 @@ class SandboxManager:
         if cid not in self._logs:
             self._logs[cid] = LogFile(self.log_path(row))
         logfile = self._logs[cid]
-        config = cri.ContainerConfig.FromString(row.config)
+        tty = row.spec.tty
 
         async def pump(stream: str) -> None:
             try:
@@ -581,7 +554,7 @@ class SandboxManager:
                                         reason="Completed" if status.exit_code == 0 else "Error")
             logger.info("container exited", container=cid, exit_code=status.exit_code)
 
-        streams = ["stdout"] if config.tty else ["stdout", "stderr"]
+        streams = ["stdout"] if tty else ["stdout", "stderr"]
         pumps = [asyncio.create_task(pump(s)) for s in streams]
         self._tasks[cid] = pumps + [asyncio.create_task(waiter())]
 
@@ -668,16 +641,14 @@ class SandboxManager:
         if logfile := self._logs.pop(container_id, None):
             logfile.close()
 
-    async def update_container(self, container_id: str,
-                               resources: cri.LinuxContainerResources) -> None:
+    async def update_container(self, container_id: str, resources: Resources) -> None:
         row = self.container_row(container_id)
         if row.state != RUNNING:
             raise Conflict(f"container {container_id} is not running")
         sandbox = self._running_sandbox(row.sandbox_id)
         await sandbox.agent.update_container(container_id, agent_resources(resources))
-        config = cri.ContainerConfig.FromString(row.config)
-        config.linux.resources.CopyFrom(resources)
-        self.state.update_container(container_id, config=config.SerializeToString())
+        spec = dataclasses.replace(row.spec, resources=resources)
+        self.state.update_container(container_id, config=spec.to_json())
 
     def reopen_log(self, container_id: str) -> None:
         row = self.container_row(container_id)

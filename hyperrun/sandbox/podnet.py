@@ -18,13 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hyperrun import log
-from hyperrun.network import (NetworkInfo, PortMapping, SandboxNetworks, cni_available,
-                              install_default_config)
+from hyperrun.network import NetworkInfo, SandboxNetworks, cni_available, install_default_config
+from hyperrun.pods.spec import PodSpec
 from hyperrun.proto import agent_pb2 as apb
-from hyperrun.proto import cri_api_pb2 as cri
 from hyperrun.vm.config import Nic
-
-from hyperrun.annotations import NETWORK as NETWORK_ANNOTATION
 
 logger = log.get("network")
 KINDS = ("auto", "cni", "user", "none")
@@ -78,12 +75,6 @@ def host_nameservers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str]:
     return servers
 
 
-def port_mappings(config: cri.PodSandboxConfig) -> list[PortMapping]:
-    names = {cri.TCP: "tcp", cri.UDP: "udp", cri.SCTP: "sctp"}
-    return [PortMapping(p.host_port, p.container_port, names.get(p.protocol, "tcp"), p.host_ip)
-            for p in config.port_mappings]
-
-
 class PodNetworks:
     def __init__(self, kind: str = "auto", networks: SandboxNetworks | None = None) -> None:
         if kind not in KINDS:
@@ -107,17 +98,17 @@ class PodNetworks:
             return self.cni_ok, self.cni_reason
         return True, f"{self.kind} networking"
 
-    def kind_for(self, config: cri.PodSandboxConfig) -> str:
-        """The network kind this pod gets: its annotation, else the
-        daemon's; user mode for a host-network pod."""
-        kind = config.annotations.get(NETWORK_ANNOTATION) or self.kind
+    def kind_for(self, spec: PodSpec) -> str:
+        """The network kind this pod gets: its own, else the daemon's;
+        user mode for a host-network pod."""
+        kind = spec.network or self.kind
         if kind not in KINDS:
             raise NetworkUnavailable(f"network kind {kind!r}: expected one of {', '.join(KINDS)}")
         if kind == "auto":
             kind = self.kind
         if kind == "cni" and not self.cni_ok:
             raise NetworkUnavailable(f"CNI networking is not available: {self.cni_reason}")
-        if config.linux.security_context.namespace_options.network == cri.NODE:
+        if spec.host_network:
             # A VM cannot share the host's network namespace; the nearest
             # thing is NAT out plus host ports, which user mode gives.
             kind = "user"
@@ -135,7 +126,7 @@ class PodNetworks:
             return Nic("user", USER_MAC)
         return Nic("tap", PREPARED_MAC, tap_fd=self.networks.prepare(sandbox_id))
 
-    def complete(self, sandbox_id: str, kind: str, config: cri.PodSandboxConfig) -> PodNetwork:
+    def complete(self, sandbox_id: str, kind: str, spec: PodSpec) -> PodNetwork:
         """The pod's network on the prepared backend: CNI ADD and the tap
         joined to it, or the user-mode addresses (the VM adds the host
         port forwards: user_forwards()). Blocking; on failure the network
@@ -148,9 +139,8 @@ class PodNetworks:
                                routes=[{"dst": "0.0.0.0/0", "gw": USER_GATEWAY}],
                                dns={"nameservers": [USER_DNS]})
             return PodNetwork("user", info)
-        meta = config.metadata
-        info = self.networks.add(sandbox_id, pod_name=meta.name, pod_namespace=meta.namespace,
-                                 pod_uid=meta.uid, port_mappings=port_mappings(config))
+        info = self.networks.add(sandbox_id, pod_name=spec.name, pod_namespace=spec.namespace,
+                                 pod_uid=spec.uid, port_mappings=spec.ports)
         return PodNetwork("cni", info)
 
     def teardown(self, sandbox_id: str, network: PodNetwork) -> None:
@@ -162,28 +152,27 @@ class PodNetworks:
         return self.networks.collect_stale(known_ids)
 
 
-def user_forwards(network: PodNetwork, config: cri.PodSandboxConfig) -> list[str]:
+def user_forwards(network: PodNetwork, spec: PodSpec) -> list[str]:
     """The pod's host ports as QEMU user-mode forward rules
     (`hostfwd_add`'s, `-netdev user,hostfwd=`'s)."""
     if network.kind != "user":
         return []
     return [f"{p.protocol}:{p.host_ip}:{p.host_port}-:{p.container_port}"
-            for p in port_mappings(config) if p.host_port > 0 and p.protocol in ("tcp", "udp")]
+            for p in spec.ports if p.host_port > 0 and p.protocol in ("tcp", "udp")]
 
 
-def setup_request(network: PodNetwork, config: cri.PodSandboxConfig,
-                  hostname: str) -> apb.SetupSandboxRequest:
+def setup_request(network: PodNetwork, spec: PodSpec) -> apb.SetupSandboxRequest:
     """What the agent is told: its interfaces, routes and name files. DNS
     is the pod's DNS config; without one, the host's reachable servers (or
     QEMU's DNS proxy in user mode), as Docker does."""
-    req = apb.SetupSandboxRequest(hostname=hostname)  # identity: AgentClient.setup_sandbox
+    req = apb.SetupSandboxRequest(hostname=spec.pod_hostname())  # identity: AgentClient.setup_sandbox
     info = network.info
     if info is not None:
         req.interfaces.append(apb.Interface(mac=info.mac, addresses=info.ips, mtu=info.mtu))
         for route in info.routes:
             req.routes.append(apb.Route(destination=route["dst"], gateway=route.get("gw", "")))
-    dns = config.dns_config
-    if dns.servers or dns.searches or dns.options:
+    dns = spec.dns
+    if dns:
         req.dns.CopyFrom(apb.DNSConfig(servers=dns.servers, searches=dns.searches,
                                        options=dns.options))
     elif network.kind == "user":

@@ -1,17 +1,18 @@
 """Sandboxes and containers, persisted in SQLite so that a restarted daemon
-finds them again. The CRI configs are kept as serialized protobufs: they
-are the record of what was asked for."""
+finds them again. Their specs (pods/spec.py) are kept as JSON: they are
+the record of what was asked for."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
 from hyperrun.db import open_db
+from hyperrun.pods.spec import ContainerSpec, PodSpec
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
     id          TEXT PRIMARY KEY,
-    config      BLOB NOT NULL,      -- runtime.v1.PodSandboxConfig
+    config      BLOB NOT NULL,      -- PodSpec, JSON
     state       TEXT NOT NULL,      -- ready | notready
     created_at  INTEGER NOT NULL,   -- ns since the epoch
     vm          BLOB NOT NULL       -- JSON of the VMConfig, to re-attach
@@ -19,7 +20,7 @@ CREATE TABLE IF NOT EXISTS sandboxes (
 CREATE TABLE IF NOT EXISTS containers (
     id           TEXT PRIMARY KEY,
     sandbox_id   TEXT NOT NULL REFERENCES sandboxes(id),
-    config       BLOB NOT NULL,     -- runtime.v1.ContainerConfig
+    config       BLOB NOT NULL,     -- ContainerSpec, JSON
     image_ref    TEXT NOT NULL,     -- the image's manifest digest
     disk_serial  TEXT NOT NULL,
     state        TEXT NOT NULL,     -- created | running | exited | unknown
@@ -42,6 +43,10 @@ class SandboxRow:
     created_at: int
     vm: bytes
 
+    @property
+    def spec(self) -> PodSpec:
+        return PodSpec.from_json(self.config)
+
 
 @dataclass
 class ContainerRow:
@@ -59,6 +64,10 @@ class ContainerRow:
     message: str = ""
     stop_signal: int = 15
 
+    @property
+    def spec(self) -> ContainerSpec:
+        return ContainerSpec.from_json(self.config)
+
 
 class State:
     def __init__(self, path: Path) -> None:
@@ -74,6 +83,9 @@ class State:
 
     def set_sandbox_state(self, sandbox_id: str, state: str) -> None:
         self.db.execute("UPDATE sandboxes SET state = ? WHERE id = ?", (state, sandbox_id))
+
+    def set_sandbox_config(self, sandbox_id: str, config: bytes) -> None:
+        self.db.execute("UPDATE sandboxes SET config = ? WHERE id = ?", (config, sandbox_id))
 
     def sandbox(self, sandbox_id: str) -> SandboxRow | None:
         row = self.db.execute("SELECT * FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone()

@@ -13,11 +13,12 @@ a mount).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from hyperrun import mounts
+from hyperrun.pods.spec import Mount
 from hyperrun.proto import agent_pb2 as apb
-from hyperrun.proto import cri_api_pb2 as cri
 
 SHARE_TAG = "hyperrun-shared"
 SHARE_DIR = "shared"
@@ -35,7 +36,7 @@ def _container_dir(shared: Path, container_id: str) -> Path:
     return shared / container_id[:16]
 
 
-def bind(shared: Path, container_id: str, specs: list[cri.Mount]) -> list[apb.Mount]:
+def bind(shared: Path, container_id: str, specs: Iterable[Mount]) -> list[apb.Mount]:
     """Bind each host path into the shared directory; on any failure undo
     the ones made. Missing host directories are created, as containerd
     does for the kubelet's volumes."""

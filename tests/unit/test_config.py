@@ -1,7 +1,7 @@
 import pytest
 
 from hyperrun import config
-from hyperrun.proto import cri_api_pb2 as cri
+from hyperrun.pods.spec import PodSpec
 
 
 def test_defaults_and_file(tmp_path):
@@ -24,14 +24,11 @@ def test_defaults_and_file(tmp_path):
 
 def test_vm_size_from_pod_resources():
     d = config.SandboxDefaults()
-    assert config.vm_size(d, None, None) == (1, 256)
-    res = cri.LinuxContainerResources(cpu_period=100000, cpu_quota=250000,
-                                      memory_limit_in_bytes=1 << 30)
-    overhead = cri.LinuxContainerResources(memory_limit_in_bytes=64 << 20)
-    assert config.vm_size(d, res, overhead) == (3, 1024 + 64 + d.overhead_mib)
-    huge = cri.LinuxContainerResources(cpu_period=100000, cpu_quota=10**9,
-                                       memory_limit_in_bytes=1 << 50)
-    assert config.vm_size(d, huge, None) == (d.max_vcpus, d.max_memory_mib)
+    assert config.vm_size(d, PodSpec("p")) == (1, 256)
+    limited = PodSpec("p", cpus=2.5, memory_limit_bytes=1 << 30, overhead_memory_bytes=64 << 20)
+    assert config.vm_size(d, limited) == (3, 1024 + 64 + d.overhead_mib)
+    huge = PodSpec("p", cpus=10**4, memory_limit_bytes=1 << 50)
+    assert config.vm_size(d, huge) == (d.max_vcpus, d.max_memory_mib)
 
 
 def test_clone_cache_size(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 
 from hyperrun.api import runs
 from hyperrun.network import NetworkInfo
-from hyperrun.proto import cri_api_pb2 as cri
+from hyperrun.pods.spec import DNS, PodSpec, PortMapping
 from hyperrun.sandbox import podnet
 
 
@@ -23,9 +23,8 @@ def info(**kw):
 
 
 def test_setup_request_from_a_cni_result_and_the_pods_dns():
-    config = cri.PodSandboxConfig(dns_config=cri.DNSConfig(
-        servers=["10.96.0.10"], searches=["ns.svc.cluster.local"], options=["ndots:5"]))
-    req = podnet.setup_request(podnet.PodNetwork("cni", info()), config, "web")
+    spec = PodSpec("web", dns=DNS(("10.96.0.10",), ("ns.svc.cluster.local",), ("ndots:5",)))
+    req = podnet.setup_request(podnet.PodNetwork("cni", info()), spec)
     assert req.hostname == "web"
     (iface,) = req.interfaces
     assert (iface.mac, list(iface.addresses), iface.mtu) == ("0a:00:00:00:00:01", ["10.89.0.7/16"], 1450)
@@ -36,40 +35,36 @@ def test_setup_request_from_a_cni_result_and_the_pods_dns():
 
 def test_user_mode_gets_qemus_dns_and_no_interfaces_without_a_network():
     user = podnet.PodNetworks("user")
-    config = cri.PodSandboxConfig(port_mappings=[
-        cri.PortMapping(protocol=cri.TCP, container_port=80, host_port=8080),
-        cri.PortMapping(protocol=cri.UDP, container_port=53, host_port=5353, host_ip="127.0.0.1"),
-        cri.PortMapping(protocol=cri.TCP, container_port=9000)])  # no host port: nothing
+    spec = PodSpec("h", ports=(
+        PortMapping(8080, 80, "tcp"), PortMapping(5353, 53, "udp", "127.0.0.1"),
+        PortMapping(0, 9000, "tcp")))  # no host port: nothing
     nic = user.prepare("sb", "user")
-    network = user.complete("sb", "user", config)
+    network = user.complete("sb", "user", spec)
     assert nic.kind == "user" and not nic.forwards  # added once the VM runs
-    assert podnet.user_forwards(network, config) == ["tcp::8080-:80", "udp:127.0.0.1:5353-:53"]
+    assert podnet.user_forwards(network, spec) == ["tcp::8080-:80", "udp:127.0.0.1:5353-:53"]
     assert network.ip == "10.0.2.15"
-    req = podnet.setup_request(network, config, "h")
+    req = podnet.setup_request(network, spec)
     assert list(req.dns.servers) == ["10.0.2.3"]
     assert podnet.PodNetwork.from_dict(network.to_dict()) == network
     none = podnet.PodNetworks("none")
-    nic, network = none.prepare("sb", "none"), none.complete("sb", "none", cri.PodSandboxConfig())
-    assert nic is None and not podnet.setup_request(network, cri.PodSandboxConfig(), "h").interfaces
+    nic, network = none.prepare("sb", "none"), none.complete("sb", "none", PodSpec("h"))
+    assert nic is None and not podnet.setup_request(network, PodSpec("h")).interfaces
 
 
 def test_kind_per_pod_and_host_network_pods():
     nets = podnet.PodNetworks("none")
-    annotated = cri.PodSandboxConfig(annotations={podnet.NETWORK_ANNOTATION: "user"})
-    assert nets.kind_for(annotated) == "user"
-    host = cri.PodSandboxConfig()
-    host.linux.security_context.namespace_options.network = cri.NODE
-    assert nets.kind_for(host) == "user"
+    assert nets.kind_for(PodSpec("p", network="user")) == "user"
+    assert nets.kind_for(PodSpec("p", host_network=True)) == "user"
     with pytest.raises(podnet.NetworkUnavailable):
-        nets.kind_for(cri.PodSandboxConfig(annotations={podnet.NETWORK_ANNOTATION: "bogus"}))
+        nets.kind_for(PodSpec("p", network="bogus"))
     with pytest.raises(ValueError):
         podnet.PodNetworks("bogus")
 
 
 @pytest.mark.parametrize("text, expect", [
-    ("8080:80", (cri.TCP, 80, 8080, "")),
-    ("127.0.0.1:8080:80/udp", (cri.UDP, 80, 8080, "127.0.0.1")),
-    ("1:65535/TCP", (cri.TCP, 65535, 1, "")),
+    ("8080:80", ("tcp", 80, 8080, "")),
+    ("127.0.0.1:8080:80/udp", ("udp", 80, 8080, "127.0.0.1")),
+    ("1:65535/TCP", ("tcp", 65535, 1, "")),
 ])
 def test_publish_flags(text, expect):
     p = runs.parse_port(text)
