@@ -45,7 +45,7 @@ from hyperrun.sandbox.config import SandboxConfig
 from hyperrun.vm import rundir
 from hyperrun.vm.config import Share
 from hyperrun.vm.memory import pss_kib, tcg_cache_kib
-from hyperrun.vm.qemu import QemuVM
+from hyperrun.vm import new as new_vm
 
 HYPERRUN = str(Path(sys.executable).parent / "hyperrun")
 
@@ -61,7 +61,7 @@ def timed(argv: list[str], env: dict | None = None) -> float:
 
 def timed_floor(rootfs: Path) -> float:
     config = SandboxConfig(shares=[Share(ROOTFS_TAG, rootfs.resolve())], init="/bin/true")
-    vm = QemuVM(config.vm_config())
+    vm = new_vm(config.vm_config())
     start = time.perf_counter()
     vm.spawn()
     code = vm.process.wait()
@@ -79,7 +79,7 @@ def row(label: str, value: str) -> None:
 def _busybox_layout(work: Path):
     """The test busybox image as an OCI layout (umoci): the one image that
     every variant of the start section runs."""
-    from tests.registry import Layout, build_busybox
+    from hyperrun.sample_images import Layout, build_busybox
 
     layout = Layout(work / "oci")
     build_busybox(layout, "busybox", work)
@@ -352,7 +352,7 @@ def bench_start(runs: int) -> dict:
 def bench_images(runs: int) -> dict:
     # The bench builds and serves its image with the same real tools the
     # tests use (debootstrap, umoci, skopeo, docker-registry).
-    from tests.registry import Layout, build_debian, debian_minbase, start_registry
+    from hyperrun.sample_images import Layout, build_debian, debian_minbase, start_registry
 
     from hyperrun.paths import cache_root
 
@@ -416,7 +416,7 @@ class _Daemon:
 
         from hyperrun.proto import cri_api_pb2 as cri
         from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
-        from tests.registry import Layout, build_busybox, start_registry
+        from hyperrun.sample_images import Layout, build_busybox, start_registry
 
         self.base, self.cri = base, cri
         self.proc = self.registry = None

@@ -311,19 +311,8 @@ def _daemon(args: argparse.Namespace) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    # The bench builds its images with the tests' helpers: from the source
-    # checkout this hyperrun runs from (an editable install), wherever the
-    # command is started.
-    checkout = str(Path(__file__).resolve().parent.parent)
-    if checkout not in sys.path and (Path(checkout) / "tests").is_dir():
-        sys.path.append(checkout)
-    try:
-        import importlib
+    from hyperrun import bench
 
-        from hyperrun import bench
-        importlib.import_module("tests.registry")  # the bench builds its images with it
-    except ImportError as exc:
-        return _fail(f"bench: run it from a hyperrun source checkout ({exc})")
     bench.main(argv, prog="hyperrun bench")
     return 0
 

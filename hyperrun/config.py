@@ -89,7 +89,7 @@ def load(path: Path | None = None) -> SandboxDefaults:
 
 
 def vm_size(defaults: SandboxDefaults, spec) -> tuple[int, int]:
-    """(vCPUs, MiB) of a pod's VM (spec: a pods.spec.PodSpec): its CPU
+    """(vCPUs, MiB) of a pod's VM (spec: a specs.PodSpec): its CPU
     limit rounded up, its memory limit plus the pod's overhead plus the
     guest's own; the defaults where it sets no limit, capped by the
     configured maximums."""

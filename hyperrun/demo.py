@@ -27,7 +27,7 @@ def sh(*argv: str) -> None:
 
 
 def main() -> None:
-    from tests.registry import Layout, build_busybox, configure_busybox
+    from hyperrun.sample_images import Layout, build_busybox, configure_busybox
 
     build = Path("build")
     build.mkdir(exist_ok=True)

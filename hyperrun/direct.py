@@ -17,6 +17,7 @@ user other than / and root, stdin.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def run(image_ref: str, args: list[str], entrypoint: list[str] | None, env: list
     from hyperrun.image.service import ImageError, ImageService
     from hyperrun.sandbox.config import SandboxConfig
     from hyperrun.vm import VMError, rundir
-    from hyperrun.vm.qemu import QemuVM
+    from hyperrun.vm import new as new_vm
 
     service = ImageService()
     try:
@@ -139,9 +140,7 @@ def run(image_ref: str, args: list[str], entrypoint: list[str] | None, env: list
                            cmdline_extra=virtio_mmio_params(2) + extra, channel="serial",
                            die_with_parent=True)
     try:
-        vm_config = config.vm_config()
-        vm_config.auto_cmdline = False
-        vm = QemuVM(vm_config)
+        vm = new_vm(dataclasses.replace(config.vm_config(), auto_cmdline=False))
         vm.spawn()
     except VMError as exc:
         print(f"hyperrun: {exc}", file=sys.stderr)

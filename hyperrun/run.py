@@ -17,9 +17,8 @@ from pathlib import Path
 
 from hyperrun.image.imageconfig import ImageConfigError, Overrides, ProcessDefaults, apply
 from hyperrun.sandbox.config import SandboxConfig
-from hyperrun.vm import VMError, rundir
 from hyperrun.vm.config import Share
-from hyperrun.vm.qemu import QemuVM
+from hyperrun.vm import VM, VMError, new as new_vm, rundir
 
 from hyperrun.exitcodes import RUNTIME_ERROR as EXIT_RUNTIME_ERROR
 from hyperrun.exitcodes import for_start_error as _start_error_code
@@ -64,26 +63,26 @@ def execute(spec: RunSpec) -> int:
         return _error(str(exc))
     rundir.collect_stale()
     spec.sandbox.die_with_parent = True
-    template = None
     try:
         config = spec.sandbox.vm_config()
         if spec.template:
             from hyperrun import config as hconfig
-            from hyperrun.vm import template as templates
+            from hyperrun.sandbox.templates import TemplateStore
+            from hyperrun.vm.template import clone_config
 
             try:
                 cache_mib = hconfig.load().clone_cache_mib
             except hconfig.ConfigError as exc:
                 return _error(str(exc))
-            template = templates.TemplateStore().find(config) or _make_template(config)
-            config = templates.clone_config(config, template, cache_mib)
-        vm = QemuVM(config)
+            template = TemplateStore().find(config) or _make_template(config)
+            config = clone_config(config, template, cache_mib)
+        vm = new_vm(config)
         vm.spawn()
     except VMError as exc:
         return _error(str(exc))
     import asyncio
 
-    return asyncio.run(_run(spec, vm, process, root, template))
+    return asyncio.run(_run(spec, vm, process, root))
 
 
 def _make_template(config):
@@ -91,7 +90,7 @@ def _make_template(config):
     import asyncio
 
     from hyperrun import log
-    from hyperrun.vm.template import TemplateStore
+    from hyperrun.sandbox.templates import TemplateStore
 
     log.setup(None)  # its one line to stderr: stdout is the container's
     return asyncio.run(TemplateStore().get(config, rundir.vm_root()))
@@ -111,15 +110,14 @@ def _prepare_dir(spec: RunSpec, overrides: Overrides) -> tuple[ProcessDefaults, 
     return apply({}, overrides), _Root(ROOTFS_TAG, "9p", overlay=False)
 
 
-async def _run(spec: RunSpec, vm: QemuVM, process: ProcessDefaults, root: _Root,
-               template=None) -> int:
+async def _run(spec: RunSpec, vm: VM, process: ProcessDefaults, root: _Root) -> int:
     import asyncio
 
     from hyperrun.channel.ttrpc import ConnectionLost
     from hyperrun.sandbox.sandbox import Sandbox
 
     try:
-        sandbox = await Sandbox.start(vm, template=template)
+        sandbox = await Sandbox.start(vm)
     except VMError as exc:
         return _error(str(exc))
     try:

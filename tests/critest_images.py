@@ -59,7 +59,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.registry import Layout, Registry, run, start_registry
+from hyperrun.sample_images import Layout, Registry, run, start_registry
 
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 TOOLS = {"docker-registry": "docker-registry", "skopeo": "skopeo", "umoci": "umoci",

@@ -1,10 +1,10 @@
-"""The CRI's messages as the core's specs (pods/spec.py), and the specs
+"""The CRI's messages as the core's specs (hyperrun/specs.py), and the specs
 back as the CRI's metadata, mounts and resources in statuses. The only
 place that knows both."""
 from __future__ import annotations
 
 from hyperrun import annotations
-from hyperrun.pods.spec import DNS, ContainerSpec, Mount, PodSpec, PortMapping, Resources
+from hyperrun.specs import DNS, ContainerSpec, Mount, PodSpec, PortMapping, Resources
 from hyperrun.proto import cri_api_pb2 as cri
 
 _PROTOCOLS = {cri.TCP: "tcp", cri.UDP: "udp", cri.SCTP: "sctp"}

@@ -10,7 +10,7 @@ from hyperrun.image.distribution import PullError
 from hyperrun.image.imageconfig import ImageConfigError
 from hyperrun.image.reference import InvalidReference
 from hyperrun.image.service import ImageError, ImageNotFound
-from hyperrun.sandbox.manager import Conflict, Invalid, NotFound
+from hyperrun.pods.service import Conflict, Invalid, NotFound
 from hyperrun.network import CNIError
 from hyperrun.sandbox.podnet import NetworkUnavailable
 from hyperrun.sandbox.volumes import VolumeError

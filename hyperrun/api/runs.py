@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from hyperrun import exitcodes, log, session
-from hyperrun.pods.spec import ContainerSpec, Mount, PodSpec, PortMapping
-from hyperrun.sandbox.manager import EXITED, RUNNING, NotFound
+from hyperrun.specs import ContainerSpec, Mount, PodSpec, PortMapping
+from hyperrun.pods.service import RUNNING, NotFound
 from hyperrun.session import (RUN_LABEL, ExecOptions, ListOptions, LogsOptions, NamesOptions,
                               ProtocolError, PullOptions, RunError, RunOptions)
 
@@ -271,22 +271,12 @@ class _Session:
             await io.wait()
         finally:
             io.detach()
-        row = await self._exited()
+        # io.wait() returned the exit its task took once it was recorded:
+        # the process's own, or the VM's end.
+        row = self.m.container_row(self.cid)
         if row.reason == "VMExited":
             raise RunError(f"the VM ended while the container ran: {row.message}")
         return {"code": row.exit_code}
-
-    async def _exited(self, timeout: float = 30):
-        """The container's row once it says EXITED. Its waiter records a
-        normal exit; a VM that died is recorded by the VM's watcher, a
-        moment after the channel closed and the waiter gave up."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while (row := self.m.container_row(self.cid)).state != EXITED:
-            if loop.time() > deadline:
-                raise RunError("the container's output ended but it did not exit")
-            await asyncio.sleep(0.02)
-        return row
 
     async def _exec(self, opts: ExecOptions) -> dict:
         """`hyperrun exec`: a process in a running container, its output
@@ -394,7 +384,7 @@ class _Session:
         from hyperrun.vm.memory import pss_kib
 
         rows = [r for r in self.m.state.containers()
-                if r.state == RUNNING and r.sandbox_id in self.m.sandboxes]
+                if r.state == RUNNING and self.m.sandbox(r.sandbox_id) is not None]
         names = {r.id: r.spec.name for r in rows}
 
         async def sample(pod: str) -> list[dict]:
@@ -402,7 +392,7 @@ class _Session:
             await self.m.stats(pod, ids)  # the CPU rate is taken against this sample
             await asyncio.sleep(1)
             response, rates = await self.m.stats(pod, ids)
-            sandbox = self.m.sandboxes.get(pod)
+            sandbox = self.m.sandbox(pod)
             if sandbox is None:  # stopped just now
                 return []
             vm = sandbox.vm

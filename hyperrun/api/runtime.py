@@ -9,7 +9,7 @@ import grpc
 
 from hyperrun.proto import cri_api_pb2 as cri
 from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
-from hyperrun.sandbox.manager import (CREATED, EXITED, READY, RUNNING, SandboxManager,
+from hyperrun.pods.service import (CREATED, EXITED, READY, RUNNING, PodService,
                                       pod_network)
 from hyperrun.sandbox.state import ContainerRow, SandboxRow
 
@@ -56,7 +56,7 @@ def pod_status(row: SandboxRow) -> cri.PodSandboxStatus:
         labels=spec.labels, annotations=spec.annotations)
 
 
-def container_status(manager: SandboxManager, row: ContainerRow) -> cri.ContainerStatus:
+def container_status(manager: PodService, row: ContainerRow) -> cri.ContainerStatus:
     """A container's record as the CRI shows it (here and in `hyperrun ps`)."""
     spec = row.spec
     return cri.ContainerStatus(
@@ -71,7 +71,7 @@ def container_status(manager: SandboxManager, row: ContainerRow) -> cri.Containe
 
 
 class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
-    def __init__(self, manager: SandboxManager, streaming: StreamingServer) -> None:
+    def __init__(self, manager: PodService, streaming: StreamingServer) -> None:
         self.m = manager
         self.streaming = streaming
 
@@ -129,7 +129,7 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
     async def PodSandboxStatus(self, request, context):
         row = self.m.sandbox_row(request.pod_sandbox_id)
         info = {}
-        if request.verbose and (sb := self.m.sandboxes.get(row.id)):
+        if request.verbose and (sb := self.m.sandbox(row.id)):
             info["vm"] = f"{sb.vm.id} pid {sb.vm.pid} run dir {sb.vm.run_dir}"
         return cri.PodSandboxStatusResponse(status=pod_status(row), info=info)
 
@@ -229,7 +229,7 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
         out = []
         by_pod: dict[str, list[ContainerRow]] = {}
         for row in rows:
-            if row.state == RUNNING and row.sandbox_id in self.m.sandboxes:
+            if row.state == RUNNING and self.m.sandbox(row.sandbox_id) is not None:
                 by_pod.setdefault(row.sandbox_id, []).append(row)
         for pod, pod_rows in by_pod.items():
             response, rates = await self.m.stats(pod, [r.id for r in pod_rows])
@@ -276,7 +276,7 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
     @rpc
     async def PodSandboxStats(self, request, context):
         row = self.m.sandbox_row(request.pod_sandbox_id)
-        if row.id not in self.m.sandboxes:
+        if self.m.sandbox(row.id) is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"pod sandbox {row.id} is not ready")
         return cri.PodSandboxStatsResponse(stats=await self._pod_stats(row))
 
@@ -285,7 +285,7 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
         f = request.filter
         out = []
         for row in self.m.state.sandboxes():
-            if row.id in self.m.sandboxes and _matches(f, row.id, row.spec.labels):
+            if self.m.sandbox(row.id) is not None and _matches(f, row.id, row.spec.labels):
                 out.append(await self._pod_stats(row))
         return cri.ListPodSandboxStatsResponse(stats=out)
 

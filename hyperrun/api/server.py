@@ -14,7 +14,7 @@ from hyperrun import config, log, paths, session
 from hyperrun.image.service import ImageService
 from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
 from hyperrun.network import SandboxNetworks
-from hyperrun.sandbox.manager import SandboxManager
+from hyperrun.pods.service import PodService
 from hyperrun.sandbox.podnet import PodNetworks
 from hyperrun.sandbox.state import State
 
@@ -47,7 +47,7 @@ class Services:
         defaults = config.load()
         if pool_size is not None:
             defaults.pool_size = pool_size
-        self.manager = SandboxManager(self.images, self.state, defaults,
+        self.manager = PodService(self.images, self.state, defaults,
                                       root=sandbox_root, die_with_parent=die_with_parent,
                                       networks=networks)
         self.streaming = StreamingServer(self.manager)
@@ -91,7 +91,7 @@ async def serve(socket_path: Path, network: NetworkOptions, group: str | None = 
                         pool_size=pool_size)
     logger.info("networking", kind=services.manager.networks.kind)
     await services.manager.recover()
-    logger.info("recovered", sandboxes=len(services.manager.sandboxes))
+    logger.info("recovered", sandboxes=sum(p.sandbox is not None for p in services.manager.pods.values()))
     await services.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

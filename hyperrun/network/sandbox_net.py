@@ -24,7 +24,7 @@ from pyroute2 import IPRoute
 
 from hyperrun import log
 from hyperrun.paths import data_root
-from hyperrun.pods.spec import PortMapping
+from hyperrun.specs import PortMapping
 
 from . import cni, default_config, netns, tap
 

@@ -51,8 +51,9 @@ class SandboxConfig:
             raise AssetMissing(f"guest image not found at {image}: run `make guest`")
         return VMConfig(kernel=kernel, root_image=image, machine=self.machine, vcpus=self.vcpus,
                         memory_mib=self.memory_mib, accel=accel.choose().name, init=self.init,
-                        shares=list(self.shares), disks=list(self.disks), hotplug_disks=self.hotplug_disks, channel=self.channel_config(),
+                        shares=tuple(self.shares), disks=tuple(self.disks),
+                        hotplug_disks=self.hotplug_disks, channel=self.channel_config(),
                         die_with_parent=self.die_with_parent,
-                        cmdline_extra=list(self.cmdline_extra))
+                        cmdline_extra=tuple(self.cmdline_extra))
 
 

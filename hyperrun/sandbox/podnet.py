@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hyperrun import log
 from hyperrun.network import NetworkInfo, SandboxNetworks, cni_available, install_default_config
-from hyperrun.pods.spec import PodSpec
+from hyperrun.specs import PodSpec
 from hyperrun.proto import agent_pb2 as apb
 from hyperrun.vm.config import Nic
 

@@ -11,8 +11,7 @@ import time
 
 from hyperrun.channel import transport
 from hyperrun.channel.agent import AgentClient
-from hyperrun.vm import VMError
-from hyperrun.vm.qemu import QemuVM
+from hyperrun.vm import VM, VMError, new as new_vm
 
 from .config import SandboxConfig
 
@@ -31,7 +30,7 @@ class Activity:
     """How long a VM has been idle, from its hypervisor's busy time sampled
     at each call."""
 
-    def __init__(self, vm: QemuVM) -> None:
+    def __init__(self, vm: VM) -> None:
         self.vm = vm
         self._busy = vm.busy_ns()
         self._at = self.active_at = time.monotonic()
@@ -46,7 +45,7 @@ class Activity:
 
 
 class Sandbox:
-    def __init__(self, vm: QemuVM, agent: AgentClient) -> None:
+    def __init__(self, vm: VM, agent: AgentClient) -> None:
         self.vm = vm
         self.agent = agent
         # Serials of the image disks plugged into the VM: a restarted daemon
@@ -59,17 +58,20 @@ class Sandbox:
 
     @classmethod
     async def boot(cls, config: SandboxConfig) -> "Sandbox":
-        return await cls.start(QemuVM(config.vm_config()))
+        return await cls.start(new_vm(config.vm_config()))
 
     @classmethod
-    async def start(cls, vm: QemuVM, template=None) -> "Sandbox":
-        """Launch vm (or attach to it if already spawned), or restore it from
-        a template (vm/template.py), and wait for its agent."""
-        if template is not None:
-            from hyperrun.vm.template import restore
-            await restore(vm, template)
-        else:
-            await vm.launch()
+    async def start(cls, vm: VM) -> "Sandbox":
+        """Launch vm (or connect to it if already spawned) and wait for its
+        agent; a clone of a template (vm/template.clone_config) is restored
+        first."""
+        await vm.launch()
+        if vm.config.incoming:
+            try:
+                await vm.restore_state()
+            except BaseException:
+                await vm.remove()
+                raise
         agent = AgentClient(f"agent-{vm.id}")
         sandbox = cls(vm, agent)
         try:
@@ -152,26 +154,22 @@ class Sandbox:
                       f"({why}); console: {self.vm.failure_reason()}")
 
     @classmethod
-    async def reattach(cls, vm: QemuVM) -> "Sandbox":
-        """Take over a running sandbox VM (after a daemon restart): QMP and
-        a new agent session on its sockets."""
-        await vm.attach()
+    async def adopt(cls, vm: VM) -> "Sandbox":
+        """Take over a running sandbox VM (after a daemon restart): its
+        hypervisor, and a new agent session."""
+        await vm.adopt()
         sandbox = cls(vm, AgentClient(f"agent-{vm.id}"))
         try:
             await sandbox._wait_agent()
         except BaseException:
-            await sandbox.agent.close()
-            if vm.qmp is not None:
-                await vm.qmp.disconnect()
+            await sandbox.detach()
             raise
         return sandbox
 
     async def detach(self) -> None:
         """Let go of the VM without stopping it (the daemon shutting down)."""
         await self.agent.close()
-        if self.vm.qmp is not None:
-            await self.vm.qmp.disconnect()
-            self.vm.qmp = None
+        await self.vm.detach()
 
     async def destroy(self) -> None:
         """Stop the VM and remove everything of it. Idempotent."""

@@ -1,5 +1,5 @@
 """Sandboxes and containers, persisted in SQLite so that a restarted daemon
-finds them again. Their specs (pods/spec.py) are kept as JSON: they are
+finds them again. Their specs (hyperrun/specs.py) are kept as JSON: they are
 the record of what was asked for."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hyperrun.db import open_db
-from hyperrun.pods.spec import ContainerSpec, PodSpec
+from hyperrun.specs import ContainerSpec, PodSpec
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (

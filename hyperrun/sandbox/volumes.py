@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from hyperrun import mounts
-from hyperrun.pods.spec import Mount
+from hyperrun.specs import Mount
 from hyperrun.proto import agent_pb2 as apb
 
 SHARE_TAG = "hyperrun-shared"

@@ -85,8 +85,10 @@ class Channel:
     cid: int = 0  # vsock guest CID (>= 3)
 
 
-@dataclass
+@dataclass(frozen=True)
 class VMConfig:
+    """What a VM is made of. Immutable: a VM's config is fixed before it is
+    made (a clone's, a pod's with its card and shares: dataclasses.replace)."""
     kernel: Path
     root_image: Path
     machine: str = "microvm"
@@ -94,9 +96,9 @@ class VMConfig:
     memory_mib: int = 256
     accel: str = "tcg"
     init: str = "/sbin/init"
-    cmdline_extra: list[str] = field(default_factory=list)
-    shares: list[Share] = field(default_factory=list)
-    disks: list[Disk] = field(default_factory=list)
+    cmdline_extra: tuple[str, ...] = ()
+    shares: tuple[Share, ...] = ()
+    disks: tuple[Disk, ...] = ()
     # A virtio-scsi bus for disks that arrive after boot (a pod's images).
     hotplug_disks: bool = False
     channel: Channel = field(default_factory=Channel)
@@ -138,4 +140,4 @@ class VMConfig:
         if self.accel == "tcg":
             parts += tcg_cmdline(self.vcpus)
         parts += ["root=/dev/vda", "ro", "rootfstype=erofs", f"init={self.init}"]
-        return " ".join(parts + self.cmdline_extra)
+        return " ".join(parts + list(self.cmdline_extra))

@@ -19,7 +19,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from . import VM, VMError, rundir
+from . import VM, VMError, VMState, rundir
 from .config import Disk, VMConfig
 
 QEMU_BINARY = os.environ.get("HYPERRUN_QEMU", "qemu-system-x86_64")
@@ -179,7 +179,16 @@ class QemuVM(VM):
         self._exit_task = None  # asyncio.Task resolving to QEMU's exit status
         self.cgroup_error = ""  # why QEMU runs without a cgroup, if it does
         self.privileges_note = ""  # why QEMU runs as root, if it does
-        self._fd_lock = None  # asyncio.Lock: one fd in flight to QEMU at a time (pass_fd)
+        self._fd_lock = None  # asyncio.Lock: one fd in flight to QEMU at a time (_pass_fd)
+        self._detached = False
+
+    @property
+    def state(self) -> VMState:
+        if self._proc is None and self._attached_pid is None:
+            return VMState.NEW
+        if self.exited:
+            return VMState.EXITED
+        return VMState.DETACHED if self._detached else VMState.RUNNING
 
     @property
     def agent_socket(self) -> Path:
@@ -308,8 +317,8 @@ class QemuVM(VM):
             return None
         return lambda: [step() for step in steps]
 
-    async def attach(self) -> None:
-        """Re-attach to the QEMU of this VM's run directory, started by an
+    async def adopt(self) -> None:
+        """Take over the QEMU of this VM's run directory, started by an
         earlier process (a daemon that was restarted): QMP and exit watch."""
         pid = rundir.qemu_pid(self.run_dir)
         if pid is None or not rundir.alive_qemu(pid):
@@ -325,6 +334,7 @@ class QemuVM(VM):
 
         if self._proc is None and self._attached_pid is None:
             self.spawn()
+        self._detached = False
         self._exit_task = asyncio.ensure_future(self._watch_exit())
         self.qmp = QMPClient(f"qemu-{self.id}")
         connect = asyncio.ensure_future(self.qmp.connect(str(self.run_dir / rundir.QMP_SOCKET)))
@@ -445,7 +455,59 @@ class QemuVM(VM):
         if out.strip():  # it answers only when it failed
             raise VMError(f"host port forward {rule}: {out.strip()}")
 
-    async def pass_fd(self, fd: int, command: str, args: dict) -> dict:
+    async def detach(self) -> None:
+        """Let go of QEMU, which runs on (its exit is no longer watched)."""
+        if self.qmp is not None:
+            try:
+                await self.qmp.disconnect()
+            except Exception:
+                pass
+            self.qmp = None
+        if self._exit_task is not None:
+            self._exit_task.cancel()
+            self._exit_task = None
+        self._detached = True
+
+    async def save_state(self, path: Path) -> None:
+        """Migrate the device state to a new file at path, RAM left out
+        (x-ignore-shared: it is the memory file). The host opens the file
+        and hands it over: QEMU's seccomp filter would not let it spawn
+        `cat` for an exec: URI, and 7.2 has no file: URI."""
+        await self._ignore_shared()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            await self._pass_fd(fd, "getfd", {"fdname": "saved-state"})
+        finally:
+            os.close(fd)
+        await self.qmp.execute("migrate", {"uri": "fd:saved-state"})
+        await self._wait_migration()
+
+    async def restore_state(self) -> None:
+        """Load the saved state from the config's incoming fd (`-incoming
+        defer`), then run: a clone needs an explicit `cont`."""
+        await self._ignore_shared()
+        await self.qmp.execute("migrate-incoming", {"uri": f"fd:{self.config.incoming_fd}"})
+        await self._wait_migration()
+        await self.qmp.execute("cont")
+
+    async def _ignore_shared(self) -> None:
+        await self.qmp.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}]})
+
+    async def _wait_migration(self, timeout: float = 60) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            status = (await self.qmp.execute("query-migrate")).get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled") or loop.time() > deadline:
+                raise VMError(f"migration {status or 'did not finish'}: {self.failure_reason()}")
+            await asyncio.sleep(0.005)
+
+    async def _pass_fd(self, fd: int, command: str, args: dict) -> dict:
         """Send fd to QEMU (SCM_RIGHTS) and run the command that takes it
         (`getfd`, `add-fd`). QEMU keeps the last fd received until a command
         claims it, so sending and claiming are one step per VM. fd stays the
@@ -472,7 +534,7 @@ class QemuVM(VM):
         node, device = f"disk-{disk.serial}", f"dev-{disk.serial}"
         fd = _open_for_qemu(disk.path, disk.readonly)
         try:
-            fdset = (await self.pass_fd(fd, "add-fd", {"opaque": node}))["fdset-id"]
+            fdset = (await self._pass_fd(fd, "add-fd", {"opaque": node}))["fdset-id"]
         finally:
             os.close(fd)
         try:

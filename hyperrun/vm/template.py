@@ -18,14 +18,13 @@ guest image, QEMU's version, machine and VM shape (RAM size and devices).
 Files of a template are never written again once made (clones map them):
 a new template goes to a new directory, renamed into place.
 
-`run --template` looks its template up before QEMU starts, so finding one
-loads nothing heavy: asyncio and the logger (structlog, rich: 0.1 s) are
-imported by the code that makes and restores templates.
+This module holds what a VM needs to be made into a template or cloned
+from one; the sandbox layer makes them (sandbox/templates.py: a template
+is a sandbox whose agent waits for its next host).
 """
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -35,7 +34,7 @@ from pathlib import Path
 
 from . import VMError
 from .config import Nic, VMConfig
-from .qemu import QEMU_BINARY, QemuVM
+from .qemu import QEMU_BINARY
 
 TEMPLATE_MAC = "52:54:00:00:00:01"  # the template's card; each clone's agent sets its own
 MEM, STATE = "mem", "state"
@@ -100,119 +99,6 @@ class Template:
         return self.path / STATE
 
 
-async def _wait_migration(vm: QemuVM, timeout: float = 60) -> None:
-    import asyncio
-
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        status = (await vm.qmp.execute("query-migrate")).get("status")
-        if status == "completed":
-            return
-        if status in ("failed", "cancelled") or loop.time() > deadline:
-            raise VMError(f"migration {status or 'did not finish'}: {vm.failure_reason()}")
-        await asyncio.sleep(0.005)
-
-
-async def _ignore_shared(vm: QemuVM) -> None:
-    await vm.qmp.execute("migrate-set-capabilities", {"capabilities": [
-        {"capability": "x-ignore-shared", "state": True}]})
-
-
-class TemplateStore:
-    def __init__(self, root: Path | None = None) -> None:
-        self.root = root or default_root()
-
-    def find(self, config: VMConfig) -> Template | None:
-        """The template for this VM shape, if it has been made."""
-        template = Template(self.root / key(config))
-        return template if template.state.exists() else None
-
-    async def get(self, config: VMConfig, run_root: Path) -> Template:
-        """The template for this VM shape, made now if there is none."""
-        import asyncio
-
-        k = key(config)
-        template = Template(self.root / k)
-        if template.state.exists():
-            return template
-        self.root.mkdir(parents=True, exist_ok=True)
-        lock = open(self.root / f".{k}.lock", "w")
-        try:
-            await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
-            if not template.state.exists():
-                await self._make(config, template, run_root)
-        finally:
-            lock.close()
-        return template
-
-    async def _make(self, config: VMConfig, template: Template, run_root: Path) -> None:
-        self.sweep_unfinished()
-        work = template.path.with_name(template.path.name + ".new")
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        try:
-            await self._make_in(work, config, template, run_root)
-        except BaseException:  # its memory file is RAM in /dev/shm
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-
-    def sweep_unfinished(self) -> list[Path]:
-        """Remove the work directories of templates nobody is making (a
-        process killed while making one leaves its memory file, RAM in
-        /dev/shm): those whose lock no process holds. Returns them."""
-        swept = []
-        for work in self.root.glob("*.new"):
-            lock_path = self.root / f".{work.name[:-len('.new')]}.lock"
-            with open(lock_path, "a") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # being made (by this process too: flock is per open file)
-                shutil.rmtree(work, ignore_errors=True)
-                swept.append(work)
-        return swept
-
-    async def _make_in(self, work: Path, config: VMConfig, template: Template,
-                       run_root: Path) -> None:
-        import asyncio
-
-        from hyperrun import log
-        from hyperrun.sandbox.sandbox import Sandbox
-
-        made = dataclasses.replace(shape(config), memory_file=work / MEM, memory_shared=True)
-        vm = QemuVM(made, root=run_root)
-        # The shares' host paths do not matter to the saved state (the guest
-        # has mounted none): the template VM gets empty directories of its own.
-        made.shares = [dataclasses.replace(s, path=vm.run_dir / f"share-{i}")
-                       for i, s in enumerate(config.shares)]
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        sandbox = await Sandbox.start(vm)
-        try:
-            await sandbox.agent.warm_up()  # what clones would each load on first use
-            await sandbox.agent.close()  # the agent waits for its next host
-            await _ignore_shared(vm)
-            # The state goes to a file the host opens and hands over: QEMU's
-            # seccomp filter would not let it spawn `cat` for an exec: URI.
-            fd = os.open(work / STATE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                await vm.pass_fd(fd, "getfd", {"fdname": "template-state"})
-            finally:
-                os.close(fd)
-            await vm.qmp.execute("migrate", {"uri": "fd:template-state"})
-            await _wait_migration(vm)
-        finally:
-            await sandbox.destroy()
-        os.rename(work, template.path)
-        log.get("template").info("template made", path=str(template.path),
-                                 seconds=round(loop.time() - start, 3),
-                                 state_bytes=template.state.stat().st_size)
-
-    def remove_all(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
 def clone_config(config: VMConfig, template: Template, cache_mib: int | None) -> VMConfig:
     """config, to start as a clone of template (RAM mapped private). With
     cache_mib (`[sandbox] clone_cache_mib`), a smaller TCG translation
@@ -227,18 +113,3 @@ def clone_config(config: VMConfig, template: Template, cache_mib: int | None) ->
     return dataclasses.replace(config, nic=nic, memory_file=template.memory,
                                memory_shared=False, incoming=True, tb_size_mib=tb,
                                incoming_fd=os.open(template.state, os.O_RDONLY | os.O_CLOEXEC))
-
-
-async def restore(vm: QemuVM, template: Template) -> None:
-    """Launch vm (made with clone_config) and bring it to where the
-    template was: running, its agent waiting for a host."""
-    await vm.launch()
-    try:
-        await _ignore_shared(vm)
-        await vm.qmp.execute("migrate-incoming", {"uri": f"fd:{vm.config.incoming_fd}"})
-        await _wait_migration(vm)
-        await vm.qmp.execute("cont")
-    except BaseException:
-        await vm.kill()
-        await vm.remove()
-        raise

@@ -23,8 +23,9 @@ from hyperrun.image.distribution import (OCI_INDEX, OCI_MANIFEST, DigestMismatch
 from hyperrun.image.hosts import Hosts, HostsConfigError, is_loopback
 from hyperrun.image.reference import InvalidReference, parse
 from hyperrun.image.store import ContentStore
-from tests.registry import (FakeRegistry, Layout, TCPProxy, basic_auth_entry, build_random,
-                            docker_config, free_port)
+from hyperrun.sample_images import (Layout, basic_auth_entry, build_random, docker_config,
+                                    free_port)
+from tests.registry import FakeRegistry, TCPProxy
 
 NO_HOSTS = Hosts()   # tests do not depend on this machine's registries.toml
 

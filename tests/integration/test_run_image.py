@@ -1,5 +1,5 @@
 """`hyperrun pull` then `hyperrun run IMAGE`, end to end: images built by
-umoci/skopeo (tests/registry.py), served by a real docker-registry, run in
+umoci/skopeo (hyperrun/sample_images.py), served by a real docker-registry, run in
 real VMs from their erofs root with an overlay per container."""
 import subprocess
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import hyperrun
-from tests.registry import LAYERED_EXPECT
+from hyperrun.sample_images import LAYERED_EXPECT
 
 
 @pytest.fixture
@@ -126,7 +126,7 @@ def test_hostile_layer_is_refused_and_store_unchanged(entries, images, registry,
     import io
     import tarfile
 
-    from tests.registry import run as run_tool
+    from hyperrun.sample_images import run as run_tool
 
     tar_path = tmp_path / "hostile.tar"
     with tarfile.open(tar_path, "w") as tar:

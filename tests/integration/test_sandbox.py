@@ -352,7 +352,7 @@ def test_sandbox_survives_its_host_process(busybox_rootfs, no_leaks):
             await sb.agent.create_container("c", ROOTFS, pb.Process(args=["sleep", "300"]))
             await sb.agent.start_container("c")
             await sb.detach()  # as if the daemon died: nothing stopped
-            again = await Sandbox.reattach(QemuVM(sb.vm.config, vm_id=sb.vm.id))
+            again = await Sandbox.adopt(QemuVM(sb.vm.config, vm_id=sb.vm.id))
             assert await again.vm.status() == "running"
             await again.agent.exec_process("c", "e", pb.Process(args=["echo", "still here"]))
             assert await read_all(again.agent, "stdout", "c", "e") == b"still here\n"

@@ -4,7 +4,7 @@ request (or a CLI argument) and the VM, called without daemons or VMs.
   -p / CRI port mappings     hyperrun.runs.parse_port
   -v / CRI mounts            hyperrun.runs.parse_volume
   -u                         hyperrun.runs.check_user
-  pod hostname               hyperrun.pods.spec.PodSpec.pod_hostname
+  pod hostname               hyperrun.specs.PodSpec.pod_hostname
   SPDY header blocks         hyperrun.api.streaming.decode_header_block
   streaming requests         hyperrun.api.streaming.*RequestInfo.from_cri
 
@@ -25,7 +25,7 @@ from hypothesis import example, given, strategies as st
 from hyperrun.api import runs
 from hyperrun.api import streaming
 from hyperrun.proto import cri_api_pb2 as cri
-from hyperrun.pods.spec import PodSpec
+from hyperrun.specs import PodSpec
 
 from . import FUZZ, counted, still_failing
 

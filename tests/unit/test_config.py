@@ -1,7 +1,7 @@
 import pytest
 
 from hyperrun import config
-from hyperrun.pods.spec import PodSpec
+from hyperrun.specs import PodSpec
 
 
 def test_defaults_and_file(tmp_path):

@@ -2,7 +2,7 @@
 JSON they are kept as, and back in statuses; records of an earlier daemon
 (CRI protobufs) rewritten as specs."""
 from hyperrun.api import cri_specs
-from hyperrun.pods.spec import ContainerSpec, PodSpec
+from hyperrun.specs import ContainerSpec, PodSpec
 from hyperrun.proto import cri_api_pb2 as cri
 from hyperrun.sandbox.state import ContainerRow, SandboxRow, State
 

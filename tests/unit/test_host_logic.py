@@ -134,7 +134,7 @@ def test_unfinished_templates_are_swept(tmp_path):
     holds the lock stays."""
     import fcntl
 
-    from hyperrun.vm.template import TemplateStore
+    from hyperrun.sandbox.templates import TemplateStore
 
     store = TemplateStore(tmp_path)
     dead, alive = tmp_path / "aaaa.new", tmp_path / "bbbb.new"
@@ -156,7 +156,7 @@ def test_a_failed_template_leaves_no_work_directory(tmp_path):
 
     from hyperrun.sandbox.config import SandboxConfig
     from hyperrun.vm import VMError
-    from hyperrun.vm.template import TemplateStore
+    from hyperrun.sandbox.templates import TemplateStore
 
     store = TemplateStore(tmp_path / "templates")
     try:

@@ -4,7 +4,7 @@ import pytest
 
 from hyperrun.api import runs
 from hyperrun.network import NetworkInfo
-from hyperrun.pods.spec import DNS, PodSpec, PortMapping
+from hyperrun.specs import DNS, PodSpec, PortMapping
 from hyperrun.sandbox import podnet
 
 

@@ -20,19 +20,20 @@ import time
 from hyperrun.channel.ttrpc import ConnectionLost, TtrpcError
 from hyperrun.image.imageconfig import Overrides, apply
 from hyperrun.image.service import ImageService, chain_id
-from hyperrun.pods.spec import ContainerSpec, PodSpec, Resources
+from hyperrun.specs import ContainerSpec, PodSpec, Resources
 from hyperrun.proto import agent_pb2 as apb
-from hyperrun.vm import VMError, rundir
+from hyperrun.vm import VM, VMError, new as new_vm, rundir
 from hyperrun.vm.config import Channel, Disk, Share
-from hyperrun.vm.qemu import QemuVM
-from hyperrun.vm.template import TemplateStore, clone_config
+from hyperrun.vm.template import clone_config
 
-from .config import SandboxConfig
-from .logs import LogFile
-from .pool import SandboxPool, Spare
-from .sandbox import Sandbox
-from .state import ContainerRow, SandboxRow, State
-from . import podnet, volumes
+from hyperrun.sandbox import podnet, volumes
+from hyperrun.sandbox.config import SandboxConfig
+from hyperrun.sandbox.pool import SandboxPool, Spare
+from hyperrun.sandbox.sandbox import Sandbox
+from hyperrun.sandbox.templates import TemplateStore
+from hyperrun.sandbox.state import ContainerRow, SandboxRow, State
+
+from .task import AttachIO, ExecIO, Task
 
 from hyperrun import config as hconfig
 from hyperrun import log
@@ -46,7 +47,6 @@ STARTUP_WINDOW_S = 3.0  # see _resend_while_starting
 # does. Generous: a loaded 2-core host under TCG answers in milliseconds.
 HEALTH_INTERVAL_S = float(os.environ.get("HYPERRUN_HEALTH_INTERVAL_S", 10))
 HEALTH_TIMEOUT_S = float(os.environ.get("HYPERRUN_HEALTH_TIMEOUT_S", 30))
-OUTLET_LIMIT = 256  # chunks (up to 64 KiB each) an attach session may lag behind
 CREATED, RUNNING, EXITED, UNKNOWN = "created", "running", "exited", "unknown"
 
 
@@ -74,7 +74,7 @@ def agent_resources(r: Resources) -> apb.Resources:
                          cpuset_cpus=r.cpuset_cpus, cpuset_mems=r.cpuset_mems, unified=r.unified)
 
 
-def _vm_json(vm: QemuVM, network: podnet.PodNetwork) -> bytes:
+def _vm_json(vm: VM, network: podnet.PodNetwork) -> bytes:
     c = vm.config
     return json.dumps({"id": vm.id, "channel": c.channel.kind, "cid": c.channel.cid,
                        "vcpus": c.vcpus, "memory_mib": c.memory_mib,
@@ -85,7 +85,27 @@ def pod_network(row: SandboxRow) -> podnet.PodNetwork:
     return podnet.PodNetwork.from_dict(json.loads(row.vm).get("network"))
 
 
-class SandboxManager:
+class Pod:
+    """A pod's live side, beside its record: its sandbox while it is ready,
+    the lock its steps take, its VM's watcher, its containers' tasks."""
+
+    def __init__(self, pod_id: str) -> None:
+        self.id = pod_id
+        self.sandbox: Sandbox | None = None
+        self.lock = asyncio.Lock()
+        self.watcher: asyncio.Task | None = None
+        self.tasks: dict[str, Task] = {}
+        self.cpu_samples: dict[str, tuple[int, int]] = {}  # per container ("": the guest)
+
+    def close_task(self, container_id: str) -> None:
+        if task := self.tasks.pop(container_id, None):
+            task.close()
+
+
+class PodService:
+    """The pods and their containers' tasks, whoever asks: the CRI's
+    servicers and the CLI's commands are callers."""
+
     def __init__(self, images: ImageService, state: State,
                  defaults: hconfig.SandboxDefaults | None = None, *,
                  root=None, die_with_parent: bool = False,
@@ -101,19 +121,18 @@ class SandboxManager:
         self.templates = TemplateStore() if self.defaults.template else None
         self.pool = SandboxPool(self.defaults.pool_size, self._start_spare, self._discard_spare) \
             if self.defaults.pool_size > 0 else None
-        self.sandboxes: dict[str, Sandbox] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._tasks: dict[str, list[asyncio.Task]] = {}   # per container: pumps and waiter
-        self._logs: dict[str, LogFile] = {}
-        self._watchers: dict[str, asyncio.Task] = {}      # per sandbox: VM exit
-        self._cpu_samples: dict[tuple[str, str], tuple[int, int]] = {}  # (ns, cpu ns)
-        # Attach sessions: the log pumps copy the init process's output to them.
-        self._attached: dict[str, list[Outlet]] = {}
-        self._reserved: dict[str, list[Outlet]] = {}  # see reserve_attach
+        self.pods: dict[str, Pod] = {}  # every pod with a record
         self._recent_disk: Disk | None = None  # the latest container's image: see _preplug
 
-    def _lock(self, key: str) -> asyncio.Lock:
-        return self._locks.setdefault(key, asyncio.Lock())
+    def _pod(self, pod_id: str) -> Pod:
+        if (pod := self.pods.get(pod_id)) is None:
+            pod = self.pods[pod_id] = Pod(pod_id)
+        return pod
+
+    def sandbox(self, pod_id: str) -> Sandbox | None:
+        """The pod's sandbox, if the pod is ready."""
+        pod = self.pods.get(pod_id)
+        return pod.sandbox if pod is not None else None
 
     # ------------------------------------------------------------ recovery
     async def recover(self) -> None:
@@ -124,16 +143,18 @@ class SandboxManager:
         cgroup behind a record that still names the VM)."""
         live = set()
         for row in self.state.sandboxes():
+            pod = self._pod(row.id)
             vm_info = json.loads(row.vm)
             if row.state != READY:
                 # Stopped, but maybe killed between the VM's end and the
                 # network's teardown: finish it (idempotent).
                 await asyncio.to_thread(self.networks.teardown, row.id, pod_network(row))
                 continue
-            vm = QemuVM(self._vm_config(), vm_id=vm_info["id"], root=self.root)
-            vm.config.channel = Channel(vm_info["channel"], vm_info["cid"])
+            vm = new_vm(dataclasses.replace(
+                self._vm_config(), channel=Channel(vm_info["channel"], vm_info["cid"])),
+                vm_id=vm_info["id"], root=self.root)
             try:
-                sandbox = await Sandbox.reattach(vm)
+                sandbox = await Sandbox.adopt(vm)
             except (VMError, OSError, ConnectionError) as exc:
                 logger.warning("sandbox lost", sandbox=row.id, error=str(exc))
                 self._sandbox_gone(row.id, f"VM lost while the daemon was down: {exc}")
@@ -141,8 +162,8 @@ class SandboxManager:
                 continue
             logger.info("sandbox re-attached", sandbox=row.id, vm=vm.id, pid=vm.pid)
             live.add(vm.id)
-            self.sandboxes[row.id] = sandbox
-            self._watch_vm(row.id)
+            pod.sandbox = sandbox
+            self._watch_vm(pod)
             containers = self.state.containers(row.id)
             # Its plugged disks, as recorded; one plugged with no record yet (a
             # pre-plug, a kill inside a create) is plugged again, and
@@ -150,7 +171,7 @@ class SandboxManager:
             sandbox.disks = {c.disk_serial for c in containers}
             for c in containers:
                 if c.state == RUNNING:
-                    self._follow(c)
+                    self._follow(pod, c)
             for name in volumes.unbind_unknown(self._shared_dir(vm), [c.id for c in containers]):
                 logger.info("removed volume binds of no container", sandbox=row.id, dir=name)
         root = self.root
@@ -177,15 +198,13 @@ class SandboxManager:
         VMs (in no record) are removed."""
         if self.pool is not None:
             await self.pool.close()
-        for tasks in self._tasks.values():
-            for t in tasks:
-                t.cancel()
-        for t in self._watchers.values():
-            t.cancel()
-        for sandbox in self.sandboxes.values():
-            await sandbox.detach()
-        for logfile in self._logs.values():
-            logfile.close()
+        for pod in self.pods.values():
+            for task in pod.tasks.values():
+                task.close()
+            if pod.watcher is not None:
+                pod.watcher.cancel()
+            if pod.sandbox is not None:
+                await pod.sandbox.detach()
 
     # ------------------------------------------------------------ sandboxes
     async def run_pod(self, spec: PodSpec) -> str:
@@ -226,8 +245,9 @@ class SandboxManager:
         vm = sandbox.vm
         self.state.add_sandbox(SandboxRow(sandbox_id, spec.to_json(), READY, _now(),
                                           _vm_json(vm, network)))
-        self.sandboxes[sandbox_id] = sandbox
-        self._watch_vm(sandbox_id)
+        pod = self._pod(sandbox_id)
+        pod.sandbox = sandbox
+        self._watch_vm(pod)
         logger.info("sandbox started", sandbox=sandbox_id, name=spec.name,
                     vm=vm.id, pid=vm.pid, from_pool=spare is not None,
                     vm_and_network_s=round(t1 - t0, 3), setup_s=round(clock() - t1, 3))
@@ -239,10 +259,11 @@ class SandboxManager:
         """A sandbox VM with its network prepared, restored from the
         template or booted; with a pod config, the pod's network is added
         while the VM starts. On failure nothing of it is left."""
-        vm = QemuVM(self._vm_config(vcpus, memory), vm_id=sandbox_id[:16], root=self.root)
-        vm.config.shares.append(Share(volumes.SHARE_TAG, self._shared_dir(vm)))
+        vm_id = sandbox_id[:16]
         nic = await asyncio.to_thread(self.networks.prepare, sandbox_id, kind)
-        vm.config.nic = nic
+        config = dataclasses.replace(
+            self._vm_config(vcpus, memory), nic=nic,
+            shares=(Share(volumes.SHARE_TAG, self.root / vm_id / volumes.SHARE_DIR),))
         adding = None
         if spec is not None:
             adding = asyncio.create_task(
@@ -250,13 +271,12 @@ class SandboxManager:
         sandbox = None
         try:
             try:
-                template = None
                 if self.templates is not None:  # made on first use of this VM shape
-                    template = await self.templates.get(vm.config, self.root)
+                    template = await self.templates.get(config, self.root)
                     # A spare (no pod yet) keeps the full TCG cache: see clone_config.
-                    vm.config = clone_config(vm.config, template, cache_mib=None if spec is None
-                                             else self.defaults.clone_cache_mib)
-                sandbox = await Sandbox.start(vm, template=template)
+                    config = clone_config(config, template, cache_mib=None if spec is None
+                                          else self.defaults.clone_cache_mib)
+                sandbox = await Sandbox.start(new_vm(config, vm_id, self.root))
             finally:
                 if nic is not None and nic.tap_fd >= 0:
                     os.close(nic.tap_fd)  # QEMU has its own
@@ -319,17 +339,17 @@ class SandboxManager:
             self.pool.start()
 
     @staticmethod
-    def _shared_dir(vm: QemuVM):
+    def _shared_dir(vm: VM):
         return vm.run_dir / volumes.SHARE_DIR
 
-    def _watch_vm(self, sandbox_id: str) -> None:
-        sandbox = self.sandboxes[sandbox_id]
+    def _watch_vm(self, pod: Pod) -> None:
+        sandbox, sandbox_id = pod.sandbox, pod.id
 
         async def watch() -> None:
             hung = await self._monitor(sandbox)
-            if sandbox_id in self.sandboxes:  # not a stop we asked for
-                self._sandbox_gone(sandbox_id, hung or f"VM exited: {sandbox.vm.failure_reason()}")
-                del self.sandboxes[sandbox_id]
+            if pod.sandbox is sandbox:  # not a stop we asked for
+                pod.sandbox = None
+                self._sandbox_gone(pod, hung or f"VM exited: {sandbox.vm.failure_reason()}")
                 # What the VM held goes now, not at the pod's removal: its
                 # network, run directory (sockets, volume binds), the session.
                 await sandbox.agent.close()
@@ -337,7 +357,7 @@ class SandboxManager:
                 if row := self.state.sandbox(sandbox_id):
                     await asyncio.to_thread(self.networks.teardown, sandbox_id, pod_network(row))
 
-        self._watchers[sandbox_id] = asyncio.create_task(watch())
+        pod.watcher = asyncio.create_task(watch())
 
     async def _monitor(self, sandbox: Sandbox) -> str | None:
         """Return once the VM has exited: None if it did of itself, or why
@@ -369,14 +389,20 @@ class SandboxManager:
         finally:
             exited.cancel()
 
-    def _sandbox_gone(self, sandbox_id: str, reason: str) -> None:
-        logger.info("sandbox not ready", sandbox=sandbox_id, reason=reason)
-        self.state.set_sandbox_state(sandbox_id, NOTREADY)
-        for c in self.state.containers(sandbox_id):
+    def _sandbox_gone(self, pod: Pod | str, reason: str) -> None:
+        """The pod's VM is gone (or was never re-attached): its record says
+        so, and so do its containers' records and tasks."""
+        pod_id = pod if isinstance(pod, str) else pod.id
+        logger.info("sandbox not ready", sandbox=pod_id, reason=reason)
+        self.state.set_sandbox_state(pod_id, NOTREADY)
+        tasks = {} if isinstance(pod, str) else pod.tasks
+        for c in self.state.containers(pod_id):
             if c.state in (CREATED, RUNNING):
+                code = 255 if c.state == RUNNING else 0
                 self.state.update_container(c.id, state=EXITED, finished_at=_now(),
-                                            exit_code=255 if c.state == RUNNING else 0,
-                                            reason="VMExited", message=reason)
+                                            exit_code=code, reason="VMExited", message=reason)
+                if task := tasks.get(c.id):
+                    task.ended(code)
 
     def sandbox_row(self, sandbox_id: str) -> SandboxRow:
         row = self.state.sandbox(sandbox_id)
@@ -388,7 +414,8 @@ class SandboxManager:
         row = self.state.sandbox(sandbox_id)
         if row is None:
             return  # stop is idempotent
-        async with self._lock(sandbox_id):
+        pod = self._pod(sandbox_id)
+        async with pod.lock:
             for c in self.state.containers(sandbox_id):
                 if c.state == RUNNING:
                     try:
@@ -398,20 +425,22 @@ class SandboxManager:
                         # the container all the same.
                         logger.warning("container not stopped by the agent", container=c.id,
                                        sandbox=sandbox_id, error=str(exc))
-            sandbox = self.sandboxes.pop(sandbox_id, None)
-            if watcher := self._watchers.pop(sandbox_id, None):
-                watcher.cancel()
+            sandbox, pod.sandbox = pod.sandbox, None
+            if pod.watcher is not None:
+                pod.watcher.cancel()
+                pod.watcher = None
             if sandbox is not None:
                 await sandbox.destroy()
-            self._sandbox_gone(sandbox_id, "sandbox stopped")
+            self._sandbox_gone(pod, "sandbox stopped")
             await asyncio.to_thread(self.networks.teardown, sandbox_id, pod_network(row))
 
     async def remove_pod(self, sandbox_id: str) -> None:
         if self.state.sandbox(sandbox_id) is None:
             return
         await self.stop_pod(sandbox_id)
-        for c in self.state.containers(sandbox_id):
-            self._forget_container(c.id)
+        if pod := self.pods.pop(sandbox_id, None):
+            for cid in list(pod.tasks):
+                pod.close_task(cid)
         self.state.remove_sandbox(sandbox_id)
 
     # ------------------------------------------------------------ containers
@@ -423,7 +452,7 @@ class SandboxManager:
 
     def _running_sandbox(self, sandbox_id: str) -> Sandbox:
         self.sandbox_row(sandbox_id)
-        sandbox = self.sandboxes.get(sandbox_id)
+        sandbox = self.sandbox(sandbox_id)
         if sandbox is None:
             raise Conflict(f"pod sandbox {sandbox_id} is not ready")
         return sandbox
@@ -443,7 +472,7 @@ class SandboxManager:
         container_id = secrets.token_hex(32)
         serial = "img-" + chain_id(image)[:16]
         disk = Disk(self.images.rootfs(image), serial=serial)
-        async with self._lock(sandbox_id):
+        async with self.pods[sandbox_id].lock:
             began = time.monotonic()
             hotplug = serial not in sandbox.disks
             if hotplug:
@@ -498,74 +527,52 @@ class SandboxManager:
         if row.state != CREATED:
             raise Conflict(f"container {container_id} is {row.state}, not created")
         sandbox = self._running_sandbox(row.sandbox_id)
-        self._logs[container_id] = LogFile(self.log_path(row))
         # RUNNING before the start: a program that exits at once is then
         # recorded EXITED by its waiter after, never overwritten by RUNNING.
         self.state.update_container(container_id, state=RUNNING, started_at=_now())
-        self._follow(row)
+        task = self._follow(self.pods[row.sandbox_id], row)
         began = time.monotonic()
         try:
             await sandbox.agent.start_container(container_id)
         except TtrpcError as exc:
-            for task in self._tasks.pop(container_id, []):
-                task.cancel()
             self.state.update_container(container_id, state=EXITED, finished_at=_now(),
                                         exit_code=128, reason="StartError",
                                         message=exc.remote_message)
-            self._end_attached(container_id)
+            task.close()
+            task.ended(128)
             raise
         logger.info("container started", container=container_id, sandbox=row.sandbox_id,
                     start_s=round(time.monotonic() - began, 3))
 
-    def _follow(self, row: ContainerRow) -> None:
+    def _task(self, pod: Pod, row: ContainerRow) -> Task:
+        """The container's task, made on first need (an attach before the
+        start, the start, a re-attach after a daemon restart)."""
+        if (task := pod.tasks.get(row.id)) is None:
+            task = pod.tasks[row.id] = Task(row.id, pod.sandbox.agent, self.log_path(row),
+                                            row.spec.tty)
+        return task
+
+    def _follow(self, pod: Pod, row: ContainerRow) -> Task:
         """Pump the container's output into its log, and record its exit."""
-        sandbox = self.sandboxes[row.sandbox_id]
-        cid = row.id
-        if cid not in self._logs:
-            self._logs[cid] = LogFile(self.log_path(row))
-        logfile = self._logs[cid]
-        tty = row.spec.tty
+        def recorded(code: int) -> None:
+            self.state.update_container(row.id, state=EXITED, finished_at=_now(), exit_code=code,
+                                        reason="Completed" if code == 0 else "Error")
+            logger.info("container exited", container=row.id, exit_code=code)
 
-        async def pump(stream: str) -> None:
-            try:
-                while data := await sandbox.agent.read_stream(stream, cid, "", 65536):
-                    logfile.write(stream, data)
-                    for outlet in list(self._attached.get(cid, [])):
-                        queue = outlet[stream]
-                        if queue.maxsize:  # lossless: the output waits for its reader
-                            await queue.put(data)
-                        elif queue.qsize() >= OUTLET_LIMIT:
-                            self._drop_outlet(cid, outlet)
-                        else:
-                            queue.put_nowait(data)
-            except (ConnectionLost, TtrpcError):
-                pass
-            for outlet in list(self._attached.get(cid, [])):
-                await outlet[stream].put(b"")
-
-        async def waiter() -> None:
-            try:
-                status = await sandbox.agent.wait_process(cid)
-            except (ConnectionLost, TtrpcError):
-                return
-            await asyncio.gather(*pumps, return_exceptions=True)
-            self.state.update_container(cid, state=EXITED, finished_at=_now(),
-                                        exit_code=status.exit_code,
-                                        reason="Completed" if status.exit_code == 0 else "Error")
-            logger.info("container exited", container=cid, exit_code=status.exit_code)
-
-        streams = ["stdout"] if tty else ["stdout", "stderr"]
-        pumps = [asyncio.create_task(pump(s)) for s in streams]
-        self._tasks[cid] = pumps + [asyncio.create_task(waiter())]
+        task = self._task(pod, row)
+        task.follow(recorded)
+        return task
 
     async def stop_container(self, container_id: str, timeout: int) -> None:
         row = self.container_row(container_id)
         if row.state != RUNNING:
             return
-        sandbox = self.sandboxes.get(row.sandbox_id)
-        if sandbox is None:
+        pod = self.pods.get(row.sandbox_id)
+        if pod is None or pod.sandbox is None:
             return
-        waiter = self._tasks.get(container_id, [None])[-1]
+        sandbox = pod.sandbox
+        task = pod.tasks.get(container_id)
+        waiter = task.waiter if task is not None else None
         for signum, wait in ((row.stop_signal, max(timeout, 0)), (signal.SIGKILL, 10)):
             try:
                 await sandbox.agent.signal_process(container_id, "", signum)
@@ -605,10 +612,11 @@ class SandboxManager:
         row = self.state.container(container_id)
         if row is None:
             return  # remove is idempotent
-        sandbox = self.sandboxes.get(row.sandbox_id)
+        pod = self._pod(row.sandbox_id)
         if row.state == RUNNING:
             await self.stop_container(container_id, 0)
-        async with self._lock(row.sandbox_id):
+        async with pod.lock:
+            sandbox = pod.sandbox
             if sandbox is not None:
                 try:
                     await sandbox.agent.remove_container(container_id)
@@ -616,30 +624,10 @@ class SandboxManager:
                     if "not found" not in exc.remote_message:
                         raise
                 volumes.unbind(self._shared_dir(sandbox.vm), container_id)
-            self._forget_container(container_id)
+            pod.close_task(container_id)
             self.state.remove_container(container_id)
             if sandbox is not None:
                 await self._unplug_if_unused(sandbox, row.sandbox_id, row.disk_serial)
-
-    def _drop_outlet(self, container_id: str, outlet: "Outlet") -> None:
-        """An attach session that does not keep up is ended (the log has
-        everything) rather than buffered without bound in the daemon."""
-        self._attached[container_id].remove(outlet)
-        end_outlet(outlet)
-        logger.warning("attach session too slow: ended", container=container_id)
-
-    def _end_attached(self, container_id: str) -> None:
-        """No more output will come: tell attach sessions."""
-        for outlet in self._attached.pop(container_id, []):
-            end_outlet(outlet)
-        self._reserved.pop(container_id, None)
-
-    def _forget_container(self, container_id: str) -> None:
-        self._end_attached(container_id)
-        for task in self._tasks.pop(container_id, []):
-            task.cancel()
-        if logfile := self._logs.pop(container_id, None):
-            logfile.close()
 
     async def update_container(self, container_id: str, resources: Resources) -> None:
         row = self.container_row(container_id)
@@ -654,8 +642,9 @@ class SandboxManager:
         row = self.container_row(container_id)
         if row.state != RUNNING:
             raise Conflict(f"container {container_id} is not running")
-        if logfile := self._logs.get(container_id):
-            logfile.reopen()
+        task = self.pods[row.sandbox_id].tasks.get(container_id)
+        if task is not None and task.log is not None:
+            task.log.reopen()
 
     # ------------------------------------------------------------ streaming
     async def exec(self, container_id: str, cmd: list[str], tty: bool, stdin: bool,
@@ -671,7 +660,7 @@ class SandboxManager:
         eid = "exec-" + secrets.token_hex(8)
         await sandbox.agent.exec_process(container_id, eid, apb.Process(
             args=cmd, terminal=tty, stdin=stdin, console_size=_console(console_size)))
-        return ExecIO(sandbox, container_id, eid)
+        return ExecIO(sandbox.agent, container_id, eid)
 
     async def attach(self, container_id: str, tty: bool, stdin: bool,
                      lossless: bool = False) -> "AttachIO":
@@ -685,28 +674,15 @@ class SandboxManager:
         row = self.container_row(container_id)
         if row.state not in (CREATED, RUNNING):
             raise Conflict(f"container {container_id} is not running")
-        sandbox = self._running_sandbox(row.sandbox_id)
-        if reserved := self._reserved.get(container_id):
-            return AttachIO(self, sandbox, container_id, reserved.pop(0))
-        outlet = new_outlet(lossless)
-        self._attached.setdefault(container_id, []).append(outlet)
-        return AttachIO(self, sandbox, container_id, outlet)
+        self._running_sandbox(row.sandbox_id)
+        task = self._task(self.pods[row.sandbox_id], row)
+        return AttachIO(task, task.attach(lossless))
 
     def reserve_attach(self, container_id: str, ttl: float) -> None:
-        """An attach URL was handed out for a created container: collect its
-        output from now on, so that a client which attaches, starts, and
-        only then gets its stream connected misses nothing. Unclaimed after
-        ttl seconds (the URL expired), the reservation is dropped."""
-        outlet = new_outlet()
-        self._reserved.setdefault(container_id, []).append(outlet)
-        self._attached.setdefault(container_id, []).append(outlet)
-
-        def expire() -> None:
-            if outlet in self._reserved.get(container_id, []):
-                self._reserved[container_id].remove(outlet)
-                self._attached[container_id].remove(outlet)
-
-        asyncio.get_running_loop().call_later(ttl, expire)
+        """See Task.reserve."""
+        row = self.container_row(container_id)
+        self._running_sandbox(row.sandbox_id)
+        self._task(self.pods[row.sandbox_id], row).reserve(ttl)
 
     async def port_forward(self, sandbox_id: str, port: int):
         """A connection to a port of the pod, through its IP (the kubelet's
@@ -724,14 +700,14 @@ class SandboxManager:
         from the previous sample (the CRI's usage_nano_cores)."""
         sandbox = self._running_sandbox(sandbox_id)
         response = await sandbox.agent.stats(container_ids)
+        samples = self.pods[sandbox_id].cpu_samples
         rates = {}
         for item in [response.guest, *response.containers]:
-            key = (sandbox_id, item.container_id)
-            prev = self._cpu_samples.get(key)
+            prev = samples.get(item.container_id)
             if prev and response.timestamp_ns > prev[0]:
                 rates[item.container_id] = int((item.cpu_usage_ns - prev[1]) * 1e9
                                                / (response.timestamp_ns - prev[0]))
-            self._cpu_samples[key] = (response.timestamp_ns, item.cpu_usage_ns)
+            samples[item.container_id] = (response.timestamp_ns, item.cpu_usage_ns)
         return response, rates
 
     async def exec_sync(self, container_id: str, cmd: list[str], timeout: int) -> tuple[bytes, bytes, int]:
@@ -757,89 +733,3 @@ class SandboxManager:
 def _console(size: tuple[int, int] | None) -> "apb.ConsoleSize | None":
     """A tty's size from the start, as the agent takes it."""
     return apb.ConsoleSize(rows=size[0], cols=size[1]) if size else None
-
-
-# An attach session's share of a container's output: one queue per stream
-# (b"" marks its end), so that the stdout and stderr readers never take
-# each other's data. A lossless outlet's queues are bounded: the log pump
-# waits for room in them.
-Outlet = dict[str, asyncio.Queue]
-
-
-def new_outlet(lossless: bool = False) -> Outlet:
-    size = OUTLET_LIMIT if lossless else 0
-    return {"stdout": asyncio.Queue(size), "stderr": asyncio.Queue(size)}
-
-
-def end_outlet(outlet: Outlet) -> None:
-    """Mark the end of an outlet's streams now; a full lossless queue loses
-    its oldest chunk for it (this is a teardown: nobody waits for them)."""
-    for queue in outlet.values():
-        if queue.full():
-            queue.get_nowait()
-        queue.put_nowait(b"")
-
-
-class ExecIO:
-    """An exec'd process, as the streaming server sees it."""
-
-    def __init__(self, sandbox: Sandbox, container_id: str, exec_id: str) -> None:
-        self.agent = sandbox.agent
-        self.cid = container_id
-        self.eid = exec_id
-
-    async def read(self, stream: str) -> bytes:
-        try:
-            return await self.agent.read_stream(stream, self.cid, self.eid, 65536)
-        except TtrpcError:
-            return b""
-
-    async def write(self, data: bytes) -> None:
-        await self.agent.write_stdin(self.cid, self.eid, data)
-
-    async def close_stdin(self) -> None:
-        await self.agent.close_stdin(self.cid, self.eid)
-
-    async def resize(self, rows: int, cols: int) -> None:
-        await self.agent.resize_tty(self.cid, self.eid, rows, cols)
-
-    async def wait(self) -> int:
-        return (await self.agent.wait_process(self.cid, self.eid)).exit_code
-
-
-class AttachIO(ExecIO):
-    """The container's init process, shared with its log pumps."""
-
-    def __init__(self, manager: SandboxManager, sandbox: Sandbox, container_id: str,
-                 outlet: Outlet) -> None:
-        super().__init__(sandbox, container_id, "")
-        self.manager = manager
-        self.outlet = outlet
-        self.ended: set[str] = set()
-
-    async def read(self, stream: str) -> bytes:
-        if stream in self.ended:
-            return b""
-        data = await self.outlet[stream].get()
-        if not data:
-            self.ended.add(stream)
-        return data
-
-    async def wait(self) -> int:
-        try:
-            waiter = self.manager._tasks.get(self.cid, [None])[-1]  # set at start
-            if waiter is not None:
-                await asyncio.shield(waiter)
-            return self.manager.container_row(self.cid).exit_code
-        finally:
-            self.detach()
-
-    def detach(self) -> None:
-        """Take this session's outlet off the log pumps, and empty it: a
-        pump waiting for room in a lossless one goes on, and puts no more."""
-        outlets = self.manager._attached.get(self.cid, [])
-        if self.outlet in outlets:
-            outlets.remove(self.outlet)
-        for queue in self.outlet.values():
-            while not queue.empty():
-                queue.get_nowait()
