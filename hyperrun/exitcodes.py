@@ -7,12 +7,14 @@ CANNOT_INVOKE = 126
 NOT_FOUND = 127
 
 
-def for_start_error(message: str) -> int:
-    """The code for a container whose command could not be run, from the
-    runtime's error message."""
-    text = message.lower()
-    if "no such file" in text or "not found" in text:
-        return NOT_FOUND
-    if "permission denied" in text or "exec format" in text:
-        return CANNOT_INVOKE
+def for_start_error(exc: BaseException) -> int:
+    """The code for a container whose command could not be run: the kind
+    of the agent's error (it says whether the program is missing or cannot
+    be run), else a runtime error."""
+    from hyperrun.channel import frame
+    from hyperrun.channel.ttrpc import TtrpcError
+
+    if isinstance(exc, TtrpcError):
+        return {frame.NOT_FOUND: NOT_FOUND, frame.PERMISSION_DENIED: CANNOT_INVOKE}.get(
+            exc.code, RUNTIME_ERROR)
     return RUNTIME_ERROR

@@ -150,7 +150,7 @@ async def _run_in(sandbox, spec: RunSpec, defaults: ProcessDefaults, root: _Root
                                      readonly_rootfs=spec.readonly)
     except TtrpcError as exc:
         print(f"hyperrun: cannot create container: {exc.remote_message}", file=sys.stderr)
-        return _start_error_code(exc.remote_message)
+        return _start_error_code(exc)
     relay = attach.Relay(agent, cid, stdin=spec.stdin, terminal=spec.terminal)
     relay.start()
     with raw_terminal(enabled=spec.terminal and spec.stdin):
@@ -159,7 +159,7 @@ async def _run_in(sandbox, spec: RunSpec, defaults: ProcessDefaults, root: _Root
         except TtrpcError as exc:
             relay.cancel()
             print(f"hyperrun: cannot start container: {exc.remote_message}", file=sys.stderr)
-            return _start_error_code(exc.remote_message)
+            return _start_error_code(exc)
         attach.forward_signals(agent, cid, terminal=spec.terminal)
         status = await agent.wait_process(cid)
         await relay.drain()

@@ -338,7 +338,8 @@ class Containers:
             raise AgentError(frame.DEADLINE_EXCEEDED, f"crun did not finish in {CRUN_TIMEOUT:.0f}s")
         self.reaper.forget(pid)
         if status.exit_code != 0:
-            raise AgentError(frame.INTERNAL, f"crun failed: {self._crun_error(container)}")
+            message = self._crun_error(container)
+            raise AgentError(_crun_failure_code(message), f"crun failed: {message}")
 
     def _crun_checked(self, container: Container, args: list[str]) -> None:
         self._check_crun(container, self._spawn_crun(container, args, []))
@@ -405,3 +406,15 @@ class Containers:
         shutil.rmtree(container.bundle, ignore_errors=True)
         with self._lock:
             self._containers.pop(container.id, None)
+
+
+def _crun_failure_code(message: str) -> int:
+    """crun's failure as a kind the host acts on (Docker's exit codes 127
+    and 126): the program is missing (NOT_FOUND), or cannot be run
+    (PERMISSION_DENIED). crun reports only the errno's text in its log, so
+    this is the one place that reads it."""
+    if "No such file or directory" in message:
+        return frame.NOT_FOUND
+    if "Permission denied" in message or "Exec format error" in message:
+        return frame.PERMISSION_DENIED
+    return frame.INTERNAL

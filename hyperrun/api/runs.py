@@ -232,7 +232,7 @@ class _Session:
                 if known is None:
                     logger.exception("run failed", sandbox=self.pod)
                 message = known[1] if known else f"internal error: {type(exc).__name__}: {exc}"
-                result = {"error": message, "code": exitcodes.for_start_error(message)}
+                result = {"error": message, "code": exitcodes.for_start_error(exc)}
             await self._end(opts)
             ended = True
         finally:
@@ -257,7 +257,7 @@ class _Session:
         except Exception as exc:
             message = _message(exc)
             raise RunError(f"cannot create container: {message}",
-                           exitcodes.for_start_error(message)) from None
+                           exitcodes.for_start_error(exc)) from None
         if opts.detach:
             await self._start()
             self.detached = True
@@ -503,7 +503,7 @@ class _Session:
         except Exception as exc:
             message = _message(exc)
             raise RunError(f"cannot start container: {message}",
-                           exitcodes.for_start_error(message)) from None
+                           exitcodes.for_start_error(exc)) from None
 
     async def _relay(self, io, tty: bool) -> None:
         """The process runs: tell the CLI, take its input from now on

@@ -17,6 +17,7 @@ import secrets
 import signal
 import time
 
+from hyperrun.channel import frame
 from hyperrun.channel.ttrpc import ConnectionLost, TtrpcError
 from hyperrun.image.imageconfig import Overrides, apply
 from hyperrun.image.service import ImageService, chain_id
@@ -621,7 +622,7 @@ class PodService:
                 try:
                     await sandbox.agent.remove_container(container_id)
                 except TtrpcError as exc:
-                    if "not found" not in exc.remote_message:
+                    if exc.code != frame.NOT_FOUND:  # removed already: fine
                         raise
                 volumes.unbind(self._shared_dir(sandbox.vm), container_id)
             pod.close_task(container_id)
