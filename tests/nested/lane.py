@@ -47,8 +47,10 @@ L1_CPUS = 1
 # max: AMD's SVM with nested paging, which L1's kvm_amd needs. Without
 # 5-level paging: with it, L1's kernel died within minutes of nested
 # guests (a page fault on its per-CPU area right after a VM exit, in
-# __svm_vcpu_run), an outer-TCG matter, not the project's.
-L1_CPU = "max,-la57"
+# __svm_vcpu_run), an outer-TCG matter, not the project's. Without the
+# TSC-deadline timer: with it, L1 once halted for good (HLT, interrupts
+# on, its QEMU using no CPU: the timer's interrupt never came).
+L1_CPU = "max,-la57,-tsc-deadline"
 # One vCPU. With two, both froze for good in 2 of 5 runs (one instruction
 # each, interrupts off: an outer-TCG defect with nested SVM), and with two
 # under single-threaded TCG every IPI one vCPU spins on waited for the
@@ -235,14 +237,18 @@ def stall_report(qmp: Path) -> str:
         return f"(no answer from L1's monitor: {exc})"
 
 
-def frozen_vcpus(qmp: Path, console: threading.Event) -> str:
+def frozen_vcpus(qmp: Path, console: threading.Event, pid: int) -> str:
     """L1's vCPUs as "CPU#0 at RIP ..." when every one of them stood on one
-    instruction with interrupts off, and its console said nothing, for the
-    whole sampling; else "". console is set on each line L1 writes.
+    instruction and its console said nothing for the whole sampling, with
+    interrupts off or with L1's QEMU (pid) using no CPU at all; else "".
+    console is set on each line L1 writes.
 
-    A kernel cannot stay there that long (its soft-lockup watchdog would
-    fire and panic): this is the outer TCG's freeze, not a test's hang."""
+    A kernel cannot stay there that long: with interrupts off its
+    soft-lockup watchdog would fire and panic, and a halted one wakes for
+    its timers (a running lane's L1 is never idle for 20 s). This is the
+    outer TCG's freeze, not a test's hang."""
     samples = []
+    cpu_at_start = _cpu_ticks(pid)
     console.clear()
     for i in range(FROZEN_SAMPLES):
         if i and console.wait(FROZEN_EVERY_S):
@@ -255,9 +261,21 @@ def frozen_vcpus(qmp: Path, console: threading.Event) -> str:
     first = samples[0]
     if not first or any(s != first for s in samples[1:]):
         return ""
-    if any(int(rfl, 16) & 0x200 for _, rfl in first):  # IF set: it can still be woken
-        return ""
-    return ", ".join(f"CPU#{n} at RIP {rip}" for n, (rip, _) in enumerate(first))
+    interrupts_off = not any(int(rfl, 16) & 0x200 for _, rfl in first)
+    if not interrupts_off and _cpu_ticks(pid) != cpu_at_start:
+        return ""  # halted, but woken meanwhile: idle, not frozen
+    return ", ".join(f"CPU#{n} at RIP {rip}" for n, (rip, _) in enumerate(first)) + (
+        " with interrupts off" if interrupts_off else ", halted, its QEMU using no CPU")
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    """User and system time of a process, in clock ticks."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) + int(fields[12])
 
 
 def _watch(argv: list[str], log_path: Path, deadline: float,
@@ -292,11 +310,10 @@ def _watch(argv: list[str], log_path: Path, deadline: float,
                     timed_out = True
                     break
                 where = f", in {report.running[0]}" if report.running else ""
-                report.frozen = frozen_vcpus(qmp, spoke)
+                report.frozen = frozen_vcpus(qmp, spoke, proc.pid)
                 if report.frozen:
-                    print(f"test-kvm: L1 froze{where}: {report.frozen} for "
-                          f"{FROZEN_EVERY_S * (FROZEN_SAMPLES - 1)}s with interrupts off",
-                          flush=True)
+                    print(f"test-kvm: L1 froze{where}: {report.frozen}, for "
+                          f"{FROZEN_EVERY_S * (FROZEN_SAMPLES - 1)}s", flush=True)
                     log.write(f"L1 froze: {report.frozen}\n{stall_report(qmp)}\n")
                     break
                 if time.monotonic() - last_line >= STALL_S:
