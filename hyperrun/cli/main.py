@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _client(args: argparse.Namespace) -> int:
-    from hyperrun import client
+    from hyperrun.cli import client
 
     try:
         if args.command == "pods":
@@ -185,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
             return direct.run(image, rest, None if args.entrypoint is None else [args.entrypoint],
                               args.env, args.workdir, args.user, args.pull, args.platform,
                               _vm_size(args))
-        from hyperrun import client
+        from hyperrun.cli import client
         return client.run(client.RunOptions(
             image=image, args=rest, entrypoint=None if args.entrypoint is None else [args.entrypoint],
             env=args.env, workdir=args.workdir, user=args.user, stdin=args.interactive,
@@ -234,7 +234,7 @@ def _images_service():
 def _pull(args: argparse.Namespace) -> int:
     import asyncio
 
-    from hyperrun import client
+    from hyperrun.cli import client
 
     if (sock := client.daemon_session()) is not None:
         return client.pull(sock, args.image, args.platform, args.quiet)
@@ -257,7 +257,7 @@ def _pull(args: argparse.Namespace) -> int:
 
 def _images(args: argparse.Namespace) -> int:
     """The daemon's images (its store may be another), else this store's."""
-    from hyperrun import client
+    from hyperrun.cli import client
 
     if (sock := client.daemon_session()) is not None:
         rows = client.images(sock)
@@ -271,7 +271,7 @@ def _images(args: argparse.Namespace) -> int:
 
 
 def _rmi(args: argparse.Namespace) -> int:
-    from hyperrun import client
+    from hyperrun.cli import client
     from hyperrun.image.service import ImageError
 
     if (sock := client.daemon_session()) is not None:
@@ -314,7 +314,7 @@ def _bench(argv: list[str]) -> int:
     # The bench builds its images with the tests' helpers: from the source
     # checkout this hyperrun runs from (an editable install), wherever the
     # command is started.
-    checkout = str(Path(__file__).resolve().parent.parent)
+    checkout = str(Path(__file__).resolve().parents[2])
     if checkout not in sys.path and (Path(checkout) / "tests").is_dir():
         sys.path.append(checkout)
     try:
