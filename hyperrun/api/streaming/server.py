@@ -1,47 +1,14 @@
-"""The streaming server: where the CRI's Exec, Attach and PortForward point.
-
-Those three RPCs carry no data. The daemon registers the request here and
-answers with a one-time URL (``http://127.0.0.1:PORT/exec/<token>``); the
-client (crictl, critest, the kubelet proxying ``kubectl exec``) connects to
-that URL and speaks one of the kubelet's streaming protocols, the ones
-``k8s.io/kubelet/pkg/cri/streaming`` serves for containerd and CRI-O:
-
-- **SPDY/3.1** (``Upgrade: SPDY/3.1``), negotiated with
-  ``X-Stream-Protocol-Version``: remote command ``v5``/``v4``/``v3``/``v2``
-  ``.channel.k8s.io`` and ``channel.k8s.io`` (the client opens streams
-  typed ``error``, ``stdin``, ``stdout``, ``stderr``, ``resize``), port
-  forward ``portforward.k8s.io`` (a ``data`` and an ``error`` stream per
-  forwarded connection, with ``port`` and ``requestID`` headers). This is
-  what client-go's ``NewSPDYExecutor`` and ``portforward`` use, so crictl
-  and critest.
-- **WebSocket** with the ``channel.k8s.io`` framing (first byte of each
-  message = channel: 0 stdin, 1 stdout, 2 stderr, 3 error, 4 resize):
-  subprotocols ``v5.channel.k8s.io`` (adds the close signal ``[255, ch]``),
-  ``v4.channel.k8s.io``, ``v4.base64.channel.k8s.io``, ``channel.k8s.io``,
-  ``base64.channel.k8s.io``; port forward over WebSocket as the kubelet
-  (``?port=`` or the request's ports; channel 2i data, 2i+1 error).
-
-The v4/v5 ``error`` stream ends with a JSON ``metav1.Status`` carrying the
-exit code; older versions send only a failure's message.
-
-Containers are reached through :class:`Backend` (the daemon implements it
-over the guest agent). The HTTP request head is parsed here (a loopback
-server with one kind of request); WebSocket framing is the ``websockets``
-library's sans-I/O protocol; SPDY/3 framing and header compression are
-here, as SPDY has no maintained Python implementation.
-"""
+"""The streaming server: tokens, URLs, and the HTTP requests that use them."""
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
-import collections
 import json
 import secrets
 import struct
 import time
 import urllib.parse
-import zlib
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Protocol, Sequence
@@ -52,6 +19,9 @@ from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
 from hyperrun import log
+
+from . import spdy
+from .stream import CHUNK, Inbox, QuietSink, StreamClosed
 
 # ----------------------------------------------------------------- the seam
 
@@ -150,436 +120,7 @@ _WS_CLOSE_SIGNAL = 255
 _PROTOCOL_HEADER = "X-Stream-Protocol-Version"
 _ACCEPTED_HEADER = "X-Accepted-Stream-Protocol-Versions"
 
-# The zlib dictionary of SPDY/3 header blocks (SPDY Protocol draft 3,
-# section 2.6.10.1): length-prefixed words, then a run of common strings.
-_DICTIONARY_WORDS = (
-    "options", "head", "post", "put", "delete", "trace", "accept", "accept-charset",
-    "accept-encoding", "accept-language", "accept-ranges", "age", "allow", "authorization",
-    "cache-control", "connection", "content-base", "content-encoding", "content-language",
-    "content-length", "content-location", "content-md5", "content-range", "content-type",
-    "date", "etag", "expect", "expires", "from", "host", "if-match", "if-modified-since",
-    "if-none-match", "if-range", "if-unmodified-since", "last-modified", "location",
-    "max-forwards", "pragma", "proxy-authenticate", "proxy-authorization", "range", "referer",
-    "retry-after", "server", "te", "trailer", "transfer-encoding", "upgrade", "user-agent",
-    "vary", "via", "warning", "www-authenticate", "method", "get", "status", "200 OK",
-    "version", "HTTP/1.1", "url", "public", "set-cookie", "keep-alive", "origin",
-)
-_DICTIONARY_TAIL = (
-    "100101201202205206300302303304305306307402405406407408409410411412413414415416417"
-    "502504505"
-    "203 Non-Authoritative Information"
-    "204 No Content"
-    "301 Moved Permanently"
-    "400 Bad Request"
-    "401 Unauthorized"
-    "403 Forbidden"
-    "404 Not Found"
-    "500 Internal Server Error"
-    "501 Not Implemented"
-    "503 Service Unavailable"
-    "Jan Feb Mar Apr May Jun Jul Aug Sept Oct Nov Dec 00:00:00 "
-    "Mon, Tue, Wed, Thu, Fri, Sat, Sun, GMT"
-    "chunked,text/html,image/png,image/jpg,image/gif,application/xml,application/xhtml+xml,"
-    "text/plain,text/javascript,public"
-    "privatemax-age=gzip,deflate,sdch"
-    "charset=utf-8charset=iso-8859-1,utf-,*,enq=0."
-)
-SPDY_DICTIONARY = (b"".join(struct.pack(">I", len(w)) + w.encode() for w in _DICTIONARY_WORDS)
-                   + _DICTIONARY_TAIL.encode())
-
-SPDY_VERSION = 3
-SYN_STREAM, SYN_REPLY, RST_STREAM, SETTINGS, PING, GOAWAY, HEADERS, WINDOW_UPDATE = (
-    1, 2, 3, 4, 6, 7, 8, 9)
-FLAG_FIN, FLAG_UNIDIRECTIONAL = 0x01, 0x02
-RST_PROTOCOL_ERROR, RST_INVALID_STREAM, RST_REFUSED_STREAM, RST_CANCEL = 1, 2, 3, 5
-GOAWAY_OK, GOAWAY_PROTOCOL_ERROR = 0, 1
-_INITIAL_WINDOW = 64 * 1024  # SPDY/3's default per-stream window
-_CHUNK = 32 * 1024           # largest DATA frame / WebSocket message we send
-_INBOX_LIMIT = 1 << 20       # stop reading the connection while a stream holds this much
-
 _log = log.get("streaming")
-
-
-class _StreamClosed(ConnectionError):
-    """Writing to a stream or connection that is gone."""
-
-
-# ------------------------------------------------------------------ inboxes
-
-
-class _Inbox:
-    """Bytes received for one stream or channel, read by the application.
-    ``aborted`` tells a reset or a lost connection from a clean end."""
-
-    def __init__(self) -> None:
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._size = 0
-        self._ended = False
-        self._discarding = False
-        self.aborted = False
-        self._readable = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
-
-    def _put(self, data: bytes) -> None:
-        if self._ended or not data:
-            return
-        if self._discarding:
-            self._consumed(len(data))
-            return
-        self._chunks.append(data)
-        self._size += len(data)
-        self._readable.set()
-        if self._size >= _INBOX_LIMIT:
-            self._room.clear()
-
-    def _end(self, aborted: bool = False) -> None:
-        if not self._ended:
-            self._ended = True
-            self.aborted = aborted
-        self._readable.set()
-
-    def discard(self) -> None:
-        """Nobody will read this any more: drop what came and what comes."""
-        self._discarding = True
-        self._chunks.clear()
-        self._size = 0
-        self._room.set()
-
-    async def _wait_room(self) -> None:
-        await self._room.wait()
-
-    def _consumed(self, n: int) -> None:
-        pass
-
-    async def read(self) -> bytes:
-        """Next chunk; ``b""`` at the end."""
-        while not self._chunks:
-            if self._ended:
-                return b""
-            self._readable.clear()
-            await self._readable.wait()
-        data = self._chunks.popleft()
-        self._size -= len(data)
-        if self._size < _INBOX_LIMIT:
-            self._room.set()
-        self._consumed(len(data))
-        return data
-
-
-class _QuietSink:
-    """A client-facing writer for a remote command: once the client is gone,
-    writes are dropped, so the process is still drained and waited for."""
-
-    def __init__(self, sink) -> None:
-        self.sink = sink
-        self.broken = False
-
-    async def write(self, data: bytes) -> None:
-        if not self.broken and data:
-            try:
-                await self.sink.write(data)
-            except (ConnectionError, OSError):
-                self.broken = True
-
-    async def close(self) -> None:
-        if not self.broken:
-            try:
-                await self.sink.close()
-            except (ConnectionError, OSError):
-                self.broken = True
-
-
-# --------------------------------------------------------------------- SPDY
-
-
-def encode_header_block(headers: dict[str, list[str]]) -> bytes:
-    """An uncompressed SPDY/3 name/value block; names lower-case, several
-    values of one name joined by NUL."""
-    out = [struct.pack(">I", len(headers))]
-    for name, values in headers.items():
-        n, v = name.lower().encode(), "\0".join(values).encode()
-        out += [struct.pack(">I", len(n)), n, struct.pack(">I", len(v)), v]
-    return b"".join(out)
-
-
-def decode_header_block(block: bytes) -> dict[str, list[str]]:
-    (count,), pos, headers = struct.unpack_from(">I", block), 4, {}
-    for _ in range(count):
-        (n,) = struct.unpack_from(">I", block, pos)
-        name = block[pos + 4:pos + 4 + n].decode("latin-1").lower()
-        pos += 4 + n
-        (n,) = struct.unpack_from(">I", block, pos)
-        value = block[pos + 4:pos + 4 + n].decode("latin-1")
-        if pos + 4 + n > len(block):
-            raise ValueError("truncated header block")
-        pos += 4 + n
-        headers.setdefault(name, []).extend(value.split("\0"))
-    return headers
-
-
-def control_frame(ftype: int, flags: int, payload: bytes) -> bytes:
-    return struct.pack(">HHI", 0x8000 | SPDY_VERSION, ftype, (flags << 24) | len(payload)) + payload
-
-
-def data_frame(stream_id: int, flags: int, data: bytes) -> bytes:
-    return struct.pack(">II", stream_id & 0x7FFFFFFF, (flags << 24) | len(data)) + data
-
-
-HEADER_BLOCK_MAX = 1 << 20
-
-
-class _SpdyProtocolError(Exception):
-    pass
-
-
-class _SpdyStream(_Inbox):
-    """A client-opened SPDY stream: an inbox for its DATA, a writer for ours."""
-
-    def __init__(self, session: _SpdySession, stream_id: int, headers: dict[str, list[str]],
-                 fin: bool, unidirectional: bool) -> None:
-        super().__init__()
-        self.session = session
-        self.id = stream_id
-        self.headers = headers
-        self.local_closed = unidirectional
-        self.reset_done = False
-        self._unacked = 0
-        if fin:
-            self._end()
-
-    def header(self, name: str) -> str:
-        values = self.headers.get(name.lower())
-        return values[0] if values else ""
-
-    def _consumed(self, n: int) -> None:
-        # Flow control, receiving side: give the window back as the data is
-        # used. (spdystream ignores WINDOW_UPDATE, and never sends one.)
-        self._unacked += n
-        if self._unacked >= _INITIAL_WINDOW // 2 and not self._ended:
-            delta, self._unacked = self._unacked, 0
-            try:
-                self.session._send(control_frame(WINDOW_UPDATE, 0,
-                                                 struct.pack(">II", self.id, delta)))
-            except _StreamClosed:
-                pass
-
-    def reply(self) -> None:
-        self.session._send_headers(SYN_REPLY, self.id, {})
-
-    async def write(self, data: bytes) -> None:
-        for off in range(0, len(data), _CHUNK):
-            if self.local_closed:
-                raise _StreamClosed(f"stream {self.id} is closed")
-            self.session._send(data_frame(self.id, 0, data[off:off + _CHUNK]))
-            await self.session._drain()
-
-    async def close(self) -> None:
-        """Half-close: DATA with FIN."""
-        if self.local_closed:
-            return
-        self.local_closed = True
-        self.session._send(data_frame(self.id, FLAG_FIN, b""))
-        self.session._forget_if_done(self)
-        await self.session._drain()
-
-    def reset(self, status: int = RST_CANCEL) -> None:
-        if self.reset_done:
-            return
-        self.reset_done = self.local_closed = True
-        self._end(aborted=True)
-        self.discard()
-        self.session.streams.pop(self.id, None)
-        try:
-            self.session._send(control_frame(RST_STREAM, 0, struct.pack(">II", self.id, status)))
-        except _StreamClosed:
-            pass
-
-    def _peer_reset(self) -> None:
-        self.reset_done = self.local_closed = True
-        self._end(aborted=True)
-        self._room.set()
-
-
-class _SpdySession:
-    """The server side of a SPDY/3.1 connection (after the HTTP upgrade).
-
-    Send-side flow control is not enforced: spdystream (the Go client in
-    crictl, kubectl and the kubelet) never sends WINDOW_UPDATE, so a sender
-    waiting for one would stall after 64 KiB; the kubelet's server does not
-    wait either. TCP carries the back-pressure."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.streams: dict[int, _SpdyStream] = {}
-        self.accepting = True
-        self.closed = asyncio.Event()       # the client is gone (EOF, error)
-        self._new: asyncio.Queue[_SpdyStream | None] = asyncio.Queue()
-        self._deflate = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, 15, 8,
-                                         zlib.Z_DEFAULT_STRATEGY, SPDY_DICTIONARY)
-        self._inflate = zlib.decompressobj(zdict=SPDY_DICTIONARY)
-        self._last_peer_id = 0
-        self._dead = False
-        self._goaway_sent = False
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._read_loop())
-
-    # ---- writing
-    def _send(self, frame: bytes) -> None:
-        if self._dead or self.writer.is_closing():
-            raise _StreamClosed("connection closed")
-        self.writer.write(frame)
-
-    def _send_headers(self, ftype: int, stream_id: int, headers: dict[str, list[str]],
-                      flags: int = 0) -> None:
-        # Compress and write in one step: the zlib context is shared by all
-        # header blocks of the connection, in the order they go out.
-        block = self._deflate.compress(encode_header_block(headers))
-        block += self._deflate.flush(zlib.Z_SYNC_FLUSH)
-        self._send(control_frame(ftype, flags, struct.pack(">I", stream_id) + block))
-
-    async def _drain(self) -> None:
-        try:
-            await self.writer.drain()
-        except (ConnectionError, OSError) as exc:
-            self._dead = True
-            raise _StreamClosed(str(exc)) from exc
-
-    def _forget_if_done(self, stream: _SpdyStream) -> None:
-        if stream.local_closed and stream._ended:
-            self.streams.pop(stream.id, None)
-
-    # ---- reading
-    async def accept(self, timeout: float | None = None) -> _SpdyStream | None:
-        """The next stream the client opens; None at the end or on timeout."""
-        if self._new.empty() and self.closed.is_set():
-            return None
-        try:
-            return await asyncio.wait_for(self._new.get(), timeout)
-        except asyncio.TimeoutError:
-            return None
-
-    async def _read_loop(self) -> None:
-        try:
-            while True:
-                head = await self.reader.readexactly(8)
-                word, rest = struct.unpack(">II", head)
-                flags, length = rest >> 24, rest & 0xFFFFFF
-                payload = await self.reader.readexactly(length)
-                if word & 0x80000000:
-                    version, ftype = (word >> 16) & 0x7FFF, word & 0xFFFF
-                    if version != SPDY_VERSION:
-                        raise _SpdyProtocolError(f"SPDY version {version}")
-                    await self._on_control(ftype, flags, payload)
-                else:
-                    await self._on_data(word & 0x7FFFFFFF, flags, payload)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            pass
-        except (_SpdyProtocolError, zlib.error, struct.error, ValueError) as exc:
-            _log.warning("spdy protocol error", error=str(exc))
-            try:
-                self._goaway(GOAWAY_PROTOCOL_ERROR)
-            except _StreamClosed:
-                pass
-        finally:
-            self._dead = True
-            for stream in list(self.streams.values()):
-                stream._peer_reset()
-            self.streams.clear()
-            self.closed.set()
-            self._new.put_nowait(None)
-
-    def _headers(self, block: bytes) -> dict[str, list[str]]:
-        # A small block may inflate to a huge one: bounded, as Go's spdy
-        # reader bounds header blocks (a protocol error past the limit).
-        headers = self._inflate.decompress(block, HEADER_BLOCK_MAX)
-        if self._inflate.unconsumed_tail:
-            raise _SpdyProtocolError(f"header block inflates past {HEADER_BLOCK_MAX} bytes")
-        return decode_header_block(headers)
-
-    async def _on_control(self, ftype: int, flags: int, payload: bytes) -> None:
-        if ftype == SYN_STREAM:
-            stream_id, _assoc = struct.unpack_from(">II", payload)
-            stream_id &= 0x7FFFFFFF
-            headers = self._headers(payload[10:])  # always, to keep zlib in step
-            if stream_id % 2 == 0 or stream_id <= self._last_peer_id:
-                self._send(control_frame(RST_STREAM, 0,
-                                         struct.pack(">II", stream_id, RST_PROTOCOL_ERROR)))
-                return
-            self._last_peer_id = stream_id
-            if not self.accepting:
-                self._send(control_frame(RST_STREAM, 0,
-                                         struct.pack(">II", stream_id, RST_REFUSED_STREAM)))
-                return
-            stream = _SpdyStream(self, stream_id, headers, bool(flags & FLAG_FIN),
-                                 bool(flags & FLAG_UNIDIRECTIONAL))
-            self.streams[stream_id] = stream
-            self._new.put_nowait(stream)
-        elif ftype in (SYN_REPLY, HEADERS):
-            (stream_id,) = struct.unpack_from(">I", payload)
-            self._headers(payload[4:])
-            if flags & FLAG_FIN and (stream := self.streams.get(stream_id & 0x7FFFFFFF)):
-                stream._end()
-                self._forget_if_done(stream)
-        elif ftype == RST_STREAM:
-            stream_id, _status = struct.unpack_from(">II", payload)
-            if stream := self.streams.pop(stream_id & 0x7FFFFFFF, None):
-                stream._peer_reset()
-        elif ftype == PING:
-            (ping_id,) = struct.unpack_from(">I", payload)
-            if ping_id % 2 == 1:  # the client's; ours would be even
-                self._send(control_frame(PING, 0, payload[:4]))
-        elif ftype == GOAWAY:
-            self.accepting = False
-        # SETTINGS, WINDOW_UPDATE and unknown types: nothing to do
-
-    async def _on_data(self, stream_id: int, flags: int, data: bytes) -> None:
-        stream = self.streams.get(stream_id)
-        if stream is None:
-            if stream_id > self._last_peer_id:
-                self._send(control_frame(RST_STREAM, 0,
-                                         struct.pack(">II", stream_id, RST_INVALID_STREAM)))
-            return
-        stream._put(data)
-        if flags & FLAG_FIN:
-            stream._end()
-            self._forget_if_done(stream)
-        await stream._wait_room()
-
-    # ---- ending
-    def _goaway(self, status: int = GOAWAY_OK) -> None:
-        if not self._goaway_sent:
-            self._goaway_sent = True
-            self._send(control_frame(GOAWAY, 0, struct.pack(">II", self._last_peer_id, status)))
-
-    async def finish(self, linger: float) -> None:
-        """Half-close every stream, let the client read and hang up (it does
-        once the error stream ends), then close."""
-        self.accepting = False
-        for stream in list(self.streams.values()):
-            stream.discard()
-            try:
-                await stream.close()
-            except _StreamClosed:
-                break
-        try:
-            await asyncio.wait_for(self.closed.wait(), linger)
-        except asyncio.TimeoutError:
-            pass
-        await self.close()
-
-    async def close(self) -> None:
-        try:
-            self._goaway()
-        except _StreamClosed:
-            pass
-        self._dead = True
-        self.writer.close()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
 
 # ---------------------------------------------------------------- WebSocket
@@ -592,7 +133,7 @@ class _WsSession:
     def __init__(self, proto: ServerProtocol, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
         self.proto, self.reader, self.writer = proto, reader, writer
-        self.inboxes: dict[int, _Inbox] = {}
+        self.inboxes: dict[int, Inbox] = {}
         self.closed = asyncio.Event()
         self._fragments: list[bytes] = []
         self._task: asyncio.Task | None = None
@@ -605,8 +146,8 @@ class _WsSession:
     def v5(self) -> bool:
         return (self.proto.subprotocol or "").startswith("v5.")
 
-    def inbox(self, channel: int) -> _Inbox:
-        return self.inboxes.setdefault(channel, _Inbox())
+    def inbox(self, channel: int) -> Inbox:
+        return self.inboxes.setdefault(channel, Inbox())
 
     def sink(self, channel: int) -> _WsSink:
         return _WsSink(self, channel)
@@ -626,7 +167,7 @@ class _WsSession:
         try:
             await self.writer.drain()
         except (ConnectionError, OSError) as exc:
-            raise _StreamClosed(str(exc)) from exc
+            raise StreamClosed(str(exc)) from exc
 
     async def send(self, channel: int, data: bytes) -> None:
         try:
@@ -635,7 +176,7 @@ class _WsSession:
             else:
                 self.proto.send_binary(bytes([channel]) + data)
         except InvalidState as exc:
-            raise _StreamClosed(str(exc)) from exc
+            raise StreamClosed(str(exc)) from exc
         await self.flush()
 
     async def _read_loop(self) -> None:
@@ -655,7 +196,7 @@ class _WsSession:
             pass
         finally:
             for inbox in self.inboxes.values():
-                inbox._end(aborted=True)
+                inbox.end(aborted=True)
             self.closed.set()
 
     async def _on_frame(self, frame) -> None:
@@ -670,7 +211,7 @@ class _WsSession:
             return
         if self.v5 and message[0] == _WS_CLOSE_SIGNAL:
             if len(message) > 1 and (inbox := self.inboxes.get(message[1])):
-                inbox._end()
+                inbox.end()
             return
         channel, payload = message[0], message[1:]
         if self.base64:
@@ -681,8 +222,8 @@ class _WsSession:
                 _log.warning("bad base64 websocket message", channel=channel)
                 return
         if inbox := self.inboxes.get(channel):
-            inbox._put(payload)
-            await inbox._wait_room()
+            inbox.put(payload)
+            await inbox.wait_room()
 
     async def finish(self, linger: float) -> None:
         """Close with 1000 and wait (a while) for the client's close."""
@@ -692,7 +233,7 @@ class _WsSession:
             self.proto.send_close(1000)
             await self.flush()
             await asyncio.wait_for(self.closed.wait(), linger)
-        except (InvalidState, _StreamClosed, asyncio.TimeoutError):
+        except (InvalidState, StreamClosed, asyncio.TimeoutError):
             pass
         await self.close()
 
@@ -708,8 +249,8 @@ class _WsSink:
         self.session, self.channel = session, channel
 
     async def write(self, data: bytes) -> None:
-        for off in range(0, len(data), _CHUNK):
-            await self.session.send(self.channel, data[off:off + _CHUNK])
+        for off in range(0, len(data), CHUNK):
+            await self.session.send(self.channel, data[off:off + CHUNK])
 
     async def close(self) -> None:
         pass  # no per-channel end from the server in channel.k8s.io
@@ -750,10 +291,10 @@ class _Channels:
     """The client's side of one remote command, whatever the transport."""
     error: object                  # sink: the status goes here
     json_status: bool              # v4+: JSON metav1.Status; else a failure's text
-    stdin: _Inbox | None = None
+    stdin: Inbox | None = None
     stdout: object | None = None   # sinks: write(bytes), close()
     stderr: object | None = None
-    resize: _Inbox | None = None
+    resize: Inbox | None = None
 
 
 # -------------------------------------------------------------------- server
@@ -970,7 +511,7 @@ class StreamingServer:
             return await respond(400, "unable to upgrade: missing upgrade headers in request\n")
         await respond(101, headers=[("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"),
                                     (_PROTOCOL_HEADER, protocol)])
-        session = _SpdySession(reader, writer)
+        session = spdy.Connection(reader, writer)
         session.start()
         try:
             if kind == "portforward":
@@ -983,12 +524,12 @@ class StreamingServer:
 
     # ---- remote command over SPDY
     async def _spdy_remote_command(self, kind: str, info, protocol: str,
-                                   session: _SpdySession) -> None:
+                                   session: spdy.Connection) -> None:
         version = 1 if protocol == "channel.k8s.io" else int(protocol[1])
         kinds = {"error", "stdin", "stdout", "stderr"} | ({"resize"} if version >= 3 else set())
         expected = (1 + info.stdin + info.stdout + info.stderr
                     + (1 if info.tty and version >= 3 else 0))
-        streams: dict[str, _SpdyStream] = {}
+        streams: dict[str, spdy.Stream] = {}
         received = 0
         deadline = asyncio.get_running_loop().time() + self.stream_creation_timeout
         while received < expected:
@@ -1008,7 +549,7 @@ class StreamingServer:
         session.accepting = False
         if "error" not in streams:
             return
-        quiet = {k: _QuietSink(s) for k, s in streams.items() if k in ("error", "stdout", "stderr")}
+        quiet = {k: QuietSink(s) for k, s in streams.items() if k in ("error", "stdout", "stderr")}
         channels = _Channels(error=quiet["error"], json_status=version >= 4,
                              stdin=streams.get("stdin") if info.stdin else None,
                              stdout=quiet.get("stdout") if info.stdout else None,
@@ -1021,8 +562,8 @@ class StreamingServer:
 
     # ---- port forward over SPDY
     async def _spdy_port_forward(self, info: PortForwardRequestInfo,
-                                 session: _SpdySession) -> None:
-        pairs: dict[str, dict[str, _SpdyStream]] = {}  # request id → streams so far
+                                 session: spdy.Connection) -> None:
+        pairs: dict[str, dict[str, spdy.Stream]] = {}  # request id → streams so far
         timers: dict[str, asyncio.Task] = {}
         tasks: set[asyncio.Task] = set()
 
@@ -1031,9 +572,9 @@ class StreamingServer:
             timers.pop(request_id, None)
             pair = pairs.pop(request_id, {})
             if error := pair.get("error"):
-                await _QuietSink(error).write(
+                await QuietSink(error).write(
                     f"timed out waiting for streams of request {request_id}".encode())
-                await _QuietSink(error).close()
+                await QuietSink(error).close()
             if data := pair.get("data"):
                 data.reset()
 
@@ -1062,7 +603,7 @@ class StreamingServer:
                 if stype in pair:
                     stream.reset()
                     if error := pair.get("error"):
-                        await _QuietSink(error).write(
+                        await QuietSink(error).write(
                             f"error processing stream for request {request_id}: "
                             f"{stype} stream already assigned".encode())
                     continue
@@ -1126,12 +667,12 @@ class StreamingServer:
 
     async def _ws_remote_command(self, kind: str, info, session: _WsSession) -> None:
         channels = _Channels(
-            error=_QuietSink(session.sink(ERROR)),
+            error=QuietSink(session.sink(ERROR)),
             json_status=session.proto.subprotocol in ("v5.channel.k8s.io", "v4.channel.k8s.io",
                                                       "v4.base64.channel.k8s.io"),
             stdin=session.inbox(STDIN) if info.stdin else None,
-            stdout=_QuietSink(session.sink(STDOUT)) if info.stdout else None,
-            stderr=_QuietSink(session.sink(STDERR)) if info.stderr and not info.tty else None,
+            stdout=QuietSink(session.sink(STDOUT)) if info.stdout else None,
+            stderr=QuietSink(session.sink(STDERR)) if info.stderr and not info.tty else None,
             resize=session.inbox(RESIZE) if info.tty else None)
         # As the kubelet: an empty message on the lowest writable channel
         # tells the client the streams are ready.
@@ -1185,7 +726,7 @@ class StreamingServer:
                 if sink is not None:
                     await sink.close()
 
-        async def pump_stdin(inbox: _Inbox) -> None:
+        async def pump_stdin(inbox: Inbox) -> None:
             try:
                 while data := await inbox.read():
                     await proc.write(data)
@@ -1196,7 +737,7 @@ class StreamingServer:
             except Exception as exc:
                 _log.info("closing stdin failed", error=str(exc))
 
-        async def pump_resize(inbox: _Inbox) -> None:
+        async def pump_resize(inbox: Inbox) -> None:
             decoder, buffer = json.JSONDecoder(), ""
             while data := await inbox.read():
                 buffer += data.decode("utf-8", "replace")
@@ -1244,7 +785,7 @@ class StreamingServer:
             status = _status_success()  # an attach reports no exit code, as the kubelet's
         await send_status(status)
 
-    async def _forward(self, sandbox_id: str, port: int, source: _Inbox, sink, error_sink) -> None:
+    async def _forward(self, sandbox_id: str, port: int, source: Inbox, sink, error_sink) -> None:
         """One forwarded connection: the client's data stream to and from
         the port in the sandbox; a failure's message on the error stream."""
         message = ""
@@ -1263,7 +804,7 @@ class StreamingServer:
                     writer.write_eof()
 
             async def downstream() -> None:  # pod → client
-                while data := await reader.read(_CHUNK):
+                while data := await reader.read(CHUNK):
                     await sink.write(data)
                 await sink.close()
 
@@ -1278,7 +819,7 @@ class StreamingServer:
                 for task in (up, down):
                     if task.done() and not task.cancelled() and task.exception() is not None:
                         exc = task.exception()
-                        if not isinstance(exc, _StreamClosed):  # not the client hanging up
+                        if not isinstance(exc, StreamClosed):  # not the client hanging up
                             message = message or str(exc) or type(exc).__name__
             finally:
                 for task in (up, down):
@@ -1288,15 +829,15 @@ class StreamingServer:
         finally:
             if message:
                 _log.info("port forward failed", sandbox=sandbox_id, port=port, error=message)
-                await _QuietSink(error_sink).write(
+                await QuietSink(error_sink).write(
                     f"error forwarding port {port} to pod {sandbox_id}: {message}".encode())
-            await _QuietSink(error_sink).close()
-            await _QuietSink(sink).close()
+            await QuietSink(error_sink).close()
+            await QuietSink(sink).close()
 
 
 async def _ws_hello(session: _WsSession, info) -> None:
     channel = STDOUT if info.stdout else STDERR if info.stderr else ERROR
     try:
         await session.send(channel, b"")
-    except _StreamClosed:
+    except StreamClosed:
         pass
