@@ -29,8 +29,9 @@ over the guest agent). The package is shaped as the kubelet's
 ``pkg/kubelet/cri/streaming``: ``server`` (tokens, URLs, the HTTP request
 head, parsed by hand: a loopback server with one kind of request),
 ``spdy`` (SPDY/3.1 framing and connections, written here: SPDY has no
-maintained Python implementation), ``stream`` (what a stream of either
-transport is).
+maintained Python implementation), ``websocket`` (the channel.k8s.io
+framing over the ``websockets`` library's sans-I/O protocol), ``stream``
+(what a stream of either transport is).
 """
 from .server import (AttachRequestInfo, ExecRequestInfo, InvalidRequest, PortForwardRequestInfo,
                      StreamingServer, TooManyRequests)

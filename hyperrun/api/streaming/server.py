@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import secrets
 import struct
@@ -13,14 +11,9 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Protocol, Sequence
 
-from websockets.exceptions import InvalidState, NegotiationError
-from websockets.frames import Opcode
-from websockets.protocol import State as WsState
-from websockets.server import ServerProtocol
-
 from hyperrun import log
 
-from . import spdy
+from . import spdy, websocket
 from .stream import CHUNK, Inbox, QuietSink, StreamClosed
 
 # ----------------------------------------------------------------- the seam
@@ -115,145 +108,10 @@ PORT_FORWARD_PROTOCOLS = ("portforward.k8s.io",)
 _WS_REMOTE_COMMAND = ("v5.channel.k8s.io", "v4.channel.k8s.io", "v4.base64.channel.k8s.io",
                       "channel.k8s.io", "base64.channel.k8s.io")
 _WS_PORT_FORWARD = ("v4.channel.k8s.io", "v4.base64.channel.k8s.io")
-STDIN, STDOUT, STDERR, ERROR, RESIZE = 0, 1, 2, 3, 4
-_WS_CLOSE_SIGNAL = 255
 _PROTOCOL_HEADER = "X-Stream-Protocol-Version"
 _ACCEPTED_HEADER = "X-Accepted-Stream-Protocol-Versions"
 
 _log = log.get("streaming")
-
-
-# ---------------------------------------------------------------- WebSocket
-
-
-class _WsSession:
-    """A server WebSocket in the channel.k8s.io framing, over the
-    ``websockets`` sans-I/O protocol."""
-
-    def __init__(self, proto: ServerProtocol, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
-        self.proto, self.reader, self.writer = proto, reader, writer
-        self.inboxes: dict[int, Inbox] = {}
-        self.closed = asyncio.Event()
-        self._fragments: list[bytes] = []
-        self._task: asyncio.Task | None = None
-
-    @property
-    def base64(self) -> bool:
-        return "base64" in (self.proto.subprotocol or "")
-
-    @property
-    def v5(self) -> bool:
-        return (self.proto.subprotocol or "").startswith("v5.")
-
-    def inbox(self, channel: int) -> Inbox:
-        return self.inboxes.setdefault(channel, Inbox())
-
-    def sink(self, channel: int) -> _WsSink:
-        return _WsSink(self, channel)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._read_loop())
-
-    async def flush(self) -> None:
-        for chunk in self.proto.data_to_send():
-            if chunk:
-                self.writer.write(chunk)
-            elif self.writer.can_write_eof() and not self.writer.is_closing():
-                try:
-                    self.writer.write_eof()
-                except OSError:
-                    pass
-        try:
-            await self.writer.drain()
-        except (ConnectionError, OSError) as exc:
-            raise StreamClosed(str(exc)) from exc
-
-    async def send(self, channel: int, data: bytes) -> None:
-        try:
-            if self.base64:
-                self.proto.send_text(bytes([0x30 + channel]) + base64.b64encode(data))
-            else:
-                self.proto.send_binary(bytes([channel]) + data)
-        except InvalidState as exc:
-            raise StreamClosed(str(exc)) from exc
-        await self.flush()
-
-    async def _read_loop(self) -> None:
-        try:
-            while True:
-                data = await self.reader.read(65536)
-                if data:
-                    self.proto.receive_data(data)
-                else:
-                    self.proto.receive_eof()
-                for frame in self.proto.events_received():
-                    await self._on_frame(frame)
-                await self.flush()
-                if not data or self.proto.state is WsState.CLOSED:
-                    break
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            for inbox in self.inboxes.values():
-                inbox.end(aborted=True)
-            self.closed.set()
-
-    async def _on_frame(self, frame) -> None:
-        if frame.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
-            self._fragments.append(bytes(frame.data))
-            if frame.fin:
-                message, self._fragments = b"".join(self._fragments), []
-                await self._on_message(message)
-
-    async def _on_message(self, message: bytes) -> None:
-        if not message:
-            return
-        if self.v5 and message[0] == _WS_CLOSE_SIGNAL:
-            if len(message) > 1 and (inbox := self.inboxes.get(message[1])):
-                inbox.end()
-            return
-        channel, payload = message[0], message[1:]
-        if self.base64:
-            channel -= 0x30
-            try:
-                payload = base64.b64decode(payload)
-            except (binascii.Error, ValueError):
-                _log.warning("bad base64 websocket message", channel=channel)
-                return
-        if inbox := self.inboxes.get(channel):
-            inbox.put(payload)
-            await inbox.wait_room()
-
-    async def finish(self, linger: float) -> None:
-        """Close with 1000 and wait (a while) for the client's close."""
-        for inbox in self.inboxes.values():
-            inbox.discard()
-        try:
-            self.proto.send_close(1000)
-            await self.flush()
-            await asyncio.wait_for(self.closed.wait(), linger)
-        except (InvalidState, StreamClosed, asyncio.TimeoutError):
-            pass
-        await self.close()
-
-    async def close(self) -> None:
-        self.writer.close()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-
-class _WsSink:
-    def __init__(self, session: _WsSession, channel: int) -> None:
-        self.session, self.channel = session, channel
-
-    async def write(self, data: bytes) -> None:
-        for off in range(0, len(data), CHUNK):
-            await self.session.send(self.channel, data[off:off + CHUNK])
-
-    async def close(self) -> None:
-        pass  # no per-channel end from the server in channel.k8s.io
 
 
 # ------------------------------------------------------------ statuses
@@ -635,52 +493,35 @@ class StreamingServer:
                                                  "(1-65535)\n"))
                 return await writer.drain()
         available = _WS_PORT_FORWARD if kind == "portforward" else _WS_REMOTE_COMMAND
-
-        def select(_proto, offered: Sequence[str]) -> str | None:
-            if not offered:
-                return None  # no subprotocol: binary channel.k8s.io
-            for candidate in offered:  # the client's order, as the kubelet
-                if candidate in available:
-                    return candidate
-            raise NegotiationError(f"requested protocol(s) are not supported: {list(offered)}; "
-                                   f"supports {list(available)}")
-
-        proto = ServerProtocol(subprotocols=list(available), select_subprotocol=select)
-        proto.receive_data(head)
-        events = proto.events_received()
-        session = _WsSession(proto, reader, writer)
-        if not events:  # not a valid handshake request: websockets closes
-            return await session.flush()
-        proto.send_response(proto.accept(events[0]))
-        await session.flush()
-        if proto.state is not WsState.OPEN:
+        conn = await websocket.accept(head, reader, writer, available)
+        if conn is None:
             return
-        session.start()
+        conn.start()
         try:
             if kind == "portforward":
-                await self._ws_port_forward(info, ports, session)
+                await self._ws_port_forward(info, ports, conn)
             else:
-                await self._ws_remote_command(kind, info, session)
-            await session.finish(self.linger)
+                await self._ws_remote_command(kind, info, conn)
+            await conn.finish(self.linger)
         finally:
-            await session.close()
+            await conn.close()
 
-    async def _ws_remote_command(self, kind: str, info, session: _WsSession) -> None:
+    async def _ws_remote_command(self, kind: str, info, session: websocket.Connection) -> None:
         channels = _Channels(
-            error=QuietSink(session.sink(ERROR)),
+            error=QuietSink(session.sink(websocket.ERROR)),
             json_status=session.proto.subprotocol in ("v5.channel.k8s.io", "v4.channel.k8s.io",
                                                       "v4.base64.channel.k8s.io"),
-            stdin=session.inbox(STDIN) if info.stdin else None,
-            stdout=QuietSink(session.sink(STDOUT)) if info.stdout else None,
-            stderr=QuietSink(session.sink(STDERR)) if info.stderr and not info.tty else None,
-            resize=session.inbox(RESIZE) if info.tty else None)
+            stdin=session.inbox(websocket.STDIN) if info.stdin else None,
+            stdout=QuietSink(session.sink(websocket.STDOUT)) if info.stdout else None,
+            stderr=QuietSink(session.sink(websocket.STDERR)) if info.stderr and not info.tty else None,
+            resize=session.inbox(websocket.RESIZE) if info.tty else None)
         # As the kubelet: an empty message on the lowest writable channel
         # tells the client the streams are ready.
         await _ws_hello(session, info)
         await self._run_remote_command(kind, info, channels)
 
     async def _ws_port_forward(self, info: PortForwardRequestInfo, ports: list[int],
-                               session: _WsSession) -> None:
+                               session: websocket.Connection) -> None:
         tasks = []
         for i, port in enumerate(ports):
             data_ch, error_ch = 2 * i, 2 * i + 1
@@ -835,8 +676,8 @@ class StreamingServer:
             await QuietSink(sink).close()
 
 
-async def _ws_hello(session: _WsSession, info) -> None:
-    channel = STDOUT if info.stdout else STDERR if info.stderr else ERROR
+async def _ws_hello(session: websocket.Connection, info) -> None:
+    channel = websocket.STDOUT if info.stdout else websocket.STDERR if info.stderr else websocket.ERROR
     try:
         await session.send(channel, b"")
     except StreamClosed:
