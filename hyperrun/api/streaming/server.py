@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import struct
 import time
@@ -13,31 +12,11 @@ from typing import Protocol, Sequence
 
 from hyperrun import log
 
-from . import spdy, websocket
+from . import remotecommand, spdy, websocket
+from .remotecommand import ProcessIO
 from .stream import CHUNK, Inbox, QuietSink, StreamClosed
 
 # ----------------------------------------------------------------- the seam
-
-
-class ProcessIO(Protocol):
-    """One process's stdio, as an exec or an attach hands it over."""
-
-    async def read(self, stream: str) -> bytes:
-        """Next output of ``"stdout"`` or ``"stderr"``; ``b""`` at its end."""
-
-    async def write(self, data: bytes) -> None:
-        """Feed the process's stdin."""
-
-    async def close_stdin(self) -> None:
-        """The client's stdin ended (for an attach, the backend decides, as
-        a container's ``stdin_once`` does, whether that closes it)."""
-
-    async def resize(self, rows: int, cols: int) -> None:
-        """The client's terminal changed size (tty only)."""
-
-    async def wait(self) -> int:
-        """The exit code (128+N if killed by signal N). Called once, after
-        the output ended; for an attach, to release it (code not reported)."""
 
 
 class Backend(Protocol):
@@ -102,57 +81,12 @@ class TooManyRequests(RuntimeError):
 
 # ------------------------------------------------------ protocol constants
 
-REMOTE_COMMAND_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io", "v3.channel.k8s.io",
-                            "v2.channel.k8s.io", "channel.k8s.io")  # SPDY, best first
 PORT_FORWARD_PROTOCOLS = ("portforward.k8s.io",)
-_WS_REMOTE_COMMAND = ("v5.channel.k8s.io", "v4.channel.k8s.io", "v4.base64.channel.k8s.io",
-                      "channel.k8s.io", "base64.channel.k8s.io")
 _WS_PORT_FORWARD = ("v4.channel.k8s.io", "v4.base64.channel.k8s.io")
 _PROTOCOL_HEADER = "X-Stream-Protocol-Version"
 _ACCEPTED_HEADER = "X-Accepted-Stream-Protocol-Versions"
 
 _log = log.get("streaming")
-
-
-# ------------------------------------------------------------ statuses
-
-
-def _status_success() -> dict:
-    return {"metadata": {}, "status": "Success"}
-
-
-def _status_exit(code: int, cmd: Sequence[str]) -> dict:
-    """metav1.Status for a non-zero exit, as the kubelet's ServeExec writes
-    it (the message in containerd's words)."""
-    return {"metadata": {}, "status": "Failure",
-            "message": ("command terminated with non-zero exit code: error executing command "
-                        f"[{' '.join(cmd)}], exit code {code}"),
-            "reason": "NonZeroExitCode",
-            "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]}}
-
-
-def _status_internal(message: str) -> dict:
-    """apierrors.NewInternalError."""
-    return {"metadata": {}, "status": "Failure",
-            "message": f"Internal error occurred: {message}", "reason": "InternalError",
-            "details": {"causes": [{"message": message}]}, "code": 500}
-
-
-def _exit_code(code: int) -> int:
-    if code < 0:  # killed by signal -code
-        code = 128 - code
-    return code & 0xFF
-
-
-@dataclass
-class _Channels:
-    """The client's side of one remote command, whatever the transport."""
-    error: object                  # sink: the status goes here
-    json_status: bool              # v4+: JSON metav1.Status; else a failure's text
-    stdin: Inbox | None = None
-    stdout: object | None = None   # sinks: write(bytes), close()
-    stderr: object | None = None
-    resize: Inbox | None = None
 
 
 # -------------------------------------------------------------------- server
@@ -346,16 +280,17 @@ class StreamingServer:
         info = self._cache.consume(kind, token)
         if info is None:
             return await respond(404, "404 page not found\n")
-        websocket = (req.get("Upgrade").lower() == "websocket"
-                     and "upgrade" in [t.lower() for t in req.tokens("Connection")])
-        if websocket:
+        upgrade_to_websocket = (req.get("Upgrade").lower() == "websocket"
+                                and "upgrade" in [t.lower() for t in req.tokens("Connection")])
+        if upgrade_to_websocket:
             if req.method != "GET":
                 return await respond(405, "a WebSocket handshake must be a GET\n",
                                      [("Allow", "GET")])
             return await self._serve_websocket(kind, info, head, query, reader, writer)
 
         offered = req.tokens(_PROTOCOL_HEADER)
-        supported = PORT_FORWARD_PROTOCOLS if kind == "portforward" else REMOTE_COMMAND_PROTOCOLS
+        supported = (PORT_FORWARD_PROTOCOLS if kind == "portforward"
+                     else remotecommand.SPDY_PROTOCOLS)
         if not offered:
             return await respond(400, f"unable to upgrade: {_PROTOCOL_HEADER} is required\n")
         protocol = next((p for p in supported if p in offered), None)
@@ -369,54 +304,17 @@ class StreamingServer:
             return await respond(400, "unable to upgrade: missing upgrade headers in request\n")
         await respond(101, headers=[("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"),
                                     (_PROTOCOL_HEADER, protocol)])
-        session = spdy.Connection(reader, writer)
-        session.start()
+        conn = spdy.Connection(reader, writer)
+        conn.start()
         try:
             if kind == "portforward":
-                await self._spdy_port_forward(info, session)  # until the client hangs up
+                await self._spdy_port_forward(info, conn)  # until the client hangs up
             else:
-                await self._spdy_remote_command(kind, info, protocol, session)
-                await session.finish(self.linger)
+                await remotecommand.serve_spdy(self.backend, kind, info, protocol, conn,
+                                               self.stream_creation_timeout)
+                await conn.finish(self.linger)
         finally:
-            await session.close()
-
-    # ---- remote command over SPDY
-    async def _spdy_remote_command(self, kind: str, info, protocol: str,
-                                   session: spdy.Connection) -> None:
-        version = 1 if protocol == "channel.k8s.io" else int(protocol[1])
-        kinds = {"error", "stdin", "stdout", "stderr"} | ({"resize"} if version >= 3 else set())
-        expected = (1 + info.stdin + info.stdout + info.stderr
-                    + (1 if info.tty and version >= 3 else 0))
-        streams: dict[str, spdy.Stream] = {}
-        received = 0
-        deadline = asyncio.get_running_loop().time() + self.stream_creation_timeout
-        while received < expected:
-            stream = await session.accept(deadline - asyncio.get_running_loop().time())
-            if stream is None:
-                if not session.closed.is_set():
-                    _log.warning("timed out waiting for client to create streams", kind=kind)
-                return
-            stream.reply()
-            stype = stream.header("streamType")
-            if stype in kinds:
-                streams[stype] = stream
-                received += 1
-            else:
-                _log.warning("unexpected stream type", stream_type=stype)
-                stream.discard()
-        session.accepting = False
-        if "error" not in streams:
-            return
-        quiet = {k: QuietSink(s) for k, s in streams.items() if k in ("error", "stdout", "stderr")}
-        channels = _Channels(error=quiet["error"], json_status=version >= 4,
-                             stdin=streams.get("stdin") if info.stdin else None,
-                             stdout=quiet.get("stdout") if info.stdout else None,
-                             stderr=quiet.get("stderr") if info.stderr and not info.tty else None,
-                             resize=streams.get("resize") if info.tty else None)
-        for name in ("stdout", "stderr"):
-            if name in streams and getattr(channels, name) is None:
-                await quiet[name].close()  # not wanted: end it at once
-        await self._run_remote_command(kind, info, channels)
+            await conn.close()
 
     # ---- port forward over SPDY
     async def _spdy_port_forward(self, info: PortForwardRequestInfo,
@@ -492,7 +390,8 @@ class StreamingServer:
                 writer.write(_http_response(400, "query parameter \"port\" is required "
                                                  "(1-65535)\n"))
                 return await writer.drain()
-        available = _WS_PORT_FORWARD if kind == "portforward" else _WS_REMOTE_COMMAND
+        available = (_WS_PORT_FORWARD if kind == "portforward"
+                     else remotecommand.WEBSOCKET_PROTOCOLS)
         conn = await websocket.accept(head, reader, writer, available)
         if conn is None:
             return
@@ -501,24 +400,10 @@ class StreamingServer:
             if kind == "portforward":
                 await self._ws_port_forward(info, ports, conn)
             else:
-                await self._ws_remote_command(kind, info, conn)
+                await remotecommand.serve_websocket(self.backend, kind, info, conn)
             await conn.finish(self.linger)
         finally:
             await conn.close()
-
-    async def _ws_remote_command(self, kind: str, info, session: websocket.Connection) -> None:
-        channels = _Channels(
-            error=QuietSink(session.sink(websocket.ERROR)),
-            json_status=session.proto.subprotocol in ("v5.channel.k8s.io", "v4.channel.k8s.io",
-                                                      "v4.base64.channel.k8s.io"),
-            stdin=session.inbox(websocket.STDIN) if info.stdin else None,
-            stdout=QuietSink(session.sink(websocket.STDOUT)) if info.stdout else None,
-            stderr=QuietSink(session.sink(websocket.STDERR)) if info.stderr and not info.tty else None,
-            resize=session.inbox(websocket.RESIZE) if info.tty else None)
-        # As the kubelet: an empty message on the lowest writable channel
-        # tells the client the streams are ready.
-        await _ws_hello(session, info)
-        await self._run_remote_command(kind, info, channels)
 
     async def _ws_port_forward(self, info: PortForwardRequestInfo, ports: list[int],
                                session: websocket.Connection) -> None:
@@ -530,101 +415,6 @@ class StreamingServer:
             tasks.append(self._forward(info.sandbox_id, port, session.inbox(data_ch),
                                        session.sink(data_ch), session.sink(error_ch)))
         await asyncio.gather(*tasks)
-
-    # ---- the transport-independent parts
-    async def _run_remote_command(self, kind: str, info, ch: _Channels) -> None:
-        """Run an exec or attach between the client's channels and the
-        backend; end with the status on the error channel."""
-
-        async def send_status(status: dict) -> None:
-            if ch.json_status:
-                await ch.error.write(json.dumps(status, separators=(",", ":")).encode())
-            elif status["status"] != "Success":
-                await ch.error.write(status["message"].encode())
-            await ch.error.close()
-
-        what = "executing command in" if kind == "exec" else "attaching to"
-        try:
-            if kind == "exec":
-                proc = await self.backend.exec(info.container_id, list(info.cmd), info.tty,
-                                               info.stdin)
-            else:
-                proc = await self.backend.attach(info.container_id, info.tty, info.stdin)
-        except Exception as exc:
-            _log.warning(f"{kind} failed", container=info.container_id, error=str(exc))
-            return await send_status(_status_internal(f"error {what} container: {exc}"))
-
-        failures: list[Exception] = []
-
-        async def pump_out(name: str, sink) -> None:
-            try:
-                while data := await proc.read(name):
-                    if sink is not None:
-                        await sink.write(data)
-            except Exception as exc:
-                failures.append(exc)
-            finally:
-                if sink is not None:
-                    await sink.close()
-
-        async def pump_stdin(inbox: Inbox) -> None:
-            try:
-                while data := await inbox.read():
-                    await proc.write(data)
-            except Exception as exc:
-                _log.info("stdin copy ended", error=str(exc))
-            try:
-                await proc.close_stdin()
-            except Exception as exc:
-                _log.info("closing stdin failed", error=str(exc))
-
-        async def pump_resize(inbox: Inbox) -> None:
-            decoder, buffer = json.JSONDecoder(), ""
-            while data := await inbox.read():
-                buffer += data.decode("utf-8", "replace")
-                while buffer := buffer.lstrip():
-                    try:
-                        event, end = decoder.raw_decode(buffer)
-                    except json.JSONDecodeError:
-                        if len(buffer) > 4096:  # not JSON after all: stop, as the kubelet
-                            return
-                        break
-                    buffer = buffer[end:]
-                    size = {str(k).lower(): v for k, v in event.items()} \
-                        if isinstance(event, dict) else {}
-                    width, height = size.get("width"), size.get("height")
-                    if isinstance(width, int) and isinstance(height, int) and width and height:
-                        try:
-                            await proc.resize(rows=height, cols=width)
-                        except Exception as exc:
-                            _log.info("resize failed", error=str(exc))
-
-        side = []
-        if ch.stdin is not None:
-            side.append(asyncio.create_task(pump_stdin(ch.stdin)))
-        if ch.resize is not None:
-            side.append(asyncio.create_task(pump_resize(ch.resize)))
-        outs = [pump_out("stdout", ch.stdout)]
-        if not info.tty:
-            outs.append(pump_out("stderr", ch.stderr))
-        code = 0
-        try:
-            await asyncio.gather(*outs)
-            try:
-                code = _exit_code(await proc.wait())
-            except Exception as exc:
-                failures.append(exc)
-        finally:
-            for task in side:
-                task.cancel()
-            await asyncio.gather(*side, return_exceptions=True)
-        if failures:
-            status = _status_internal(f"error {what} container: {failures[0]}")
-        elif kind == "exec" and code != 0:
-            status = _status_exit(code, info.cmd)
-        else:
-            status = _status_success()  # an attach reports no exit code, as the kubelet's
-        await send_status(status)
 
     async def _forward(self, sandbox_id: str, port: int, source: Inbox, sink, error_sink) -> None:
         """One forwarded connection: the client's data stream to and from
@@ -676,9 +466,3 @@ class StreamingServer:
             await QuietSink(sink).close()
 
 
-async def _ws_hello(session: websocket.Connection, info) -> None:
-    channel = websocket.STDOUT if info.stdout else websocket.STDERR if info.stderr else websocket.ERROR
-    try:
-        await session.send(channel, b"")
-    except StreamClosed:
-        pass
