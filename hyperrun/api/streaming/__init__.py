@@ -29,6 +29,7 @@ over the guest agent). The package is shaped as the kubelet's
 ``pkg/kubelet/cri/streaming``: ``server`` (tokens, URLs, the HTTP request
 head, parsed by hand: a loopback server with one kind of request),
 ``remotecommand`` (exec and attach over either transport),
+``portforward`` (port forward over either transport),
 ``spdy`` (SPDY/3.1 framing and connections, written here: SPDY has no
 maintained Python implementation), ``websocket`` (the channel.k8s.io
 framing over the ``websockets`` library's sans-I/O protocol), ``stream``

@@ -3,23 +3,23 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import struct
 import time
-import urllib.parse
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Protocol, Sequence
 
 from hyperrun import log
 
-from . import remotecommand, spdy, websocket
+from . import portforward, remotecommand, spdy, websocket
 from .remotecommand import ProcessIO
-from .stream import CHUNK, Inbox, QuietSink, StreamClosed
 
 # ----------------------------------------------------------------- the seam
 
 
 class Backend(Protocol):
+    """How the server reaches containers and pods (the daemon implements it
+    over the guest agent)."""
+
     async def exec(self, container_id: str, cmd: list[str], tty: bool,
                    stdin: bool) -> ProcessIO: ...
 
@@ -79,17 +79,13 @@ class TooManyRequests(RuntimeError):
     """Too many URLs handed out and not used yet (answer RESOURCE_EXHAUSTED)."""
 
 
-# ------------------------------------------------------ protocol constants
+# ------------------------------------------------------------- the server
 
-PORT_FORWARD_PROTOCOLS = ("portforward.k8s.io",)
-_WS_PORT_FORWARD = ("v4.channel.k8s.io", "v4.base64.channel.k8s.io")
+# SPDY's upgrade: the client offers subprotocols, the server names its choice.
 _PROTOCOL_HEADER = "X-Stream-Protocol-Version"
 _ACCEPTED_HEADER = "X-Accepted-Stream-Protocol-Versions"
 
 _log = log.get("streaming")
-
-
-# -------------------------------------------------------------------- server
 
 
 class _RequestCache:
@@ -164,7 +160,7 @@ def _http_response(status: int, body: str = "", headers: Sequence[tuple[str, str
 
 
 class StreamingServer:
-    """The kubelet-style streaming server (see the module docstring).
+    """The kubelet-style streaming server (see the package docstring).
 
     ``register_*`` return the URL to answer the RPC with; ``start()`` binds
     ``host:port`` (port 0: a free one, see ``base_url``); ``stop()`` closes
@@ -289,7 +285,7 @@ class StreamingServer:
             return await self._serve_websocket(kind, info, head, query, reader, writer)
 
         offered = req.tokens(_PROTOCOL_HEADER)
-        supported = (PORT_FORWARD_PROTOCOLS if kind == "portforward"
+        supported = (portforward.SPDY_PROTOCOLS if kind == "portforward"
                      else remotecommand.SPDY_PROTOCOLS)
         if not offered:
             return await respond(400, f"unable to upgrade: {_PROTOCOL_HEADER} is required\n")
@@ -308,7 +304,9 @@ class StreamingServer:
         conn.start()
         try:
             if kind == "portforward":
-                await self._spdy_port_forward(info, conn)  # until the client hangs up
+                # until the client hangs up
+                await portforward.serve_spdy(self.backend, info, conn,
+                                             self.stream_creation_timeout)
             else:
                 await remotecommand.serve_spdy(self.backend, kind, info, protocol, conn,
                                                self.stream_creation_timeout)
@@ -316,81 +314,18 @@ class StreamingServer:
         finally:
             await conn.close()
 
-    # ---- port forward over SPDY
-    async def _spdy_port_forward(self, info: PortForwardRequestInfo,
-                                 session: spdy.Connection) -> None:
-        pairs: dict[str, dict[str, spdy.Stream]] = {}  # request id → streams so far
-        timers: dict[str, asyncio.Task] = {}
-        tasks: set[asyncio.Task] = set()
-
-        async def expire(request_id: str) -> None:
-            await asyncio.sleep(self.stream_creation_timeout)
-            timers.pop(request_id, None)
-            pair = pairs.pop(request_id, {})
-            if error := pair.get("error"):
-                await QuietSink(error).write(
-                    f"timed out waiting for streams of request {request_id}".encode())
-                await QuietSink(error).close()
-            if data := pair.get("data"):
-                data.reset()
-
-        def spawn(coro) -> asyncio.Task:
-            task = asyncio.create_task(coro)
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            return task
-
-        try:
-            while (stream := await session.accept()) is not None:
-                port_text, stype = stream.header("port"), stream.header("streamType")
-                if (not port_text.isdigit() or not 0 < int(port_text) < 65536
-                        or stype not in ("error", "data")):
-                    _log.warning("port forward stream rejected", port=port_text,
-                                 stream_type=stype)
-                    stream.reset()
-                    continue
-                stream.reply()
-                request_id = stream.header("requestID") or str(
-                    stream.id if stype == "error" else stream.id - 2)  # clients before 1.6
-                if request_id not in pairs:
-                    pairs[request_id] = {}
-                    timers[request_id] = spawn(expire(request_id))
-                pair = pairs[request_id]
-                if stype in pair:
-                    stream.reset()
-                    if error := pair.get("error"):
-                        await QuietSink(error).write(
-                            f"error processing stream for request {request_id}: "
-                            f"{stype} stream already assigned".encode())
-                    continue
-                pair[stype] = stream
-                if len(pair) == 2:
-                    del pairs[request_id]
-                    timers.pop(request_id).cancel()
-                    spawn(self._forward(info.sandbox_id, int(pair["data"].header("port")),
-                                        pair["data"], pair["data"], pair["error"]))
-        finally:
-            for task in list(tasks):
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
     # ---- WebSocket
     async def _serve_websocket(self, kind: str, info, head: bytes, query: str,
                                reader: asyncio.StreamReader,
                                writer: asyncio.StreamWriter) -> None:
-        params = urllib.parse.parse_qs(query)
         ports: list[int] = []
         if kind == "portforward":
             try:
-                ports = [int(p) for v in params.get("port", []) for p in v.split(",")]
-            except ValueError:
-                ports = [0]
-            ports = ports or list(info.ports)
-            if not ports or not all(0 < p < 65536 for p in ports):
-                writer.write(_http_response(400, "query parameter \"port\" is required "
-                                                 "(1-65535)\n"))
+                ports = portforward.websocket_ports(query, info.ports)
+            except ValueError as exc:
+                writer.write(_http_response(400, f"{exc}\n"))
                 return await writer.drain()
-        available = (_WS_PORT_FORWARD if kind == "portforward"
+        available = (portforward.WEBSOCKET_PROTOCOLS if kind == "portforward"
                      else remotecommand.WEBSOCKET_PROTOCOLS)
         conn = await websocket.accept(head, reader, writer, available)
         if conn is None:
@@ -398,71 +333,9 @@ class StreamingServer:
         conn.start()
         try:
             if kind == "portforward":
-                await self._ws_port_forward(info, ports, conn)
+                await portforward.serve_websocket(self.backend, info, ports, conn)
             else:
                 await remotecommand.serve_websocket(self.backend, kind, info, conn)
             await conn.finish(self.linger)
         finally:
             await conn.close()
-
-    async def _ws_port_forward(self, info: PortForwardRequestInfo, ports: list[int],
-                               session: websocket.Connection) -> None:
-        tasks = []
-        for i, port in enumerate(ports):
-            data_ch, error_ch = 2 * i, 2 * i + 1
-            for ch in (data_ch, error_ch):
-                await session.send(ch, struct.pack("<H", port))
-            tasks.append(self._forward(info.sandbox_id, port, session.inbox(data_ch),
-                                       session.sink(data_ch), session.sink(error_ch)))
-        await asyncio.gather(*tasks)
-
-    async def _forward(self, sandbox_id: str, port: int, source: Inbox, sink, error_sink) -> None:
-        """One forwarded connection: the client's data stream to and from
-        the port in the sandbox; a failure's message on the error stream."""
-        message = ""
-        try:
-            try:
-                reader, writer = await self.backend.port_forward(sandbox_id, port)
-            except Exception as exc:
-                message = str(exc)
-                return
-
-            async def upstream() -> None:  # client → pod
-                while data := await source.read():
-                    writer.write(data)
-                    await writer.drain()
-                if not source.aborted and writer.can_write_eof():
-                    writer.write_eof()
-
-            async def downstream() -> None:  # pod → client
-                while data := await reader.read(CHUNK):
-                    await sink.write(data)
-                await sink.close()
-
-            up, down = asyncio.create_task(upstream()), asyncio.create_task(downstream())
-            try:
-                await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
-                if down.done():
-                    # the pod's side ended: give the client a moment to finish
-                    await asyncio.wait({up}, timeout=1.0)
-                elif up.exception() is None and not source.aborted:
-                    await asyncio.wait({down})  # the client is done sending; read the rest
-                for task in (up, down):
-                    if task.done() and not task.cancelled() and task.exception() is not None:
-                        exc = task.exception()
-                        if not isinstance(exc, StreamClosed):  # not the client hanging up
-                            message = message or str(exc) or type(exc).__name__
-            finally:
-                for task in (up, down):
-                    task.cancel()
-                await asyncio.gather(up, down, return_exceptions=True)
-                writer.close()
-        finally:
-            if message:
-                _log.info("port forward failed", sandbox=sandbox_id, port=port, error=message)
-                await QuietSink(error_sink).write(
-                    f"error forwarding port {port} to pod {sandbox_id}: {message}".encode())
-            await QuietSink(error_sink).close()
-            await QuietSink(sink).close()
-
-
