@@ -164,7 +164,7 @@ class StreamingServer:
 
     ``register_*`` return the URL to answer the RPC with; ``start()`` binds
     ``host:port`` (port 0: a free one, see ``base_url``); ``stop()`` closes
-    the listener and ends the sessions in progress."""
+    the listener and ends the connections in progress."""
 
     def __init__(self, backend: Backend, host: str = "127.0.0.1", port: int = 0, *,
                  token_ttl: float = 60.0, max_in_flight: int = 1000,
