@@ -131,9 +131,9 @@ async def _run(spec: RunSpec, vm: VM, process: ProcessDefaults, root: _Root) -> 
 
 
 async def _run_in(sandbox, spec: RunSpec, defaults: ProcessDefaults, root: _Root) -> int:
-    from hyperrun import attach
+    from hyperrun.cli import relay as attach
     from hyperrun.channel.ttrpc import TtrpcError
-    from hyperrun.terminal import raw_terminal, terminal_size
+    from hyperrun.cli.terminal import raw_terminal, terminal_size
     from hyperrun.proto import agent_pb2 as pb
 
     agent = sandbox.agent

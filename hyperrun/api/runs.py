@@ -16,16 +16,17 @@ pods running (a restart re-attaches them), as for every pod.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import os
 import secrets
 import shutil
 import time
 from pathlib import Path
 
 from hyperrun import exitcodes, log, session
-from hyperrun.specs import ContainerSpec, Mount, PodSpec, PortMapping
 from hyperrun.pods.service import RUNNING, NotFound
+from hyperrun.sandbox import logs
+from hyperrun.specs import ContainerSpec, Mount, PodSpec, PortMapping
 from hyperrun.session import (RUN_LABEL, ExecOptions, ListOptions, LogsOptions, NamesOptions,
                               ProtocolError, PullOptions, RunError, RunOptions)
 
@@ -291,65 +292,22 @@ class _Session:
     async def _logs(self, opts: LogsOptions) -> dict:
         """`hyperrun logs`: the container's CRI log file, read here (it is
         root's), each line sent as the stream it came from; with follow,
-        until the container is no longer running, across a rotation (the
-        kubelet's: the file renamed, then ReopenContainerLog)."""
+        until the container is no longer running (sandbox/logs.py)."""
         cid = self._container_id(opts.container)
         path = self.m.log_path(self.m.container_row(cid))
         if not path:
             raise RunError(f"container {opts.container} has no log", 1)
-        try:
-            f = open(path, "rb")
-        except FileNotFoundError:
-            return {"code": 0}  # nothing written yet
-        try:
-            if opts.tail is not None:
-                f.seek(await asyncio.to_thread(tail_offset, f, opts.tail))
-            partial = b""
-            open_lines: set[bytes] = set()  # streams whose last entry was part of a line
-
-            async def send(data: bytes) -> None:
-                nonlocal partial
-                *lines, partial = (partial + data).split(b"\n")
-                for line in lines:
-                    self._send_log_line(line, opts.timestamps, open_lines)
-                await self.flush()
-
-            while not self.client_gone:
-                # Asked before the read: what a container wrote before it
-                # ended is in the file by then.
-                ended = not opts.follow or not self._running(cid)
-                chunk = await asyncio.to_thread(f.read, 65536)
-                if chunk:
-                    await send(chunk)
-                elif ended:
+        running = (lambda: self._running(cid)) if opts.follow else None
+        async with contextlib.aclosing(
+                logs.read(path, opts.tail, opts.timestamps, running)) as outputs:
+            async for output in outputs:
+                if output:
+                    for stream, data in output:
+                        self.send(session.STDOUT if stream == "stdout" else session.STDERR, data)
+                    await self.flush()
+                if self.client_gone:
                     break
-                elif (rotated := _reopened(f, path)) is not None:
-                    # The daemon writes to the new file only, now (its
-                    # reopen runs in this thread): the old one's rest, then
-                    # the new one.
-                    f, old = rotated, f
-                    rest = await asyncio.to_thread(old.read)
-                    old.close()
-                    await send(rest)
-                else:
-                    await asyncio.sleep(0.2)
-        finally:
-            f.close()
         return {"code": 0}
-
-    def _send_log_line(self, line: bytes, timestamps: bool, open_lines: set[bytes]) -> None:
-        """A CRI log entry (TIME STREAM TAG TEXT): TEXT to its stream, with
-        its newline unless the tag says it is part of a longer line; with
-        timestamps, after the TIME of a line's first part, as Docker's -t."""
-        fields = line.split(b" ", 3)
-        if len(fields) != 4:
-            return
-        written, stream, tag, text = fields
-        if timestamps and stream not in open_lines:
-            text = written + b" " + text
-        (open_lines.add if tag == b"P" else open_lines.discard)(stream)
-        self.send(session.STDOUT if stream == b"stdout" else session.STDERR,
-                  text if tag == b"P" else text + b"\n")
 
     def _running(self, cid: str) -> bool:
         try:
@@ -564,42 +522,6 @@ class _Session:
             # The CRI has no "send this signal": a stop sends the container's
             # stop signal (SIGTERM unless the image says otherwise), then SIGKILL.
             asyncio.ensure_future(_quietly(self.m.stop_container(self.cid, 10), "stop"))
-
-
-def _reopened(f, path: str):
-    """The file now at path, open, if it is not f's any more (rotated: a
-    file at path is made only by the daemon's reopen); else None."""
-    try:
-        new = open(path, "rb")
-    except FileNotFoundError:  # renamed, not yet reopened
-        return None
-    if os.fstat(new.fileno()).st_ino == os.fstat(f.fileno()).st_ino:
-        new.close()
-        return None
-    return new
-
-
-def tail_offset(f, entries: int, block: int = 65536) -> int:
-    """Where the last `entries` log entries of f begin (read backwards, a
-    block at a time: a log can be large). An entry still being written,
-    without its newline yet, counts as one."""
-    end = f.seek(0, os.SEEK_END)
-    if entries == 0:
-        return end
-    pos, found = end, 0
-    while pos > 0:
-        start = max(pos - block, 0)
-        f.seek(start)
-        data = f.read(pos - start)
-        # Newlines in this block, from its end; the file's last byte, if a
-        # newline, ends the last entry rather than starting one.
-        at = len(data) - 1 if start + len(data) == end and data.endswith(b"\n") else len(data)
-        while (at := data.rfind(b"\n", 0, at)) >= 0:
-            found += 1
-            if found == entries:
-                return start + at + 1
-        pos = start
-    return 0
 
 
 class _SentProgress:

@@ -118,7 +118,7 @@ exec /bin/sh /mnt/checkout/tests/nested/init.sh
 
 CONSOLE_SCRIPT = f"""#!{VENV}/bin/python
 import sys
-from hyperrun.cli import main
+from hyperrun.cli.main import main
 sys.exit(main())
 """
 
@@ -143,7 +143,7 @@ def install_python(root: Path, logf) -> None:
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: hyperrun\n"
                                    f"Version: {PROJECT['version']}\n")
-    (info / "entry_points.txt").write_text("[console_scripts]\nhyperrun = hyperrun.cli:main\n")
+    (info / "entry_points.txt").write_text("[console_scripts]\nhyperrun = hyperrun.cli.main:main\n")
     (info / "RECORD").write_text("")
     script = root / VENV.lstrip("/") / "bin/hyperrun"
     script.write_text(CONSOLE_SCRIPT)

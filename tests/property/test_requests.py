@@ -5,7 +5,7 @@ request (or a CLI argument) and the VM, called without daemons or VMs.
   -v / CRI mounts            hyperrun.runs.parse_volume
   -u                         hyperrun.runs.check_user
   pod hostname               hyperrun.specs.PodSpec.pod_hostname
-  SPDY header blocks         hyperrun.api.streaming.decode_header_block
+  SPDY header blocks         hyperrun.api.streaming.spdy.decode_header_block
   streaming requests         hyperrun.api.streaming.*RequestInfo.from_cri
 
 Each either gives a well-formed result or raises the typed error its caller
@@ -24,6 +24,7 @@ from hypothesis import example, given, strategies as st
 
 from hyperrun.api import runs
 from hyperrun.api import streaming
+from hyperrun.api.streaming import spdy
 from hyperrun.proto import cri_api_pb2 as cri
 from hyperrun.specs import PodSpec
 
@@ -167,7 +168,7 @@ header_values = st.lists(st.text(alphabet=ascii_, max_size=12), min_size=1, max_
 @given(headers=st.dictionaries(header_name, header_values, max_size=5))
 @counted
 def test_spdy_header_block_round_trip(headers):
-    assert streaming.decode_header_block(streaming.encode_header_block(headers)) == headers
+    assert spdy.decode_header_block(spdy.encode_header_block(headers)) == headers
 
 
 @FUZZ
@@ -181,7 +182,7 @@ def test_spdy_header_block_round_trip(headers):
 def test_spdy_header_block_garbage(block):
     """Garbage ends in the errors the session's reader turns into GOAWAY."""
     try:
-        headers = streaming.decode_header_block(block)
+        headers = spdy.decode_header_block(block)
     except (ValueError, struct.error):
         return
     assert isinstance(headers, dict)

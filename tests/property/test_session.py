@@ -102,7 +102,7 @@ def test_logs_tail_starts_at_the_last_entries(entries, partial, tail, block):
     time."""
     import io
 
-    from hyperrun.api.runs import tail_offset
+    from hyperrun.sandbox.logs import tail_offset
 
     whole = [e + b"\n" for e in entries] + ([partial] if partial else [])
     kept = whole[len(whole) - min(tail, len(whole)):] if tail else []

@@ -13,8 +13,9 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from hyperrun.api.streaming import (SPDY_DICTIONARY, AttachRequestInfo, ExecRequestInfo,
-                                    InvalidRequest, PortForwardRequestInfo, StreamingServer)
+from hyperrun.api.streaming import (AttachRequestInfo, ExecRequestInfo, InvalidRequest,
+                                    PortForwardRequestInfo, StreamingServer)
+from hyperrun.api.streaming.spdy import SPDY_DICTIONARY
 
 # ------------------------------------------------------------ fake backend
 
@@ -561,12 +562,12 @@ def test_spdy_header_blocks_are_bounded_when_inflated():
     """A small compressed block must not inflate without limit in the daemon."""
     import zlib
 
-    from hyperrun.api import streaming
+    from hyperrun.api.streaming import spdy
 
-    session = streaming._SpdySession.__new__(streaming._SpdySession)
-    session._inflate = zlib.decompressobj(zdict=streaming.SPDY_DICTIONARY)
-    deflate = zlib.compressobj(zdict=streaming.SPDY_DICTIONARY)
+    conn = spdy.Connection.__new__(spdy.Connection)
+    conn._inflate = zlib.decompressobj(zdict=spdy.SPDY_DICTIONARY)
+    deflate = zlib.compressobj(zdict=spdy.SPDY_DICTIONARY)
     bomb = deflate.compress(b"\0" * (4 << 20)) + deflate.flush(zlib.Z_SYNC_FLUSH)
     assert len(bomb) < 8192
-    with pytest.raises(streaming._SpdyProtocolError, match="inflates past"):
-        session._headers(bomb)
+    with pytest.raises(spdy.ProtocolError, match="inflates past"):
+        conn._headers(bomb)

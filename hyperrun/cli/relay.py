@@ -15,7 +15,7 @@ import sys
 import threading
 
 from hyperrun.channel.agent import AgentClient
-from hyperrun.terminal import terminal_size
+from hyperrun.cli.terminal import terminal_size
 
 CHUNK = 65536
 # Signals `hyperrun run` passes on to the container, as `docker run` does.

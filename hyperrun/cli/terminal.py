@@ -1,6 +1,6 @@
 """The local terminal: raw mode and window size, for `run -t` and `exec -t`
 (a module of its own: the CLI's client path must not import asyncio and
-the agent client, which the embedded path's attach.py needs)."""
+the agent client, which relay.py needs for `run --rootfs`)."""
 from __future__ import annotations
 
 import contextlib

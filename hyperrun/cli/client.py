@@ -214,7 +214,7 @@ def _session(sock, kind: int, opts) -> dict:
     """A session's client: the request (with -t, the terminal's size), then
     output frames until EXIT, whose content it returns."""
     if opts.tty:
-        from hyperrun.terminal import terminal_size
+        from hyperrun.cli.terminal import terminal_size
 
         opts.console = terminal_size()
     import contextlib
@@ -301,7 +301,7 @@ def _attach(opts: RunOptions | ExecOptions, send, stack) -> None:
     import signal
     import threading
 
-    from hyperrun.terminal import raw_terminal, terminal_size
+    from hyperrun.cli.terminal import raw_terminal, terminal_size
 
     if opts.tty:
         def send_size(*_):

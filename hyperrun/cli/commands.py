@@ -1,0 +1,192 @@
+"""The commands: each takes its parsed arguments and returns the exit code."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def by_daemon(args: argparse.Namespace) -> int:
+    """pods, ps, stats, exec, logs, stop and rm: what only a daemon does."""
+    from hyperrun.cli import client
+
+    try:
+        if args.command == "pods":
+            return client.pods()
+        if args.command == "ps":
+            return client.ps(args.all)
+        if args.command == "stats":
+            return client.stats()
+        if args.command == "exec":
+            cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+            return client.exec_(args.container, cmd, args.interactive, args.tty)
+        if args.command == "logs":
+            return client.logs(args.container, args.follow, args.tail, args.timestamps)
+        if args.command == "stop":
+            return client.stop(args.containers, args.time)
+        return client.rm(args.containers)
+    except client.NoDaemon as exc:
+        return _fail(str(exc))
+
+
+def _fail(message: str) -> int:
+    print(f"hyperrun: {message}", file=sys.stderr)
+    return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    """IMAGE runs go through the CRI services (the daemon's, or the same in
+    this process); --rootfs DIR, which no image describes, boots a VM for
+    that directory directly (hyperrun/run.py)."""
+    rest = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if args.rootfs is None:
+        if not rest:
+            print("hyperrun run: give an IMAGE, or --rootfs DIR", file=sys.stderr)
+            return 125
+        image, rest = rest[0], rest[1:]
+        rest = rest[1:] if rest[:1] == ["--"] else rest
+        if args.direct:
+            from hyperrun import direct
+            return direct.run(image, rest, None if args.entrypoint is None else [args.entrypoint],
+                              args.env, args.workdir, args.user, args.pull, args.platform,
+                              _vm_size(args))
+        from hyperrun.cli import client
+        return client.run(client.RunOptions(
+            image=image, args=rest, entrypoint=None if args.entrypoint is None else [args.entrypoint],
+            env=args.env, workdir=args.workdir, user=args.user, stdin=args.interactive,
+            tty=args.tty, hostname=args.hostname, readonly=args.read_only, volumes=args.volume,
+            platform=args.platform, pull=args.pull, cpus=args.cpus, memory_mib=args.memory,
+            remove=args.rm, detach=args.detach, ports=args.publish, network=args.network))
+    if args.detach or args.volume or args.publish:
+        return _fail("-d, -p and -v need an IMAGE (--rootfs DIR runs that directory directly)")
+    from hyperrun.run import RunSpec, execute
+    from hyperrun.sandbox.config import SandboxConfig
+
+    for item in args.env:
+        if "=" not in item:
+            print(f"hyperrun run: -e {item!r}: expected KEY=VALUE", file=sys.stderr)
+            return 125
+    spec = RunSpec(args=rest, rootfs=args.rootfs, env=args.env, workdir=args.workdir,
+                   entrypoint=None if args.entrypoint is None else [args.entrypoint],
+                   user=args.user, stdin=args.interactive, terminal=args.tty,
+                   hostname=args.hostname, readonly=args.read_only,
+                   template=args.template or _config_template(),
+                   sandbox=SandboxConfig(machine=args.machine, **_vm_size(args)))
+    try:
+        return execute(spec)
+    except KeyboardInterrupt:  # before the container ran; the VM is gone with us
+        return 130
+
+
+def _vm_size(args: argparse.Namespace) -> dict:
+    """--cpus/--memory as SandboxConfig keywords, where given."""
+    return {k: v for k, v in (("vcpus", args.cpus), ("memory_mib", args.memory)) if v is not None}
+
+
+def _config_template() -> bool:
+    from hyperrun import config
+    try:
+        return config.load().template
+    except config.ConfigError:
+        return False
+
+
+def _images_service():
+    from hyperrun.image.service import ImageService
+    return ImageService()
+
+
+def pull(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from hyperrun.cli import client
+
+    if (sock := client.daemon_session()) is not None:
+        return client.pull(sock, args.image, args.platform, args.quiet)
+
+    from hyperrun.image.distribution import PullError
+    from hyperrun.image.reference import InvalidReference
+    from hyperrun.image.service import ImageError
+
+    service = _images_service()
+    try:
+        image = asyncio.run(service.pull(args.image, platform=args.platform,
+                                         progress=not args.quiet and sys.stderr.isatty()))
+    except (PullError, InvalidReference, ImageError) as exc:
+        return _fail(str(exc))
+    finally:
+        service.close()
+    print(f"Digest: {image.digest}" if not args.quiet else image.digest)
+    return 0
+
+
+def images(args: argparse.Namespace) -> int:
+    """The daemon's images (its store may be another), else this store's."""
+    from hyperrun.cli import client
+
+    if (sock := client.daemon_session()) is not None:
+        rows = client.images(sock)
+    else:
+        service = _images_service()
+        try:
+            rows = service.listing()
+        finally:
+            service.close()
+    return client.table([("REPOSITORY", "TAG", "DIGEST", "IMAGE ID", "SIZE"), *rows])
+
+
+def rmi(args: argparse.Namespace) -> int:
+    from hyperrun.cli import client
+    from hyperrun.image.service import ImageError
+
+    if (sock := client.daemon_session()) is not None:
+        return client.rmi(sock, args.images)
+    service = _images_service()
+    status = 0
+    for name in args.images:
+        try:
+            for line in service.remove(name):
+                print(line)
+        except ImageError as exc:
+            status = _fail(str(exc))
+    service.close()
+    return status
+
+
+def load(args: argparse.Namespace) -> int:
+    from hyperrun.image.archive import load
+    from hyperrun.image.service import ImageError
+
+    service = _images_service()
+    try:
+        for line in load(service, args.input):
+            print(line)
+    except ImageError as exc:
+        return _fail(str(exc))
+    finally:
+        service.close()
+    return 0
+
+
+def daemon(args: argparse.Namespace) -> int:
+    from hyperrun.api.server import NetworkOptions, main
+    return main(args.socket, NetworkOptions(
+        args.network, args.cni_conf_dir,
+        args.cni_bin_dir.split(":") if args.cni_bin_dir else None), args.group, args.pool_size)
+
+
+def bench(argv: list[str]) -> int:
+    from hyperrun import bench
+
+    bench.main(argv, prog="hyperrun bench")
+    return 0
+
+
+def check(args: argparse.Namespace) -> int:
+    from hyperrun import check
+    return check.main()
+
+
+def version(args: argparse.Namespace) -> int:
+    from importlib.metadata import version
+    print(f"hyperrun {version('hyperrun')}")
+    return 0
