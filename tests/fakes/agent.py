@@ -212,17 +212,31 @@ class FakeAgentService(AgentService):
                                 containers=[pb.CgroupStats(container_id=c) for c in ids])
 
 
+class _Session(SocketConnection):
+    """A host's connection; tells the agent of each reply written (the
+    server writes a reply on the thread that handled its request)."""
+
+    def __init__(self, sock: socket.socket, agent: FakeAgent) -> None:
+        super().__init__(sock)
+        self.agent = agent
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.agent._replied()
+
+
 class FakeAgent:
     """One guest's agent, serving on a listening unix socket (the host end
     of a serial channel) from threads, until stop(). hang() makes it stop
-    answering (a guest deadlock): requests are read and never handled."""
+    answering (a guest deadlock): requests are read and never handled.
+    wait_answered() waits for a reply to be on its way to the host."""
 
     WORK_NS = 1_000_000  # of busy time per request handled: see busy_ns
 
     def __init__(self, socket_path: Path) -> None:
         self.containers = FakeContainers()
         self.service = FakeAgentService(self.containers)
-        self.server = Server(SERVICE, {name: (req_type, self._gated(handler))
+        self.server = Server(SERVICE, {name: (req_type, self._gated(name, handler))
                                        for name, (req_type, handler)
                                        in self.service.methods().items()})
         self.busy_ns = 0  # grows while it answers, stands while it hangs or idles
@@ -231,20 +245,39 @@ class FakeAgent:
         self._answering.set()
         self._sessions: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._answered = threading.Condition(self._lock)
+        self.answers: list[tuple[str, str]] = []  # (method, container id), as written
+        self._handled = threading.local()  # this thread's answer, until written
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(socket_path))
         self._listener.listen(4)
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def _gated(self, handler):
+    def _gated(self, method: str, handler):
         def handle(request):
             self._answering.wait()
             if self.stopped:  # the VM ended while this request waited
                 raise ConnectionAbortedError("the VM is gone")
             with self._lock:
                 self.busy_ns += self.WORK_NS
-            return handler(request)
+            response = handler(request)
+            self._handled.answer = (method, getattr(request, "container_id", ""))
+            return response
         return handle
+
+    def _replied(self) -> None:
+        if answer := getattr(self._handled, "answer", None):
+            with self._answered:
+                self.answers.append(answer)
+                self._answered.notify_all()
+
+    def wait_answered(self, method: str, container_id: str, timeout: float) -> bool:
+        """Until a reply to method for that container has been written to
+        the host: anything the agent answers later reaches the host after
+        it. Blocking (asyncio.to_thread)."""
+        with self._answered:
+            return self._answered.wait_for(
+                lambda: (method, container_id) in self.answers, timeout)
 
     def _accept(self) -> None:
         while True:
@@ -261,7 +294,7 @@ class FakeAgent:
 
     def _serve(self, sock: socket.socket) -> None:
         try:
-            self.server.serve(SocketConnection(sock))
+            self.server.serve(_Session(sock, self))
         finally:
             with self._lock:
                 self._sessions.discard(sock)
