@@ -31,7 +31,6 @@ from hyperrun.vm import VMState, cgroup
 from tests.fakes.vm import KILLED, FakeHost, FakeVM
 
 DEADLINE_S = 5.0  # for anything the core does at once: a failure, not a hang
-LINES = "for i in 1 2 3 4 5 6; do read x; echo line$i; done"  # a line per line of input
 PY_USR1 = """\
 import os, signal
 signal.signal(signal.SIGUSR1, lambda *_: os.write(1, b"usr1\\n"))  # unbuffered: handlers nest
@@ -179,6 +178,34 @@ async def exited(service: PodService, pod_id: str, cid: str) -> int:
     return await asyncio.wait_for(service.pods[pod_id].tasks[cid].wait(), DEADLINE_S)
 
 
+def lines(n: int, code: int = 0) -> str:
+    """A script that prints line1..line<n>, one per line of input, then exits."""
+    numbers = " ".join(map(str, range(1, n + 1)))
+    return f"for i in {numbers}; do read x; echo line$i; done; exit {code}"
+
+
+async def watched(core: Core, script: str, lossless: bool):
+    """A started container of script, with two readers attached from its
+    start: watcher, read at once (attached first, it is offered each chunk
+    before slow), and slow, not read until the test says."""
+    service = core.service()
+    pod_id, vm = await core.pod(service)
+    cid = await core.container(service, pod_id, script, stdin=True, start=False)
+    watcher = await service.attach(cid, tty=False, stdin=True)
+    slow = await service.attach(cid, tty=False, stdin=True, lossless=lossless)
+    await service.start_container(cid)
+    return service, pod_id, vm, cid, watcher, slow
+
+
+async def pumped(watcher, numbers) -> None:
+    """Have the container print those lines one at a time, each seen on
+    the watcher's (a reader that keeps up) before the next: the pump has
+    then offered it to every outlet."""
+    for i in numbers:
+        await watcher.write(b"\n")
+        await read_until(watcher, f"line{i}\n".encode())
+
+
 # ---------------------------------------------------------------- pods
 def test_run_pod_launches_a_vm_and_sets_up_its_sandbox(core):
     async def body():
@@ -244,40 +271,32 @@ def test_create_and_start_a_container_its_output_in_the_log_and_attach(core):
     core.run(body)
 
 
-def test_exit_code_is_recorded_after_all_output_and_sets_the_exit_future(core):
+def test_exit_is_recorded_after_all_output_and_sets_the_exit_future(core, monkeypatch):
+    monkeypatch.setattr(task_mod, "OUTLET_LIMIT", 1)
+
     async def body():
-        service = core.service()
-        pod_id, _ = await core.pod(service)
-        cid = await core.container(service, pod_id, "echo last words >&2; exit 3")
+        service, pod_id, vm, cid, watcher, slow = await watched(core, lines(3, 3), lossless=True)
+        await pumped(watcher, [1, 2])  # the pump now waits for room in slow
+        watcher.detach()
+        await slow.write(b"\n")  # line3, left in the pipe; then the exit
+        assert await asyncio.to_thread(vm.agent.wait_answered, "WaitProcess", cid, DEADLINE_S)
+        # The exit reaches the host before line3 is read: the reader's end,
+        # the record and the exit future must still come after it.
+        assert await read_all(slow) == b"line1\nline2\nline3\n"
         assert await exited(service, pod_id, cid) == 3
-        # At the future's setting the record and the log are complete.
         row = service.container_row(cid)
         assert (row.state, row.exit_code, row.reason) == ("exited", 3, "Error")
         assert row.finished_at >= row.started_at > 0
-        assert core.log() == [("stderr", "F", "last words")]
+        assert [e[2] for e in core.log()] == ["line1", "line2", "line3"]
     core.run(body)
-
-
-async def _pumped(watcher, lines) -> None:
-    """Have the container print those lines one at a time, each seen on
-    the watcher's (a reader that keeps up) before the next: the pump has
-    then offered it to every outlet."""
-    for i in lines:
-        await watcher.write(b"\n")
-        await read_until(watcher, f"line{i}\n".encode())
 
 
 def test_lossless_attach_holds_the_output_for_a_reader_behind(core, monkeypatch):
     monkeypatch.setattr(task_mod, "OUTLET_LIMIT", 2)  # chunks a reader may lag behind
 
     async def body():
-        service = core.service()
-        pod_id, _ = await core.pod(service)
-        cid = await core.container(service, pod_id, LINES, stdin=True, start=False)
-        watcher = await service.attach(cid, tty=False, stdin=True)
-        slow = await service.attach(cid, tty=False, stdin=True, lossless=True)
-        await service.start_container(cid)
-        await _pumped(watcher, [1, 2, 3])  # 3 chunks: one more than slow may hold
+        service, pod_id, _, cid, watcher, slow = await watched(core, lines(6), lossless=True)
+        await pumped(watcher, [1, 2, 3])  # 3 chunks: one more than slow may hold
         watcher.detach()
         for _ in range(3):
             await slow.write(b"\n")
@@ -291,13 +310,9 @@ def test_attach_that_falls_behind_is_ended_and_the_log_has_everything(core, monk
     monkeypatch.setattr(task_mod, "OUTLET_LIMIT", 2)
 
     async def body():
-        service = core.service()
-        pod_id, _ = await core.pod(service)
-        cid = await core.container(service, pod_id, LINES, stdin=True, start=False)
-        watcher = await service.attach(cid, tty=False, stdin=True)
-        slow = await service.attach(cid, tty=False, stdin=False)  # never read until the end
-        await service.start_container(cid)
-        await _pumped(watcher, range(1, 7))
+        # slow is never read until the end
+        service, pod_id, _, cid, watcher, slow = await watched(core, lines(6), lossless=False)
+        await pumped(watcher, range(1, 7))
         assert await exited(service, pod_id, cid) == 0  # the output did not wait for slow
         assert await read_all(slow) == b"line1\nline2\n"  # then it was ended
         assert [e[2] for e in core.log()] == [f"line{i}" for i in range(1, 7)]
@@ -307,12 +322,12 @@ def test_attach_that_falls_behind_is_ended_and_the_log_has_everything(core, monk
 def test_exec_with_stdin_and_exec_sync(core):
     async def body():
         service, pod_id, vm, cid = await core.sleeping()
-        io = await service.exec(cid, ["/bin/sh", "-c", "read x; echo got:$x; echo e >&2; exit 4"],
+        io = await service.exec(cid, ["/bin/sh", "-c", "cat; echo e >&2; exit 4"],
                                 tty=False, stdin=True)
         await io.write(b"hello\n")
-        await io.close_stdin()
+        await io.close_stdin()  # cat's end
         assert await asyncio.gather(read_all(io, "stdout"), read_all(io, "stderr")) == \
-            [b"got:hello\n", b"e\n"]
+            [b"hello\n", b"e\n"]
         assert await io.wait() == 4
         assert await service.exec_sync(cid, ["/bin/sh", "-c", "echo o; echo e >&2; exit 2"], 5) \
             == (b"o\n", b"e\n", 2)
