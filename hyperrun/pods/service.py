@@ -16,6 +16,7 @@ import os
 import secrets
 import signal
 import time
+from collections.abc import Callable
 
 from hyperrun.channel import frame
 from hyperrun.channel.ttrpc import ConnectionLost, TtrpcError
@@ -110,10 +111,13 @@ class PodService:
     def __init__(self, images: ImageService, state: State,
                  defaults: hconfig.SandboxDefaults | None = None, *,
                  root=None, die_with_parent: bool = False,
-                 networks: podnet.PodNetworks | None = None):
+                 networks: podnet.PodNetworks | None = None,
+                 new_vm: Callable[..., VM] = new_vm):
         """root: where the VMs' run directories go (the daemon's by default);
-        die_with_parent: VMs end with this process (embedded mode)."""
+        die_with_parent: VMs end with this process (embedded mode); new_vm:
+        how a VM is made, as vm.new (unit tests pass a fake VM's)."""
         self.root = root or rundir.sandbox_root()
+        self.new_vm = new_vm
         self.networks = networks or podnet.PodNetworks("none")
         self.die_with_parent = die_with_parent
         self.images = images
@@ -151,7 +155,7 @@ class PodService:
                 # network's teardown: finish it (idempotent).
                 await asyncio.to_thread(self.networks.teardown, row.id, pod_network(row))
                 continue
-            vm = new_vm(dataclasses.replace(
+            vm = self.new_vm(dataclasses.replace(
                 self._vm_config(), channel=Channel(vm_info["channel"], vm_info["cid"])),
                 vm_id=vm_info["id"], root=self.root)
             try:
@@ -277,7 +281,7 @@ class PodService:
                     # A spare (no pod yet) keeps the full TCG cache: see clone_config.
                     config = clone_config(config, template, cache_mib=None if spec is None
                                           else self.defaults.clone_cache_mib)
-                sandbox = await Sandbox.start(new_vm(config, vm_id, self.root))
+                sandbox = await Sandbox.start(self.new_vm(config, vm_id, self.root))
             finally:
                 if nic is not None and nic.tap_fd >= 0:
                     os.close(nic.tap_fd)  # QEMU has its own
