@@ -457,12 +457,7 @@ class QemuVM(VM):
 
     async def detach(self) -> None:
         """Let go of QEMU, which runs on (its exit is no longer watched)."""
-        if self.qmp is not None:
-            try:
-                await self.qmp.disconnect()
-            except Exception:
-                pass
-            self.qmp = None
+        await self._disconnect()
         if self._exit_task is not None:
             self._exit_task.cancel()
             self._exit_task = None
@@ -587,14 +582,17 @@ class QemuVM(VM):
         await self.qmp.execute("blockdev-del", {"node-name": f"disk-{serial}"})
         await self._remove_fdsets(f"disk-{serial}")
 
-    async def remove(self) -> None:
-        await self.kill()
+    async def _disconnect(self) -> None:
         if self.qmp is not None:
             try:
                 await self.qmp.disconnect()
             except Exception:
-                pass
+                pass  # a QEMU gone already
             self.qmp = None
+
+    async def remove(self) -> None:
+        await self.kill()
+        await self._disconnect()
         rundir.remove(self.run_dir)
         from . import cgroup
         cgroup.release_vm(self.id)
