@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from hyperrun.api.streaming import (SPDY_DICTIONARY, AttachRequestInfo, ExecRequestInfo,
                                     InvalidRequest, PortForwardRequestInfo, StreamingServer)
+from tests.framework import await_event
 
 # ------------------------------------------------------------ fake backend
 
@@ -71,6 +72,7 @@ class FakeBackend:
         self.procs: list[FakeProcess] = []
         self.calls: list[tuple] = []
         self.echo_port = echo_port
+        self.forward_ended = asyncio.Event()  # the echo server saw a connection end
 
     async def exec(self, container_id, cmd, tty, stdin):
         self.calls.append(("exec", container_id, cmd, tty, stdin))
@@ -94,20 +96,22 @@ class FakeBackend:
         return await asyncio.open_connection("127.0.0.1", self.echo_port)
 
 
-async def echo_server():
+async def echo_server(ended: asyncio.Event):
     async def handle(reader, writer):
         while data := await reader.read(65536):
             writer.write(data.upper())
             await writer.drain()
         writer.close()
+        ended.set()
     return await asyncio.start_server(handle, "127.0.0.1", 0)
 
 
 def run(coro_fn, **server_kw):
     """Run coro_fn(server, backend) against a started server."""
     async def main():
-        echo = await echo_server()
-        backend = FakeBackend(echo.sockets[0].getsockname()[1])
+        backend = FakeBackend()
+        echo = await echo_server(backend.forward_ended)
+        backend.echo_port = echo.sockets[0].getsockname()[1]
         async with StreamingServer(backend, **server_kw) as server:
             await asyncio.wait_for(coro_fn(server, backend), 20)
         echo.close()
@@ -273,7 +277,17 @@ def test_from_cri_messages():
         cri.PortForwardRequest(pod_sandbox_id="p", port=[80])) == PortForwardRequestInfo("p", [80])
 
 
-def test_tokens_are_single_use_expire_and_match_their_kind():
+def test_tokens_are_single_use_expire_and_match_their_kind(monkeypatch):
+    # The tokens' clock is the test's: a token expires when the test moves
+    # the clock past its TTL, never because the test ran slowly (a 404
+    # below is then the named rule's, not a late request's).
+    from types import SimpleNamespace
+
+    from hyperrun.api import streaming
+
+    now = [1000.0]
+    monkeypatch.setattr(streaming, "time", SimpleNamespace(monotonic=lambda: now[0]))
+
     async def body(server, backend):
         url = server.register_exec(ExecRequestInfo("c", ["fake", "0"]))
         assert url.startswith(f"http://127.0.0.1:{server.port}/exec/")
@@ -283,7 +297,7 @@ def test_tokens_are_single_use_expire_and_match_their_kind():
         assert status == 404  # used once already
 
         url = server.register_exec(ExecRequestInfo("c", ["fake", "0"]))
-        await asyncio.sleep(0.4)
+        now[0] += 0.2  # the TTL
         assert (await http_get(url))[0] == 404  # expired
 
         url = server.register_exec(ExecRequestInfo("c", ["fake", "0"]))
@@ -454,7 +468,9 @@ def test_spdy_v2_reports_failures_as_text_and_waits_for_streams():
         _, headers = await client.connect(url, ["v2.channel.k8s.io"])
         assert headers["x-stream-protocol-version"] == ["v2.channel.k8s.io"]
         error = client.create_stream(streamType="error")
-        await asyncio.sleep(0.1)
+        # The server replies to a stream as it takes it, and decides then
+        # whether it has them all: after the reply, it has decided.
+        await await_event(client.replied(error), 5, "the server's reply to the error stream")
         assert backend.calls == []  # still waiting for stdout and stderr
         stdout = client.create_stream(streamType="stdout")
         stderr = client.create_stream(streamType="stderr")
@@ -537,7 +553,9 @@ def test_websocket_port_forward():
             assert {await ws.recv(), await ws.recv()} == {b"\x00\x90\x1f", b"\x01\x90\x1f"}
             await ws.send(b"\x00ping")
             assert await ws.recv() == b"\x00PING"
-        await asyncio.sleep(0.1)
+        # The client gone, the server ends the connection it forwarded to.
+        await await_event(backend.forward_ended.wait(), 5,
+                          "the forwarded connection ended once the client left")
         assert backend.calls == [("port_forward", "pod1", 8080)]
     run(body)
 
