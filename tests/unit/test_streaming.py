@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from hyperrun.api.streaming import (SPDY_DICTIONARY, AttachRequestInfo, ExecRequestInfo,
                                     InvalidRequest, PortForwardRequestInfo, StreamingServer)
-from tests.framework import await_event
+from tests.framework import await_event, wait_until
 
 # ------------------------------------------------------------ fake backend
 
@@ -422,7 +422,9 @@ def test_spdy_exec_stdin_stdout_stderr_and_exit_code():
         client.send(stdin, b"x" * 40_000)
         while len(client.streams[stdout]["data"]) < 40_009:
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
+        given_back = lambda: client.window_updates.get(stdin, 0) >= 32 * 1024  # noqa: E731
+        await asyncio.to_thread(wait_until, given_back, 5, "the stdin window given back",
+                                interval=0.01)
         assert client.window_updates[stdin] >= 32 * 1024  # stdin window given back
         client.send(stdin, b"", fin=True)
         assert await client.read_all(stdout) == b"line one\n" + b"x" * 40_000
@@ -449,7 +451,9 @@ def test_spdy_tty_resize_and_large_output_without_window_updates():
         await client.replied(error, stdin, stdout, resize)
         client.send(resize, b'{"Width":80,"Height":24}\n{"Width":81,')
         client.send(resize, b'"Height":25}\n')
-        await asyncio.sleep(0.1)
+        # Resized before stdin closes (which ends the process and its resizes).
+        resized = lambda: backend.procs and len(backend.procs[0].resizes) == 2  # noqa: E731
+        await asyncio.to_thread(wait_until, resized, 5, "both resizes taken", interval=0.01)
         client.send(stdin, b"", fin=True)
         # 300 kB through a 64 kB initial window: spdystream never sends
         # WINDOW_UPDATE, and neither do we here
