@@ -148,10 +148,18 @@ def _chains(save: str) -> set[tuple[str, str]]:
     return out
 
 
-def qmp_status(qmp_socket: Path, timeout: float = 10) -> str:
+def qmp_status(qmp_socket: Path, timeout: float = 10) -> str | None:
     """The run state a QEMU reports on a new QMP connection ("running",
-    "paused", ...). QEMU takes one QMP client at a time: it greets this one
-    only once the previous client is gone and it has seen so."""
+    "paused", ...), None if it does not answer (gone, or busy with another
+    client past the timeout). QEMU takes one QMP client at a time: it greets
+    this one only once the previous client is gone and it has seen so."""
+    try:
+        return _qmp_status(qmp_socket, timeout)
+    except OSError:
+        return None
+
+
+def _qmp_status(qmp_socket: Path, timeout: float) -> str:
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(timeout)
         sock.connect(str(qmp_socket))

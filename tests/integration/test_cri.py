@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -13,7 +14,7 @@ import pytest
 from hyperrun import session
 from hyperrun.proto import cri_api_pb2 as cri
 from tests.framework import HYPERRUN, Cli, qemu_pids, wait_until
-from tests.framework.host import mounts_under
+from tests.framework.host import mounts_under, qmp_status
 
 
 @pytest.mark.kvm
@@ -158,7 +159,12 @@ def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
     # kill -9 of the daemon: the VM and its containers go on; a new daemon re-attaches.
     vms = qemu_pids() - before
     d.kill9()
-    time.sleep(0.5)
+    # QEMU greets a new QMP client once it has seen its last one (the dead
+    # daemon) go: a VM that answers then has lived through the kill.
+    (vm_dir,) = d.run_dir.iterdir()
+    wait_until(lambda: qmp_status(vm_dir / "qmp.sock") == "running", 30,
+               "the pod's VM running and answering QMP after the daemon's kill -9",
+               state=lambda: qemu_pids() - before)
     assert qemu_pids() - before == vms
     d.start()
     assert wait_until(d.container_is(long, cri.CONTAINER_RUNNING), 60,
@@ -307,17 +313,26 @@ def test_logs_follow_across_a_rotation(daemon, pushed):
         pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
     d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
     follow = d.cli.popen("logs", "-f", cid[:12], stdout=subprocess.PIPE)
-    log = d.base / "logs" / "c.log"
-    deadline = time.monotonic() + 30
-    while b"line5\n" not in (log.read_bytes() if log.exists() else b""):
-        assert time.monotonic() < deadline, "the container wrote nothing"
-        time.sleep(0.05)
-    log.rename(log.with_name("c.log.1"))
-    time.sleep(0.3)  # lines go to the renamed file meanwhile
+    lines: list[bytes] = []  # what the follower has printed so far
+
+    def read() -> None:
+        for line in follow.stdout:
+            lines.append(line)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    wait_until(lambda: b"line5\n" in lines, 30, "logs -f following the container's log")
+    log, rotated = d.base / "logs" / "c.log", d.base / "logs" / "c.log.1"
+    log.rename(rotated)
+    # The daemon writes to the renamed file until the reopen: a line there
+    # is one the follower must read from the old file after the rename.
+    size = rotated.stat().st_size
+    wait_until(lambda: rotated.stat().st_size > size, 30, "a line in the renamed log")
     d.runtime.ReopenContainerLog(cri.ReopenContainerLogRequest(container_id=cid))
-    out, _ = follow.communicate(timeout=60)
+    assert follow.wait(60) == 0
+    reader.join(10)
+    out = b"".join(lines)
     assert out == b"".join(b"line%d\n" % i for i in range(40)), out
-    assert b"line39" in log.read_bytes() and b"line0" in log.with_name("c.log.1").read_bytes()
+    assert b"line39" in log.read_bytes() and b"line0" in rotated.read_bytes()
     d.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
 
 
