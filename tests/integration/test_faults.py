@@ -15,7 +15,6 @@ cgroup."""
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -416,13 +415,13 @@ def test_daemon_killed_in_stop_and_remove(netd, pushed, cni_env):
     image = pushed.ref("busybox:latest")
     d.warm_up(image)
 
-    def pod_with_container(name):
+    def pod_with_container(name, command=("sleep", "600")):  # sleep as init ignores SIGTERM
         config = d.pod_config(name, "faults")
         pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config)).pod_sandbox_id
         cid = d.runtime.CreateContainer(cri.CreateContainerRequest(
             pod_sandbox_id=pod, sandbox_config=config, config=cri.ContainerConfig(
                 metadata=cri.ContainerMetadata(name="c"), image=cri.ImageSpec(image=image),
-                command=["sleep", "600"]))).container_id  # sleep as init ignores SIGTERM
+                command=command, log_path=f"{name}.log"))).container_id
         d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
         return pod, cid
 
@@ -430,10 +429,15 @@ def test_daemon_killed_in_stop_and_remove(netd, pushed, cni_env):
         return d.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
 
     # StopContainer: killed during the 60 s grace period; the program lives on.
-    pod, cid = pod_with_container("stop")
+    # It ignores SIGTERM too, but says when it gets one: from then on the
+    # call waits out its grace period.
+    pod, cid = pod_with_container("stop", ["sh", "-c", "trap 'echo got TERM' TERM; "
+                                                       "while true; do sleep 0.1; done"])
     t, out = _in_flight(d.runtime.StopContainer,
                         cri.StopContainerRequest(container_id=cid, timeout=60))
-    time.sleep(1)  # the call is in its grace period (a fault point, not an assert)
+    log = d.base / "logs" / "stop.log"
+    wait_until(lambda: log.exists() and b"got TERM" in log.read_bytes(), 60,
+               "the container's SIGTERM from StopContainer")
     d.kill9()
     t.join(60)
     d.start()
