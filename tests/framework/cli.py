@@ -14,6 +14,10 @@ from typing import Callable
 
 HYPERRUN = str(Path(sys.executable).parent / "hyperrun")
 
+# A container's program that prints "ready", then on SIGTERM "got TERM"
+# and exits 7.
+TERM_TRAP = "trap 'echo got TERM; exit 7' TERM; echo ready; while true; do sleep 0.1; done"
+
 
 class Cli:
     """Runs `hyperrun ARGS...` with env (None: this process's) and, where
@@ -47,6 +51,17 @@ class Cli:
         proc = subprocess.Popen(self.argv(*args), env=kwargs.pop("env", self.env), **kwargs)
         self._started.append(proc)
         return proc
+
+    def signalled(self, signum: int, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """`hyperrun ARGS...` sent signum once it has printed its first line
+        (a TERM_TRAP program's "ready"): its exit code and what it wrote
+        after that line."""
+        proc = self.popen(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        first = proc.stdout.readline()
+        assert first == b"ready\n", first + proc.stderr.read()
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     def terminal(self, args: list[str], rows: int, cols: int,
                  answer: Callable[[bytes], bytes | None] | None = None,

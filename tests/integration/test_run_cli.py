@@ -8,6 +8,7 @@ import time
 import pytest
 
 from tests.framework import HYPERRUN, qemu_pids, wait_until
+from tests.framework.cli import TERM_TRAP
 
 
 @pytest.mark.kvm
@@ -79,15 +80,10 @@ def test_tty(cli, busybox_rootfs, no_leaks):
 @pytest.mark.kvm
 def test_signal_proxied_to_container(cli, busybox_rootfs, no_leaks):
     """SIGTERM to `hyperrun run` reaches the container (docker's sig-proxy)."""
-    proc = cli.popen("run", "--rootfs", str(busybox_rootfs), "--", "sh", "-c",
-                     "trap 'echo got TERM; exit 7' TERM; echo ready; "
-                     "while true; do sleep 0.1; done",
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout.readline() == b"ready\n"
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 7, (out, err)
-    assert out == b"got TERM\n"
+    r = cli.signalled(signal.SIGTERM, "run", "--rootfs", str(busybox_rootfs), "--",
+                      "sh", "-c", TERM_TRAP)
+    assert r.returncode == 7, r
+    assert r.stdout == b"got TERM\n"
 
 
 def test_twenty_runs_leave_nothing_behind(cli, busybox_rootfs, no_leaks):

@@ -11,6 +11,7 @@ import pytest
 
 from hyperrun.proto import cri_api_pb2 as cri
 from tests.framework import qemu_pids, wait_until
+from tests.framework.cli import TERM_TRAP
 
 
 @pytest.fixture
@@ -63,14 +64,8 @@ def test_terminal(daemon, image):
 def test_signals_stop_the_container(daemon, image):
     """SIGINT to `hyperrun run` stops the container (its stop signal:
     SIGTERM), as Docker's sig-proxy."""
-    proc = daemon.cli.popen("run", "--rm", image, "sh", "-c",
-                            "trap 'echo got TERM; exit 7' TERM; echo ready; "
-                            "while true; do sleep 0.1; done",
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout.readline() == b"ready\n"
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert (proc.returncode, out) == (7, b"got TERM\n"), err
+    r = daemon.cli.signalled(signal.SIGINT, "run", "--rm", image, "sh", "-c", TERM_TRAP)
+    assert (r.returncode, r.stdout) == (7, b"got TERM\n"), r.stderr
     assert pods_and_containers(daemon) == (0, 0)
 
 
