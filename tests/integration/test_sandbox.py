@@ -236,8 +236,10 @@ async def test_two_containers_share_one_rootfs(sandbox, busybox_rootfs, no_leaks
             await sb.agent.create_container(c, ROOTFS, pb.Process(
                 args=["sh", "-c", f"echo {c} > /tmp/from-{c}; sleep 300"]), hostname=c)
             await sb.agent.start_container(c)
-        await sb.agent.exec_process("b", "cat", pb.Process(
-            args=["sh", "-c", "sleep 0.2; cat /tmp/from-a /tmp/from-b; hostname"]))
+        # Once both containers have written their file (30 s at the most).
+        await sb.agent.exec_process("b", "cat", pb.Process(args=["sh", "-c",
+            "i=0; until [ -s /tmp/from-a ] && [ -s /tmp/from-b ] || [ $i = 600 ]; do "
+            "sleep 0.05; i=$((i+1)); done; cat /tmp/from-a /tmp/from-b; hostname"]))
         assert await read_all(sb.agent, "stdout", "b", "cat") == b"a\nb\nb\n"
         await sb.agent.remove_container("a")
         # b still has its rootfs after a is gone.
