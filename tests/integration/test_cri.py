@@ -3,89 +3,18 @@ a pod, two containers, exec, CRI-format logs, stop, remove — and a kill -9
 of the daemon in the middle, after which everything is still there."""
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
+import threading
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 
 from hyperrun import session
 from hyperrun.proto import cri_api_pb2 as cri
-from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
-from tests.conftest import HYPERRUN, qemu_pids
-
-
-class Daemon:
-    def __init__(self, base: Path, args: tuple[str, ...] = ("--network", "none", "--group", "daemon")) -> None:
-        self.base = base
-        self.args = args
-        self.socket = base / "cri.sock"
-        self.env = {**os.environ, "HYPERRUN_ROOT": str(base / "root"),
-                    "HYPERRUN_RUN_DIR": str(base / "run")}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([HYPERRUN, "daemon", "--socket", str(self.socket), *self.args],
-                                     env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        line = self.proc.stdout.readline()
-        assert b"serving CRI" in line, line + self.proc.stdout.read(2000)
-        channel = grpc.insecure_channel(f"unix://{self.socket}")
-        self.runtime = cri_grpc.RuntimeServiceStub(channel)
-        self.images = cri_grpc.ImageServiceStub(channel)
-
-    def events(self, event: str) -> list[dict]:
-        """The daemon's log records of one kind (its log is JSON lines in
-        its data root: its stderr is not a terminal)."""
-        import json
-
-        log = self.base / "root" / "daemon.log"
-        records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-        return [r for r in records if r.get("event") == event]
-
-    def kill9(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
-
-    def close(self) -> None:
-        """Stop, kill what a failed test left in *this* daemon's run dir
-        (its VMs outlive it by design), and remove its directory."""
-        self.stop()
-        for pid in qemu_pids():
-            try:
-                if str(self.base) in open(f"/proc/{pid}/cmdline").read():
-                    os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        shutil.rmtree(self.base, ignore_errors=True)
-
-
-@pytest.fixture
-def daemon(vm_assets):
-    # A short base path: unix socket paths are limited to 108 bytes.
-    base = Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp"))
-    d = Daemon(base)
-    d.start()
-    yield d
-    d.close()
-
-
-def wait_state(d: Daemon, cid: str, state, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while True:
-        status = d.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
-        if status.state == state or time.monotonic() > deadline:
-            return status
-        time.sleep(0.1)
+from tests.framework import HYPERRUN, Cli, qemu_pids, wait_until
+from tests.framework.host import mounts_under, qmp_status
 
 
 @pytest.mark.kvm
@@ -99,7 +28,7 @@ def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
     assert (v.runtime_name, v.runtime_api_version) == ("hyperrun", "v1")
 
     image = pushed.ref("busybox:latest")
-    ref = d.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image))).image_ref
+    ref = d.pull(image)
     assert ref.endswith(pushed.digests["busybox:latest"])
     listed = d.images.ListImages(cri.ListImagesRequest()).images
     assert [i.repo_tags for i in listed] == [[image.replace(pushed.registry.host, pushed.registry.host)]]
@@ -136,10 +65,11 @@ def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
                   cri.LinuxContainerResources(memory_limit_in_bytes=64 << 20, cpu_period=100000,
                                               cpu_quota=50000))
     short = create("short", "echo two; exit 3")
-    assert wait_state(d, long, cri.CONTAINER_CREATED).state == cri.CONTAINER_CREATED
+    assert wait_until(d.container_is(long, cri.CONTAINER_CREATED), 60,
+                      "long CREATED").state == cri.CONTAINER_CREATED
     for cid in (long, short):
         d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
-    st = wait_state(d, short, cri.CONTAINER_EXITED)
+    st = wait_until(d.container_is(short, cri.CONTAINER_EXITED), 60, "short exited")
     assert (st.state, st.exit_code, st.reason) == (cri.CONTAINER_EXITED, 3, "Error")
     r = d.runtime.ExecSync(cri.ExecSyncRequest(container_id=long, cmd=["sh", "-c", "echo out; echo err >&2; exit 5"],
                                                timeout=30))
@@ -160,20 +90,15 @@ def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
     status = d.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=long)).status
     assert status.resources.linux.memory_limit_in_bytes == 128 << 20
 
-    def log_lines(name):
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            lines = (logs / f"{name}.log").read_text().splitlines()
-            if len(lines) >= 2:
-                return lines
-            time.sleep(0.1)
-        return (logs / f"{name}.log").read_text().splitlines()
+    def log_lines(name, count):
+        return wait_until(lambda: len(lines := (logs / f"{name}.log").read_text().splitlines())
+                          >= count and lines, 10, f"{count} lines in {name}'s log")
 
-    lines = log_lines("long")
+    lines = log_lines("long", 3)
     parsed = sorted(line.split(" ", 1)[1] for line in lines)
     assert parsed == ["stderr F oops", "stdout F hello", "stdout F web-pod"], lines
     assert lines[0][:4].isdigit() and lines[0].split(" ")[0].endswith("Z")
-    assert [l.split(" ", 1)[1] for l in log_lines("short")] == ["stdout F two"]
+    assert [l.split(" ", 1)[1] for l in log_lines("short", 1)] == ["stdout F two"]
 
     # Stats from the guest's cgroups; the second sample has a CPU rate.
     first = d.runtime.ContainerStats(cri.ContainerStatsRequest(container_id=long)).stats
@@ -234,11 +159,17 @@ def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
     # kill -9 of the daemon: the VM and its containers go on; a new daemon re-attaches.
     vms = qemu_pids() - before
     d.kill9()
-    time.sleep(0.5)
+    # QEMU greets a new QMP client once it has seen its last one (the dead
+    # daemon) go: a VM that answers then has lived through the kill.
+    (vm_dir,) = d.run_dir.iterdir()
+    wait_until(lambda: qmp_status(vm_dir / "qmp.sock") == "running", 30,
+               "the pod's VM running and answering QMP after the daemon's kill -9",
+               state=lambda: qemu_pids() - before)
     assert qemu_pids() - before == vms
     d.start()
-    assert wait_state(d, long, cri.CONTAINER_RUNNING).state == cri.CONTAINER_RUNNING
-    st = wait_state(d, short, cri.CONTAINER_EXITED)
+    assert wait_until(d.container_is(long, cri.CONTAINER_RUNNING), 60,
+                      "long RUNNING after the restart").state == cri.CONTAINER_RUNNING
+    st = wait_until(d.container_is(short, cri.CONTAINER_EXITED), 60, "short still exited")
     assert (st.exit_code, st.reason) == (3, "Error")
     r = d.runtime.ExecSync(cri.ExecSyncRequest(container_id=long, cmd=["echo", "after restart"], timeout=30))
     assert r.stdout == b"after restart\n"
@@ -251,14 +182,15 @@ def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
     t0 = time.monotonic()
     d.runtime.StopContainer(cri.StopContainerRequest(container_id=trap, timeout=30))
     assert time.monotonic() - t0 < 10
-    assert wait_state(d, trap, cri.CONTAINER_EXITED).exit_code == 3
+    assert wait_until(d.container_is(trap, cri.CONTAINER_EXITED), 60,
+                      "trap exited").exit_code == 3
     d.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=trap))
     rc = d.runtime.RuntimeConfig(cri.RuntimeConfigRequest())
     assert rc.linux.cgroup_driver == cri.CGROUPFS
 
     # Stop: sh as the container's init ignores SIGTERM; SIGKILL after the timeout.
     d.runtime.StopContainer(cri.StopContainerRequest(container_id=long, timeout=1))
-    st = wait_state(d, long, cri.CONTAINER_EXITED)
+    st = wait_until(d.container_is(long, cri.CONTAINER_EXITED), 60, "long stopped")
     assert (st.state, st.exit_code) == (cri.CONTAINER_EXITED, 137)
     for cid in (long, short):
         d.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=cid))
@@ -270,11 +202,8 @@ def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
     d.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
     d.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))
     assert d.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items == []
-    deadline = time.monotonic() + 10
-    while qemu_pids() - before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert qemu_pids() - before == set()
-    assert not any((d.base / "run" / "sandboxes").iterdir())
+    wait_until(lambda: qemu_pids() - before == set(), 10, "the pod's QEMU gone")
+    assert not any(d.run_dir.iterdir())
 
     with pytest.raises(grpc.RpcError) as err:
         d.runtime.Exec(cri.ExecRequest(container_id=long, cmd=["sh"], stdout=True))
@@ -283,13 +212,8 @@ def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
 
 def test_cli_through_the_daemon(daemon, pushed):
     """`hyperrun run -d / ps / exec / logs / stop / rm` are clients of the daemon."""
-    env = {**daemon.env, "HYPERRUN_SOCKET": str(daemon.socket)}
-    image = pushed.ref("busybox:latest")
-
-    def cli(*args, check=True):
-        r = subprocess.run([HYPERRUN, *args], env=env, capture_output=True, timeout=120)
-        assert not check or r.returncode == 0, r
-        return r
+    env, image = daemon.cli.env, pushed.ref("busybox:latest")
+    cli = Cli(env, check=True)
 
     before = qemu_pids()
     assert "Digest: sha256:" in cli("pull", image).stdout.decode()
@@ -311,15 +235,11 @@ def test_cli_through_the_daemon(daemon, pushed):
     r = cli("exec", cid[:12], "sh", "-c", "echo in; exit 4", check=False)
     assert (r.returncode, r.stdout) == (4, b"in\n")
     # -i: through the streaming server, stdin relayed and closed.
-    r = subprocess.run([HYPERRUN, "exec", "-i", cid[:12], "sh", "-c", "read x; echo got $x; exit 6"],
-                       env=env, input=b"hi\n", capture_output=True, timeout=60)
+    r = cli("exec", "-i", cid[:12], "sh", "-c", "read x; echo got $x; exit 6", input=b"hi\n",
+            check=False)
     assert (r.returncode, r.stdout) == (6, b"got hi\n"), r
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        r = cli("logs", cid[:12])
-        if r.stdout == b"started\n" and r.stderr == b"warn\n":
-            break
-        time.sleep(0.1)
+    r = wait_until(lambda: (r := cli("logs", cid[:12])).stdout == b"started\n"
+                   and r.stderr == b"warn\n" and r, 10, "the container's output in its log")
     assert (r.stdout, r.stderr) == (b"started\n", b"warn\n")
     r = cli("logs", "--tail", "0", cid[:12])
     assert (r.stdout, r.stderr) == (b"", b"")
@@ -335,10 +255,7 @@ def test_cli_through_the_daemon(daemon, pushed):
     assert re.search(r" Exited \(137\) \d+[smhd] ago ", cli("ps", "-a").stdout.decode())  # killed
     cli("rm", cid[:12])
     assert cli("ps", "-a").stdout.decode().count("\n") == 1  # the header only
-    deadline = time.monotonic() + 10
-    while qemu_pids() - before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert qemu_pids() - before == set()
+    wait_until(lambda: qemu_pids() - before == set(), 10, "the pods' QEMUs gone")
     # The CLI speaks sessions only: grpc and the CRI's messages (~55 ms of
     # imports) are the daemon's.
     r = subprocess.run([sys.executable, "-X", "importtime", HYPERRUN, "images"], env=env,
@@ -356,15 +273,11 @@ def test_cli_as_a_member_of_the_socket_group(daemon, pushed):
     reads logs, whose files are root's, and removes a run, whose log
     directory is the daemon's: the daemon does both for the CLI."""
     image = pushed.ref("busybox:latest")
-    daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
+    daemon.pull(image)
     os.chmod(daemon.base, 0o711)  # the sockets are in there (mkdtemp made it 0700)
-    env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "HYPERRUN_SOCKET": str(daemon.socket)}
-
-    def cli(*args, check=True):
-        r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=daemon", "--clear-groups",
-                            HYPERRUN, *args], env=env, capture_output=True, timeout=120)
-        assert not check or r.returncode == 0, r
-        return r
+    cli = Cli({"PATH": os.environ["PATH"], "HOME": "/tmp", "HYPERRUN_SOCKET": str(daemon.socket)},
+              prefix=("setpriv", "--reuid=nobody", "--regid=daemon", "--clear-groups"),
+              check=True)
 
     cid = cli("run", "-d", image, "sh", "-c", "echo out; sleep 1; echo err >&2").stdout.decode().strip()
     # -f follows to the container's end, and has everything it wrote.
@@ -379,17 +292,10 @@ def test_cli_as_a_member_of_the_socket_group(daemon, pushed):
     assert list(logs.iterdir()) == []
     assert cli("ps", "-a").stdout.decode().count("\n") == 1  # the header only
 
-def _mounts_under(path: Path) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if str(path) in line.split()[4]]
-
-
-def run_pod_named(d: Daemon, name: str):
+def run_pod_named(d, name: str):
     """A pod of that name (and uid) logging under the daemon's base: its id
     and config."""
-    config = cri.PodSandboxConfig(
-        metadata=cri.PodSandboxMetadata(name=name, uid=f"uid-{name}", namespace="default"),
-        log_directory=str(d.base / "logs"))
+    config = d.pod_config(name)
     return d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config)).pod_sandbox_id, config
 
 
@@ -397,7 +303,7 @@ def test_logs_follow_across_a_rotation(daemon, pushed):
     """`hyperrun logs -f` goes on in the new file when the kubelet rotates
     a container's log (rename, then ReopenContainerLog), missing nothing."""
     d, image = daemon, pushed.ref("busybox:latest")
-    d.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
+    d.pull(image)
     pod, pod_config = run_pod_named(d, "rot")
     config = cri.ContainerConfig(
         metadata=cri.ContainerMetadata(name="c"), image=cri.ImageSpec(image=image),
@@ -406,19 +312,27 @@ def test_logs_follow_across_a_rotation(daemon, pushed):
     cid = d.runtime.CreateContainer(cri.CreateContainerRequest(
         pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
     d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
-    follow = subprocess.Popen([HYPERRUN, "logs", "-f", cid[:12]], stdout=subprocess.PIPE,
-                              env={**d.env, "HYPERRUN_SOCKET": str(d.socket)})
-    log = d.base / "logs" / "c.log"
-    deadline = time.monotonic() + 30
-    while b"line5\n" not in (log.read_bytes() if log.exists() else b""):
-        assert time.monotonic() < deadline, "the container wrote nothing"
-        time.sleep(0.05)
-    log.rename(log.with_name("c.log.1"))
-    time.sleep(0.3)  # lines go to the renamed file meanwhile
+    follow = d.cli.popen("logs", "-f", cid[:12], stdout=subprocess.PIPE)
+    lines: list[bytes] = []  # what the follower has printed so far
+
+    def read() -> None:
+        for line in follow.stdout:
+            lines.append(line)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    wait_until(lambda: b"line5\n" in lines, 30, "logs -f following the container's log")
+    log, rotated = d.base / "logs" / "c.log", d.base / "logs" / "c.log.1"
+    log.rename(rotated)
+    # The daemon writes to the renamed file until the reopen: a line there
+    # is one the follower must read from the old file after the rename.
+    size = rotated.stat().st_size
+    wait_until(lambda: rotated.stat().st_size > size, 30, "a line in the renamed log")
     d.runtime.ReopenContainerLog(cri.ReopenContainerLogRequest(container_id=cid))
-    out, _ = follow.communicate(timeout=60)
+    assert follow.wait(60) == 0
+    reader.join(10)
+    out = b"".join(lines)
     assert out == b"".join(b"line%d\n" % i for i in range(40)), out
-    assert b"line39" in log.read_bytes() and b"line0" in log.with_name("c.log.1").read_bytes()
+    assert b"line39" in log.read_bytes() and b"line0" in rotated.read_bytes()
     d.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
 
 
@@ -428,7 +342,7 @@ def test_cri_volumes(daemon, pushed, tmp_path):
     container and nothing stays mounted."""
     d = daemon
     image = pushed.ref("busybox:latest")
-    d.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
+    d.pull(image)
     data = tmp_path / "data"
     data.mkdir()
     (data / "in.txt").write_text("from the host\n")
@@ -462,10 +376,10 @@ def test_cri_volumes(daemon, pushed, tmp_path):
     code, _, err = sh("echo no > /etc/app.conf")
     assert code != 0 and "Read-only file system" in err
     assert conf.read_text() == "setting=1\n"
-    assert _mounts_under(d.base), "the volumes are bound into the sandbox's shared directory"
+    assert mounts_under(d.base), "the volumes are bound into the sandbox's shared directory"
 
     d.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=cid))
-    assert _mounts_under(d.base) == []
+    assert mounts_under(d.base) == []
     assert sorted(p.name for p in data.iterdir()) == ["in.txt", "later.txt", "out.txt", "sub"]
     # A host path that cannot be bound is a clear error, and leaves nothing.
     bad = cri.ContainerConfig(
@@ -481,5 +395,5 @@ def test_cri_volumes(daemon, pushed, tmp_path):
         pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
     d.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))
     d.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
-    assert _mounts_under(d.base) == []
+    assert mounts_under(d.base) == []
     assert (data / "in.txt").read_text() == "from the host\n"

@@ -2,8 +2,6 @@
 agent, no crun); its output and exit code still come back."""
 import pytest
 
-from tests.conftest import hyperrun
-
 
 @pytest.fixture
 def root(tmp_path, monkeypatch, vm_assets):
@@ -11,22 +9,22 @@ def root(tmp_path, monkeypatch, vm_assets):
 
 
 @pytest.mark.kvm(channel=None)
-def test_program_is_init_with_args_env_and_exit_code(pushed, root, no_leaks):
+def test_program_is_init_with_args_env_and_exit_code(cli, pushed, root, no_leaks):
     ref = pushed.ref("busybox:latest")
-    r = hyperrun("run", "--direct", "-e", "GREETING=hi there", "--entrypoint", "sh", ref, "-c",
-                 "echo pid $$ says $GREETING: $0; exit 7", "two words")
+    r = cli("run", "--direct", "-e", "GREETING=hi there", "--entrypoint", "sh", ref, "-c",
+            "echo pid $$ says $GREETING: $0; exit 7", "two words")
     assert r.returncode == 7, r
     assert r.stdout == b"pid 1 says hi there: two words\n", r
-    assert hyperrun("run", "--direct", "--entrypoint", "/bin/true", ref).returncode == 0
-    r = hyperrun("run", "--direct", "--entrypoint", "echo", ref, 'say "hi"')
+    assert cli("run", "--direct", "--entrypoint", "/bin/true", ref).returncode == 0
+    r = cli("run", "--direct", "--entrypoint", "echo", ref, 'say "hi"')
     assert r.returncode == 125 and b"the kernel command line cannot carry it" in r.stderr
 
 
-def test_what_direct_mode_cannot_do_is_a_clear_error(pushed, root, no_leaks):
+def test_what_direct_mode_cannot_do_is_a_clear_error(cli, pushed, root, no_leaks):
     ref = pushed.ref("busybox-config:latest")  # WorkingDir /home/user, User user:users
-    r = hyperrun("run", "--direct", ref)
+    r = cli("run", "--direct", ref)
     assert r.returncode == 125 and b"direct mode starts the program in /" in r.stderr, r
-    r = hyperrun("run", "--direct", "-w", "/", ref)
+    r = cli("run", "--direct", "-w", "/", ref)
     assert r.returncode == 125 and b"runs the program as root" in r.stderr, r
-    r = hyperrun("run", "--direct", "--entrypoint", "nope", pushed.ref("busybox:latest"))
+    r = cli("run", "--direct", "--entrypoint", "nope", pushed.ref("busybox:latest"))
     assert r.returncode == 125 and b"nope: not found in the image's PATH" in r.stderr, r

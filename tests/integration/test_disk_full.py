@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import hyperrun
-
 
 @pytest.fixture
 def small_root(tmp_path):
@@ -28,10 +26,10 @@ def blobs(root: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
 
 
-def test_pull_onto_a_full_disk(pushed, small_root, tmp_path):
+def test_pull_onto_a_full_disk(cli, pushed, small_root, tmp_path):
     ref = pushed.ref("busybox:latest")
     env = {**os.environ, "HYPERRUN_ROOT": str(small_root)}
-    r = hyperrun("pull", ref, env=env)
+    r = cli("pull", ref, env=env)
     assert r.returncode != 0, r
     assert b"no space left on the device of" in r.stderr, r.stderr
     assert b"Traceback" not in r.stderr
@@ -40,11 +38,11 @@ def test_pull_onto_a_full_disk(pushed, small_root, tmp_path):
     for name in blobs(small_root):
         data = (small_root / "content" / "blobs" / "sha256" / name).read_bytes()
         assert hashlib.sha256(data).hexdigest() == name
-    listing = hyperrun("images", env=env)
+    listing = cli("images", env=env)
     assert listing.returncode == 0 and ref.split("/")[-1].split(":")[0] not in \
         listing.stdout.decode().split("\n", 1)[1], listing
     # With room (the same store, now larger), the pull completes.
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_root)], check=True)
-    r = hyperrun("pull", ref, env=env)
+    r = cli("pull", ref, env=env)
     assert r.returncode == 0, r
-    assert "busybox" in hyperrun("images", env=env).stdout.decode()
+    assert "busybox" in cli("images", env=env).stdout.decode()

@@ -14,9 +14,7 @@ QEMU, netns, veth, iptables rule, lease, run directory, bind mount or
 cgroup."""
 import os
 import signal
-import tempfile
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -24,20 +22,12 @@ import pytest
 
 from hyperrun.proto import cri_api_pb2 as cri
 from hyperrun.vm import cgroup
-from tests.conftest import qemu_pids
-from tests.integration.test_cri import _mounts_under
-from tests.integration.test_network import (cni_network, netd, pod_ip, remove_pod,  # noqa: F401
-                                            warm_up)
-from tests.integration.test_network_host import iptables_state, ip_json, wait_until
+from tests.framework import qemu_pids, wait_until
+from tests.framework.host import iptables_state, ip_json, mounts_under
 
-# A network of this module's own: concurrent runs of test_network (which
-# use hrpod0) neither see nor disturb what is checked here.
-NETWORK, BRIDGE, SUBNET = "hrfault", "hrfault0", "10.216.0.0/24"
-
-
-@pytest.fixture(scope="module")
-def cni_env(tmp_path_factory):
-    yield from cni_network(tmp_path_factory, NETWORK, BRIDGE, SUBNET)
+# A network of this module's own (cni_env's): concurrent runs of
+# test_network (which use hrpod0) neither see nor disturb what is checked here.
+CNI_NETWORK = NETWORK, BRIDGE, SUBNET = "hrfault", "hrfault0", "10.216.0.0/24"
 
 
 def leftovers(d, leases: Path, sandbox_ids, network: str = NETWORK,
@@ -59,7 +49,7 @@ def leftovers(d, leases: Path, sandbox_ids, network: str = NETWORK,
     return {"qemu": qemu, "netns": netns, "links": links, "iptables": rules,
             "leases": sorted(p.name for p in leases.iterdir() if p.name[0].isdigit())
             if leases.exists() else [],
-            "mounts": _mounts_under(d.base),
+            "mounts": mounts_under(d.base),
             "run dirs": sorted(p.name for p in run.iterdir()) if run.is_dir() else [],
             "cgroups": [str(p) for i in ids for p in cgroup._dirs(i) if p.exists()]}
 
@@ -68,9 +58,12 @@ NOTHING = {k: [] for k in ("qemu", "netns", "links", "iptables", "leases", "moun
                            "cgroups")}
 
 
-def wait_for(predicate, timeout: float = 60, interval: float = 0.2):
-    """wait_until with a VM's pace: a minute, five polls a second."""
-    return wait_until(predicate, timeout, interval)
+def wait_dead_and_freed(d, pod: str, leases: Path) -> None:
+    """Until the pod is NotReady and nothing its VM held is left."""
+    wait_until(lambda: d.pod(pod).state == cri.SANDBOX_NOTREADY
+               and leftovers(d, leases, [pod]) == NOTHING, 60,
+               f"pod {pod[:12]} NotReady, nothing of its VM left", interval=0.2,
+               state=lambda: (d.pod(pod).state, leftovers(d, leases, [pod])))
 
 
 def sandbox_ids(d) -> list[str]:
@@ -80,13 +73,11 @@ def sandbox_ids(d) -> list[str]:
 def test_qemu_killed(netd, pushed, cni_env, tmp_path):
     d = netd
     image = pushed.ref("busybox:latest")
-    warm_up(d, image)
+    d.warm_up(image)
     volume = tmp_path / "vol"
     volume.mkdir()
-    pod_config = cri.PodSandboxConfig(
-        metadata=cri.PodSandboxMetadata(name="victim", uid="uid-victim", namespace="faults"),
-        log_directory=str(d.base / "logs"), port_mappings=[
-            cri.PortMapping(container_port=80, host_port=18990)])
+    pod_config = d.pod_config("victim", "faults", port_mappings=[
+        cri.PortMapping(container_port=80, host_port=18990)])
     pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
     config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="c"),
                                  image=cri.ImageSpec(image=image), command=["sleep", "600"],
@@ -94,16 +85,14 @@ def test_qemu_killed(netd, pushed, cni_env, tmp_path):
     cid = d.runtime.CreateContainer(cri.CreateContainerRequest(
         pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
     d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
-    assert pod_ip(d, pod) and _mounts_under(d.base)
+    assert d.pod_ip(pod) and mounts_under(d.base)
     held = leftovers(d, cni_env[1], [pod])
     assert all(held[k] for k in ("qemu", "netns", "links", "iptables", "leases", "mounts",
                                  "run dirs")), held  # the checks see what a pod holds
 
     (vm,) = held["qemu"]  # this daemon's (other VMs may run on the host)
     os.kill(vm, signal.SIGKILL)
-    wait_for(lambda: d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(
-        pod_sandbox_id=pod)).status.state == cri.SANDBOX_NOTREADY
-        and leftovers(d, cni_env[1], [pod]) == NOTHING)
+    wait_dead_and_freed(d, pod, cni_env[1])
     status = d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status
     assert status.state == cri.SANDBOX_NOTREADY
     c = d.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
@@ -112,7 +101,7 @@ def test_qemu_killed(netd, pushed, cni_env, tmp_path):
     assert leftovers(d, cni_env[1], [pod]) == NOTHING, "the VM's resources outlived it"
     assert status.network.ip == ""
     # The dead pod still answers and goes as usual.
-    remove_pod(d, pod)
+    d.remove_pod(pod)
     assert d.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items == []
     assert volume.is_dir()
 
@@ -142,10 +131,8 @@ def test_agent_crash_is_a_guest_kernel_panic(netd, pushed, cni_env):
     everything the VM held is freed."""
     d = netd
     image = pushed.ref("busybox:latest")
-    warm_up(d, image)
-    pod_config = cri.PodSandboxConfig(
-        metadata=cri.PodSandboxMetadata(name="panic", uid="uid-panic", namespace="faults"),
-        log_directory=str(d.base / "logs"))
+    d.warm_up(image)
+    pod_config = d.pod_config("panic", "faults")
     pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
 
     def container(name, **linux):
@@ -172,9 +159,7 @@ def test_agent_crash_is_a_guest_kernel_panic(netd, pushed, cni_env):
         d.runtime.ExecSync(cri.ExecSyncRequest(container_id=killer, timeout=60,
                                                cmd=["sh", "-c", CRASH_AGENT]), timeout=120)
     assert err.value.code() != grpc.StatusCode.DEADLINE_EXCEEDED, "the daemon hung"
-    wait_for(lambda: d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(
-        pod_sandbox_id=pod)).status.state == cri.SANDBOX_NOTREADY
-        and leftovers(d, cni_env[1], [pod]) == NOTHING)
+    wait_dead_and_freed(d, pod, cni_env[1])
     status = d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status
     assert status.state == cri.SANDBOX_NOTREADY
     for cid in (victim, killer):
@@ -183,7 +168,7 @@ def test_agent_crash_is_a_guest_kernel_panic(netd, pushed, cni_env):
         assert "guest kernel panic" in c.message and "Attempted to kill init" in c.message, \
             c.message
     assert leftovers(d, cni_env[1], [pod]) == NOTHING
-    remove_pod(d, pod)
+    d.remove_pod(pod)
     assert d.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items == []
     assert leftovers(d, cni_env[1], [pod]) == NOTHING
 
@@ -192,10 +177,8 @@ def _frozen_pod(d, image: str, name: str):
     """A pod whose container runs, then its QEMU frozen with SIGSTOP: the
     guest, the agent and QMP all silent, as in a guest deadlock or a wedged
     VMM. (pod id, container id, QEMU pid)."""
-    warm_up(d, image)
-    pod_config = cri.PodSandboxConfig(
-        metadata=cri.PodSandboxMetadata(name=name, uid=f"uid-{name}", namespace="faults"),
-        log_directory=str(d.base / "logs"))
+    d.warm_up(image)
+    pod_config = d.pod_config(name, "faults")
     pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
     config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="c"),
                                  image=cri.ImageSpec(image=image), command=["sleep", "600"])
@@ -220,7 +203,7 @@ def _assert_dead_and_gone(d, pod: str, cid: str, leases: Path) -> str:
     c = d.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
     assert (c.state, c.reason, c.exit_code) == (cri.CONTAINER_EXITED, "VMExited", 255)
     assert leftovers(d, leases, [pod]) == NOTHING
-    remove_pod(d, pod)
+    d.remove_pod(pod)
     assert d.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items == []
     return c.message
 
@@ -248,28 +231,19 @@ def test_hung_vm_is_stopped_all_the_same(netd, pushed, cni_env):
     _assert_dead_and_gone(d, pod, cid, cni_env[1])
 
 
-def test_hung_vm_is_found_by_its_health_checks(vm_assets, pushed, cni_env):
+def test_hung_vm_is_found_by_its_health_checks(daemon_factory, pushed, cni_env):
     """A hung VM that no CRI call touches: the daemon's health checks find
     it (here every second, 3 s to answer), kill it, and report the pod as
     a dead VM's, with the reason; nothing is left."""
-    from tests.integration.test_cri import Daemon
-
-    d = Daemon(Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp")),
-               ("--network", "cni", "--cni-conf-dir", str(cni_env[0])))
-    d.env.update(HYPERRUN_HEALTH_INTERVAL_S="1", HYPERRUN_HEALTH_TIMEOUT_S="3")
-    d.start()
+    d = daemon_factory("--network", "cni", "--cni-conf-dir", str(cni_env[0]),
+                       HYPERRUN_HEALTH_INTERVAL_S="1", HYPERRUN_HEALTH_TIMEOUT_S="3")
+    pod, cid, vm = _frozen_pod(d, pushed.ref("busybox:latest"), "hung2")
     try:
-        pod, cid, vm = _frozen_pod(d, pushed.ref("busybox:latest"), "hung2")
-        try:
-            wait_for(lambda: d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(
-                pod_sandbox_id=pod)).status.state == cri.SANDBOX_NOTREADY
-                and leftovers(d, cni_env[1], [pod]) == NOTHING)
-        finally:
-            _thaw(vm)
-        message = _assert_dead_and_gone(d, pod, cid, cni_env[1])
-        assert "VM hung: its agent did not answer a health check within 3s" in message, message
+        wait_dead_and_freed(d, pod, cni_env[1])
     finally:
-        d.close()
+        _thaw(vm)
+    message = _assert_dead_and_gone(d, pod, cid, cni_env[1])
+    assert "VM hung: its agent did not answer a health check within 3s" in message, message
 
 
 def _rss_peak_kib(pid: int) -> int:
@@ -282,10 +256,8 @@ def test_a_flooding_container_loses_nothing_and_the_daemon_stays_small(netd, pus
     CRI log, the daemon's peak memory barely moves."""
     d = netd
     image = pushed.ref("busybox:latest")
-    d.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
-    pod_config = cri.PodSandboxConfig(
-        metadata=cri.PodSandboxMetadata(name="flood", uid="uid-flood", namespace="faults"),
-        log_directory=str(d.base / "logs"))
+    d.pull(image)
+    pod_config = d.pod_config("flood", "faults")
     pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
     peak_before = _rss_peak_kib(d.proc.pid)
     lines = 5_000_000  # "0123456789ab\n": 13 bytes each, 65 MB
@@ -295,12 +267,8 @@ def test_a_flooding_container_loses_nothing_and_the_daemon_stays_small(netd, pus
     cid = d.runtime.CreateContainer(cri.CreateContainerRequest(
         pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
     d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        c = d.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
-        if c.state == cri.CONTAINER_EXITED:
-            break
-        time.sleep(0.5)
+    c = wait_until(d.container_is(cid, cri.CONTAINER_EXITED), 240, "the flood ended",
+                   interval=0.5)
     assert c.state == cri.CONTAINER_EXITED and c.exit_code == 0
     total, full = 0, 0
     with open(c.log_path, "rb") as f:
@@ -317,7 +285,7 @@ def test_a_flooding_container_loses_nothing_and_the_daemon_stays_small(netd, pus
     growth_mib = (_rss_peak_kib(d.proc.pid) - peak_before) / 1024
     print(f"daemon peak RSS grew {growth_mib:.1f} MiB while logging {total / 1e6:.0f} MB")
     assert growth_mib < 64
-    remove_pod(d, pod)
+    d.remove_pod(pod)
 
 
 # --------------------------------------------------------------- daemon kill -9
@@ -342,8 +310,7 @@ def _kill_when(d, predicate, call, *args, **kwargs):
     Returns what the call got (an error, or its result if it won the race)
     and predicate's value at the kill."""
     t, out = _in_flight(call, *args, **kwargs)
-    seen = wait_for(predicate, timeout=120, interval=0.005)
-    assert seen, "the point to kill at was never reached"
+    seen = wait_until(predicate, 120, "the point to kill at reached", interval=0.005)
     d.kill9()
     t.join(60)
     d.start()
@@ -355,15 +322,9 @@ def _run_dirs(d) -> list[str]:
     return sorted(p.name for p in run.iterdir()) if run.is_dir() else []
 
 
-def _pod_config(d, name: str) -> cri.PodSandboxConfig:
-    return cri.PodSandboxConfig(
-        metadata=cri.PodSandboxMetadata(name=name, uid=f"uid-{name}", namespace="faults"),
-        log_directory=str(d.base / "logs"))
-
-
 def _remove_all(d) -> None:
     for pod in sandbox_ids(d):
-        remove_pod(d, pod)
+        d.remove_pod(pod)
     assert d.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items == []
     assert d.runtime.ListContainers(cri.ListContainersRequest()).containers == []
 
@@ -376,8 +337,8 @@ def test_daemon_killed_in_run_pod_sandbox(netd, pushed, cni_env):
     retried call succeeds. After: the pod is READY, re-attached, usable."""
     d = netd
     image = pushed.ref("busybox:latest")
-    warm_up(d, image)
-    config = _pod_config(d, "run")
+    d.warm_up(image)
+    config = d.pod_config("run", "faults")
     got, orphans = _kill_when(d, lambda: _run_dirs(d), d.runtime.RunPodSandbox,
                               cri.RunPodSandboxRequest(config=config))
     assert isinstance(got, grpc.RpcError), got
@@ -410,20 +371,20 @@ def test_daemon_killed_in_create_and_start_container(netd, pushed, cni_env, tmp_
     usable."""
     d = netd
     image = pushed.ref("busybox:latest")
-    warm_up(d, image)
+    d.warm_up(image)
     volume = tmp_path / "vol"
     volume.mkdir()
-    pod_config = _pod_config(d, "create")
+    pod_config = d.pod_config("create", "faults")
     pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
     request = cri.CreateContainerRequest(
         pod_sandbox_id=pod, sandbox_config=pod_config, config=cri.ContainerConfig(
             metadata=cri.ContainerMetadata(name="c"), image=cri.ImageSpec(image=image),
             command=["sleep", "600"],
             mounts=[cri.Mount(container_path="/vol", host_path=str(volume))]))
-    got, _ = _kill_when(d, lambda: _mounts_under(d.base), d.runtime.CreateContainer, request)
+    got, _ = _kill_when(d, lambda: mounts_under(d.base), d.runtime.CreateContainer, request)
     assert isinstance(got, grpc.RpcError), got
     assert d.runtime.ListContainers(cri.ListContainersRequest()).containers == []
-    assert _mounts_under(d.base) == [], "the bind of a container never recorded"
+    assert mounts_under(d.base) == [], "the bind of a container never recorded"
     assert d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(
         pod_sandbox_id=pod)).status.state == cri.SANDBOX_READY
     cid = d.runtime.CreateContainer(request).container_id
@@ -452,15 +413,15 @@ def test_daemon_killed_in_stop_and_remove(netd, pushed, cni_env):
     and nothing is left once the pods are removed."""
     d = netd
     image = pushed.ref("busybox:latest")
-    warm_up(d, image)
+    d.warm_up(image)
 
-    def pod_with_container(name):
-        config = _pod_config(d, name)
+    def pod_with_container(name, command=("sleep", "600")):  # sleep as init ignores SIGTERM
+        config = d.pod_config(name, "faults")
         pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config)).pod_sandbox_id
         cid = d.runtime.CreateContainer(cri.CreateContainerRequest(
             pod_sandbox_id=pod, sandbox_config=config, config=cri.ContainerConfig(
                 metadata=cri.ContainerMetadata(name="c"), image=cri.ImageSpec(image=image),
-                command=["sleep", "600"]))).container_id  # sleep as init ignores SIGTERM
+                command=command, log_path=f"{name}.log"))).container_id
         d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
         return pod, cid
 
@@ -468,10 +429,15 @@ def test_daemon_killed_in_stop_and_remove(netd, pushed, cni_env):
         return d.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
 
     # StopContainer: killed during the 60 s grace period; the program lives on.
-    pod, cid = pod_with_container("stop")
+    # It ignores SIGTERM too, but says when it gets one: from then on the
+    # call waits out its grace period.
+    pod, cid = pod_with_container("stop", ["sh", "-c", "trap 'echo got TERM' TERM; "
+                                                       "while true; do sleep 0.1; done"])
     t, out = _in_flight(d.runtime.StopContainer,
                         cri.StopContainerRequest(container_id=cid, timeout=60))
-    time.sleep(1)  # the call is in its grace period (a fault point, not an assert)
+    log = d.base / "logs" / "stop.log"
+    wait_until(lambda: log.exists() and b"got TERM" in log.read_bytes(), 60,
+               "the container's SIGTERM from StopContainer")
     d.kill9()
     t.join(60)
     d.start()
@@ -493,7 +459,8 @@ def test_daemon_killed_in_stop_and_remove(netd, pushed, cni_env):
                      cri.StopPodSandboxRequest(pod_sandbox_id=pod))
     s = d.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status
     assert s.state == cri.SANDBOX_NOTREADY, got
-    wait_for(lambda: leftovers(d, cni_env[1], [pod]) == NOTHING)
+    wait_until(lambda: leftovers(d, cni_env[1], [pod]) == NOTHING, 60, "nothing of pod left",
+               interval=0.2, state=lambda: leftovers(d, cni_env[1], [pod]))
     assert leftovers(d, cni_env[1], [pod]) == NOTHING
     d.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))  # retried
     d.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
@@ -511,5 +478,7 @@ def test_daemon_killed_in_stop_and_remove(netd, pushed, cni_env):
         assert status(cid2).state == cri.CONTAINER_EXITED
     d.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod2))  # retried
     assert sandbox_ids(d) == []
-    wait_for(lambda: leftovers(d, cni_env[1], [pod, pod2]) == NOTHING)
+    wait_until(lambda: leftovers(d, cni_env[1], [pod, pod2]) == NOTHING, 60,
+               "nothing of either pod left", interval=0.2,
+               state=lambda: leftovers(d, cni_env[1], [pod, pod2]))
     assert leftovers(d, cni_env[1], [pod, pod2]) == NOTHING

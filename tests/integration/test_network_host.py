@@ -10,9 +10,7 @@ import fcntl
 import ipaddress
 import json
 import os
-import re
 import select
-import shlex
 import socket
 import struct
 import subprocess
@@ -33,6 +31,8 @@ from hyperrun.network import (
     open_tap,
     tap,
 )
+from tests.framework import wait_until
+from tests.framework.host import host_links, ip_json, iptables_state, remove_new_chains, sh
 
 BRIDGE = "hrtest0"
 SUBNET = "10.213.7.0/24"
@@ -40,25 +40,6 @@ NETWORK = "hrtest"
 PREFIX = f"hrtest-{os.getpid()}-"
 TUNSETVNETHDRSZ = 0x400454D8
 VNET_HDR = 12  # what QEMU sets for a virtio 1.0 NIC
-
-
-def sh(*cmd: str, check: bool = True) -> str:
-    return subprocess.run(cmd, capture_output=True, text=True, check=check).stdout
-
-
-def ip_json(*args: str):
-    return json.loads(sh("ip", "-j", *args) or "[]")
-
-
-def iptables_state() -> str:
-    """Every table of iptables and ip6tables, without counters and dates."""
-    text = sh("iptables-save") + sh("ip6tables-save")
-    text = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
-    return re.sub(r"\[\d+:\d+\]", "", text)
-
-
-def host_links() -> set[str]:
-    return {link["ifname"] for link in ip_json("link", "show")}
 
 
 def bridge_ports() -> list[str]:
@@ -98,52 +79,9 @@ def env(tmp_path_factory):
     finally:
         nets.collect_stale(set())
         subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
-        _remove_new_chains("iptables", v4_before)
-        _remove_new_chains("ip6tables", v6_before)
+        remove_new_chains("iptables", v4_before)
+        remove_new_chains("ip6tables", v6_before)
         Path("/proc/sys/net/ipv4/ip_forward").write_text(forward)
-
-
-def _remove_new_chains(cmd: str, before: str, mentioning: tuple[str, ...] = ()) -> None:
-    """Delete the chains (and jumps to them) that exist now but did not in
-    `before` (an iptables-save of the same family). With `mentioning`, only
-    those whose rules, or the rules jumping to them, contain one of these
-    strings: other tests on the host may have made the rest, and use them."""
-    old_chains = _chains(before)
-    now = sh(f"{cmd}-save")
-    new = {(t, c) for t, c in _chains(now) if (t, c) not in old_chains}
-    if mentioning:
-        ours, table = set(), None
-        for line in now.splitlines():
-            if line.startswith("*"):
-                table = line[1:]
-            elif line.startswith("-A ") and any(m in line for m in mentioning):
-                ours.add((table, line.split()[1]))
-                if " -j " in line:
-                    ours.add((table, line.split(" -j ")[-1].split()[0]))
-        new &= ours
-    table = None
-    for line in now.splitlines():
-        if line.startswith("*"):
-            table = line[1:]
-        elif line.startswith("-A ") and " -j " in line:
-            owner, target = line.split()[1], line.split(" -j ")[-1].split()[0]
-            if (table, target) in new and (table, owner) not in new:
-                subprocess.run([cmd, "-w", "-t", table, "-D", *shlex.split(line[3:])],
-                               capture_output=True)
-    for t, c in new:
-        subprocess.run([cmd, "-w", "-t", t, "-F", c], capture_output=True)
-    for t, c in new:
-        subprocess.run([cmd, "-w", "-t", t, "-X", c], capture_output=True)
-
-
-def _chains(save: str) -> set[tuple[str, str]]:
-    out, table = set(), None
-    for line in save.splitlines():
-        if line.startswith("*"):
-            table = line[1:]
-        elif line.startswith(":"):
-            out.add((table, line[1:].split()[0]))
-    return out
 
 
 @pytest.fixture
@@ -179,17 +117,6 @@ def snapshot(leases: Path) -> dict:
     return {"links": host_links(), "netns": sh("ip", "netns", "list"),
             "iptables": iptables_state(),
             "leases": sorted(os.listdir(leases)) if leases.exists() else []}
-
-
-def wait_until(cond, timeout: float = 5.0, interval: float = 0.05):
-    """cond()'s last value, polled until true or the timeout (not a timing
-    assert: callers assert on the value)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 # -- 1. setup ---------------------------------------------------------------------
@@ -403,10 +330,12 @@ def test_teardown_when_parts_are_already_gone(nets, leases, how):
     else:
         sh("ip", "-n", name, "link", "del", "eth0")
     # The veth's host end goes with the netns (asynchronously) or the link.
-    assert wait_until(lambda: bridge_ports() == [] or how == "stale file")
+    wait_until(lambda: bridge_ports() == [] or how == "stale file", 5, "the bridge without ports",
+               interval=0.05, state=bridge_ports)
     nets.teardown(info.sandbox_id)
     assert not os.path.lexists(info.netns)
-    assert wait_until(lambda: bridge_ports() == [])
+    wait_until(lambda: bridge_ports() == [], 5, "the bridge without ports", interval=0.05,
+               state=bridge_ports)
     # The lease, the DNAT, the firewall accepts and the masquerade chain
     # are gone too (the bridge plugin alone would keep the last).
     assert snapshot(leases) == before
@@ -466,5 +395,6 @@ def test_collect_stale_removes_leftovers_of_lost_records(nets, leases):
     assert os.listdir(leases).count(kept.pod_ips[0]) == 1
 
     assert nets.collect_stale(set()) == [kept.sandbox_id]
-    assert wait_until(lambda: bridge_ports() == [])
+    wait_until(lambda: bridge_ports() == [], 5, "the bridge without ports", interval=0.05,
+               state=bridge_ports)
     assert snapshot(leases) == before

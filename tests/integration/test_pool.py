@@ -3,18 +3,13 @@ were started before anyone asked for them, each gets its own network and
 identity, the pool refills, and spares leave nothing behind — not at a
 daemon stop, not after a kill -9 and a restart."""
 import json
-import shutil
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 
 from hyperrun.proto import cri_api_pb2 as cri
-from tests.conftest import qemu_pids
-from tests.integration.test_cri import Daemon
-from tests.integration.test_network import (cni_env, http_get, pod_ip,  # noqa: F401
-                                            remove_pod, run_pod, state, warm_up)
+from tests.framework import Daemon, qemu_pids, wait_until
+from tests.framework.host import http_get, network_state
+from tests.integration.test_network import BRIDGE
 from tests.integration.test_template import identity
 
 HTTPD = "mkdir -p /www && echo hi from $(hostname) > /www/index.html && exec httpd -f -p 80 -h /www"
@@ -22,17 +17,9 @@ POOL = 2
 
 
 @pytest.fixture
-def pool_daemon(vm_assets, cni_env):
-    base = Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp"))
-    (base / "config.toml").write_text("[sandbox]\ntemplate = true\n")
-    templates = Path(tempfile.mkdtemp(prefix="hr-tpl-", dir="/dev/shm"))
-    d = Daemon(base, ("--network", "cni", "--cni-conf-dir", str(cni_env[0]),
-                      "--pool-size", str(POOL)))
-    d.env.update(HYPERRUN_CONFIG=str(base / "config.toml"), HYPERRUN_TEMPLATES=str(templates))
-    d.start()
-    yield d
-    d.close()
-    shutil.rmtree(templates, ignore_errors=True)
+def pool_daemon(daemon_factory, cni_env):
+    return daemon_factory("--network", "cni", "--cni-conf-dir", str(cni_env[0]),
+                          "--pool-size", str(POOL), template=True)
 
 
 def pool(d: Daemon) -> dict:
@@ -40,18 +27,19 @@ def pool(d: Daemon) -> dict:
     return json.loads(info["config"])["pool"]
 
 
-def wait_pool(d: Daemon, ready: int = POOL, timeout: float = 180) -> set[str]:
-    """Waits until `ready` spares are up; returns the VM ids (run dirs)."""
-    deadline = time.monotonic() + timeout
-    while pool(d)["ready"] < ready:
-        assert time.monotonic() < deadline, f"pool not refilled: {pool(d)}"
-        time.sleep(0.2)
+def ready_spares(d: Daemon) -> set[str]:
+    """Once the pool has all its spares up, the VM ids (run dirs)."""
+    wait_until(lambda: pool(d)["ready"] >= POOL, 180, "the pool refilled", interval=0.2,
+               state=lambda: pool(d))
     return vm_ids(d)
 
 
 def vm_ids(d: Daemon) -> set[str]:
-    root = d.base / "run" / "sandboxes"
-    return {p.name for p in root.iterdir()} if root.is_dir() else set()
+    return {p.name for p in d.run_dir.iterdir()} if d.run_dir.is_dir() else set()
+
+
+def state(leases):
+    return network_state(leases, BRIDGE)
 
 
 def of_vms(netns: str, vm_ids: set[str]) -> bool:
@@ -70,22 +58,22 @@ def test_pods_take_spare_vms_and_spares_leave_nothing(pool_daemon, pushed, cni_e
     leases = cni_env[1]
     image = pushed.ref("busybox:latest")
     assert pool(d)["size"] == POOL
-    warm_up(d, image)  # the plugins' shared chains, which stay
-    spares = wait_pool(d)
+    d.warm_up(image)  # the plugins' shared chains, which stay
+    spares = ready_spares(d)
     assert len(spares) == POOL
     before = state(leases)
 
     pods, cids = [], []
     for i in range(2):
-        pod, cid = run_pod(d, image, f"pooled{i}", HTTPD, hostname=f"pooled{i}",
-                           port_mappings=[cri.PortMapping(container_port=80,
-                                                          host_port=18940 + i)])
+        pod, cid = d.run_pod(image, f"pooled{i}", HTTPD, hostname=f"pooled{i}",
+                             port_mappings=[cri.PortMapping(container_port=80,
+                                                            host_port=18940 + i)])
         assert pod[:16] in spares, "the pod did not get a spare VM"
         pods.append(pod)
         cids.append(cid)
     ips, macs, uuids = set(), set(), set()
     for i, (pod, cid) in enumerate(zip(pods, cids)):
-        ip = pod_ip(d, pod)
+        ip = d.pod_ip(pod)
         ips.add(ip)
         assert http_get(f"http://{ip}/") == f"hi from pooled{i}\n"
         assert http_get(f"http://127.0.0.1:{18940 + i}/") == f"hi from pooled{i}\n"
@@ -94,18 +82,18 @@ def test_pods_take_spare_vms_and_spares_leave_nothing(pool_daemon, pushed, cni_e
         macs.add(mac)
     assert len(ips) == len(macs) == len(uuids) == 2
 
-    refilled = wait_pool(d)  # two new spares besides the two pods
+    refilled = ready_spares(d)  # two new spares besides the two pods
     assert len(refilled - spares) == POOL
     # The refills have the image the pods ran plugged already: a pod of it
     # creates its container without a hot-plug (and the guest's disk scan).
-    pod, cid = run_pod(d, image, "preplugged", "exec sleep 600")
+    pod, cid = d.run_pod(image, "preplugged", "exec sleep 600")
     assert pod[:16] in refilled
     (created,) = [e for e in d.events("container created") if e["container"] == cid]
     assert created["hotplugged"] is False, created
-    remove_pod(d, pod)
-    refilled = wait_pool(d)
+    d.remove_pod(pod)
+    refilled = ready_spares(d)
     for pod in pods:
-        remove_pod(d, pod)
+        d.remove_pod(pod)
     # A pod that does not fit the spares' shape boots its own VM.
     big = cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name="big", uid="uid-big", namespace="net"),
@@ -113,7 +101,7 @@ def test_pods_take_spare_vms_and_spares_leave_nothing(pool_daemon, pushed, cni_e
             memory_limit_in_bytes=300 << 20)))
     pod = d.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=big)).pod_sandbox_id
     assert pod[:16] not in refilled and pool(d)["ready"] == POOL
-    remove_pod(d, pod)
+    d.remove_pod(pod)
 
     d.stop()  # spares are in no record: a stop removes them
     assert not daemon_qemus(d)
@@ -126,13 +114,13 @@ def test_pods_take_spare_vms_and_spares_leave_nothing(pool_daemon, pushed, cni_e
 
 def test_spares_of_a_killed_daemon_are_removed_at_its_restart(pool_daemon, cni_env):
     d = pool_daemon
-    old = wait_pool(d)
+    old = ready_spares(d)
     old_pids = daemon_qemus(d)
     assert len(old_pids) == POOL
     d.kill9()  # the spares' VMs keep running, in no record
     assert daemon_qemus(d) == old_pids
     d.start()
-    new = wait_pool(d)
+    new = ready_spares(d)
     assert not old & new, "a spare from before the kill survived the restart"
     assert not old_pids & daemon_qemus(d)
     netns = state(cni_env[1])["netns"]

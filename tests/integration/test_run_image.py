@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import hyperrun
 from hyperrun.sample_images import LAYERED_EXPECT
 
 
@@ -17,35 +16,29 @@ def root(tmp_path, monkeypatch, vm_assets):
     return tmp_path / "root"
 
 
-def run_ok(*args, input=None):
-    r = hyperrun(*args, input=input)
-    assert r.returncode == 0, r
-    return r.stdout.decode()
-
-
-def test_pull_then_run_applies_image_config(pushed, root, no_leaks):
+def test_pull_then_run_applies_image_config(cli, pushed, root, no_leaks):
     ref = pushed.ref("busybox-config:latest")
-    out = run_ok("pull", ref)
+    out = cli.out("pull", ref)
     assert pushed.digests["busybox-config:latest"] in out
     # Entrypoint sh -c, Cmd echo ..., Env GREETING, WorkingDir, User user:users.
-    assert run_ok("run", ref) == "hello from /home/user as 1000:100\n"
+    assert cli.out("run", ref) == "hello from /home/user as 1000:100\n"
     # Overrides: a command, env, workdir and user of our own.
-    assert run_ok("run", "-e", "GREETING=hi", "-w", "/tmp", "-u", "0", ref,
-                  'echo "$GREETING $(pwd) $(id -u)"') == "hi /tmp 0\n"
-    assert run_ok("run", "--entrypoint", "cat", ref, "/etc/hyperrun-test") == "busybox\n"
+    assert cli.out("run", "-e", "GREETING=hi", "-w", "/tmp", "-u", "0", ref,
+                   'echo "$GREETING $(pwd) $(id -u)"') == "hi /tmp 0\n"
+    assert cli.out("run", "--entrypoint", "cat", ref, "/etc/hyperrun-test") == "busybox\n"
 
 
-def test_exit_codes_and_writes_stay_in_the_container(pushed, root, no_leaks):
+def test_exit_codes_and_writes_stay_in_the_container(cli, pushed, root, no_leaks):
     ref = pushed.ref("busybox:latest")
-    r = hyperrun("run", ref, "sh", "-c", "echo x > /etc/new; cat /etc/new; exit 7")
+    r = cli("run", ref, "sh", "-c", "echo x > /etc/new; cat /etc/new; exit 7")
     assert (r.returncode, r.stdout) == (7, b"x\n"), r
     # A new container starts from the image again, not from the last one's writes.
-    r = hyperrun("run", ref, "cat", "/etc/new")
+    r = cli("run", ref, "cat", "/etc/new")
     assert r.returncode == 1 and b"No such file" in r.stderr
-    assert hyperrun("run", ref, "/nope").returncode == 127
+    assert cli("run", ref, "/nope").returncode == 127
 
 
-def test_layers_whiteouts_and_opaque_dirs(pushed, root):
+def test_layers_whiteouts_and_opaque_dirs(cli, pushed, root):
     checks = []
     for path, want in LAYERED_EXPECT.items():
         if want is None:
@@ -56,64 +49,65 @@ def test_layers_whiteouts_and_opaque_dirs(pushed, root):
             checks.append(f'[ "$(readlink /{path})" = "{want[8:]}" ] || echo "BAD {path} link"')
         else:
             checks.append(f'[ "$(cat /{path})" = "{want.rstrip()}" ] || echo "BAD {path} content"')
-    out = run_ok("run", pushed.ref("layered:latest"), "sh", "-c", "; ".join(checks) + "; echo done")
+    out = cli.out("run", pushed.ref("layered:latest"), "sh", "-c",
+                  "; ".join(checks) + "; echo done")
     assert out == "done\n", out
 
 
-def test_platform_from_index(pushed, root):
-    assert run_ok("run", pushed.ref("multi:latest"), "cat", "/etc/hyperrun-test") == "amd64\n"
-    r = hyperrun("pull", "--platform", "linux/s390x", pushed.ref("multi:latest"))
+def test_platform_from_index(cli, pushed, root):
+    assert cli.out("run", pushed.ref("multi:latest"), "cat", "/etc/hyperrun-test") == "amd64\n"
+    r = cli("pull", "--platform", "linux/s390x", pushed.ref("multi:latest"))
     assert r.returncode != 0 and b"linux/amd64" in r.stderr, r
 
 
-def test_second_container_reuses_the_prepared_rootfs(pushed, root):
-    r = hyperrun("run", pushed.ref("busybox:latest"), "true")
+def test_second_container_reuses_the_prepared_rootfs(cli, pushed, root):
+    r = cli("run", pushed.ref("busybox:latest"), "true")
     assert r.returncode == 0
     (rootfs,) = list((root / "rootfs").glob("*.erofs"))
     before = rootfs.stat()
-    assert run_ok("run", pushed.ref("busybox:latest"), "echo", "again") == "again\n"
+    assert cli.out("run", pushed.ref("busybox:latest"), "echo", "again") == "again\n"
     after = rootfs.stat()
     assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
     assert not any((root / "tmp").iterdir())
     assert not list(Path("/dev/shm").glob("hyperrun-unpack-*"))
 
 
-def test_images_rmi_and_gc(pushed, root):
+def test_images_rmi_and_gc(cli, pushed, root):
     ref = pushed.ref("busybox:latest")
-    run_ok("pull", ref)
-    listing = run_ok("images")
+    cli.out("pull", ref)
+    listing = cli.out("images")
     assert f"{pushed.registry.host}/busybox" in listing and "latest" in listing
     blobs = root / "content" / "blobs" / "sha256"
     assert any(blobs.iterdir())
-    out = run_ok("rmi", ref)
+    out = cli.out("rmi", ref)
     assert "Untagged" in out and "Deleted" in out
     assert not any(blobs.iterdir())
-    r = hyperrun("rmi", ref)
+    r = cli("rmi", ref)
     assert r.returncode != 0 and b"no such image" in r.stderr
 
 
-def test_load_docker_archive_and_oci_layout(images, root, tmp_path):
+def test_load_docker_archive_and_oci_layout(cli, images, root, tmp_path):
     archive = tmp_path / "busybox.tar"
     subprocess.run(["skopeo", "copy", "-q", f"oci:{images.layout.path}:{images.busybox}",
                     f"docker-archive:{archive}:example.com/team/busybox:1.0"], check=True)
-    out = run_ok("load", "-i", str(archive))
+    out = cli.out("load", "-i", str(archive))
     assert "example.com/team/busybox:1.0" in out
-    assert run_ok("run", "example.com/team/busybox:1.0", "cat", "/etc/hyperrun-test") == "busybox\n"
-    layout_out = run_ok("load", "-i", str(images.layout.path))
+    assert cli.out("run", "example.com/team/busybox:1.0", "cat", "/etc/hyperrun-test") == "busybox\n"
+    layout_out = cli.out("load", "-i", str(images.layout.path))
     assert "Loaded image" in layout_out
     # The same layout as a tar (as `docker save` of recent Docker writes).
     layout_tar = tmp_path / "layout.tar"
     subprocess.run(["tar", "-C", str(images.layout.path), "-cf", str(layout_tar), "."], check=True)
-    assert "Loaded image" in run_ok("load", "-i", str(layout_tar))
-    r = hyperrun("load", "-i", str(tmp_path / "missing.tar"))
+    assert "Loaded image" in cli.out("load", "-i", str(layout_tar))
+    r = cli("load", "-i", str(tmp_path / "missing.tar"))
     assert r.returncode != 0 and b"no such file" in r.stderr
 
 
-def test_debian_image(debian, root, no_leaks):
+def test_debian_image(cli, debian, root, no_leaks):
     """An image made with debootstrap --variant=minbase runs in a VM."""
-    assert run_ok("run", debian, "cat", "/etc/debian_version").startswith("12.")
-    assert run_ok("run", debian, "python3", "-c", "print(1)") == "1\n"
-    assert run_ok("run", debian, "bash", "-c", "ls /usr/share/doc | wc -l").strip() != "0"
+    assert cli.out("run", debian, "cat", "/etc/debian_version").startswith("12.")
+    assert cli.out("run", debian, "python3", "-c", "print(1)") == "1\n"
+    assert cli.out("run", debian, "bash", "-c", "ls /usr/share/doc | wc -l").strip() != "0"
 
 
 @pytest.mark.parametrize("entries", [
@@ -122,7 +116,7 @@ def test_debian_image(debian, root, no_leaks):
     [("evil", "symlink:/etc"), ("evil/pwned", "file")],
     [("hard", "hardlink:../../outside")],
 ], ids=["dotdot", "absolute", "symlink-escape", "hardlink-outside"])
-def test_hostile_layer_is_refused_and_store_unchanged(entries, images, registry, root, tmp_path):
+def test_hostile_layer_is_refused_and_store_unchanged(cli, entries, images, registry, root, tmp_path):
     import io
     import tarfile
 
@@ -150,17 +144,17 @@ def test_hostile_layer_is_refused_and_store_unchanged(entries, images, registry,
 
     # The store holds one good image before.
     good = registry.push(layout.path, images.busybox, "good:latest")
-    run_ok("pull", registry.ref("good:latest"))
+    cli.out("pull", registry.ref("good:latest"))
     blobs = root / "content" / "blobs" / "sha256"
     before = sorted(p.name for p in blobs.iterdir())
 
-    r = hyperrun("pull", registry.ref(f"hostile:{tag}"))
+    r = cli("pull", registry.ref(f"hostile:{tag}"))
     assert r.returncode != 0
     assert b"Traceback" not in r.stderr, r.stderr
     assert entries[-1][0].encode() in r.stderr, r.stderr  # the error names the entry
     assert sorted(p.name for p in blobs.iterdir()) == before
     assert not (tmp_path.parent / "escape").exists() and not Path("/etc/absolute").exists()
     assert not Path("/etc/pwned").exists()
-    images_out = run_ok("images")
+    images_out = cli.out("images")
     assert "hostile" not in images_out and "good" in images_out
     assert good

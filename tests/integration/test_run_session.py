@@ -10,25 +10,19 @@ import subprocess
 import pytest
 
 from hyperrun.proto import cri_api_pb2 as cri
-from tests.conftest import HYPERRUN, in_terminal, qemu_pids
-from tests.integration.test_cri import daemon  # noqa: F401 (a fixture)
-from tests.integration.test_network_host import wait_until
+from tests.framework import qemu_pids, wait_until
+from tests.framework.cli import TERM_TRAP
 
 
 @pytest.fixture
-def image(daemon, pushed):  # noqa: F811
+def image(daemon, pushed):
     ref = pushed.ref("busybox:latest")
-    daemon.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=ref)))
+    daemon.pull(ref)
     return ref
 
 
-def env(d) -> dict:
-    return {**d.env, "HYPERRUN_SOCKET": str(d.socket)}
-
-
 def run(d, *args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([HYPERRUN, "run", *args], env=env(d), capture_output=True,
-                          timeout=120, **kw)
+    return d.cli("run", *args, **kw)
 
 
 def pods_and_containers(d) -> tuple[int, int]:
@@ -37,7 +31,7 @@ def pods_and_containers(d) -> tuple[int, int]:
 
 
 @pytest.mark.kvm
-def test_stdin_exit_codes_and_errors(daemon, image):  # noqa: F811
+def test_stdin_exit_codes_and_errors(daemon, image):
     d = daemon
     r = run(d, "--rm", "-i", image, "sh", "-c", "cat; exit 3", input=b"abc\n")
     assert (r.returncode, r.stdout) == (3, b"abc\n"), r
@@ -58,54 +52,47 @@ def test_stdin_exit_codes_and_errors(daemon, image):  # noqa: F811
     assert c.state == cri.CONTAINER_EXITED
 
 
-def test_terminal(daemon, image):  # noqa: F811
+def test_terminal(daemon, image):
     """-t: a pty of the local terminal's size from the first instant; -i
     with it: what is typed reaches the container's shell."""
-    code, out = in_terminal(["run", "--rm", "-it", image, "sh"], 33, 101, env=env(daemon),
-                            answer=lambda out: b"#" in out and b"tty; stty size; exit 6\n")
+    code, out = daemon.cli.terminal(["run", "--rm", "-it", image, "sh"], 33, 101,
+                                    answer=lambda out: b"#" in out and b"tty; stty size; exit 6\n")
     assert code == 6, out
     assert b"/dev/pts/0" in out and b"33 101" in out, out
 
 
-def test_signals_stop_the_container(daemon, image):  # noqa: F811
+def test_signals_stop_the_container(daemon, image):
     """SIGINT to `hyperrun run` stops the container (its stop signal:
     SIGTERM), as Docker's sig-proxy."""
-    proc = subprocess.Popen([HYPERRUN, "run", "--rm", image, "sh", "-c",
-                             "trap 'echo got TERM; exit 7' TERM; echo ready; "
-                             "while true; do sleep 0.1; done"],
-                            env=env(daemon), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout.readline() == b"ready\n"
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert (proc.returncode, out) == (7, b"got TERM\n"), err
+    r = daemon.cli.signalled(signal.SIGINT, "run", "--rm", image, "sh", "-c", TERM_TRAP)
+    assert (r.returncode, r.stdout) == (7, b"got TERM\n"), r.stderr
     assert pods_and_containers(daemon) == (0, 0)
 
 
-def test_a_cli_that_goes_away(daemon, image):  # noqa: F811
+def test_a_cli_that_goes_away(daemon, image):
     """Killed after its container started, the run goes on in the daemon
     and --rm still removes it at the end; killed while its VM starts, the
     run ends there and its pod goes, with or without --rm."""
     d = daemon
     vms = d.base / "run"
-    proc = subprocess.Popen([HYPERRUN, "run", "--rm", image, "sh", "-c", "echo up; sleep 2"],
-                            env=env(d), stdout=subprocess.PIPE)
+    proc = d.cli.popen("run", "--rm", image, "sh", "-c", "echo up; sleep 2", stdout=subprocess.PIPE)
     assert proc.stdout.readline() == b"up\n"
     proc.kill()
     proc.wait()
     assert pods_and_containers(d) == (1, 1)  # still running
-    assert wait_until(lambda: pods_and_containers(d) == (0, 0), 30), "the run was not removed"
-    assert wait_until(lambda: not qemu_pids(vms), 10)
-    proc = subprocess.Popen([HYPERRUN, "run", image, "sleep", "600"], env=env(d))
-    assert wait_until(lambda: qemu_pids(vms), 30, interval=0.02), "no VM was started"
+    wait_until(lambda: pods_and_containers(d) == (0, 0), 30, "the run removed")
+    wait_until(lambda: not qemu_pids(vms), 10, "its VM gone")
+    proc = d.cli.popen("run", image, "sleep", "600")
+    wait_until(lambda: qemu_pids(vms), 30, "a VM started", interval=0.02)
     proc.kill()
     proc.wait()
-    assert wait_until(lambda: pods_and_containers(d) == (0, 0) and not qemu_pids(vms), 60), \
-        "the pod of a run whose CLI went away before its start stayed"
+    wait_until(lambda: pods_and_containers(d) == (0, 0) and not qemu_pids(vms), 60,
+               "the pod of a run whose CLI went away before its start removed")
 
 
-def test_vm_killed_mid_run_is_reported(daemon, image):  # noqa: F811
-    proc = subprocess.Popen([HYPERRUN, "run", "--rm", image, "sh", "-c", "echo up; sleep 600"],
-                            env=env(daemon), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def test_vm_killed_mid_run_is_reported(daemon, image):
+    proc = daemon.cli.popen("run", "--rm", image, "sh", "-c", "echo up; sleep 600",
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.readline() == b"up\n"
     (qemu,) = qemu_pids(daemon.base / "run")
     os.kill(qemu, signal.SIGKILL)
@@ -115,13 +102,13 @@ def test_vm_killed_mid_run_is_reported(daemon, image):  # noqa: F811
     assert pods_and_containers(daemon) == (0, 0)
 
 
-def test_a_slow_reader_gets_every_byte(daemon, image):  # noqa: F811
+def test_a_slow_reader_gets_every_byte(daemon, image):
     """`hyperrun run IMAGE ... | slow`: the container's output waits for the
     pipe, as an attached `docker run`'s does (a CRI attach session that
     falls that far behind is ended instead; the log keeps everything)."""
     size = 20_000_000
-    run_ = subprocess.Popen([HYPERRUN, "run", "--rm", image, "head", "-c", str(size), "/dev/zero"],
-                            env=env(daemon), stdout=subprocess.PIPE)
+    run_ = daemon.cli.popen("run", "--rm", image, "head", "-c", str(size), "/dev/zero",
+                            stdout=subprocess.PIPE)
     reader = subprocess.run(["sh", "-c", "sleep 3; wc -c"], stdin=run_.stdout,
                             capture_output=True, timeout=120)
     run_.stdout.close()
@@ -129,31 +116,26 @@ def test_a_slow_reader_gets_every_byte(daemon, image):  # noqa: F811
     assert int(reader.stdout) == size
 
 
-def test_exec_streams_output_takes_a_terminal_and_names_bad_ids(daemon, image):  # noqa: F811
+def test_exec_streams_output_takes_a_terminal_and_names_bad_ids(daemon, image):
     """`hyperrun exec` is a session too: the output as it comes (not at the
     exit), -it on a pty of the local size, a clear error for a bad id."""
     d = daemon
-    cid = subprocess.run([HYPERRUN, "run", "-d", image, "sleep", "600"], env=env(d),
-                         capture_output=True, check=True, timeout=120).stdout.decode().strip()
-    proc = subprocess.Popen([HYPERRUN, "exec", cid[:12], "sh", "-c", "echo first; sleep 30"],
-                            env=env(d), stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout.readline() == b"first\n"  # while the process still runs
-        assert proc.poll() is None
-    finally:
-        proc.kill()
-        proc.wait()
-    code, out = in_terminal(["exec", "-it", cid[:12], "sh"], 33, 101, env=env(d),
-                            answer=lambda out: b"#" in out and b"stty size; exit 6\n")
+    cid = d.cli("run", "-d", image, "sleep", "600", check=True).stdout.decode().strip()
+    proc = d.cli.popen("exec", cid[:12], "sh", "-c", "echo first; sleep 30", stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"first\n"  # while the process still runs
+    assert proc.poll() is None
+    proc.kill()
+    proc.wait()
+    code, out = d.cli.terminal(["exec", "-it", cid[:12], "sh"], 33, 101,
+                               answer=lambda out: b"#" in out and b"stty size; exit 6\n")
     assert code == 6 and b"33 101" in out, out
-    r = subprocess.run([HYPERRUN, "exec", "nosuch", "true"], env=env(d), capture_output=True)
+    r = d.cli("exec", "nosuch", "true")
     assert (r.returncode, r.stderr) == (1, b"hyperrun: no container 'nosuch'\n")
-    r = subprocess.run([HYPERRUN, "exec", cid[:12], "/no/such/binary"], env=env(d),
-                       capture_output=True)
+    r = d.cli("exec", cid[:12], "/no/such/binary")
     assert r.returncode == 127, r
 
 
-def test_a_pull_shows_its_progress_on_a_terminal(daemon, pushed):  # noqa: F811
+def test_a_pull_shows_its_progress_on_a_terminal(daemon, pushed):
     """The daemon's pull, for `hyperrun pull` and for a `run` whose image is
     missing, shows its layers on the CLI's terminal, as a pull without a
     daemon does; on a pipe, nothing but the digest."""
@@ -173,13 +155,13 @@ def test_a_pull_shows_its_progress_on_a_terminal(daemon, pushed):  # noqa: F811
     events = [json.loads(p) for k, p in frames if k == session.PROGRESS]
     layers = {e["digest"] for e in events if e["op"] == "start"}
     assert layers and layers == {e["digest"] for e in events if e["op"] == "finish"}, events
-    r = subprocess.run([HYPERRUN, "rmi", ref], env=env(d), capture_output=True)
+    r = d.cli("rmi", ref)
     assert r.returncode == 0, r
     layer = next(iter(layers)).split(":")[1][:12]
-    code, out = in_terminal(["pull", ref], 24, 100, env=env(d))
+    code, out = d.cli.terminal(["pull", ref], 24, 100)
     assert code == 0 and layer.encode() in out and b"Digest: sha256:" in out, out
-    subprocess.run([HYPERRUN, "rmi", ref], env=env(d), capture_output=True, check=True)
-    code, out = in_terminal(["run", "--rm", ref, "echo", "ran"], 24, 100, env=env(d))
+    d.cli("rmi", ref, check=True)
+    code, out = d.cli.terminal(["run", "--rm", ref, "echo", "ran"], 24, 100)
     assert code == 0 and layer.encode() in out and out.rstrip().endswith(b"ran"), out
-    r = subprocess.run([HYPERRUN, "pull", ref], env=env(d), capture_output=True)
+    r = d.cli("pull", ref)
     assert r.returncode == 0 and r.stdout.startswith(b"Digest: sha256:") and r.stderr == b"", r

@@ -12,10 +12,8 @@ HYPERRUN_SOAK_LIFECYCLES (default 200) and HYPERRUN_SOAK_TIMEOUT (seconds,
 default 1800) change the bounds."""
 import os
 import queue
-import shutil
 import stat
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,9 +24,9 @@ import pytest
 from hyperrun.proto import cri_api_pb2 as cri
 from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
 from tests.conftest import REPORTS
-from tests.integration.test_cri import Daemon
+from tests.framework import Daemon
+from tests.framework.cni import cni_network
 from tests.integration.test_faults import NOTHING, leftovers
-from tests.integration.test_network import cni_network
 
 LIFECYCLES = int(os.environ.get("HYPERRUN_SOAK_LIFECYCLES", "200"))
 TIMEOUT_S = float(os.environ.get("HYPERRUN_SOAK_TIMEOUT", "1800"))
@@ -53,18 +51,10 @@ def soak_net(tmp_path_factory):
 
 
 @pytest.fixture
-def soak_daemon(vm_assets, soak_net):
-    base = Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp"))
-    (base / "config.toml").write_text("[sandbox]\ntemplate = true\n")
-    templates = Path(tempfile.mkdtemp(prefix="hr-tpl-", dir="/dev/shm"))
+def soak_daemon(daemon_factory, soak_net):
     args = ("--network", "cni", "--cni-conf-dir", str(soak_net[0])) if soak_net \
         else ("--network", "user")
-    d = Daemon(base, args)
-    d.env.update(HYPERRUN_CONFIG=str(base / "config.toml"), HYPERRUN_TEMPLATES=str(templates))
-    d.start()
-    yield d
-    d.close()
-    shutil.rmtree(templates, ignore_errors=True)
+    return daemon_factory(*args, template=True)
 
 
 def _status_kib(pid: int, field: str) -> int:
@@ -122,7 +112,7 @@ def test_soak(soak_daemon, soak_net, pushed):
     d = soak_daemon
     leases = soak_net[1] if soak_net else d.base / "no-leases"
     image = pushed.ref("busybox:latest")
-    d.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
+    d.pull(image)
     channels = [grpc.insecure_channel(f"unix://{d.socket}") for _ in range(CLIENTS)]
     clients = [cri_grpc.RuntimeServiceStub(c) for c in channels]
     pods: list[str] = []

@@ -2,44 +2,30 @@
 they answer, and each is its own machine — its RNG reseeded (clones of one
 template would otherwise hand out the same random numbers), its clock set,
 its own MAC and address — and nothing is left behind."""
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-from hyperrun.proto import cri_api_pb2 as cri
-from tests.conftest import qemu_pids
-from tests.integration.test_cri import Daemon
-from tests.integration.test_network import cni_env, exec_sync, http_get, pod_ip, remove_pod, run_pod  # noqa: F401
+from tests.framework import Daemon, qemu_pids
+from tests.framework.host import http_get
 
 HTTPD = "mkdir -p /www && echo hi from $(hostname) > /www/index.html && exec httpd -f -p 80 -h /www"
 
 
 @pytest.fixture
-def tpl_daemon(vm_assets, cni_env, tmp_path):
-    base = Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp"))
-    (base / "config.toml").write_text("[sandbox]\ntemplate = true\n")
-    templates = Path(tempfile.mkdtemp(prefix="hr-tpl-", dir="/dev/shm"))
-    d = Daemon(base, ("--network", "cni", "--cni-conf-dir", str(cni_env[0])))
-    d.env.update(HYPERRUN_CONFIG=str(base / "config.toml"), HYPERRUN_TEMPLATES=str(templates))
-    d.start()
-    d.templates = templates
-    yield d
-    d.close()
-    shutil.rmtree(templates, ignore_errors=True)
+def tpl_daemon(daemon_factory, cni_env):
+    return daemon_factory("--network", "cni", "--cni-conf-dir", str(cni_env[0]), template=True)
 
 
 @pytest.mark.kvm
 def test_clones_of_one_template_are_distinct_machines(tpl_daemon, pushed):
     d = tpl_daemon
     image = pushed.ref("busybox:latest")
-    d.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
+    d.pull(image)
     before = qemu_pids(d.base / "run")  # this daemon's VMs only
     pods, cids = [], []
     for i in range(3):
-        pod, cid = run_pod(d, image, f"clone{i}", HTTPD, hostname=f"clone{i}")
+        pod, cid = d.run_pod(image, f"clone{i}", HTTPD, hostname=f"clone{i}")
         pods.append(pod)
         cids.append(cid)
         if i == 0:
@@ -51,7 +37,7 @@ def test_clones_of_one_template_are_distinct_machines(tpl_daemon, pushed):
         assert "-incoming" in argv and any(f"mem-path={template}/mem" in a for a in argv)
     ips, macs, uuids = set(), set(), set()
     for pod, cid in zip(pods, cids):
-        ip = pod_ip(d, pod)
+        ip = d.pod_ip(pod)
         ips.add(ip)
         assert http_get(f"http://{ip}/") == f"hi from {pod_name(d, pod)}\n"
         uuid, mac = identity(d, cid)
@@ -59,8 +45,8 @@ def test_clones_of_one_template_are_distinct_machines(tpl_daemon, pushed):
         macs.add(mac)
     assert len(ips) == len(macs) == len(uuids) == 3
     for pod in pods:
-        remove_pod(d, pod)
-    assert not list((d.base / "run" / "sandboxes").iterdir())
+        d.remove_pod(pod)
+    assert not list(d.run_dir.iterdir())
 
 
 def identity(d: Daemon, cid: str) -> tuple[str, str]:
@@ -68,8 +54,8 @@ def identity(d: Daemon, cid: str) -> tuple[str, str]:
     must have been set (a clone wakes up with the template's). The
     container's programs, its init and an exec, have randomised maps
     although the agent starts crun with fixed ones under TCG."""
-    code, out = exec_sync(d, cid, "cat /proc/sys/kernel/random/uuid /sys/class/net/eth0/address;"
-                                  " date +%s; cat /proc/1/personality /proc/self/personality")
+    code, out = d.exec_sync(cid, "cat /proc/sys/kernel/random/uuid /sys/class/net/eth0/address;"
+                                 " date +%s; cat /proc/1/personality /proc/self/personality")
     assert code == 0, out
     uuid, mac, clock, init_persona, exec_persona = out.split()
     assert abs(int(clock) - time.time()) < 30, "the clock was not set"
@@ -78,5 +64,4 @@ def identity(d: Daemon, cid: str) -> tuple[str, str]:
 
 
 def pod_name(d: Daemon, pod: str) -> str:
-    return d.runtime.PodSandboxStatus(
-        cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status.metadata.name
+    return d.pod(pod).metadata.name

@@ -18,17 +18,21 @@ from hyperrun.proto import agent_pb2 as pb  # noqa: E402
 from hyperrun_agent.errors import not_found  # noqa: E402
 from hyperrun_agent.server import Server  # noqa: E402
 from hyperrun_agent.transport import SocketConnection  # noqa: E402
+from tests.framework import await_event, wait_until  # noqa: E402
 
 SERVICE = "hyperrun.agent.v1.Agent"
 
 
 def make_server():
-    release = threading.Event()
+    """(server, release, waiting): WaitProcess blocks in the server until
+    release is set; waiting is set once a WaitProcess is in its handler."""
+    release, waiting = threading.Event(), threading.Event()
 
     def health(req):
         return pb.HealthResponse(status=pb.HealthResponse.SERVING)
 
     def slow_wait(req):
+        waiting.set()
         release.wait(10)
         return pb.WaitProcessResponse(exit_code=int(req.exec_id or 0))
 
@@ -44,7 +48,7 @@ def make_server():
         "RemoveContainer": (pb.ContainerRequest, missing),
         "StartContainer": (pb.ContainerRequest, crash),
     })
-    return server, release
+    return server, release, waiting
 
 
 def serve_in_thread(server, sock):
@@ -52,6 +56,12 @@ def serve_in_thread(server, sock):
     t = threading.Thread(target=server.serve, args=(conn,), daemon=True)
     t.start()
     return t
+
+
+async def in_handler(waiting: threading.Event) -> None:
+    """Until the server runs the WaitProcess handler (on its thread)."""
+    await asyncio.to_thread(wait_until, waiting.is_set, 5, "WaitProcess in the server's handler",
+                            interval=0.01)
 
 
 async def connected_client(sock):
@@ -72,77 +82,71 @@ def test_frame_roundtrip_and_limits():
         frame.Decoder().feed(b"\x00\x00\x00\x00\x00\x00\x00\x01\x09\x00")
 
 
-def test_calls_multiplex_and_errors():
-    async def main():
-        server, release = make_server()
-        host, guest = socket.socketpair()
-        serve_in_thread(server, guest)
-        client = await connected_client(host)
-        # A blocked call does not hold up the ones after it.
-        slow = asyncio.create_task(client.call(SERVICE, "WaitProcess",
-                                               pb.ProcessRequest(exec_id="42"), pb.WaitProcessResponse))
-        await asyncio.sleep(0.05)
-        t0 = time.monotonic()
-        for _ in range(20):
-            resp = await client.call(SERVICE, "Health", pb.HealthRequest(), pb.HealthResponse)
-            assert resp.status == pb.HealthResponse.SERVING
-        assert not slow.done()
-        assert time.monotonic() - t0 < 5
-        release.set()
-        assert (await slow).exit_code == 42
+async def test_calls_multiplex_and_errors():
+    server, release, waiting = make_server()
+    host, guest = socket.socketpair()
+    serve_in_thread(server, guest)
+    client = await connected_client(host)
+    # A blocked call does not hold up the ones after it.
+    slow = asyncio.create_task(client.call(SERVICE, "WaitProcess",
+                                           pb.ProcessRequest(exec_id="42"), pb.WaitProcessResponse))
+    await in_handler(waiting)
+    t0 = time.monotonic()
+    for _ in range(20):
+        resp = await client.call(SERVICE, "Health", pb.HealthRequest(), pb.HealthResponse)
+        assert resp.status == pb.HealthResponse.SERVING
+    assert not slow.done()
+    assert time.monotonic() - t0 < 5
+    release.set()
+    assert (await slow).exit_code == 42
 
-        with pytest.raises(TtrpcError) as err:
-            await client.call(SERVICE, "RemoveContainer", pb.ContainerRequest(), pb.Empty)
-        assert err.value.code == frame.NOT_FOUND and "not found" in str(err.value)
-        with pytest.raises(TtrpcError) as err:
-            await client.call(SERVICE, "StartContainer", pb.ContainerRequest(), pb.Empty)
-        assert err.value.code == frame.INTERNAL and "boom" in str(err.value)
-        with pytest.raises(TtrpcError) as err:
-            await client.call(SERVICE, "Nope", pb.Empty(), pb.Empty)
-        assert err.value.code == frame.UNIMPLEMENTED
-        await client.close()
-    asyncio.run(main())
+    with pytest.raises(TtrpcError) as err:
+        await client.call(SERVICE, "RemoveContainer", pb.ContainerRequest(), pb.Empty)
+    assert err.value.code == frame.NOT_FOUND and "not found" in str(err.value)
+    with pytest.raises(TtrpcError) as err:
+        await client.call(SERVICE, "StartContainer", pb.ContainerRequest(), pb.Empty)
+    assert err.value.code == frame.INTERNAL and "boom" in str(err.value)
+    with pytest.raises(TtrpcError) as err:
+        await client.call(SERVICE, "Nope", pb.Empty(), pb.Empty)
+    assert err.value.code == frame.UNIMPLEMENTED
+    await client.close()
 
 
-def test_pending_call_fails_when_peer_goes_away():
-    async def main():
-        server, release = make_server()
-        host, guest = socket.socketpair()
-        serve_in_thread(server, guest)
-        client = await connected_client(host)
-        pending = asyncio.create_task(client.call(SERVICE, "WaitProcess", pb.ProcessRequest(),
-                                                  pb.WaitProcessResponse))
-        await asyncio.sleep(0.05)
-        guest.shutdown(socket.SHUT_RDWR)
-        with pytest.raises(ConnectionLost):
-            await asyncio.wait_for(pending, 5)
-        release.set()
-        await client.close()
-    asyncio.run(main())
+async def test_pending_call_fails_when_peer_goes_away():
+    server, release, waiting = make_server()
+    host, guest = socket.socketpair()
+    serve_in_thread(server, guest)
+    client = await connected_client(host)
+    pending = asyncio.create_task(client.call(SERVICE, "WaitProcess", pb.ProcessRequest(),
+                                              pb.WaitProcessResponse))
+    await in_handler(waiting)  # pending: sent, and not answered
+    guest.shutdown(socket.SHUT_RDWR)
+    with pytest.raises(ConnectionLost):
+        await await_event(pending, 5, "the pending call ended by the lost connection")
+    release.set()
+    await client.close()
 
 
-def test_call_timeout_stays_a_timeout():
+async def test_call_timeout_stays_a_timeout():
     """A peer that is slow to answer is not a lost channel: the call
     raises TimeoutError (an OSError since 3.11, which once turned it into
     ConnectionLost with an empty message), and the session stays usable."""
-    async def main():
-        server, release = make_server()
-        host, guest = socket.socketpair()
-        serve_in_thread(server, guest)
-        client = await connected_client(host)
-        with pytest.raises(TimeoutError, match="WaitProcess: no reply within 0.2s") as err:
-            await client.call(SERVICE, "WaitProcess", pb.ProcessRequest(),
-                              pb.WaitProcessResponse, timeout=0.2)
-        assert not isinstance(err.value, ConnectionLost)
-        release.set()
-        assert client.connected
-        resp = await client.call(SERVICE, "Health", pb.HealthRequest(), pb.HealthResponse, 5)
-        assert resp.status == pb.HealthResponse.SERVING
-        await client.close()
-    asyncio.run(main())
+    server, release, waiting = make_server()
+    host, guest = socket.socketpair()
+    serve_in_thread(server, guest)
+    client = await connected_client(host)
+    with pytest.raises(TimeoutError, match="WaitProcess: no reply within 0.2s") as err:
+        await client.call(SERVICE, "WaitProcess", pb.ProcessRequest(),
+                          pb.WaitProcessResponse, timeout=0.2)
+    assert not isinstance(err.value, ConnectionLost)
+    release.set()
+    assert client.connected
+    resp = await client.call(SERVICE, "Health", pb.HealthRequest(), pb.HealthResponse, 5)
+    assert resp.status == pb.HealthResponse.SERVING
+    await client.close()
 
 
-def test_serial_agent_wait_reconnects_after_a_silent_session(tmp_path, monkeypatch):
+async def test_serial_agent_wait_reconnects_after_a_silent_session(tmp_path, monkeypatch):
     """A serial channel whose first session is never read (QEMU dropped
     the guest's port-open message) is given up after one health attempt
     and a new connection is answered."""
@@ -156,7 +160,7 @@ def test_serial_agent_wait_reconnects_after_a_silent_session(tmp_path, monkeypat
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(path))
     listener.listen(4)
-    server, _release = make_server()
+    server, _, _ = make_server()
     sessions = []
 
     def accept():
@@ -170,33 +174,29 @@ def test_serial_agent_wait_reconnects_after_a_silent_session(tmp_path, monkeypat
     vm = SimpleNamespace(id="test", config=SimpleNamespace(channel=SimpleNamespace(kind="serial")),
                          agent_socket=path)
 
-    async def main():
-        sandbox = sandbox_mod.Sandbox(vm, AgentClient("agent-test"))
-        assert await sandbox._connect_agent(timeout=10)
-        await sandbox.agent.close()
-    asyncio.run(main())
+    sandbox = sandbox_mod.Sandbox(vm, AgentClient("agent-test"))
+    assert await sandbox._connect_agent(timeout=10)
+    await sandbox.agent.close()
     assert len(sessions) == 2
     listener.close()
 
 
-def test_server_survives_host_reconnect():
+async def test_server_survives_host_reconnect():
     """The same server object serves a second host session after the first
     one disconnects, as the agent does across a daemon restart."""
-    async def main():
-        server, release = make_server()
-        release.set()
-        for _ in range(3):
-            host, guest = socket.socketpair()
-            serve_in_thread(server, guest)
-            client = await connected_client(host)
-            assert (await client.call(SERVICE, "Health", pb.HealthRequest(),
-                                      pb.HealthResponse)).status == 1
-            await client.close()
-    asyncio.run(main())
+    server, release, waiting = make_server()
+    release.set()
+    for _ in range(3):
+        host, guest = socket.socketpair()
+        serve_in_thread(server, guest)
+        client = await connected_client(host)
+        assert (await client.call(SERVICE, "Health", pb.HealthRequest(),
+                                  pb.HealthResponse)).status == 1
+        await client.close()
 
 
 def test_server_ends_session_on_garbage():
-    server, _ = make_server()
+    server, _, _ = make_server()
     host, guest = socket.socketpair()
     t = serve_in_thread(server, guest)
     host.sendall(b"\xff" * 10)

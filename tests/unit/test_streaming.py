@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from hyperrun.api.streaming import (AttachRequestInfo, ExecRequestInfo, InvalidRequest,
                                     PortForwardRequestInfo, StreamingServer)
 from hyperrun.api.streaming.spdy import SPDY_DICTIONARY
+from tests.framework import await_event, wait_until
 
 # ------------------------------------------------------------ fake backend
 
@@ -72,6 +73,7 @@ class FakeBackend:
         self.procs: list[FakeProcess] = []
         self.calls: list[tuple] = []
         self.echo_port = echo_port
+        self.forward_ended = asyncio.Event()  # the echo server saw a connection end
 
     async def exec(self, container_id, cmd, tty, stdin):
         self.calls.append(("exec", container_id, cmd, tty, stdin))
@@ -95,20 +97,22 @@ class FakeBackend:
         return await asyncio.open_connection("127.0.0.1", self.echo_port)
 
 
-async def echo_server():
+async def echo_server(ended: asyncio.Event):
     async def handle(reader, writer):
         while data := await reader.read(65536):
             writer.write(data.upper())
             await writer.drain()
         writer.close()
+        ended.set()
     return await asyncio.start_server(handle, "127.0.0.1", 0)
 
 
 def run(coro_fn, **server_kw):
     """Run coro_fn(server, backend) against a started server."""
     async def main():
-        echo = await echo_server()
-        backend = FakeBackend(echo.sockets[0].getsockname()[1])
+        backend = FakeBackend()
+        echo = await echo_server(backend.forward_ended)
+        backend.echo_port = echo.sockets[0].getsockname()[1]
         async with StreamingServer(backend, **server_kw) as server:
             await asyncio.wait_for(coro_fn(server, backend), 20)
         echo.close()
@@ -274,7 +278,17 @@ def test_from_cri_messages():
         cri.PortForwardRequest(pod_sandbox_id="p", port=[80])) == PortForwardRequestInfo("p", [80])
 
 
-def test_tokens_are_single_use_expire_and_match_their_kind():
+def test_tokens_are_single_use_expire_and_match_their_kind(monkeypatch):
+    # The tokens' clock is the test's: a token expires when the test moves
+    # the clock past its TTL, never because the test ran slowly (a 404
+    # below is then the named rule's, not a late request's).
+    from types import SimpleNamespace
+
+    from hyperrun.api.streaming import server as streaming
+
+    now = [1000.0]
+    monkeypatch.setattr(streaming, "time", SimpleNamespace(monotonic=lambda: now[0]))
+
     async def body(server, backend):
         url = server.register_exec(ExecRequestInfo("c", ["fake", "0"]))
         assert url.startswith(f"http://127.0.0.1:{server.port}/exec/")
@@ -284,7 +298,7 @@ def test_tokens_are_single_use_expire_and_match_their_kind():
         assert status == 404  # used once already
 
         url = server.register_exec(ExecRequestInfo("c", ["fake", "0"]))
-        await asyncio.sleep(0.4)
+        now[0] += 0.2  # the TTL
         assert (await http_get(url))[0] == 404  # expired
 
         url = server.register_exec(ExecRequestInfo("c", ["fake", "0"]))
@@ -409,7 +423,9 @@ def test_spdy_exec_stdin_stdout_stderr_and_exit_code():
         client.send(stdin, b"x" * 40_000)
         while len(client.streams[stdout]["data"]) < 40_009:
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
+        given_back = lambda: client.window_updates.get(stdin, 0) >= 32 * 1024  # noqa: E731
+        await asyncio.to_thread(wait_until, given_back, 5, "the stdin window given back",
+                                interval=0.01)
         assert client.window_updates[stdin] >= 32 * 1024  # stdin window given back
         client.send(stdin, b"", fin=True)
         assert await client.read_all(stdout) == b"line one\n" + b"x" * 40_000
@@ -436,7 +452,9 @@ def test_spdy_tty_resize_and_large_output_without_window_updates():
         await client.replied(error, stdin, stdout, resize)
         client.send(resize, b'{"Width":80,"Height":24}\n{"Width":81,')
         client.send(resize, b'"Height":25}\n')
-        await asyncio.sleep(0.1)
+        # Resized before stdin closes (which ends the process and its resizes).
+        resized = lambda: backend.procs and len(backend.procs[0].resizes) == 2  # noqa: E731
+        await asyncio.to_thread(wait_until, resized, 5, "both resizes taken", interval=0.01)
         client.send(stdin, b"", fin=True)
         # 300 kB through a 64 kB initial window: spdystream never sends
         # WINDOW_UPDATE, and neither do we here
@@ -455,7 +473,9 @@ def test_spdy_v2_reports_failures_as_text_and_waits_for_streams():
         _, headers = await client.connect(url, ["v2.channel.k8s.io"])
         assert headers["x-stream-protocol-version"] == ["v2.channel.k8s.io"]
         error = client.create_stream(streamType="error")
-        await asyncio.sleep(0.1)
+        # The server replies to a stream as it takes it, and decides then
+        # whether it has them all: after the reply, it has decided.
+        await await_event(client.replied(error), 5, "the server's reply to the error stream")
         assert backend.calls == []  # still waiting for stdout and stderr
         stdout = client.create_stream(streamType="stdout")
         stderr = client.create_stream(streamType="stderr")
@@ -538,7 +558,9 @@ def test_websocket_port_forward():
             assert {await ws.recv(), await ws.recv()} == {b"\x00\x90\x1f", b"\x01\x90\x1f"}
             await ws.send(b"\x00ping")
             assert await ws.recv() == b"\x00PING"
-        await asyncio.sleep(0.1)
+        # The client gone, the server ends the connection it forwarded to.
+        await await_event(backend.forward_ended.wait(), 5,
+                          "the forwarded connection ended once the client left")
         assert backend.calls == [("port_forward", "pod1", 8080)]
     run(body)
 
