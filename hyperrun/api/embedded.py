@@ -1,7 +1,7 @@
 """The CRI services inside a CLI process, for when no daemon answers: the
 same assembly as `hyperrun daemon` (api/server.Services) on a private
 socket, served from a thread of its own, so that the CLI's code is the
-same on both hosts (hyperrun/client.py's sessions go to either).
+same on both hosts (hyperrun/cli/client.py's requests go to either).
 
 What differs is lifetime: an embedded host's sandboxes live as long as the
 CLI process. Its state and VM run directories are in a private directory

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from hyperrun import config, log, paths, session
+from hyperrun import config, log, paths, cli_api
 from hyperrun.image.service import ImageService
 from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
 from hyperrun.network import SandboxNetworks
@@ -20,13 +20,13 @@ from hyperrun.sandbox.state import State
 
 from . import cri_specs
 from .images import ImageServicer
-from .runs import SessionServer
+from .cli_server import CliServer
 from .runtime import RuntimeServicer
 from .streaming import StreamingServer
 
 
 class Services:
-    """The CRI services on a unix socket, and the CLI's sessions beside it: one
+    """The CRI services on a unix socket, and the CLI's requests beside it: one
     assembly for both hosts, the daemon and a CLI running without one
     (embedded, hyperrun/api/embedded.py)."""
 
@@ -55,7 +55,7 @@ class Services:
         cri_grpc.add_RuntimeServiceServicer_to_server(
             RuntimeServicer(self.manager, self.streaming), self.server)
         cri_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.images), self.server)
-        self.runs = SessionServer(self.manager, self.images, session.socket_path(socket_path),
+        self.runs = CliServer(self.manager, self.images, cli_api.socket_path(socket_path),
                                   logs_root or paths.data_root() / "logs", remove_always=embedded)
 
     async def start(self) -> None:

@@ -1,6 +1,6 @@
 """The CLI as a client of the daemon (hyperrun daemon): `run IMAGE`,
 `exec`, `ps`, `pods`, `logs`, `stop`, `rm`, `pull`, `images` and `rmi`,
-which the daemon does in sessions (hyperrun/session.py). The CRI is for
+which the daemon does in sessions (hyperrun/cli_api.py). The CRI is for
 other clients (kubelet, crictl): the CLI imports no grpc."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from hyperrun import exitcodes, paths, session
-from hyperrun.session import (ExecOptions, ListOptions, LogsOptions, NamesOptions, PullOptions,
+from hyperrun import exitcodes, paths, cli_api
+from hyperrun.cli_api import (ExecOptions, ListOptions, LogsOptions, NamesOptions, PullOptions,
                               RunError, RunOptions)
 
 
@@ -34,13 +34,13 @@ def table(rows: list[tuple]) -> int:
 
 
 def pods() -> int:
-    rows = _ask(session.LIST, ListOptions("pods"))["rows"]
+    rows = _ask(cli_api.LIST, ListOptions("pods"))["rows"]
     return table([("POD ID", "NAME", "NAMESPACE", "STATE", "CREATED")] + [
         (p["id"][:13], p["name"], p["namespace"], p["state"], _age(p["created"])) for p in rows])
 
 
 def ps(all_: bool) -> int:
-    rows = _ask(session.LIST, ListOptions("containers", all=all_))["rows"]
+    rows = _ask(cli_api.LIST, ListOptions("containers", all=all_))["rows"]
     return table([("CONTAINER ID", "IMAGE", "NAME", "CREATED", "STATUS", "POD ID")] + [
         (c["id"][:13], c["image"], c["name"], _age(c["created"]), _status(c), c["pod"][:13])
         for c in rows])
@@ -58,7 +58,7 @@ def _status(c: dict) -> str:
 def stats() -> int:
     """`hyperrun stats`: as `docker stats --no-stream`, with what each
     container's VM costs the host (its PSS: shared pages in part)."""
-    rows = _ask(session.LIST, ListOptions("stats"))["rows"]
+    rows = _ask(cli_api.LIST, ListOptions("stats"))["rows"]
     return table([("CONTAINER ID", "NAME", "CPU %", "MEM USAGE / LIMIT", "POD VM PSS")] + [
         (c["id"][:13], c["name"], "--" if c["cpu"] is None else f"{c['cpu']:.2f}%",
          f"{_mib(c['memory'])} / {_mib(c['limit'])}", _mib(c["vm_pss"])) for c in rows])
@@ -69,65 +69,65 @@ def _mib(n: int) -> str:
 
 
 def exec_(container: str, cmd: list[str], interactive: bool = False, tty: bool = False) -> int:
-    """`hyperrun exec`: in an exec session with the daemon (the output as it
+    """`hyperrun exec`: in an exec request to the daemon (the output as it
     comes, stdin with -i, a terminal with -t), as `run` does."""
-    return _command(session.EXEC, ExecOptions(container, cmd, stdin=interactive, tty=tty))
+    return _command(cli_api.EXEC, ExecOptions(container, cmd, stdin=interactive, tty=tty))
 
 
 def logs(container: str, follow: bool, tail: int | None = None, timestamps: bool = False) -> int:
     """A container's output from its CRI log file, which the daemon reads
     (as `docker logs`; the file is root's)."""
-    return _command(session.LOGS, LogsOptions(container, follow, tail, timestamps))
+    return _command(cli_api.LOGS, LogsOptions(container, follow, tail, timestamps))
 
 
 def stop(containers: list[str], timeout: int) -> int:
-    return _command(session.STOP_CONTAINERS, NamesOptions(containers, timeout))
+    return _command(cli_api.STOP_CONTAINERS, NamesOptions(containers, timeout))
 
 
 def rm(containers: list[str]) -> int:
     """Remove containers, and the pod `run` made for each."""
-    return _command(session.REMOVE_CONTAINERS, NamesOptions(containers))
+    return _command(cli_api.REMOVE_CONTAINERS, NamesOptions(containers))
 
 
 def pull(sock, name: str, platform: str, quiet: bool) -> int:
     """`hyperrun pull` by the daemon, into its store."""
     opts = PullOptions(name, platform, progress=not quiet and sys.stderr.isatty())
-    digest = _ask(session.PULL, opts, sock)["digest"]
+    digest = _ask(cli_api.PULL, opts, sock)["digest"]
     print(digest if quiet else f"Digest: {digest}")
     return 0
 
 
 def images(sock) -> list[list[str]]:
     """The daemon's `images` rows."""
-    return _ask(session.LIST, ListOptions("images"), sock)["rows"]
+    return _ask(cli_api.LIST, ListOptions("images"), sock)["rows"]
 
 
 def rmi(sock, names: list[str]) -> int:
-    return _command(session.REMOVE_IMAGES, NamesOptions(names), sock)
+    return _command(cli_api.REMOVE_IMAGES, NamesOptions(names), sock)
 
 
-def daemon_session():
-    """A session connection to the daemon; None if none answers."""
-    return _connect_session(session.socket_path(paths.daemon_socket()))
+def daemon_socket():
+    """A connection to the daemon's CLI socket; None if none answers."""
+    return _connect(cli_api.socket_path(paths.daemon_socket()))
 
 
 def _command(kind: int, opts, sock=None) -> int:
-    """A command the daemon does in a session (on sock, else a new one):
+    """A command the daemon does in a request (on sock, else a new one):
     its exit code."""
-    with sock or _daemon_session() as sock:
+    with sock or _daemon_socket() as sock:
         try:
-            return _exit_code(_session(sock, kind, opts))
+            return _exit_code(_request(sock, kind, opts))
         except RunError as exc:
             print(f"hyperrun: {exc}", file=sys.stderr)
             return exc.code
 
 
 def _ask(kind: int, opts, sock=None) -> dict:
-    """What a session (on sock, else a new one) answers in its EXIT; an
+    """What a request (on sock, else a new one) answers in its EXIT; an
     error ends the CLI."""
-    with sock or _daemon_session() as sock:
+    with sock or _daemon_socket() as sock:
         try:
-            result = _session(sock, kind, opts)
+            result = _request(sock, kind, opts)
         except RunError as exc:
             raise SystemExit(f"hyperrun: {exc}") from None
     if "error" in result:
@@ -135,8 +135,8 @@ def _ask(kind: int, opts, sock=None) -> dict:
     return result
 
 
-def _daemon_session():
-    if (sock := daemon_session()) is None:
+def _daemon_socket():
+    if (sock := daemon_socket()) is None:
         raise NoDaemon(_no_daemon())
     return sock
 
@@ -150,14 +150,14 @@ def _no_daemon() -> str:
 def run(opts: RunOptions) -> int:
     """`hyperrun run IMAGE`: a pod of one container, as Docker's run, done
     by the daemon (or, without one, by the same services in this process)
-    in a run session (hyperrun/session.py): pull if needed, create, attach,
+    in a run session (hyperrun/cli_api.py): pull if needed, create, attach,
     start, wait; with --rm (and always without a daemon) everything goes
     when it exits. The exit code is Docker's."""
     opts.env = _resolved_env(opts.env)
     opts.progress = sys.stderr.isatty()  # a pull's, if the image is missing
     embedded = None
     try:
-        sock = daemon_session()
+        sock = daemon_socket()
         if sock is None:
             if opts.detach:
                 print(f"hyperrun: run -d keeps the container in the daemon: {_no_daemon()}",
@@ -166,18 +166,18 @@ def run(opts: RunOptions) -> int:
             from hyperrun.api.embedded import EmbeddedHost
 
             embedded = EmbeddedHost()
-            sock = _connect_session(session.socket_path(embedded.socket))
+            sock = _connect(cli_api.socket_path(embedded.socket))
             if sock is None:
                 raise RunError("the embedded host does not answer")
         with sock:
-            return _exit_code(_session(sock, session.RUN, opts))
+            return _exit_code(_request(sock, cli_api.RUN, opts))
     except RunError as exc:
         print(f"hyperrun: {exc}", file=sys.stderr)
         return exc.code
-    except session.ProtocolError as exc:  # a request over the frame limit (1 MiB of args)
+    except cli_api.ProtocolError as exc:  # a request over the frame limit (1 MiB of args)
         print(f"hyperrun: {exc}", file=sys.stderr)
         return exitcodes.RUNTIME_ERROR
-    except KeyboardInterrupt:  # before the container ran: the session ends with us
+    except KeyboardInterrupt:  # before the container ran: the request ends with us
         return 130
     finally:
         if embedded is not None:
@@ -197,8 +197,8 @@ def _resolved_env(items: list[str]) -> list[str]:
     return env
 
 
-def _connect_session(path: Path):
-    """A connection to the sessions at path; None if nobody serves there."""
+def _connect(path: Path):
+    """A connection to the CLI socket at path; None if nobody serves there."""
     import socket
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -210,8 +210,8 @@ def _connect_session(path: Path):
     return sock
 
 
-def _session(sock, kind: int, opts) -> dict:
-    """A session's client: the request (with -t, the terminal's size), then
+def _request(sock, kind: int, opts) -> dict:
+    """A request's client: the request (with -t, the terminal's size), then
     output frames until EXIT, whose content it returns."""
     if opts.tty:
         from hyperrun.cli.terminal import terminal_size
@@ -226,35 +226,35 @@ def _session(sock, kind: int, opts) -> dict:
     def send(kind: int, payload: bytes = b"") -> None:
         with lock:
             try:
-                sock.sendall(session.frame(kind, payload))
+                sock.sendall(cli_api.frame(kind, payload))
             except OSError:
-                pass  # the daemon ended the session: its EXIT or EOF follows
+                pass  # the daemon ended the request: its EXIT or EOF follows
 
     send(kind, opts.to_json())
-    reader = session.FrameReader(sock)
+    reader = cli_api.FrameReader(sock)
     pull = _PullShown()
     with contextlib.ExitStack() as attached:
         attached.callback(pull.end)
         while (f := reader.next()) is not None:
             kind, payload = f
-            if kind == session.PROGRESS:
+            if kind == cli_api.PROGRESS:
                 pull.show(payload)
                 continue
             pull.end()  # the pull is over: its bars go before anything else is written
-            if kind in (session.STDOUT, session.STDERR):
-                out = sys.stdout.buffer if kind == session.STDOUT else sys.stderr.buffer
+            if kind in (cli_api.STDOUT, cli_api.STDERR):
+                out = sys.stdout.buffer if kind == cli_api.STDOUT else sys.stderr.buffer
                 try:
                     out.write(payload)
                     out.flush()
                 except BrokenPipeError:  # our reader went away: keep draining
                     pass
-            elif kind == session.NOTICE:
+            elif kind == cli_api.NOTICE:
                 print(payload.decode(errors="replace"), file=sys.stderr)
-            elif kind == session.STARTED:
+            elif kind == cli_api.STARTED:
                 _attach(opts, send, attached)
-            elif kind == session.EXIT:
+            elif kind == cli_api.EXIT:
                 return json.loads(payload)
-    raise RunError("the daemon ended the session without its exit status")
+    raise RunError("the daemon ended the request without its exit status")
 
 
 class _PullShown:
@@ -307,20 +307,20 @@ def _attach(opts: RunOptions | ExecOptions, send, stack) -> None:
         def send_size(*_):
             rows, cols = terminal_size()
             if rows and cols:
-                send(session.RESIZE, json.dumps({"rows": rows, "cols": cols}).encode())
+                send(cli_api.RESIZE, json.dumps({"rows": rows, "cols": cols}).encode())
 
         signal.signal(signal.SIGWINCH, send_size)  # its size at the start went in RUN
     elif isinstance(opts, RunOptions):
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, lambda *_: send(session.STOP))
+            signal.signal(signum, lambda *_: send(cli_api.STOP))
     if opts.stdin:
         def pump_stdin():
             try:
                 while data := os.read(0, 65536):
-                    send(session.STDIN, data)
+                    send(cli_api.STDIN, data)
             except OSError:
                 pass
-            send(session.STDIN_CLOSE)
+            send(cli_api.STDIN_CLOSE)
 
         threading.Thread(target=pump_stdin, daemon=True).start()
     stack.enter_context(raw_terminal(enabled=opts.tty and opts.stdin))

@@ -100,7 +100,7 @@ def pull(args: argparse.Namespace) -> int:
 
     from hyperrun.cli import client
 
-    if (sock := client.daemon_session()) is not None:
+    if (sock := client.daemon_socket()) is not None:
         return client.pull(sock, args.image, args.platform, args.quiet)
 
     from hyperrun.image.distribution import PullError
@@ -123,7 +123,7 @@ def images(args: argparse.Namespace) -> int:
     """The daemon's images (its store may be another), else this store's."""
     from hyperrun.cli import client
 
-    if (sock := client.daemon_session()) is not None:
+    if (sock := client.daemon_socket()) is not None:
         rows = client.images(sock)
     else:
         service = _images_service()
@@ -138,7 +138,7 @@ def rmi(args: argparse.Namespace) -> int:
     from hyperrun.cli import client
     from hyperrun.image.service import ImageError
 
-    if (sock := client.daemon_session()) is not None:
+    if (sock := client.daemon_socket()) is not None:
         return client.rmi(sock, args.images)
     service = _images_service()
     status = 0

@@ -213,7 +213,7 @@ def _progress_for(progress) -> PullProgress:
 
 # ---------------------------------------------------------------- one server
 
-class _Session:
+class _Endpoint:
     """One endpoint (a mirror or the registry): its HTTP client, the scheme
     that worked, and its auth state (challenge, bearer tokens per scope)."""
 
@@ -454,7 +454,7 @@ class _Puller:
         self.downloaded = 0
         self.skipped: list[str] = []
         self._restarted: set[str] = set()
-        self.sessions: list[_Session] = []
+        self.sessions: list[_Endpoint] = []
         config_path = docker_config_path()
         for ep in endpoints:
             if not ep.mirror and auth is not None:
@@ -463,7 +463,7 @@ class _Puller:
                 key = ref.registry if not ep.mirror and ref.registry == DOCKER_HUB else ep.host
                 fn = (lambda k=key: docker_credentials(k, config_path))
                 where = f"looked for {key} in {config_path}"
-            self.sessions.append(_Session(ep, ref, fn, where))
+            self.sessions.append(_Endpoint(ep, ref, fn, where))
 
     async def aclose(self) -> None:
         for s in self.sessions:
@@ -484,8 +484,8 @@ class _Puller:
                 delay = min(delay * 2, 8)
         raise AssertionError("unreachable")
 
-    async def _each_session(self, prefer: _Session | None,
-                            op: Callable[[_Session], Awaitable[T]]) -> T:
+    async def _each_session(self, prefer: _Endpoint | None,
+                            op: Callable[[_Endpoint], Awaitable[T]]) -> T:
         """Try op on each server in turn (prefer first, then mirrors in order,
         then the registry); errors that another server may not have fall through."""
         order = self.sessions if prefer is None else [prefer] + [
@@ -508,12 +508,12 @@ class _Puller:
     # -- manifests
 
     async def fetch_manifest(self, target: str, expected: str | None, size: int | None = None,
-                             prefer: _Session | None = None):
-        async def op(s: _Session):
+                             prefer: _Endpoint | None = None):
+        async def op(s: _Endpoint):
             return s, *await self._get_manifest(s, target, expected, size)
         return await self._each_session(prefer, op)
 
-    async def _get_manifest(self, s: _Session, target: str, expected: str | None,
+    async def _get_manifest(self, s: _Endpoint, target: str, expected: str | None,
                             size: int | None) -> tuple[bytes, str, str, dict]:
         path = f"/v2/{self.ref.repository}/manifests/{target}"
         resp = await s.send("GET", path, {"Accept": ACCEPT}, self.scope)
@@ -582,7 +582,7 @@ class _Puller:
                                 f"{doc.get('schemaVersion')!r}")
         return media_type, doc
 
-    async def _check_status(self, resp: httpx.Response, s: _Session, what: str) -> None:
+    async def _check_status(self, resp: httpx.Response, s: _Endpoint, what: str) -> None:
         code = resp.status_code
         if 200 <= code < 300:
             return
@@ -631,12 +631,12 @@ class _Puller:
     # -- blobs
 
     async def fetch_small(self, desc: dict, what: str, limit: int,
-                          prefer: _Session | None) -> bytes:
+                          prefer: _Endpoint | None) -> bytes:
         digest, size = desc["digest"], desc["size"]
         if size > limit:
             raise ManifestError(f"{self.ref}: {what} is {size} bytes (limit {limit})")
 
-        async def op(s: _Session) -> bytes:
+        async def op(s: _Endpoint) -> bytes:
             resp = await s.send("GET", f"/v2/{self.ref.repository}/blobs/{digest}",
                                 {"Accept-Encoding": "identity"}, self.scope)
             try:
@@ -660,7 +660,7 @@ class _Puller:
         return await self._each_session(prefer, op)
 
     async def fetch_blob(self, store: ContentStore, layer: Layer,
-                         prefer: _Session | None) -> "_Staged":
+                         prefer: _Endpoint | None) -> "_Staged":
         """Download one layer into its ingest file and verify it; the
         returned _Staged is committed by the caller once every layer is in."""
         async with self.parallel:
@@ -669,7 +669,7 @@ class _Puller:
         self.progress.finish(layer.digest)
         return staged
 
-    async def _blob_attempt(self, store: ContentStore, layer: Layer, s: _Session) -> "_Staged":
+    async def _blob_attempt(self, store: ContentStore, layer: Layer, s: _Endpoint) -> "_Staged":
         staged = _Staged(store.ingest(layer.digest, layer.size))
         await asyncio.to_thread(staged.open)
         try:
@@ -679,7 +679,7 @@ class _Puller:
             staged.close()
             raise
 
-    async def _download(self, st: "_Staged", layer: Layer, s: _Session) -> None:
+    async def _download(self, st: "_Staged", layer: Layer, s: _Endpoint) -> None:
         digest, size = layer.digest, layer.size
         ing = st.ing
         start = ing.offset
@@ -747,7 +747,7 @@ class _Puller:
 
     async def run(self, store: ContentStore, want: Platform) -> PullResult:
         ref = self.ref
-        session: _Session | None
+        session: _Endpoint | None
         if ref.digest and store.has(ref.digest):
             session, body, digest = None, store.read(ref.digest), ref.digest
             media_type, doc = self._media_type("", body)

@@ -212,7 +212,7 @@ class FakeAgentService(AgentService):
                                 containers=[pb.CgroupStats(container_id=c) for c in ids])
 
 
-class _Session(SocketConnection):
+class _Connection(SocketConnection):
     """A host's connection; tells the agent of each reply written (the
     server writes a reply on the thread that handled its request)."""
 
@@ -294,7 +294,7 @@ class FakeAgent:
 
     def _serve(self, sock: socket.socket) -> None:
         try:
-            self.server.serve(_Session(sock, self))
+            self.server.serve(_Connection(sock, self))
         finally:
             with self._lock:
                 self._sessions.discard(sock)

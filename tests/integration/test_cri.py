@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from hyperrun import session
+from hyperrun import cli_api
 from hyperrun.proto import cri_api_pb2 as cri
 from tests.framework import HYPERRUN, Cli, qemu_pids, wait_until
 from tests.framework.host import mounts_under, qmp_status
@@ -21,7 +21,7 @@ from tests.framework.host import mounts_under, qmp_status
 def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
     d = daemon
     before = qemu_pids()
-    for path in (d.socket, session.socket_path(d.socket)):  # CRI, and run sessions beside it
+    for path in (d.socket, cli_api.socket_path(d.socket)):  # CRI, and run sessions beside it
         st = os.stat(path)
         assert (st.st_mode & 0o777, st.st_gid) == (0o660, 1), path  # --group daemon: its gid
     v = d.runtime.Version(cri.VersionRequest())

@@ -1,9 +1,9 @@
 """CRI request helpers under hostile input: the pure functions between a
 request (or a CLI argument) and the VM, called without daemons or VMs.
 
-  -p / CRI port mappings     hyperrun.runs.parse_port
-  -v / CRI mounts            hyperrun.runs.parse_volume
-  -u                         hyperrun.runs.check_user
+  -p / CRI port mappings     hyperrun.cli_server.parse_port
+  -v / CRI mounts            hyperrun.cli_server.parse_volume
+  -u                         hyperrun.cli_server.check_user
   pod hostname               hyperrun.specs.PodSpec.pod_hostname
   SPDY header blocks         hyperrun.api.streaming.spdy.decode_header_block
   streaming requests         hyperrun.api.streaming.*RequestInfo.from_cri
@@ -22,7 +22,7 @@ import struct
 import pytest
 from hypothesis import example, given, strategies as st
 
-from hyperrun.api import runs
+from hyperrun.api import cli_server
 from hyperrun.api import streaming
 from hyperrun.api.streaming import spdy
 from hyperrun.proto import cri_api_pb2 as cri
@@ -46,15 +46,15 @@ port_text = st.one_of(
 @counted
 def test_parse_port(text):
     try:
-        m = runs.parse_port(text)
-    except runs.RunError:
+        m = cli_server.parse_port(text)
+    except cli_server.RunError:
         return
     assert 0 < m.host_port < 65536 and 0 < m.container_port < 65536
     assert m.protocol in ("tcp", "udp", "sctp")
 
 
 def _host_ip_probe():
-    ipaddress.ip_address(runs.parse_port("[::1]:8080:80").host_ip)
+    ipaddress.ip_address(cli_server.parse_port("[::1]:8080:80").host_ip)
 
 
 @pytest.mark.xfail(still_failing(_host_ip_probe), strict=True, raises=ValueError, reason=(
@@ -66,8 +66,8 @@ def _host_ip_probe():
 @counted
 def test_parse_port_host_ip_is_an_address(text):
     try:
-        m = runs.parse_port(text)
-    except runs.RunError:
+        m = cli_server.parse_port(text)
+    except cli_server.RunError:
         return
     if m.host_ip:
         ipaddress.ip_address(m.host_ip)
@@ -87,8 +87,8 @@ volume_text = st.one_of(
 @counted
 def test_parse_volume(text):
     try:
-        m = runs.parse_volume(text)
-    except runs.RunError:
+        m = cli_server.parse_volume(text)
+    except cli_server.RunError:
         return
     assert m.host_path.startswith("/")
     assert m.container_path
@@ -103,8 +103,8 @@ user_text = st.one_of(st.text(max_size=12), st.sampled_from(
 def _user_probe():
     for text in ("²", "99999999999999999999"):
         try:
-            runs.check_user(text)
-        except runs.RunError:
+            cli_server.check_user(text)
+        except cli_server.RunError:
             pass
 
 
@@ -118,8 +118,8 @@ def _user_probe():
 @counted
 def test_user_option(text):
     try:
-        user = runs.check_user(text)
-    except runs.RunError:
+        user = cli_server.check_user(text)
+    except cli_server.RunError:
         return
     assert user == text  # passed whole to the guest, which resolves it in the image
     for part in text.split(":", 1):

@@ -2,7 +2,7 @@
 what the guest and QEMU are told, without VMs."""
 import pytest
 
-from hyperrun.api import runs
+from hyperrun.api import cli_server
 from hyperrun.network import NetworkInfo
 from hyperrun.specs import DNS, PodSpec, PortMapping
 from hyperrun.sandbox import podnet
@@ -67,21 +67,21 @@ def test_kind_per_pod_and_host_network_pods():
     ("1:65535/TCP", ("tcp", 65535, 1, "")),
 ])
 def test_publish_flags(text, expect):
-    p = runs.parse_port(text)
+    p = cli_server.parse_port(text)
     assert (p.protocol, p.container_port, p.host_port, p.host_ip) == expect
 
 
 @pytest.mark.parametrize("text", ["80", "a:80", "8080:0", "8080:80/icmp", "70000:80", ""])
 def test_bad_publish_flags(text):
-    with pytest.raises(runs.RunError, match="expected"):
-        runs.parse_port(text)
+    with pytest.raises(cli_server.RunError, match="expected"):
+        cli_server.parse_port(text)
 
 
 def test_volume_flags():
-    m = runs.parse_volume("/srv/data:/data:ro")
+    m = cli_server.parse_volume("/srv/data:/data:ro")
     assert (m.host_path, m.container_path, m.readonly) == ("/srv/data", "/data", True)
-    assert runs.parse_volume("/a:/b").readonly is False
+    assert cli_server.parse_volume("/a:/b").readonly is False
     for bad in ("rel:/data", "/a", "/a:/b:rx", ":/b"):
-        with pytest.raises(runs.RunError):
-            runs.parse_volume(bad)
+        with pytest.raises(cli_server.RunError):
+            cli_server.parse_volume(bad)
 

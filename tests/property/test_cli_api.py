@@ -1,4 +1,4 @@
-"""Run sessions (hyperrun/session.py) under hostile input: what a client of
+"""Run sessions (hyperrun/cli_api.py) under hostile input: what a client of
 the daemon's session socket sends is either a well-typed request and
 well-formed frames, or a ProtocolError the daemon answers with an error;
 never another exception, never a frame over the limit."""
@@ -9,16 +9,16 @@ import socket
 
 from hypothesis import given, strategies as st
 
-from hyperrun import session
-from hyperrun.session import ProtocolError, RunOptions
+from hyperrun import cli_api
+from hyperrun.cli_api import ProtocolError, RunOptions
 
 from . import FUZZ, counted
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) |
                       st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
-REQUESTS = [session.RunOptions, session.ExecOptions, session.LogsOptions, session.ListOptions,
-            session.NamesOptions, session.PullOptions]
+REQUESTS = [cli_api.RunOptions, cli_api.ExecOptions, cli_api.LogsOptions, cli_api.ListOptions,
+            cli_api.NamesOptions, cli_api.PullOptions]
 
 
 def request_fields(cls):
@@ -37,7 +37,7 @@ def test_requests_are_typed_or_refused(request):
         return
     for name, kind in cls.FIELDS.items():
         value = getattr(opts, name)
-        assert session._is(list(value) if name == "console" and value else value, kind), name
+        assert cli_api._is(list(value) if name == "console" and value else value, kind), name
     if cls is RunOptions:
         assert opts.cpus is None or (type(opts.cpus) is int and opts.cpus >= 0)
     assert cls.from_json(opts.to_json()) == opts
@@ -64,13 +64,13 @@ def test_frame_reader_on_any_bytes(data, cut):
         for i in range(0, len(data), cut):
             a.sendall(data[i:i + cut])
         a.close()
-        reader = session.FrameReader(b)
+        reader = cli_api.FrameReader(b)
         used = 0
         try:
             while (f := reader.next()) is not None:
                 kind, payload = f
-                assert 0 <= kind < 256 and len(payload) <= session.MAX_FRAME
-                used += session.HEADER.size + len(payload)
+                assert 0 <= kind < 256 and len(payload) <= cli_api.MAX_FRAME
+                used += cli_api.HEADER.size + len(payload)
         except ProtocolError:
             return
         assert used <= len(data)
@@ -84,9 +84,9 @@ def test_frame_reader_on_any_bytes(data, cut):
 def test_frames_round_trip(kind, payload):
     a, b = socket.socketpair()
     try:
-        a.sendall(session.frame(kind, payload))
+        a.sendall(cli_api.frame(kind, payload))
         a.close()
-        assert session.FrameReader(b).next() == (kind, payload)
+        assert cli_api.FrameReader(b).next() == (kind, payload)
     finally:
         b.close()
 

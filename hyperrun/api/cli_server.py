@@ -1,4 +1,4 @@
-"""The daemon's side of sessions (hyperrun/session.py): `hyperrun run
+"""The daemon's side of the CLI's requests (hyperrun/cli_api.py): `hyperrun run
 IMAGE` as the CLI asked it, done here with the sandbox manager (and
 `hyperrun exec`, a process in a running container, the same way; and
 `ps`, `pods`, `logs`, `stop`, `rm`, `pull`, `images` and `rmi`, which need
@@ -7,7 +7,7 @@ are the CRI's, as a kubelet would take them (image, RunPodSandbox,
 CreateContainer, attach, StartContainer, wait, removal), without a round
 trip for each and with the output sent straight from the attach outlet.
 
-A session ends with the run: a CLI that goes away before the container
+A run's request ends with the run: a CLI that goes away before the container
 started ends it (its pod is removed); one that goes away after leaves the
 container running to its end, after which `--rm` still removes it, as
 Docker's daemon-side autoremove does. A daemon that stops leaves running
@@ -23,11 +23,11 @@ import shutil
 import time
 from pathlib import Path
 
-from hyperrun import exitcodes, log, session
+from hyperrun import exitcodes, log, cli_api
 from hyperrun.pods.service import RUNNING, NotFound
 from hyperrun.sandbox import logs
 from hyperrun.specs import ContainerSpec, Mount, PodSpec, PortMapping
-from hyperrun.session import (RUN_LABEL, ExecOptions, ListOptions, LogsOptions, NamesOptions,
+from hyperrun.cli_api import (RUN_LABEL, ExecOptions, ListOptions, LogsOptions, NamesOptions,
                               ProtocolError, PullOptions, RunError, RunOptions)
 
 from .errors import describe
@@ -115,8 +115,8 @@ def _message(exc: Exception) -> str:
 
 # ------------------------------------------------------------- the server
 
-class SessionServer:
-    """The CLI's sessions, on a unix socket beside the CRI's (named
+class CliServer:
+    """The CLI's requests, on a unix socket beside the CRI's (named
     `<CRI socket>-run.sock`: runs were its first). remove_always: every
     run's pod goes when it ends (an embedded host, whose pods end with the
     CLI anyway)."""
@@ -129,7 +129,7 @@ class SessionServer:
         self.logs_root = logs_root
         self.remove_always = remove_always
         self._server: asyncio.AbstractServer | None = None
-        self._sessions: set[asyncio.Task] = set()
+        self._requests: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -138,21 +138,21 @@ class SessionServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._sessions):
+        for task in list(self._requests):
             task.cancel()
-        if self._sessions:
-            await asyncio.wait(self._sessions, timeout=5)
+        if self._requests:
+            await asyncio.wait(self._requests, timeout=5)
         self.path.unlink(missing_ok=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        self._sessions.add(task)
+        self._requests.add(task)
         try:
-            await _Session(self, reader, writer).serve()
-        except Exception:  # a bug: this session ends, the daemon goes on
-            logger.exception("session failed")
+            await _Connection(self, reader, writer).serve()
+        except Exception:  # a bug: this request ends, the daemon goes on
+            logger.exception("request failed")
         finally:
-            self._sessions.discard(task)
+            self._requests.discard(task)
             writer.close()
 
 
@@ -160,8 +160,8 @@ class _ClientGone(Exception):
     pass
 
 
-class _Session:
-    def __init__(self, server: SessionServer, reader: asyncio.StreamReader,
+class _Connection:
+    def __init__(self, server: CliServer, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
         self.server = server
         self.m = server.manager
@@ -179,7 +179,7 @@ class _Session:
         if self.client_gone or self.writer.is_closing():
             self.client_gone = True
             return
-        self.writer.write(session.frame(kind, payload))
+        self.writer.write(cli_api.frame(kind, payload))
 
     async def flush(self) -> None:
         try:
@@ -188,9 +188,9 @@ class _Session:
             self.client_gone = True
 
     async def exit(self, result: dict) -> None:
-        """The session's last frame."""
+        """The request's last frame."""
         if not (self.client_gone or self.writer.is_closing()):
-            self.writer.write(session.json_frame(session.EXIT, result))
+            self.writer.write(cli_api.json_frame(cli_api.EXIT, result))
             await self.flush()
 
     def _check_client(self) -> None:
@@ -200,20 +200,20 @@ class _Session:
     # --- the run
     async def serve(self) -> None:
         try:
-            first = await session.read_frame(self.reader)
+            first = await cli_api.read_frame(self.reader)
             if first is None:
                 return
             kind, payload = first
-            requests = {session.RUN: (RunOptions, self._run),
-                        session.EXEC: (ExecOptions, self._exec),
-                        session.LOGS: (LogsOptions, self._logs),
-                        session.LIST: (ListOptions, self._list),
-                        session.STOP_CONTAINERS: (NamesOptions, self._stop),
-                        session.REMOVE_CONTAINERS: (NamesOptions, self._remove),
-                        session.PULL: (PullOptions, self._pull),
-                        session.REMOVE_IMAGES: (NamesOptions, self._remove_images)}
+            requests = {cli_api.RUN: (RunOptions, self._run),
+                        cli_api.EXEC: (ExecOptions, self._exec),
+                        cli_api.LOGS: (LogsOptions, self._logs),
+                        cli_api.LIST: (ListOptions, self._list),
+                        cli_api.STOP_CONTAINERS: (NamesOptions, self._stop),
+                        cli_api.REMOVE_CONTAINERS: (NamesOptions, self._remove),
+                        cli_api.PULL: (PullOptions, self._pull),
+                        cli_api.REMOVE_IMAGES: (NamesOptions, self._remove_images)}
             if kind not in requests:
-                raise ProtocolError(f"a session cannot start with a frame of kind {kind}")
+                raise ProtocolError(f"a request cannot start with a frame of kind {kind}")
             request, work = requests[kind]
             opts = request.from_json(payload)
         except ProtocolError as exc:
@@ -239,7 +239,7 @@ class _Session:
         finally:
             client.cancel()
             if not ended and self.pod is not None:
-                logger.info("run session cancelled; its pod stays", sandbox=self.pod)
+                logger.info("run request cancelled; its pod stays", sandbox=self.pod)
         if result is not None:
             await self.exit(result)
 
@@ -303,7 +303,7 @@ class _Session:
             async for output in outputs:
                 if output:
                     for stream, data in output:
-                        self.send(session.STDOUT if stream == "stdout" else session.STDERR, data)
+                        self.send(cli_api.STDOUT if stream == "stdout" else cli_api.STDERR, data)
                     await self.flush()
                 if self.client_gone:
                     break
@@ -318,8 +318,8 @@ class _Session:
     async def _list(self, opts: ListOptions) -> dict:
         """`hyperrun ps` (running containers, or all), `hyperrun pods`,
         `hyperrun images` and `hyperrun stats`: rows for the CLI's table."""
-        if opts.what not in session.LISTS:
-            raise RunError(f"cannot list {opts.what!r}: one of {', '.join(session.LISTS)}")
+        if opts.what not in cli_api.LISTS:
+            raise RunError(f"cannot list {opts.what!r}: one of {', '.join(cli_api.LISTS)}")
         if opts.what == "images":
             return {"code": 0, "rows": self.server.images.listing()}
         if opts.what == "stats":
@@ -422,10 +422,10 @@ class _Session:
         for name in names:
             try:
                 for line in await step(name):
-                    self.send(session.STDOUT, f"{line}\n".encode())
+                    self.send(cli_api.STDOUT, f"{line}\n".encode())
             except Exception as exc:
                 message = str(exc) if isinstance(exc, RunError) else _message(exc)
-                self.send(session.STDERR, f"hyperrun: {message}\n".encode())
+                self.send(cli_api.STDERR, f"hyperrun: {message}\n".encode())
                 code = 1
             await self.flush()
         return {"code": code}
@@ -443,7 +443,7 @@ class _Session:
                 return
             if opts.pull == "never":
                 raise RunError(f"no such image: {opts.image} (and --pull=never)")
-            self.send(session.NOTICE, f"Unable to find image '{opts.image}' locally, pulling".encode())
+            self.send(cli_api.NOTICE, f"Unable to find image '{opts.image}' locally, pulling".encode())
             await self.flush()
             await self.server.images.pull(opts.image, platform=opts.platform or "linux/amd64",
                                           progress=self._progress(opts))
@@ -467,8 +467,8 @@ class _Session:
         """The process runs: tell the CLI, take its input from now on
         (_read_client), send its output to the end (a tty has no stderr)."""
         self.io = io
-        self.send(session.STARTED)
-        streams = [("stdout", session.STDOUT)] + ([] if tty else [("stderr", session.STDERR)])
+        self.send(cli_api.STARTED)
+        streams = [("stdout", cli_api.STDOUT)] + ([] if tty else [("stderr", cli_api.STDERR)])
         await asyncio.gather(*(self._pump(io, name, kind) for name, kind in streams))
 
     async def _pump(self, io, stream: str, kind: int) -> None:
@@ -499,7 +499,7 @@ class _Session:
     # --- from the CLI
     async def _read_client(self, opts) -> None:
         try:
-            while (f := await session.read_frame(self.reader)) is not None:
+            while (f := await cli_api.read_frame(self.reader)) is not None:
                 # The process may have ended meanwhile: its input goes nowhere.
                 await _quietly(self._from_client(*f), "input from the CLI")
         except (ProtocolError, ConnectionError):
@@ -511,14 +511,14 @@ class _Session:
     async def _from_client(self, kind: int, payload: bytes) -> None:
         if self.io is None:
             return  # the CLI sends input, sizes and stops only once STARTED
-        if kind == session.STDIN:
+        if kind == cli_api.STDIN:
             await self.io.write(payload)
-        elif kind == session.STDIN_CLOSE:
+        elif kind == cli_api.STDIN_CLOSE:
             await self.io.close_stdin()
-        elif kind == session.RESIZE:
+        elif kind == cli_api.RESIZE:
             size = json.loads(payload)
             await self.io.resize(int(size["rows"]), int(size["cols"]))
-        elif kind == session.STOP and self.pod is not None:  # a run's (an exec has no stop)
+        elif kind == cli_api.STOP and self.pod is not None:  # a run's (an exec has no stop)
             # The CRI has no "send this signal": a stop sends the container's
             # stop signal (SIGTERM unless the image says otherwise), then SIGKILL.
             asyncio.ensure_future(_quietly(self.m.stop_container(self.cid, 10), "stop"))
@@ -529,13 +529,13 @@ class _SentProgress:
     PROGRESS frames, which it shows as a pull without a daemon does; a
     layer's advances at most every 0.1 s."""
 
-    def __init__(self, s: "_Session") -> None:
-        self.session = s
+    def __init__(self, s: "_Connection") -> None:
+        self.connection = s
         self.pending: dict[str, int] = {}
         self.sent_at = 0.0
 
     def _send(self, op: str, **args) -> None:
-        self.session.send(session.PROGRESS, json.dumps({"op": op, **args}).encode())
+        self.connection.send(cli_api.PROGRESS, json.dumps({"op": op, **args}).encode())
 
     def start(self, digest: str, total: int, done: int = 0) -> None:
         self._send("start", digest=digest, total=total, done=done)
@@ -564,4 +564,4 @@ async def _quietly(step, what: str) -> None:
     try:
         await step
     except Exception as exc:
-        logger.info("run session: step failed", step=what, error=f"{type(exc).__name__}: {exc}")
+        logger.info("run request: step failed", step=what, error=f"{type(exc).__name__}: {exc}")

@@ -141,18 +141,18 @@ def test_a_pull_shows_its_progress_on_a_terminal(daemon, pushed):
     daemon does; on a pipe, nothing but the digest."""
     import socket
 
-    from hyperrun import session
+    from hyperrun import cli_api
 
     d, ref = daemon, pushed.ref("busybox:latest")
     with socket.socket(socket.AF_UNIX) as sock:  # the frames themselves
-        sock.connect(str(session.socket_path(d.socket)))
-        sock.sendall(session.frame(session.PULL, session.PullOptions(ref, progress=True).to_json()))
-        frames, reader = [], session.FrameReader(sock)
+        sock.connect(str(cli_api.socket_path(d.socket)))
+        sock.sendall(cli_api.frame(cli_api.PULL, cli_api.PullOptions(ref, progress=True).to_json()))
+        frames, reader = [], cli_api.FrameReader(sock)
         while (f := reader.next()) is not None:
             frames.append(f)
     kind, payload = frames[-1]
-    assert kind == session.EXIT and json.loads(payload)["digest"].startswith("sha256:")
-    events = [json.loads(p) for k, p in frames if k == session.PROGRESS]
+    assert kind == cli_api.EXIT and json.loads(payload)["digest"].startswith("sha256:")
+    events = [json.loads(p) for k, p in frames if k == cli_api.PROGRESS]
     layers = {e["digest"] for e in events if e["op"] == "start"}
     assert layers and layers == {e["digest"] for e in events if e["op"] == "finish"}, events
     r = d.cli("rmi", ref)

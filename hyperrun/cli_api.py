@@ -1,5 +1,5 @@
-"""A session: a CLI command done by the daemon for the CLI, over one
-unix-socket connection (the daemon's side is hyperrun/api/runs.py): `run
+"""The CLI's requests: a CLI command done by the daemon for the CLI, over one
+unix-socket connection (the daemon's side is hyperrun/api/cli_server.py): `run
 IMAGE` and `exec`, `ps`, `pods`, `logs`, `stop` and `rm`, and `pull`,
 `images` and `rmi`.
 
@@ -41,7 +41,7 @@ RUN_LABEL = "io.hyperrun.run"  # a container `hyperrun run` made, in its own pod
 HEADER = struct.Struct(">BI")
 MAX_FRAME = 1 << 20  # a frame's payload; output comes in 64 KiB reads
 
-# The CLI's frames. A session starts with one of these:
+# The CLI's frames. A request starts with one of these:
 RUN = ord("R")          # JSON: RunOptions
 EXEC = ord("E")         # JSON: ExecOptions
 LOGS = ord("L")         # JSON: LogsOptions
@@ -71,7 +71,7 @@ class ProtocolError(Exception):
 
 
 class _Request:
-    """What a session's first frame asks for (a dataclass below), as JSON."""
+    """What a request's first frame asks for (a dataclass below), as JSON."""
     FIELDS: ClassVar[dict]  # each field's type, checked on arrival (see _is)
     stdin = tty = False     # fields of the requests that run a process
     console = None
@@ -215,7 +215,7 @@ class RunError(Exception):
 
 
 def socket_path(cri_socket: Path) -> Path:
-    """The daemon's run-session socket, beside its CRI socket."""
+    """The daemon's CLI socket, beside its CRI socket."""
     return cri_socket.with_name(f"{cri_socket.stem}-run{cri_socket.suffix}")
 
 
