@@ -103,9 +103,11 @@ class _Request:
 
 @dataclass
 class RunOptions(_Request):
-    """What `hyperrun run IMAGE` was asked to do (Docker's options)."""
-    image: str
+    """What `hyperrun run IMAGE` (or `run --rootfs DIR`) was asked to do
+    (Docker's options)."""
+    image: str                      # empty with rootfs
     args: list[str]
+    rootfs: str = ""                # an absolute host directory as the root
     entrypoint: list[str] | None = None
     env: list[str] = field(default_factory=list)       # KEY=VALUE, resolved by the CLI
     workdir: str = ""
@@ -127,8 +129,8 @@ class RunOptions(_Request):
     progress: bool = False          # a pull's progress wanted (the CLI's stderr is a terminal)
 
     FIELDS: ClassVar[dict] = {
-        "image": str, "args": "strs", "entrypoint": "strs?", "env": "strs", "workdir": str,
-        "user": str, "stdin": bool, "tty": bool, "hostname": str, "readonly": bool,
+        "image": str, "args": "strs", "rootfs": str, "entrypoint": "strs?", "env": "strs",
+        "workdir": str, "user": str, "stdin": bool, "tty": bool, "hostname": str, "readonly": bool,
         "volumes": "strs", "platform": str, "pull": str, "cpus": "int?", "memory_mib": "int?",
         "remove": bool, "detach": bool, "ports": "strs", "network": str, "console": "size?",
         "progress": bool}

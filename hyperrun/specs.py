@@ -112,8 +112,11 @@ class PodSpec:
 @dataclass(frozen=True)
 class ContainerSpec:
     name: str
-    image: str                    # the reference as asked
+    image: str                    # the reference as asked; empty with rootfs
     attempt: int = 0
+    # A host directory as the root instead of an image (podman's --rootfs),
+    # shared into the VM and written through.
+    rootfs: str = ""
     command: tuple[str, ...] | None = None   # replaces the image's entrypoint
     args: tuple[str, ...] = ()
     env: tuple[str, ...] = ()     # KEY=VALUE, over the image's

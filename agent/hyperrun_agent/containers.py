@@ -125,7 +125,11 @@ class Containers:
             spec = oci.container_spec(cid, process, req.hostname, req.readonly_rootfs,
                                       oci.resources_spec(req.resources), dict(req.sysctls),
                                       privileged=req.privileged, host_pid=req.host_pid)
-            spec["mounts"] += network.container_mounts()  # volumes may replace them
+            # Volumes may replace them. A root written through to a host
+            # directory (9p) gets them only over files it has: crun would
+            # leave the missing mount points behind in the user's tree.
+            written_through = None if req.rootfs.overlay else container.rootfs
+            spec["mounts"] += network.container_mounts(written_through)
             spec["mounts"] += [self._volume(container, m) for m in req.mounts]
             _write_json(os.path.join(bundle, "config.json"), spec)
             container.init = self._new_process(container, "", req.process)
@@ -218,10 +222,15 @@ class Containers:
         return self.reaper.wait(proc.pid, timeout=0) is not None
 
     def _mount_rootfs(self, container: Container, storage) -> None:
-        """The container's rootfs: a bind mount of the shared storage, or a
-        writable overlay (upper on guest tmpfs) on top of it."""
+        """The container's rootfs: a bind mount of the shared storage (or of
+        a directory inside it), or a writable overlay (upper on guest tmpfs)
+        on top of it."""
         lower = self.storages.acquire(storage)
         container.storage_keys.append(self.storages.key(storage))
+        if storage.subpath:
+            lower = _inside(lower, storage.subpath, "rootfs")
+            if not os.path.isdir(lower):
+                raise not_found(f"rootfs directory {storage.subpath!r} is not in its storage")
         if storage.overlay:
             upper = os.path.join(container.bundle, "upper")
             work = os.path.join(container.bundle, "work")
@@ -237,12 +246,9 @@ class Containers:
         """An OCI bind mount of a path inside a storage (mounted once)."""
         if not mount.destination.startswith("/"):
             raise invalid(f"mount destination {mount.destination!r} is not absolute")
-        subpath = os.path.normpath(mount.subpath).lstrip("/")
-        if subpath == ".." or subpath.startswith("../"):
-            raise invalid(f"mount subpath {mount.subpath!r} leaves its storage")
         root = self.storages.acquire(mount.storage)
         container.storage_keys.append(self.storages.key(mount.storage))
-        source = os.path.join(root, subpath) if subpath != "." else root
+        source = _inside(root, mount.subpath, "mount")
         if not os.path.lexists(source):
             raise not_found(f"volume source {mount.subpath!r} for {mount.destination}")
         options = ["rbind", "rprivate"] + (["ro"] if mount.readonly else [])
@@ -418,3 +424,11 @@ def _crun_failure_code(message: str) -> int:
     if "Permission denied" in message or "Exec format error" in message:
         return frame.PERMISSION_DENIED
     return frame.INTERNAL
+
+
+def _inside(root: str, subpath: str, what: str) -> str:
+    """root/subpath, refused when subpath leaves root."""
+    path = os.path.normpath(subpath).lstrip("/")
+    if path == ".." or path.startswith("../"):
+        raise invalid(f"{what} subpath {subpath!r} leaves its storage")
+    return os.path.join(root, path) if path != "." else root

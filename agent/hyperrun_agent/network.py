@@ -99,11 +99,14 @@ def setup(req) -> None:
     _write("resolv.conf", "\n".join(lines) + "\n" if lines else "")
 
 
-def container_mounts() -> list[dict]:
-    """Bind mounts of the sandbox's name files, for a container's spec."""
+def container_mounts(only_over: str | None = None) -> list[dict]:
+    """Bind mounts of the sandbox's name files, for a container's spec;
+    with only_over (a container's root), only onto files it has."""
     mounts = []
     for name, destination in SHARED_FILES.items():
         source = os.path.join(SANDBOX_DIR, name)
+        if only_over is not None and not os.path.lexists(only_over + destination):
+            continue
         if os.path.exists(source):
             mounts.append({"destination": destination, "type": "bind", "source": source,
                            "options": ["rbind", "rprivate"]})  # shared by the pod, as containerd

@@ -97,7 +97,7 @@ def pod_spec(opts: RunOptions, ports: list[PortMapping], logs_root: Path) -> Pod
 
 def container_spec(opts: RunOptions, pod: PodSpec, mounts: list[Mount]) -> ContainerSpec:
     return ContainerSpec(
-        name=pod.name, image=opts.image, command=tuple(opts.entrypoint) if opts.entrypoint else None,
+        name=pod.name, image=opts.image, rootfs=opts.rootfs, command=tuple(opts.entrypoint) if opts.entrypoint else None,
         args=tuple(opts.args), workdir=opts.workdir, env=tuple(opts.env),
         user=check_user(opts.user), mounts=tuple(mounts), log_path="container.log",
         labels={RUN_LABEL: "1"}, stdin=opts.stdin, stdin_once=opts.stdin, tty=opts.tty,
@@ -248,7 +248,8 @@ class _Connection:
         ports = [parse_port(p) for p in opts.ports]
         spec = pod_spec(opts, ports, self.server.logs_root)
         container = container_spec(opts, spec, mounts)
-        await self._ensure_image(opts)
+        if not opts.rootfs:
+            await self._ensure_image(opts)
         self._check_client()
         self.pod_name = spec.name
         self.pod = await self.m.run_pod(spec)
@@ -330,7 +331,7 @@ class _Connection:
                  "state": row.state.upper(), "created": row.created_at}
                 for row in self.m.state.sandboxes()]}
         return {"code": 0, "rows": [
-            {"id": row.id, "image": (spec := row.spec).image, "name": spec.name,
+            {"id": row.id, "image": (spec := row.spec).image or spec.rootfs, "name": spec.name,
              "state": row.state.upper(), "created": row.created_at, "started": row.started_at,
              "finished": row.finished_at, "exit_code": row.exit_code, "pod": row.sandbox_id}
             for row in self.m.state.containers() if opts.all or row.state == RUNNING]}

@@ -53,7 +53,10 @@ def _network_options(path: Path, pid: int):
 
 
 class EmbeddedHost:
-    def __init__(self) -> None:
+    def __init__(self, template: bool | None = None, machine: str | None = None) -> None:
+        """template, machine: the VMs' (None: the config file's)."""
+        self.template = template
+        self.machine = machine
         collect_stale()
         self.dir = rundir.create(_embedded_root() / f"{os.getpid()}-{secrets.token_hex(4)}")
         self.socket = self.dir / "cri.sock"
@@ -82,7 +85,8 @@ class EmbeddedHost:
                 self.socket, state_path=self.dir / "state.db", sandbox_root=self.dir / "vms",
                 die_with_parent=True, pool_size=0,  # spares would outlive their one use
                 networks=_network_options(self.dir, os.getpid()).pod_networks(),
-                logs_root=self.dir / "logs", embedded=True)
+                logs_root=self.dir / "logs", embedded=True,
+                template=self.template, machine=self.machine)
             await self._services.start()
 
         try:

@@ -8,35 +8,32 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from hyperrun import config, log, paths, cli_api
 from hyperrun.image.service import ImageService
-from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
-from hyperrun.network import SandboxNetworks
 from hyperrun.pods.service import PodService
 from hyperrun.sandbox.podnet import PodNetworks
 from hyperrun.sandbox.state import State
 
 from . import cri_specs
-from .images import ImageServicer
 from .cli_server import CliServer
-from .runtime import RuntimeServicer
-from .streaming import StreamingServer
 
 
 class Services:
-    """The CRI services on a unix socket, and the CLI's requests beside it: one
-    assembly for both hosts, the daemon and a CLI running without one
-    (embedded, hyperrun/api/embedded.py)."""
+    """The core (PodService) and its callers: the CRI services on a unix
+    socket and the CLI's requests beside it. One assembly for both hosts:
+    the daemon, and a CLI running without one (embedded,
+    hyperrun/api/embedded.py), which serves the CLI's requests only (no
+    gRPC: nothing but its own CLI talks to it)."""
 
     def __init__(self, socket_path: Path, state_path: Path | None = None,
                  sandbox_root: Path | None = None, die_with_parent: bool = False,
                  networks: PodNetworks | None = None, group: str | None = None,
                  pool_size: int | None = None, logs_root: Path | None = None,
-                 embedded: bool = False) -> None:
-        """pool_size: spare VMs to keep (None: the config file's). logs_root:
-        where `hyperrun run` pods log (None: the data root's logs/)."""
+                 embedded: bool = False, template: bool | None = None,
+                 machine: str | None = None) -> None:
+        """pool_size, template, machine: None for the config file's.
+        logs_root: where `hyperrun run` pods log (None: the data root's
+        logs/)."""
         self.socket_path = socket_path
         self.group = group
         self.images = ImageService()
@@ -45,27 +42,44 @@ class Services:
             log.get("daemon").info("records of an earlier daemon rewritten as specs",
                                    records=migrated)
         defaults = config.load()
-        if pool_size is not None:
-            defaults.pool_size = pool_size
+        for key, value in (("pool_size", pool_size), ("template", template), ("machine", machine)):
+            if value is not None:
+                setattr(defaults, key, value)
         self.manager = PodService(self.images, self.state, defaults,
-                                      root=sandbox_root, die_with_parent=die_with_parent,
-                                      networks=networks)
+                                  root=sandbox_root, die_with_parent=die_with_parent,
+                                  networks=networks)
+        self.server = self.streaming = None
+        if not embedded:
+            self._cri()
+        self.runs = CliServer(self.manager, self.images, cli_api.socket_path(socket_path),
+                              logs_root or paths.data_root() / "logs", remove_always=embedded)
+
+    def _cri(self) -> None:
+        import grpc
+
+        from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
+
+        from .images import ImageServicer
+        from .runtime import RuntimeServicer
+        from .streaming import StreamingServer
+
         self.streaming = StreamingServer(self.manager)
         self.server = grpc.aio.server()
         cri_grpc.add_RuntimeServiceServicer_to_server(
             RuntimeServicer(self.manager, self.streaming), self.server)
         cri_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.images), self.server)
-        self.runs = CliServer(self.manager, self.images, cli_api.socket_path(socket_path),
-                                  logs_root or paths.data_root() / "logs", remove_always=embedded)
 
     async def start(self) -> None:
-        await self.streaming.start()
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        self.socket_path.unlink(missing_ok=True)
-        self.server.add_insecure_port(f"unix://{self.socket_path}")
-        await self.server.start()
+        paths_served = [self.runs.path]
+        if self.server is not None:
+            await self.streaming.start()
+            self.socket_path.unlink(missing_ok=True)
+            self.server.add_insecure_port(f"unix://{self.socket_path}")
+            await self.server.start()
+            paths_served.append(self.socket_path)
         await self.runs.start()
-        for path in (self.socket_path, self.runs.path):
+        for path in paths_served:
             os.chmod(path, 0o660)
             if self.group:  # who may drive the runtime: root and this group
                 import grp
@@ -75,8 +89,9 @@ class Services:
 
     async def stop(self) -> None:
         await self.runs.stop()
-        await self.server.stop(grace=2)
-        await self.streaming.stop()
+        if self.server is not None:
+            await self.server.stop(grace=2)
+            await self.streaming.stop()
         await self.manager.close()  # sandboxes keep running; a restart re-attaches
         self.state.close()
         self.images.close()
@@ -114,6 +129,8 @@ class NetworkOptions:
     cni_cache_dir: Path | None = None
 
     def pod_networks(self) -> PodNetworks:
+        from hyperrun.network import SandboxNetworks
+
         kw = {}
         if self.cni_conf_dir:
             kw["conf_dir"] = self.cni_conf_dir

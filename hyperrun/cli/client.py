@@ -147,12 +147,14 @@ def _no_daemon() -> str:
 
 # ----------------------------------------------------------------- run
 
-def run(opts: RunOptions) -> int:
-    """`hyperrun run IMAGE`: a pod of one container, as Docker's run, done
-    by the daemon (or, without one, by the same services in this process)
-    in a run session (hyperrun/cli_api.py): pull if needed, create, attach,
-    start, wait; with --rm (and always without a daemon) everything goes
-    when it exits. The exit code is Docker's."""
+def run(opts: RunOptions, template: bool | None = None, machine: str | None = None) -> int:
+    """`hyperrun run IMAGE` or `run --rootfs DIR`: a pod of one container,
+    as Docker's run, done by the daemon (or, without one, by the same
+    services in this process) in one request (hyperrun/cli_api.py): pull if
+    needed, create, attach, start, wait; with --rm (and always without a
+    daemon) everything goes when it exits. The exit code is Docker's.
+    template, machine: the VM's, for a run without a daemon (a daemon's
+    come from its config)."""
     opts.env = _resolved_env(opts.env)
     opts.progress = sys.stderr.isatty()  # a pull's, if the image is missing
     embedded = None
@@ -165,10 +167,16 @@ def run(opts: RunOptions) -> int:
                 return exitcodes.RUNTIME_ERROR
             from hyperrun.api.embedded import EmbeddedHost
 
-            embedded = EmbeddedHost()
+            embedded = EmbeddedHost(template=template, machine=machine)
             sock = _connect(cli_api.socket_path(embedded.socket))
             if sock is None:
                 raise RunError("the embedded host does not answer")
+        elif template is not None or machine is not None:
+            sock.close()
+            print("hyperrun: --template and --machine choose the VM of a run without a daemon; "
+                  "the daemon's VMs are its config's ([sandbox] template, machine)",
+                  file=sys.stderr)
+            return exitcodes.RUNTIME_ERROR
         with sock:
             return _exit_code(_request(sock, cli_api.RUN, opts))
     except RunError as exc:

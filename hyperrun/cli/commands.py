@@ -33,11 +33,20 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _usage(message: str) -> int:
+    """A run refused before it started: Docker's 125."""
+    print(f"hyperrun: {message}", file=sys.stderr)
+    return 125
+
+
 def run(args: argparse.Namespace) -> int:
-    """IMAGE runs go through the CRI services (the daemon's, or the same in
-    this process); --rootfs DIR, which no image describes, boots a VM for
-    that directory directly (hyperrun/run.py)."""
+    """`run IMAGE` and `run --rootfs DIR` are one request to the core (the
+    daemon's, or the same services in this process), the root one of its
+    two kinds; --direct (the image's program as the VM's init) is its own
+    path (hyperrun/direct.py)."""
     rest = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    entrypoint = None if args.entrypoint is None else [args.entrypoint]
+    image, rootfs = "", ""
     if args.rootfs is None:
         if not rest:
             print("hyperrun run: give an IMAGE, or --rootfs DIR", file=sys.stderr)
@@ -46,48 +55,30 @@ def run(args: argparse.Namespace) -> int:
         rest = rest[1:] if rest[:1] == ["--"] else rest
         if args.direct:
             from hyperrun import direct
-            return direct.run(image, rest, None if args.entrypoint is None else [args.entrypoint],
-                              args.env, args.workdir, args.user, args.pull, args.platform,
-                              _vm_size(args))
-        from hyperrun.cli import client
-        return client.run(client.RunOptions(
-            image=image, args=rest, entrypoint=None if args.entrypoint is None else [args.entrypoint],
-            env=args.env, workdir=args.workdir, user=args.user, stdin=args.interactive,
-            tty=args.tty, hostname=args.hostname, readonly=args.read_only, volumes=args.volume,
-            platform=args.platform, pull=args.pull, cpus=args.cpus, memory_mib=args.memory,
-            remove=args.rm, detach=args.detach, ports=args.publish, network=args.network))
-    if args.detach or args.volume or args.publish:
-        return _fail("-d, -p and -v need an IMAGE (--rootfs DIR runs that directory directly)")
-    from hyperrun.run import RunSpec, execute
-    from hyperrun.sandbox.config import SandboxConfig
-
-    for item in args.env:
-        if "=" not in item:
-            print(f"hyperrun run: -e {item!r}: expected KEY=VALUE", file=sys.stderr)
-            return 125
-    spec = RunSpec(args=rest, rootfs=args.rootfs, env=args.env, workdir=args.workdir,
-                   entrypoint=None if args.entrypoint is None else [args.entrypoint],
-                   user=args.user, stdin=args.interactive, terminal=args.tty,
-                   hostname=args.hostname, readonly=args.read_only,
-                   template=args.template or _config_template(),
-                   sandbox=SandboxConfig(machine=args.machine, **_vm_size(args)))
-    try:
-        return execute(spec)
-    except KeyboardInterrupt:  # before the container ran; the VM is gone with us
-        return 130
+            return direct.run(image, rest, entrypoint, args.env, args.workdir, args.user,
+                              args.pull, args.platform, _vm_size(args))
+    else:
+        if args.direct:
+            return _usage("--direct runs an image's program as the VM's init: give an IMAGE, "
+                          "not --rootfs")
+        if not rest and entrypoint is None:
+            return _usage("--rootfs DIR needs a command: no image describes one")
+        if not args.rootfs.is_dir():
+            return _usage(f"rootfs {args.rootfs} is not a directory")
+        rootfs = str(args.rootfs.resolve())
+    from hyperrun.cli import client
+    return client.run(client.RunOptions(
+        image=image, rootfs=rootfs, args=rest, entrypoint=entrypoint,
+        env=args.env, workdir=args.workdir, user=args.user, stdin=args.interactive,
+        tty=args.tty, hostname=args.hostname, readonly=args.read_only, volumes=args.volume,
+        platform=args.platform, pull=args.pull, cpus=args.cpus, memory_mib=args.memory,
+        remove=args.rm, detach=args.detach, ports=args.publish, network=args.network),
+        template=args.template or None, machine=args.machine)
 
 
 def _vm_size(args: argparse.Namespace) -> dict:
     """--cpus/--memory as SandboxConfig keywords, where given."""
     return {k: v for k, v in (("vcpus", args.cpus), ("memory_mib", args.memory)) if v is not None}
-
-
-def _config_template() -> bool:
-    from hyperrun import config
-    try:
-        return config.load().template
-    except config.ConfigError:
-        return False
 
 
 def _images_service():

@@ -40,13 +40,15 @@ def build() -> argparse.ArgumentParser:
     run.add_argument("--memory", type=int, metavar="MIB",
                      help="memory limit in MiB (the VM gets the pod overhead on top; default: "
                           "the config's VM size, 256, and no limit in the VM)")
-    run.add_argument("--machine", default="microvm", choices=["microvm", "q35"])
+    run.add_argument("--machine", default=None, choices=["microvm", "q35"],
+                     help="the VM's machine type (without a daemon; default: the config's, "
+                          "microvm)")
     run.add_argument("--direct", action="store_true",
                      help="the image's program as the VM's init: no agent, no container "
                           "(Lupine-style; output and exit code still come back)")
     run.add_argument("--template", action="store_true",
-                     help="with --rootfs: restore a saved VM instead of booting (made on first "
-                          "use; the default with [sandbox] template = true)")
+                     help="without a daemon: restore a saved VM instead of booting (made on "
+                          "first use; the default with [sandbox] template = true)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="image, command and arguments")
 
     pull = sub.add_parser("pull", help="pull an image from a registry")

@@ -173,7 +173,7 @@ class PodService:
             # Its plugged disks, as recorded; one plugged with no record yet (a
             # pre-plug, a kill inside a create) is plugged again, and
             # hotplug_disk takes it as it is.
-            sandbox.disks = {c.disk_serial for c in containers}
+            sandbox.disks = {c.disk_serial for c in containers if c.disk_serial}
             for c in containers:
                 if c.state == RUNNING:
                     self._follow(pod, c)
@@ -463,27 +463,36 @@ class PodService:
         return sandbox
 
     async def create_container(self, sandbox_id: str, spec: ContainerSpec) -> str:
+        """A container of the pod, its root one of two kinds: an image (its
+        erofs disk plugged into the VM, a writable overlay on it in the
+        guest) or a host directory (spec.rootfs: bound into the pod's
+        shared directory and written through, as podman's --rootfs)."""
         sandbox = self._running_sandbox(sandbox_id)
         pod = self.sandbox_row(sandbox_id).spec
         if not spec.name:
             raise Invalid("container config has no metadata.name")
-        image = self.images.find(spec.image)
-        if image is None:
-            raise NotFound(f"image {spec.image!r} not found")
-        image_config = self.images.config(image)
+        if bool(spec.image) == bool(spec.rootfs):
+            raise Invalid("a container's root is an image or a host directory (rootfs), one of them")
+        if spec.rootfs:
+            image, disk, image_config = None, None, {}
+        else:
+            image = self.images.find(spec.image)
+            if image is None:
+                raise NotFound(f"image {spec.image!r} not found")
+            image_config = self.images.config(image)
+            disk = Disk(self.images.rootfs(image), serial="img-" + chain_id(image)[:16])
         defaults = apply(image_config, Overrides(
             args=list(spec.args), entrypoint=list(spec.command) if spec.command else None,
             env=list(spec.env), workdir=spec.workdir, user=spec.user))
         container_id = secrets.token_hex(32)
-        serial = "img-" + chain_id(image)[:16]
-        disk = Disk(self.images.rootfs(image), serial=serial)
         async with self.pods[sandbox_id].lock:
             began = time.monotonic()
-            hotplug = serial not in sandbox.disks
+            hotplug = disk is not None and disk.serial not in sandbox.disks
             if hotplug:
                 await sandbox.vm.hotplug_disk(disk)
-                sandbox.disks.add(serial)
-            self._recent_disk = disk
+                sandbox.disks.add(disk.serial)
+            if disk is not None:
+                self._recent_disk = disk
             plugged = time.monotonic()
             process = apb.Process(args=defaults.args, env=defaults.env, cwd=defaults.cwd,
                                   user=apb.User(spec=defaults.user,
@@ -491,15 +500,21 @@ class PodService:
                                   terminal=spec.tty, stdin=spec.stdin,
                                   console_size=_console(spec.console_size))
             shared = self._shared_dir(sandbox.vm)
+            serial = disk.serial if disk is not None else ""
             try:
                 mounts = volumes.bind(shared, container_id, spec.mounts)
+                if disk is not None:
+                    root = apb.Storage(source=f"serial:{serial}", fstype="erofs", overlay=True)
+                else:
+                    root = volumes.bind_root(shared, container_id, spec.rootfs,
+                                             readonly=spec.readonly_rootfs)
             except volumes.VolumeError as exc:
+                volumes.unbind(shared, container_id)
                 await self._unplug_if_unused(sandbox, sandbox_id, serial)
                 raise Invalid(str(exc)) from None
             try:
                 await sandbox.agent.create_container(
-                    container_id, apb.Storage(source=f"serial:{serial}", fstype="erofs",
-                                              overlay=True),
+                    container_id, root,
                     process, hostname=pod.pod_hostname(), readonly_rootfs=spec.readonly_rootfs,
                     resources=agent_resources(spec.resources), sysctls=pod.sysctls,
                     mounts=mounts, privileged=spec.privileged, host_pid=spec.host_pid)
@@ -508,7 +523,8 @@ class PodService:
                 await self._unplug_if_unused(sandbox, sandbox_id, serial)
                 raise
             self.state.add_container(ContainerRow(container_id, sandbox_id,
-                                                  spec.to_json(), image.digest,
+                                                  spec.to_json(),
+                                                  image.digest if image is not None else "",
                                                   serial, CREATED, _now(),
                                                   stop_signal=defaults.stop_signal))
         logger.info("container created", container=container_id, sandbox=sandbox_id,
@@ -517,7 +533,7 @@ class PodService:
         return container_id
 
     async def _unplug_if_unused(self, sandbox: Sandbox, sandbox_id: str, serial: str) -> None:
-        if not any(c.disk_serial == serial for c in self.state.containers(sandbox_id)):
+        if serial and not any(c.disk_serial == serial for c in self.state.containers(sandbox_id)):
             await sandbox.vm.unplug_disk(serial)
             sandbox.disks.discard(serial)
 

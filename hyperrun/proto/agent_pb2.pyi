@@ -96,16 +96,18 @@ class SetupSandboxRequest(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., interfaces: _Optional[_Iterable[_Union[Interface, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., dns: _Optional[_Union[DNSConfig, _Mapping]] = ..., hosts: _Optional[_Iterable[str]] = ..., entropy: _Optional[bytes] = ..., time_ns: _Optional[int] = ...) -> None: ...
 
 class Storage(_message.Message):
-    __slots__ = ("source", "fstype", "options", "overlay")
+    __slots__ = ("source", "fstype", "options", "overlay", "subpath")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     FSTYPE_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_FIELD_NUMBER: _ClassVar[int]
+    SUBPATH_FIELD_NUMBER: _ClassVar[int]
     source: str
     fstype: str
     options: _containers.RepeatedScalarFieldContainer[str]
     overlay: bool
-    def __init__(self, source: _Optional[str] = ..., fstype: _Optional[str] = ..., options: _Optional[_Iterable[str]] = ..., overlay: _Optional[bool] = ...) -> None: ...
+    subpath: str
+    def __init__(self, source: _Optional[str] = ..., fstype: _Optional[str] = ..., options: _Optional[_Iterable[str]] = ..., overlay: _Optional[bool] = ..., subpath: _Optional[str] = ...) -> None: ...
 
 class User(_message.Message):
     __slots__ = ("spec", "additional_gids")

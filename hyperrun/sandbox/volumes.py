@@ -1,5 +1,6 @@
 """Host directories and files mounted into a pod's containers (CRI mounts,
-`hyperrun run -v`).
+`hyperrun run -v`), and host directories as containers' roots
+(`hyperrun run --rootfs DIR`).
 
 A microvm cannot hot-add a virtio-9p device, so every sandbox VM boots with
 one 9p share, its *shared directory* (in the VM's run directory), as Kata
@@ -68,6 +69,26 @@ def bind(shared: Path, container_id: str, specs: Iterable[Mount]) -> list[apb.Mo
         unbind(shared, container_id)
         raise
     return made
+
+
+def bind_root(shared: Path, container_id: str, host_dir: str, readonly: bool) -> apb.Storage:
+    """A host directory as the container's root (`run --rootfs DIR`):
+    bound into the shared directory under `<container id>/root` and
+    written through (read-only with readonly), as podman's --rootfs."""
+    host = Path(host_dir)
+    if not host.is_absolute():
+        raise VolumeError(f"rootfs {host_dir!r} is not an absolute path")
+    if not host.is_dir():
+        raise VolumeError(f"rootfs {host_dir} is not a directory")
+    base = _container_dir(shared, container_id)
+    base.mkdir(mode=0o700, exist_ok=True)
+    target = base / "root"
+    target.mkdir(exist_ok=True)
+    try:
+        mounts.bind(host, target, readonly=readonly)
+    except OSError as exc:
+        raise VolumeError(f"rootfs {host_dir}: {exc}") from None
+    return apb.Storage(source=SHARE_TAG, fstype="9p", subpath=str(target.relative_to(shared)))
 
 
 def unbind(shared: Path, container_id: str) -> None:
