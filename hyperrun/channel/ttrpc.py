@@ -51,6 +51,7 @@ class TtrpcClient:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._pending: dict[int, asyncio.Future] = {}
+        self._sent: set[int] = set()  # calls written whole, their reply awaited
         # Start at a random odd id: a reply the guest still owes a previous
         # host session can then not be mistaken for one of ours.
         self._next_id = random.randrange(1, 1 << 30) | 1
@@ -87,6 +88,7 @@ class TtrpcClient:
                 assert self._writer is not None
                 self._writer.write(data)
                 await self._writer.drain()
+            self._sent.add(stream_id)
             response: ttrpc_pb2.Response = await asyncio.wait_for(future, timeout)
         except TimeoutError:
             # Since 3.11 TimeoutError is an OSError: kept apart, or a slow
@@ -96,6 +98,7 @@ class TtrpcClient:
             raise ConnectionLost(f"{self.name}: {method}: {exc}") from exc
         finally:
             self._pending.pop(stream_id, None)
+            self._sent.discard(stream_id)
         if response.status.code != frame.OK:
             raise TtrpcError(response.status.code, response.status.message, method)
         try:
@@ -140,6 +143,11 @@ class TtrpcClient:
             if not future.done():
                 future.set_exception(error)
         self._pending.clear()
+
+    @property
+    def in_flight(self) -> int:
+        """Calls sent to the peer whose reply has not come."""
+        return len(self._sent)
 
     @property
     def connected(self) -> bool:

@@ -11,7 +11,7 @@ from .cli import HYPERRUN, Cli
 from .daemon import Daemon, DaemonFactory
 from .host import qemu_pids
 from .sandbox import SandboxFactory
-from .wait import WaitTimeout, await_event, wait_until
+from .wait import WaitTimeout, await_condition, await_event, wait_until
 
 __all__ = ["HYPERRUN", "Cli", "Daemon", "DaemonFactory", "SandboxFactory", "WaitTimeout",
-           "await_event", "qemu_pids", "wait_until"]
+           "await_condition", "await_event", "qemu_pids", "wait_until"]

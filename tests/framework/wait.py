@@ -32,6 +32,19 @@ def wait_until(condition: Callable[[], T], timeout: float, what: str, *,
         time.sleep(interval)
 
 
+async def await_condition(condition: Callable[[], T], timeout: float, what: str, *,
+                          interval: float = 0.01,
+                          state: Callable[[], object] | None = None) -> T:
+    """wait_until for an async test: the event loop runs while it polls."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if value := condition():
+            return value
+        if time.monotonic() >= deadline:
+            raise _timed_out(what, timeout, state)
+        await asyncio.sleep(interval)
+
+
 async def await_event(awaitable: Awaitable[T], timeout: float, what: str, *,
                       state: Callable[[], object] | None = None) -> T:
     """The result of an event an async test can await (an asyncio.Event's

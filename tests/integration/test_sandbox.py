@@ -19,7 +19,7 @@ from hyperrun.sandbox.sandbox import Sandbox
 from hyperrun.vm import VMError
 from hyperrun.vm.config import Share, vsock_available
 from hyperrun.vm.qemu import QemuVM
-from tests.framework import wait_until
+from tests.framework import await_condition, wait_until
 
 ROOTFS = pb.Storage(source="rootfs", fstype="9p")
 
@@ -115,11 +115,9 @@ async def test_freed_guest_memory_goes_back_to_the_host(sandbox, no_leaks):
     assert filled - before > 50, (before, filled)
     await sh("rm", "rm /dev/shm/fill")
     # The guest reports freed blocks 2 s after they are freed.
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 30
-    while (now := resident_mib()) > before + 20:
-        assert loop.time() < deadline, f"RAM {before:.0f} -> {filled:.0f} -> {now:.0f} MiB"
-        await asyncio.sleep(0.5)
+    await await_condition(lambda: resident_mib() <= before + 20, 30,
+                          f"RAM back from {filled:.0f} MiB to {before:.0f} + 20",
+                          interval=0.5, state=resident_mib)
 
 
 async def test_setid_bits_do_not_reach_the_host(sandbox, busybox_rootfs, no_leaks):
@@ -190,7 +188,8 @@ async def test_vm_dying_is_noticed(sandbox, no_leaks):
     await sb.agent.create_container("c", ROOTFS, pb.Process(args=["sleep", "300"]))
     await sb.agent.start_container("c")
     wait = asyncio.create_task(sb.agent.wait_process("c"))
-    await asyncio.sleep(0.2)
+    # The call is in the agent's hands (sent whole) before its VM dies.
+    await await_condition(lambda: sb.agent.session.in_flight == 1, 10, "WaitProcess sent")
     os.kill(sb.vm.pid, signal.SIGKILL)
     await asyncio.wait_for(sb.vm.wait_exited(), 10)
     assert sb.vm.exited
