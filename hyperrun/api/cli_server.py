@@ -23,14 +23,14 @@ import shutil
 import time
 from pathlib import Path
 
-from hyperrun import exitcodes, log, cli_api
+from hyperrun import cli_api, errdefs, exitcodes, log
+from hyperrun.channel.ttrpc import TtrpcError
 from hyperrun.pods.service import RUNNING, NotFound
 from hyperrun.sandbox import logs
 from hyperrun.specs import ContainerSpec, Mount, PodSpec, PortMapping
 from hyperrun.cli_api import (RUN_LABEL, ExecOptions, ListOptions, LogsOptions, NamesOptions,
                               ProtocolError, PullOptions, RunError, RunOptions)
 
-from .errors import describe
 
 logger = log.get("runs")
 
@@ -104,13 +104,22 @@ def container_spec(opts: RunOptions, pod: PodSpec, mounts: list[Mount]) -> Conta
         readonly_rootfs=opts.readonly, console_size=opts.console_size)
 
 
+def _known(exc: BaseException) -> str | None:
+    """A known failure's message (as a CRI client would see it); None for
+    anything else (a bug)."""
+    if isinstance(exc, TtrpcError):
+        return f"guest agent: {exc.remote_message}"
+    if isinstance(exc, (errdefs.Error, TimeoutError)):
+        return str(exc)
+    return None
+
+
 def _message(exc: Exception) -> str:
-    """A known failure's message, as a CRI client would see it; anything
-    else is a bug and goes on up."""
-    known = describe(exc)
+    """A known failure's message; anything else is a bug and goes on up."""
+    known = _known(exc)
     if known is None:
         raise exc
-    return known[1]
+    return known
 
 
 # ------------------------------------------------------------- the server
@@ -229,10 +238,10 @@ class _Connection:
             except RunError as exc:
                 result = {"error": str(exc), "code": exc.code}
             except Exception as exc:
-                known = describe(exc)
+                known = _known(exc)
                 if known is None:
                     logger.exception("run failed", sandbox=self.pod)
-                message = known[1] if known else f"internal error: {type(exc).__name__}: {exc}"
+                message = known or f"internal error: {type(exc).__name__}: {exc}"
                 result = {"error": message, "code": exitcodes.for_start_error(exc)}
             await self._end(opts)
             ended = True
@@ -369,7 +378,7 @@ class _Connection:
             if isinstance(result, BaseException):
                 # A pod that stopped meanwhile (its VM, channel or /proc
                 # entry gone) is left out; anything else is a bug.
-                if not isinstance(result, OSError) and describe(result) is None:
+                if not isinstance(result, OSError) and _known(result) is None:
                     raise result
                 continue
             out += result

@@ -1,40 +1,23 @@
-"""Mapping hyperrun's exceptions to gRPC status codes, in one place."""
+"""The CRI's status codes for the project's kinds of failure
+(hyperrun/errdefs.py), in one place."""
 from __future__ import annotations
 
 import functools
 
 import grpc
 
-from hyperrun.channel.ttrpc import ConnectionLost, TtrpcError
-from hyperrun.image.distribution import PullError
-from hyperrun.image.imageconfig import ImageConfigError
-from hyperrun.image.reference import InvalidReference
-from hyperrun.image.service import ImageError, ImageNotFound
-from hyperrun.pods.service import Conflict, Invalid, NotFound
-from hyperrun.network import CNIError
-from hyperrun.sandbox.podnet import NetworkUnavailable
-from hyperrun.sandbox.volumes import VolumeError
-from hyperrun.vm import VMError
+from hyperrun import errdefs
+from hyperrun.channel.ttrpc import TtrpcError
 
-from .streaming import InvalidRequest, TooManyRequests
-
+# Most specific first: an image not found is an image error too.
 _CODES = [
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (ImageNotFound, grpc.StatusCode.NOT_FOUND),
-    (Invalid, grpc.StatusCode.INVALID_ARGUMENT),
-    (InvalidReference, grpc.StatusCode.INVALID_ARGUMENT),
-    (ImageConfigError, grpc.StatusCode.INVALID_ARGUMENT),
-    (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
-    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
-    (TooManyRequests, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errdefs.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errdefs.Invalid, grpc.StatusCode.INVALID_ARGUMENT),
+    (errdefs.Conflict, grpc.StatusCode.FAILED_PRECONDITION),
+    (errdefs.Exhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (PullError, grpc.StatusCode.UNKNOWN),
-    (ImageError, grpc.StatusCode.UNKNOWN),
-    (VMError, grpc.StatusCode.UNAVAILABLE),
-    (NetworkUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
-    (CNIError, grpc.StatusCode.UNAVAILABLE),
-    (VolumeError, grpc.StatusCode.INVALID_ARGUMENT),
-    (ConnectionLost, grpc.StatusCode.UNAVAILABLE),
+    (errdefs.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errdefs.Unknown, grpc.StatusCode.UNKNOWN),
 ]
 
 

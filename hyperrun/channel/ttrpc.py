@@ -15,6 +15,7 @@ from typing import Awaitable, Callable, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
+from hyperrun import errdefs
 from hyperrun.proto import ttrpc_pb2
 
 from . import frame
@@ -39,7 +40,7 @@ class TtrpcError(Exception):
         self.remote_message = message
 
 
-class ConnectionLost(ConnectionError):
+class ConnectionLost(ConnectionError, errdefs.Unavailable):
     """The channel closed before the reply arrived."""
 
 

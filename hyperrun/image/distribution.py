@@ -34,6 +34,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import httpx
 
+from hyperrun import errdefs
 from hyperrun.image.auth import (Challenge, Credentials, CredentialsError, docker_config_path,
                                  docker_credentials, parse_challenge)
 from hyperrun.image.hosts import Endpoint, Hosts, HostsConfigError, default_ssl_context
@@ -79,7 +80,7 @@ TIMEOUT = httpx.Timeout(60.0, connect=15.0)
 
 # ---------------------------------------------------------------- errors
 
-class PullError(Exception):
+class PullError(errdefs.Unknown):
     """A pull failed; str() is one line naming the reference and the cause."""
 
 

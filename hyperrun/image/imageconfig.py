@@ -6,8 +6,10 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass, field
 
+from hyperrun import errdefs
 
-class ImageConfigError(ValueError):
+
+class ImageConfigError(ValueError, errdefs.Invalid):
     pass
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from hyperrun import errdefs
+
 DOCKER_HUB = "docker.io"
 _HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io"}
 DEFAULT_TAG = "latest"
@@ -34,7 +36,7 @@ _DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
 _SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
-class InvalidReference(ValueError):
+class InvalidReference(ValueError, errdefs.Invalid):
     """An image reference that cannot be parsed; the message says why."""
 
 

@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from hyperrun import errdefs
 from hyperrun import paths
 
 from . import reference
@@ -29,11 +30,11 @@ from .store import ContentStore, StoreError
 SCRATCH_TMPFS = "/dev/shm"
 
 
-class ImageError(Exception):
+class ImageError(errdefs.Unknown):
     pass
 
 
-class ImageNotFound(ImageError):
+class ImageNotFound(ImageError, errdefs.NotFound):
     pass
 
 

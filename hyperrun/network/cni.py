@@ -27,6 +27,7 @@ import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from hyperrun import errdefs
 
 SPEC_VERSION = "1.0.0"
 DEFAULT_CONF_DIR = Path("/etc/cni/net.d")
@@ -38,7 +39,7 @@ CACHE_KIND = "hyperrun-cni-cache-v1"
 CONTAINER_ID = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
 
 
-class CNIError(Exception):
+class CNIError(errdefs.Unavailable):
     """A plugin failed, or the configuration is unusable."""
 
     def __init__(self, msg: str, *, plugin: str = "", command: str = "", code: int = 0,

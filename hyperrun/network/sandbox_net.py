@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from collections.abc import Iterable
 
-from pyroute2 import IPRoute
 
 from hyperrun import log
 from hyperrun.paths import data_root
@@ -235,6 +234,8 @@ class SandboxNetworks:
 
 
 def _add_stand_in(ifname: str, addresses: list[str]) -> None:
+    from pyroute2 import IPRoute  # ~65 ms: only where a tap or a CNI network is made
+
     with IPRoute() as ipr:
         if ipr.link_lookup(ifname=ifname):
             return

@@ -16,7 +16,6 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyroute2 import IPRoute
 
 from . import netns
 
@@ -79,6 +78,8 @@ def join_tap_inside(ifname: str = "eth0", tap: str = TAP_NAME) -> Link:
     """Give the tap the veth `ifname`'s MTU, bring it up, and redirect each
     one's ingress to the other's egress. QEMU may have the tap open already
     (a VM started before its network was added: see podnet)."""
+    from pyroute2 import IPRoute  # ~65 ms: only where a tap or a CNI network is made
+
     with IPRoute() as ipr:
         veth = ipr.link("get", ifname=ifname)[0]
         link = Link(mac=veth.get("IFLA_ADDRESS"), mtu=veth.get("IFLA_MTU"))

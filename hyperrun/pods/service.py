@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from hyperrun.channel import frame
+from hyperrun.errdefs import Conflict, Invalid, NotFound
 from hyperrun.channel.ttrpc import ConnectionLost, TtrpcError
 from hyperrun.image.imageconfig import Overrides, apply
 from hyperrun.image.service import ImageService, chain_id
@@ -50,18 +51,6 @@ STARTUP_WINDOW_S = 3.0  # see _resend_while_starting
 HEALTH_INTERVAL_S = float(os.environ.get("HYPERRUN_HEALTH_INTERVAL_S", 10))
 HEALTH_TIMEOUT_S = float(os.environ.get("HYPERRUN_HEALTH_TIMEOUT_S", 30))
 CREATED, RUNNING, EXITED, UNKNOWN = "created", "running", "exited", "unknown"
-
-
-class NotFound(Exception):
-    pass
-
-
-class Invalid(Exception):
-    pass
-
-
-class Conflict(Exception):
-    pass
 
 
 def _now() -> int:

@@ -17,6 +17,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from hyperrun import errdefs
 from hyperrun import log
 from hyperrun.network import NetworkInfo, SandboxNetworks, cni_available, install_default_config
 from hyperrun.specs import PodSpec
@@ -33,7 +34,7 @@ USER_IP, USER_GATEWAY, USER_DNS = "10.0.2.15/24", "10.0.2.2", "10.0.2.3"
 PREPARED_MAC = "52:54:00:00:00:02"
 
 
-class NetworkUnavailable(Exception):
+class NetworkUnavailable(errdefs.Conflict):
     pass
 
 

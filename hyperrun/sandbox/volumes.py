@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from hyperrun import errdefs
 from hyperrun import mounts
 from hyperrun.specs import Mount
 from hyperrun.proto import agent_pb2 as apb
@@ -25,7 +26,7 @@ SHARE_TAG = "hyperrun-shared"
 SHARE_DIR = "shared"
 
 
-class VolumeError(Exception):
+class VolumeError(errdefs.Invalid):
     pass
 
 

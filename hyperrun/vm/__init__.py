@@ -15,13 +15,15 @@ import enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hyperrun import errdefs
+
 if TYPE_CHECKING:
     import subprocess
 
     from .config import Disk, VMConfig
 
 
-class VMError(Exception):
+class VMError(errdefs.Unavailable):
     """The VM could not be started, or died."""
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Protocol, Sequence
 
+from hyperrun import errdefs
 from hyperrun import log
 
 from . import portforward, remotecommand, spdy, websocket
@@ -71,11 +72,11 @@ class PortForwardRequestInfo:
         return cls(req.pod_sandbox_id, list(req.port))
 
 
-class InvalidRequest(ValueError):
+class InvalidRequest(ValueError, errdefs.Invalid):
     """The request cannot be served (answer INVALID_ARGUMENT)."""
 
 
-class TooManyRequests(RuntimeError):
+class TooManyRequests(RuntimeError, errdefs.Exhausted):
     """Too many URLs handed out and not used yet (answer RESOURCE_EXHAUSTED)."""
 
 
