@@ -177,11 +177,18 @@ def _process_tree(pid: int) -> list[int]:
     return pids
 
 
+def _run_dirs(run_root: Path) -> list[Path]:
+    """The VM run directories under a run root: a daemon's sandboxes' or
+    (below it, for runs without a daemon) each embedded host's."""
+    return [*run_root.glob("sandboxes/*"), *run_root.glob("embedded/*/vms/*")]
+
+
 def _vm_pss_mib(root: Path, measure=None) -> list[float]:
-    """PSS (MiB) of each running QEMU whose run directory is under root, or
-    what measure(pid) says in KiB (tcg_cache_kib: its TCG cache's share)."""
+    """PSS (MiB) of each running QEMU whose run directory is root/* or
+    under the run root root (_run_dirs), or what measure(pid) says in KiB
+    (tcg_cache_kib: its TCG cache's share)."""
     measure = measure or pss_kib
-    pids = [rundir.qemu_pid(p) for p in root.glob("*")]
+    pids = [rundir.qemu_pid(p) for p in [*root.glob("*"), *_run_dirs(root)]]
     return [measure(pid) / 1024 for pid in pids if pid is not None and rundir.alive_qemu(pid)]
 
 
@@ -260,11 +267,12 @@ def bench_start(runs: int) -> dict:
 
     def end_vms(proc) -> None:
         proc.kill()
-        for path in (work / "run" / "vm").glob("*"):
+        proc.wait()
+        for path in _run_dirs(work / "run"):
             rundir.kill_and_remove(path)
 
     def vm_pss(proc) -> float:
-        return statistics.median(_vm_pss_mib(work / "run" / "vm"))
+        return statistics.median(_vm_pss_mib(work / "run"))
 
     try:
         layout = _busybox_layout(work)
@@ -327,10 +335,10 @@ def bench_start(runs: int) -> dict:
     finally:
         for d in daemons.values():
             d.close()
-        for path in (work / "run" / "vm").glob("*"):
+        for path in _run_dirs(work / "run"):
             rundir.kill_and_remove(path)
         shutil.rmtree(templates, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+        rundir.remove(work)  # never through a bind of the rootfs a killed run left
 
     median = {name: statistics.median(values) for name, values in times.items()}
     result = {"runs": runs, "variants": {}, "pss_not_measured": pss_failed}

@@ -108,6 +108,7 @@ class RunOptions(_Request):
     image: str                      # empty with rootfs
     args: list[str]
     rootfs: str = ""                # an absolute host directory as the root
+    direct: bool = False            # the image's program as the VM's init (no agent)
     entrypoint: list[str] | None = None
     env: list[str] = field(default_factory=list)       # KEY=VALUE, resolved by the CLI
     workdir: str = ""
@@ -129,7 +130,7 @@ class RunOptions(_Request):
     progress: bool = False          # a pull's progress wanted (the CLI's stderr is a terminal)
 
     FIELDS: ClassVar[dict] = {
-        "image": str, "args": "strs", "rootfs": str, "entrypoint": "strs?", "env": "strs",
+        "image": str, "args": "strs", "rootfs": str, "direct": bool, "entrypoint": "strs?", "env": "strs",
         "workdir": str, "user": str, "stdin": bool, "tty": bool, "hostname": str, "readonly": bool,
         "volumes": "strs", "platform": str, "pull": str, "cpus": "int?", "memory_mib": "int?",
         "remove": bool, "detach": bool, "ports": "strs", "network": str, "console": "size?",

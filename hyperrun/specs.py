@@ -89,9 +89,17 @@ class PodSpec:
     cpus: float = 0
     memory_limit_bytes: int = 0
     overhead_memory_bytes: int = 0
+    # The VM's init: the agent, which runs containers (crun); or "program":
+    # the one container's own program, with no agent (direct mode,
+    # sandbox/direct.py).
+    init: str = "agent"
 
     def to_json(self) -> bytes:
         return _dump(self)
+
+    @property
+    def direct(self) -> bool:
+        return self.init == "program"
 
     @classmethod
     def from_json(cls, data: bytes) -> PodSpec:

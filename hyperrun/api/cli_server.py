@@ -89,10 +89,17 @@ def pod_spec(opts: RunOptions, ports: list[PortMapping], logs_root: Path) -> Pod
     without them the pod gets the default VM, the shape pool spares and
     templates have."""
     name = "run-" + secrets.token_hex(4)
+    if opts.direct:
+        if opts.rootfs or opts.volumes or opts.stdin or opts.tty or ports or \
+                opts.network not in ("auto", "none"):
+            raise RunError("--direct runs the image's program as the VM's init, with no agent: "
+                           "no --rootfs, -v, -i, -t, -p or network")
+    network = "none" if opts.direct else opts.network if opts.network != "auto" else ""
     return PodSpec(name=name, uid=name, namespace="hyperrun", hostname=opts.hostname or name,
                    log_directory=str(logs_root / name), labels={RUN_LABEL: "1"},
-                   network=opts.network if opts.network != "auto" else "", ports=tuple(ports),
-                   cpus=opts.cpus or 0, memory_limit_bytes=(opts.memory_mib or 0) << 20)
+                   network=network, ports=tuple(ports), cpus=opts.cpus or 0,
+                   memory_limit_bytes=(opts.memory_mib or 0) << 20,
+                   init="program" if opts.direct else "agent")
 
 
 def container_spec(opts: RunOptions, pod: PodSpec, mounts: list[Mount]) -> ContainerSpec:

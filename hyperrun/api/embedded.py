@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import shutil
 import threading
 from pathlib import Path
 
@@ -41,7 +40,7 @@ def collect_stale() -> None:
                 rundir.kill_and_remove(vm_dir)
         if (path / "cni").is_dir():
             _network_options(path, pid).pod_networks().collect_stale([])
-        shutil.rmtree(path, ignore_errors=True)
+        rundir.remove(path)  # never through a bind (a --rootfs or -v host directory)
 
 
 def _network_options(path: Path, pid: int):
@@ -107,7 +106,7 @@ class EmbeddedHost:
             finally:
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 self._thread.join(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        rundir.remove(self.dir)  # never through a bind (a --rootfs or -v host directory)
 
     async def _shutdown(self) -> None:
         manager = self._services.manager

@@ -40,10 +40,10 @@ def _usage(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`run IMAGE` and `run --rootfs DIR` are one request to the core (the
-    daemon's, or the same services in this process), the root one of its
-    two kinds; --direct (the image's program as the VM's init) is its own
-    path (hyperrun/direct.py)."""
+    """`run IMAGE`, `run --rootfs DIR` and `run --direct IMAGE` are one
+    request to the core (the daemon's, or the same services in this
+    process): the container's root one of two kinds (an image, a host
+    directory), the VM's init one of two (the agent, or the program)."""
     rest = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     entrypoint = None if args.entrypoint is None else [args.entrypoint]
     image, rootfs = "", ""
@@ -53,10 +53,6 @@ def run(args: argparse.Namespace) -> int:
             return 125
         image, rest = rest[0], rest[1:]
         rest = rest[1:] if rest[:1] == ["--"] else rest
-        if args.direct:
-            from hyperrun import direct
-            return direct.run(image, rest, entrypoint, args.env, args.workdir, args.user,
-                              args.pull, args.platform, _vm_size(args))
     else:
         if args.direct:
             return _usage("--direct runs an image's program as the VM's init: give an IMAGE, "
@@ -68,17 +64,12 @@ def run(args: argparse.Namespace) -> int:
         rootfs = str(args.rootfs.resolve())
     from hyperrun.cli import client
     return client.run(client.RunOptions(
-        image=image, rootfs=rootfs, args=rest, entrypoint=entrypoint,
+        image=image, rootfs=rootfs, direct=args.direct, args=rest, entrypoint=entrypoint,
         env=args.env, workdir=args.workdir, user=args.user, stdin=args.interactive,
         tty=args.tty, hostname=args.hostname, readonly=args.read_only, volumes=args.volume,
         platform=args.platform, pull=args.pull, cpus=args.cpus, memory_mib=args.memory,
         remove=args.rm, detach=args.detach, ports=args.publish, network=args.network),
         template=args.template or None, machine=args.machine)
-
-
-def _vm_size(args: argparse.Namespace) -> dict:
-    """--cpus/--memory as SandboxConfig keywords, where given."""
-    return {k: v for k, v in (("vcpus", args.cpus), ("memory_mib", args.memory)) if v is not None}
 
 
 def _images_service():

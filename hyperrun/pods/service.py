@@ -17,6 +17,7 @@ import secrets
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from hyperrun.channel import frame
 from hyperrun.errdefs import Conflict, Invalid, NotFound
@@ -29,7 +30,7 @@ from hyperrun.vm import VM, VMError, new as new_vm, rundir
 from hyperrun.vm.config import Channel, Disk, Share
 from hyperrun.vm.template import clone_config
 
-from hyperrun.sandbox import podnet, volumes
+from hyperrun.sandbox import direct, podnet, volumes
 from hyperrun.sandbox.config import SandboxConfig
 from hyperrun.sandbox.pool import SandboxPool, Spare
 from hyperrun.sandbox.sandbox import Sandbox
@@ -70,6 +71,13 @@ def _vm_json(vm: VM, network: podnet.PodNetwork) -> bytes:
     return json.dumps({"id": vm.id, "channel": c.channel.kind, "cid": c.channel.cid,
                        "vcpus": c.vcpus, "memory_mib": c.memory_mib,
                        "network": network.to_dict()}).encode()
+
+
+def _read_or_empty(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
 
 
 def pod_network(row: SandboxRow) -> podnet.PodNetwork:
@@ -144,6 +152,10 @@ class PodService:
                 # network's teardown: finish it (idempotent).
                 await asyncio.to_thread(self.networks.teardown, row.id, pod_network(row))
                 continue
+            if row.spec.direct:
+                if vm_id := await self._adopt_direct(pod, vm_info):
+                    live.add(vm_id)
+                continue
             vm = self.new_vm(dataclasses.replace(
                 self._vm_config(), channel=Channel(vm_info["channel"], vm_info["cid"])),
                 vm_id=vm_info["id"], root=self.root)
@@ -181,6 +193,36 @@ class PodService:
         for sid in await asyncio.to_thread(self.networks.collect_stale, ready):
             logger.info("removed a network with no sandbox", sandbox=sid)
 
+    async def _adopt_direct(self, pod: Pod, vm_info: dict) -> str | None:
+        """recover() for a direct pod: take over its VM and follow its
+        program again (from the console's end: what came before is in the
+        log); a VM that ended meanwhile leaves its exit on its console."""
+        running = [c for c in self.state.containers(pod.id) if c.state == RUNNING]
+        if not running or "id" not in vm_info:
+            self._sandbox_gone(pod.id, "the daemon restarted before the direct pod's VM started")
+            return None
+        vm = self.new_vm(dataclasses.replace(self._vm_config(), channel=Channel("serial")),
+                         vm_id=vm_info["id"], root=self.root)
+        try:
+            await vm.adopt()
+        except (VMError, OSError) as exc:
+            console = await asyncio.to_thread(_read_or_empty, vm.console_log)
+            code = direct.exit_status(console)
+            if code is not None:
+                for c in running:
+                    self.state.update_container(c.id, state=EXITED, finished_at=_now(),
+                                                exit_code=code,
+                                                reason="Completed" if code == 0 else "Error")
+            self._sandbox_gone(pod.id, f"VM ended while the daemon was down: {exc}")
+            await vm.remove()
+            return None
+        pod.sandbox = direct.sandbox(vm, from_end=True)
+        for c in running:
+            self._follow(pod, c)
+        self._watch_vm(pod)
+        logger.info("direct sandbox re-attached", sandbox=pod.id, vm=vm.id, pid=vm.pid)
+        return vm.id
+
     def _vm_config(self, vcpus: int | None = None, memory_mib: int | None = None):
         return SandboxConfig(vcpus=vcpus or self.defaults.vcpus,
                              memory_mib=memory_mib or self.defaults.memory_mib,
@@ -210,6 +252,8 @@ class PodService:
                     spec.name, spec.namespace, spec.uid, spec.attempt):
                 raise Conflict(f"sandbox {spec.name!r} attempt {spec.attempt}"
                                f" exists already: {row.id}")
+        if spec.direct:
+            return self._add_direct_pod(spec)
         kind = self.networks.kind_for(spec)
         vcpus, memory = hconfig.vm_size(self.defaults, spec)
         clock = asyncio.get_running_loop().time
@@ -246,6 +290,56 @@ class PodService:
                     vm=vm.id, pid=vm.pid, from_pool=spare is not None,
                     vm_and_network_s=round(t1 - t0, 3), setup_s=round(clock() - t1, 3))
         return sandbox_id
+
+    def _add_direct_pod(self, spec: PodSpec) -> str:
+        """A pod whose VM's init is its one container's program: its VM is
+        made with the container (it boots from the image) and started with
+        it. It has no network: no agent would set one up."""
+        if spec.init != "program":
+            raise Invalid(f"unknown init {spec.init!r}: agent or program")
+        if spec.ports or spec.network not in ("", "none") or spec.host_network:
+            raise Invalid("direct mode has no network (no agent sets one up): "
+                          "no ports, network none")
+        sandbox_id = secrets.token_hex(32)
+        self.state.add_sandbox(SandboxRow(sandbox_id, spec.to_json(), READY, _now(),
+                                          json.dumps({"network": None}).encode()))
+        self._pod(sandbox_id)
+        logger.info("direct pod added", sandbox=sandbox_id, name=spec.name)
+        return sandbox_id
+
+    async def _create_direct(self, sandbox_id: str, pod_spec: PodSpec,
+                             spec: ContainerSpec) -> str:
+        """The direct pod's one container: its VM, made (not started) from
+        the image's root and the program; refused as a DirectError when
+        direct mode cannot run it as asked."""
+        pod = self.pods[sandbox_id]
+        if pod.sandbox is not None or self.state.containers(sandbox_id):
+            raise Conflict("a direct-mode pod has one container: its VM's init")
+        if spec.rootfs or spec.mounts or spec.stdin or spec.tty:
+            raise Invalid("direct mode boots an image's root with no agent: "
+                          "no --rootfs, volumes, stdin or terminal")
+        image = self.images.find(spec.image)
+        if image is None:
+            raise NotFound(f"image {spec.image!r} not found")
+        defaults = apply(self.images.config(image), Overrides(
+            args=list(spec.args), entrypoint=list(spec.command) if spec.command else None,
+            env=list(spec.env), workdir=spec.workdir, user=spec.user))
+        vcpus, memory = hconfig.vm_size(self.defaults, pod_spec)
+        shape = SandboxConfig(vcpus=vcpus, memory_mib=memory, machine=self.defaults.machine,
+                              die_with_parent=self.die_with_parent)
+        config = await asyncio.to_thread(
+            direct.vm_config, self.images.rootfs(image), defaults.args, defaults.env,
+            defaults.cwd, defaults.user, shape)
+        container_id = secrets.token_hex(32)
+        vm = self.new_vm(config, container_id[:16], self.root)
+        pod.sandbox = direct.sandbox(vm)
+        self.state.set_sandbox_vm(sandbox_id, _vm_json(vm, podnet.PodNetwork("none")))
+        self.state.add_container(ContainerRow(container_id, sandbox_id, spec.to_json(),
+                                              image.digest, "", CREATED, _now(),
+                                              stop_signal=defaults.stop_signal))
+        logger.info("direct container created", container=container_id, sandbox=sandbox_id,
+                    init=config.init)
+        return container_id
 
     async def _start_sandbox(self, sandbox_id: str, kind: str, vcpus: int, memory: int,
                              spec: PodSpec | None = None
@@ -341,6 +435,11 @@ class PodService:
 
         async def watch() -> None:
             hung = await self._monitor(sandbox)
+            if isinstance(sandbox.agent, direct.ConsoleAgent):
+                # Its VM ends with its program: the exit the task takes
+                # from the console is recorded before the pod's end.
+                await asyncio.gather(*(asyncio.shield(t.waiter) for t in pod.tasks.values()
+                                       if t.waiter is not None), return_exceptions=True)
             if pod.sandbox is sandbox:  # not a stop we asked for
                 pod.sandbox = None
                 self._sandbox_gone(pod, hung or f"VM exited: {sandbox.vm.failure_reason()}")
@@ -456,10 +555,13 @@ class PodService:
         erofs disk plugged into the VM, a writable overlay on it in the
         guest) or a host directory (spec.rootfs: bound into the pod's
         shared directory and written through, as podman's --rootfs)."""
-        sandbox = self._running_sandbox(sandbox_id)
         pod = self.sandbox_row(sandbox_id).spec
         if not spec.name:
             raise Invalid("container config has no metadata.name")
+        if pod.direct:
+            async with self.pods[sandbox_id].lock:
+                return await self._create_direct(sandbox_id, pod, spec)
+        sandbox = self._running_sandbox(sandbox_id)
         if bool(spec.image) == bool(spec.rootfs):
             raise Invalid("a container's root is an image or a host directory (rootfs), one of them")
         if spec.rootfs:
@@ -540,7 +642,11 @@ class PodService:
         # RUNNING before the start: a program that exits at once is then
         # recorded EXITED by its waiter after, never overwritten by RUNNING.
         self.state.update_container(container_id, state=RUNNING, started_at=_now())
-        task = self._follow(self.pods[row.sandbox_id], row)
+        pod = self.pods[row.sandbox_id]
+        if self.sandbox_row(row.sandbox_id).spec.direct:
+            await self._start_direct(pod, row)
+            return
+        task = self._follow(pod, row)
         began = time.monotonic()
         try:
             await sandbox.agent.start_container(container_id)
@@ -552,6 +658,23 @@ class PodService:
             task.ended(128)
             raise
         logger.info("container started", container=container_id, sandbox=row.sandbox_id,
+                    start_s=round(time.monotonic() - began, 3))
+
+    async def _start_direct(self, pod: Pod, row: ContainerRow) -> None:
+        """Boot the direct pod's VM: its init is the container's program."""
+        task = self._follow(pod, row)
+        began = time.monotonic()
+        try:
+            await pod.sandbox.vm.launch()
+        except BaseException as exc:
+            self.state.update_container(row.id, state=EXITED, finished_at=_now(),
+                                        exit_code=128, reason="StartError", message=str(exc))
+            task.close()
+            task.ended(128)
+            raise
+        self._watch_vm(pod)
+        logger.info("direct container started", container=row.id, sandbox=pod.id,
+                    vm=pod.sandbox.vm.id, pid=pod.sandbox.vm.pid,
                     start_s=round(time.monotonic() - began, 3))
 
     def _task(self, pod: Pod, row: ContainerRow) -> Task:

@@ -87,6 +87,9 @@ class State:
     def set_sandbox_config(self, sandbox_id: str, config: bytes) -> None:
         self.db.execute("UPDATE sandboxes SET config = ? WHERE id = ?", (config, sandbox_id))
 
+    def set_sandbox_vm(self, sandbox_id: str, vm: bytes) -> None:
+        self.db.execute("UPDATE sandboxes SET vm = ? WHERE id = ?", (vm, sandbox_id))
+
     def sandbox(self, sandbox_id: str) -> SandboxRow | None:
         row = self.db.execute("SELECT * FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone()
         return SandboxRow(*row) if row else None

@@ -97,13 +97,19 @@ class VM(abc.ABC):
     @property
     @abc.abstractmethod
     def process(self) -> "subprocess.Popen | None":
-        """The hypervisor's process, if this process spawned it (direct
-        mode and the bench wait on it without asyncio)."""
+        """The hypervisor's process, if this process spawned it (the bench
+        waits on it without asyncio)."""
 
     @property
     @abc.abstractmethod
     def agent_socket(self) -> Path:
         """The host end of a virtio-serial agent channel."""
+
+    @property
+    @abc.abstractmethod
+    def console_log(self) -> Path:
+        """The guest's serial console, as a file the hypervisor appends to
+        (a direct-mode VM's output is read from it)."""
 
     @abc.abstractmethod
     def busy_ns(self) -> int | None:

@@ -208,6 +208,10 @@ class FakeVM(VM):
     def agent_socket(self) -> Path:
         return self.run_dir / rundir.AGENT_SOCKET
 
+    @property
+    def console_log(self) -> Path:
+        return self.run_dir / rundir.CONSOLE_LOG  # never written: the fake has no console
+
     def busy_ns(self) -> int | None:
         return None if self.exited else self.guest.agent.busy_ns
 

@@ -239,3 +239,19 @@ def test_a_vm_is_idle_while_its_busy_time_stands(monkeypatch):
     assert tick(1, 0.5) == 0  # worked again
     assert tick(2, 0.1) == 2
     assert tick(1, None) == 3  # QEMU gone: nothing more is done
+
+
+def test_direct_mode_reads_init_exit_from_the_kernel_and_quotes_its_command():
+    from hyperrun.sandbox import direct
+
+    panic = b"hi\n[    1.2] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000700\n"
+    assert direct.exit_status(panic) == 7
+    assert direct.exit_status(b"Attempted to kill init! exitcode=0x0000000f") == 128 + 15
+    assert direct.exit_status(b"no panic here") is None
+    assert direct.kernel_command(["a b", "c"], ["K=v w"]) == ['"K=v w"', "--", '"a b"', "c"]
+    with pytest.raises(direct.DirectError, match="cannot carry it"):
+        direct.kernel_command(['say "hi"'], [])
+    with pytest.raises(direct.DirectError, match="not passable"):
+        direct.kernel_command([], ["console=x"])
+    assert direct.virtio_mmio_params(2) == ["virtio_mmio.device=512@0xfeb00e00:12",
+                                            "virtio_mmio.device=512@0xfeb00c00:11"]
