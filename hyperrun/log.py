@@ -1,19 +1,44 @@
 """The daemon's own log, with structlog: JSON lines to a file (for
-machines), key=value lines on a terminal (for people)."""
+machines), key=value lines on a terminal (for people).
+
+structlog (with rich, which its console renderer loads) takes 40-80 ms to
+import: it is loaded at the first message, not at setup or at a module's
+`log.get`. A run without a daemon then starts its VM before it pays for it
+(the import overlaps the guest's boot).
+"""
 from __future__ import annotations
 
 import logging
 import sys
 from pathlib import Path
 
-import structlog
+_target: list[Path | None] = []  # setup()'s choice, until the first message configures it
+_configured = False
 
 
 def setup(path: Path | None) -> None:
+    global _configured
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    _target[:] = [path]
+    _configured = False
+
+
+def is_set_up() -> bool:
+    return bool(_target)
+
+
+def _configure() -> None:
+    global _configured
+    import structlog
+
+    _configured = True
+    if not _target:
+        return  # structlog's defaults (a tool that set up no log)
+    path = _target[0]
     processors = [structlog.processors.add_log_level,
                   structlog.processors.TimeStamper(fmt="iso", utc=True)]
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         out = open(path, "a", buffering=1)
         renderer = structlog.processors.JSONRenderer()
     else:
@@ -25,5 +50,19 @@ def setup(path: Path | None) -> None:
                         cache_logger_on_first_use=True)
 
 
-def get(name: str):
-    return structlog.get_logger(name)
+class _Logger:
+    """A named logger; structlog is loaded (and set up) at its first use."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __getattr__(self, attr: str):
+        if not _configured:
+            _configure()
+        import structlog
+
+        return getattr(structlog.get_logger(self.name), attr)
+
+
+def get(name: str) -> _Logger:
+    return _Logger(name)

@@ -304,8 +304,7 @@ class PodService:
         self.state.add_sandbox(SandboxRow(sandbox_id, spec.to_json(), READY, _now(),
                                           json.dumps({"network": None}).encode()))
         self._pod(sandbox_id)
-        logger.info("direct pod added", sandbox=sandbox_id, name=spec.name)
-        return sandbox_id
+        return sandbox_id  # logged with its VM's start: nothing loads the logger before it
 
     async def _create_direct(self, sandbox_id: str, pod_spec: PodSpec,
                              spec: ContainerSpec) -> str:
@@ -337,8 +336,6 @@ class PodService:
         self.state.add_container(ContainerRow(container_id, sandbox_id, spec.to_json(),
                                               image.digest, "", CREATED, _now(),
                                               stop_signal=defaults.stop_signal))
-        logger.info("direct container created", container=container_id, sandbox=sandbox_id,
-                    init=config.init)
         return container_id
 
     async def _start_sandbox(self, sandbox_id: str, kind: str, vcpus: int, memory: int,
@@ -674,6 +671,7 @@ class PodService:
             raise
         self._watch_vm(pod)
         logger.info("direct container started", container=row.id, sandbox=pod.id,
+                    name=self.sandbox_row(pod.id).spec.name, init=pod.sandbox.vm.config.init,
                     vm=pod.sandbox.vm.id, pid=pod.sandbox.vm.pid,
                     start_s=round(time.monotonic() - began, 3))
 

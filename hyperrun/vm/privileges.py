@@ -142,11 +142,9 @@ _logged: set[str] = set()
 def log_reason(reason: str) -> None:
     """Log why QEMU runs as root, once per reason and process, where a log is
     set up (the CLI's stdout is the container's: never before its setup)."""
-    import structlog
-
-    if not reason or reason in _logged or not structlog.is_configured():
-        return
-    _logged.add(reason)
     from hyperrun import log
 
+    if not reason or reason in _logged or not log.is_set_up():
+        return
+    _logged.add(reason)
     log.get("vm").warning("QEMU runs as root", reason=reason)
