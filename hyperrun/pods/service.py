@@ -1,5 +1,7 @@
-"""Pods and their containers, for the daemon: one VM per pod sandbox (as
-Hyper and Kata), its containers agent containers in it.
+"""Pods and their containers' tasks, for whoever asks (the CRI's servicers,
+the CLI's requests): one VM per pod (as Hyper and Kata), made by the
+launcher (pods/launcher.py); its containers' roots an image or a host
+directory, its init the agent or (direct mode) the container's program.
 
 State lives in SQLite (sandbox/state.py) so that a daemon killed with -9
 and restarted re-attaches to every running VM (QMP and agent channel) and
@@ -27,16 +29,14 @@ from hyperrun.image.service import ImageService, chain_id
 from hyperrun.specs import ContainerSpec, PodSpec, Resources
 from hyperrun.proto import agent_pb2 as apb
 from hyperrun.vm import VM, VMError, new as new_vm, rundir
-from hyperrun.vm.config import Channel, Disk, Share
-from hyperrun.vm.template import clone_config
+from hyperrun.vm.config import Channel, Disk
 
 from hyperrun.sandbox import direct, podnet, volumes
 from hyperrun.sandbox.config import SandboxConfig
-from hyperrun.sandbox.pool import SandboxPool, Spare
 from hyperrun.sandbox.sandbox import Sandbox
-from hyperrun.sandbox.templates import TemplateStore
 from hyperrun.sandbox.state import ContainerRow, SandboxRow, State
 
+from .launcher import Launcher
 from .task import AttachIO, ExecIO, Task
 
 from hyperrun import config as hconfig
@@ -45,12 +45,6 @@ from hyperrun import log
 logger = log.get("sandbox")
 READY, NOTREADY = "ready", "notready"
 STARTUP_WINDOW_S = 3.0  # see _resend_while_starting
-# A pod VM's agent is asked for its health this often; one that does not
-# answer within the timeout is hung (a guest deadlock, a wedged VMM): its VM
-# is killed and the pod reported as a dead VM's, as Kata's sandbox monitor
-# does. Generous: a loaded 2-core host under TCG answers in milliseconds.
-HEALTH_INTERVAL_S = float(os.environ.get("HYPERRUN_HEALTH_INTERVAL_S", 10))
-HEALTH_TIMEOUT_S = float(os.environ.get("HYPERRUN_HEALTH_TIMEOUT_S", 30))
 CREATED, RUNNING, EXITED, UNKNOWN = "created", "running", "exited", "unknown"
 
 
@@ -113,18 +107,13 @@ class PodService:
         """root: where the VMs' run directories go (the daemon's by default);
         die_with_parent: VMs end with this process (embedded mode); new_vm:
         how a VM is made, as vm.new (unit tests pass a fake VM's)."""
-        self.root = root or rundir.sandbox_root()
-        self.new_vm = new_vm
         self.networks = networks or podnet.PodNetworks("none")
-        self.die_with_parent = die_with_parent
         self.images = images
         self.state = state
         self.defaults = defaults or hconfig.SandboxDefaults()
-        self.templates = TemplateStore() if self.defaults.template else None
-        self.pool = SandboxPool(self.defaults.pool_size, self._start_spare, self._discard_spare) \
-            if self.defaults.pool_size > 0 else None
+        self.launcher = Launcher(self.defaults, self.networks, root=root,
+                                 die_with_parent=die_with_parent, new_vm=new_vm)
         self.pods: dict[str, Pod] = {}  # every pod with a record
-        self._recent_disk: Disk | None = None  # the latest container's image: see _preplug
 
     def _pod(self, pod_id: str) -> Pod:
         if (pod := self.pods.get(pod_id)) is None:
@@ -156,9 +145,8 @@ class PodService:
                 if vm_id := await self._adopt_direct(pod, vm_info):
                     live.add(vm_id)
                 continue
-            vm = self.new_vm(dataclasses.replace(
-                self._vm_config(), channel=Channel(vm_info["channel"], vm_info["cid"])),
-                vm_id=vm_info["id"], root=self.root)
+            vm = self.launcher.adoptable(vm_info["id"],
+                                         Channel(vm_info["channel"], vm_info["cid"]))
             try:
                 sandbox = await Sandbox.adopt(vm)
             except (VMError, OSError, ConnectionError) as exc:
@@ -180,7 +168,7 @@ class PodService:
                     self._follow(pod, c)
             for name in volumes.unbind_unknown(self._shared_dir(vm), [c.id for c in containers]):
                 logger.info("removed volume binds of no container", sandbox=row.id, dir=name)
-        root = self.root
+        root = self.launcher.root
         if root.is_dir():
             for path in root.iterdir():
                 if path.name not in live:
@@ -201,8 +189,7 @@ class PodService:
         if not running or "id" not in vm_info:
             self._sandbox_gone(pod.id, "the daemon restarted before the direct pod's VM started")
             return None
-        vm = self.new_vm(dataclasses.replace(self._vm_config(), channel=Channel("serial")),
-                         vm_id=vm_info["id"], root=self.root)
+        vm = self.launcher.adoptable(vm_info["id"], Channel("serial"))
         try:
             await vm.adopt()
         except (VMError, OSError) as exc:
@@ -223,17 +210,10 @@ class PodService:
         logger.info("direct sandbox re-attached", sandbox=pod.id, vm=vm.id, pid=vm.pid)
         return vm.id
 
-    def _vm_config(self, vcpus: int | None = None, memory_mib: int | None = None):
-        return SandboxConfig(vcpus=vcpus or self.defaults.vcpus,
-                             memory_mib=memory_mib or self.defaults.memory_mib,
-                             machine=self.defaults.machine, hotplug_disks=True,
-                             die_with_parent=self.die_with_parent).vm_config()
-
     async def close(self) -> None:
         """Daemon shutdown: let go of pod VMs without stopping them; spare
         VMs (in no record) are removed."""
-        if self.pool is not None:
-            await self.pool.close()
+        await self.launcher.close()
         for pod in self.pods.values():
             for task in pod.tasks.values():
                 task.close()
@@ -258,27 +238,24 @@ class PodService:
         vcpus, memory = hconfig.vm_size(self.defaults, spec)
         clock = asyncio.get_running_loop().time
         t0 = clock()
-        spare = None
-        if self.pool is not None and kind == self.networks.kind and \
-                (vcpus, memory) == (self.defaults.vcpus, self.defaults.memory_mib):
-            spare = await self.pool.take()
+        spare = await self.launcher.take_spare(kind, vcpus, memory)
         if spare is not None:
             sandbox_id, sandbox = spare.sandbox_id, spare.sandbox
             try:
                 network = await asyncio.to_thread(self.networks.complete, sandbox_id, kind, spec)
             except BaseException:
-                await self._discard(sandbox_id, sandbox, podnet.PodNetwork(kind))
+                await self.launcher.discard(sandbox_id, sandbox, podnet.PodNetwork(kind))
                 raise
         else:
             sandbox_id = secrets.token_hex(32)
-            sandbox, network = await self._start_sandbox(sandbox_id, kind, vcpus, memory, spec)
+            sandbox, network = await self.launcher.start(sandbox_id, kind, vcpus, memory, spec)
         t1 = clock()
         try:
             for rule in podnet.user_forwards(network, spec):
                 await sandbox.vm.add_host_forward(rule)
             await sandbox.agent.setup_sandbox(podnet.setup_request(network, spec))
         except BaseException:
-            await self._discard(sandbox_id, sandbox, network)
+            await self.launcher.discard(sandbox_id, sandbox, network)
             raise
         vm = sandbox.vm
         self.state.add_sandbox(SandboxRow(sandbox_id, spec.to_json(), READY, _now(),
@@ -324,104 +301,19 @@ class PodService:
             args=list(spec.args), entrypoint=list(spec.command) if spec.command else None,
             env=list(spec.env), workdir=spec.workdir, user=spec.user))
         vcpus, memory = hconfig.vm_size(self.defaults, pod_spec)
-        shape = SandboxConfig(vcpus=vcpus, memory_mib=memory, machine=self.defaults.machine,
-                              die_with_parent=self.die_with_parent)
-        config = await asyncio.to_thread(
-            direct.vm_config, self.images.rootfs(image), defaults.args, defaults.env,
-            defaults.cwd, defaults.user, shape)
         container_id = secrets.token_hex(32)
-        vm = self.new_vm(config, container_id[:16], self.root)
-        pod.sandbox = direct.sandbox(vm)
-        self.state.set_sandbox_vm(sandbox_id, _vm_json(vm, podnet.PodNetwork("none")))
+        pod.sandbox = await self.launcher.direct(
+            SandboxConfig(vcpus=vcpus, memory_mib=memory), self.images.rootfs(image),
+            defaults.args, defaults.env, defaults.cwd, defaults.user, container_id[:16])
+        self.state.set_sandbox_vm(sandbox_id, _vm_json(pod.sandbox.vm, podnet.PodNetwork("none")))
         self.state.add_container(ContainerRow(container_id, sandbox_id, spec.to_json(),
                                               image.digest, "", CREATED, _now(),
                                               stop_signal=defaults.stop_signal))
         return container_id
 
-    async def _start_sandbox(self, sandbox_id: str, kind: str, vcpus: int, memory: int,
-                             spec: PodSpec | None = None
-                             ) -> tuple[Sandbox, podnet.PodNetwork | None]:
-        """A sandbox VM with its network prepared, restored from the
-        template or booted; with a pod config, the pod's network is added
-        while the VM starts. On failure nothing of it is left."""
-        vm_id = sandbox_id[:16]
-        nic = await asyncio.to_thread(self.networks.prepare, sandbox_id, kind)
-        config = dataclasses.replace(
-            self._vm_config(vcpus, memory), nic=nic,
-            shares=(Share(volumes.SHARE_TAG, self.root / vm_id / volumes.SHARE_DIR),))
-        adding = None
-        if spec is not None:
-            adding = asyncio.create_task(
-                asyncio.to_thread(self.networks.complete, sandbox_id, kind, spec))
-        sandbox = None
-        try:
-            try:
-                if self.templates is not None:  # made on first use of this VM shape
-                    template = await self.templates.get(config, self.root)
-                    # A spare (no pod yet) keeps the full TCG cache: see clone_config.
-                    config = clone_config(config, template, cache_mib=None if spec is None
-                                          else self.defaults.clone_cache_mib)
-                sandbox = await Sandbox.start(self.new_vm(config, vm_id, self.root))
-            finally:
-                if nic is not None and nic.tap_fd >= 0:
-                    os.close(nic.tap_fd)  # QEMU has its own
-            network = await adding if adding is not None else None
-        except BaseException:
-            if sandbox is not None:
-                await sandbox.destroy()
-            if adding is not None:
-                await asyncio.gather(adding, return_exceptions=True)
-            await asyncio.to_thread(self.networks.teardown, sandbox_id, podnet.PodNetwork(kind))
-            raise
-        return sandbox, network
-
-    async def _start_spare(self) -> Spare:
-        sandbox_id = secrets.token_hex(32)
-        kind = self.networks.kind
-        sandbox, _ = await self._start_sandbox(sandbox_id, kind, self.defaults.vcpus,
-                                               self.defaults.memory_mib)
-        spare = Spare(sandbox_id, kind, sandbox)
-        try:
-            await sandbox.agent.warm_up()
-            # Under TCG every path the guest runs first is translated first
-            # (kernel and agent): an identity-only setup (entropy, clock,
-            # loopback) in a clone took 0.3 s the first time, 0.03 s after.
-            # The pod's own SetupSandbox repeats it with fresh entropy.
-            await sandbox.agent.setup_sandbox(apb.SetupSandboxRequest())
-        except BaseException:
-            await self._discard_spare(spare)
-            raise
-        if (disk := self._recent_disk) is not None:
-            await self._preplug(sandbox, disk)
-        return spare
-
-    async def _preplug(self, sandbox: Sandbox, disk: Disk) -> None:
-        """Plug the image the latest container ran into a spare while it
-        waits: the guest's scan of a new SCSI disk (~20 ms of a TCG guest's
-        CPU) is then done before a pod of that image takes the spare, not
-        during its CreateContainer. A pod of another image plugs its own;
-        this one stays, unused, until the VM ends."""
-        try:
-            await sandbox.vm.hotplug_disk(disk)
-        except Exception as exc:  # an image removed meanwhile: the spare is fine without
-            logger.info("spare without a pre-plugged image", vm=sandbox.id, error=str(exc))
-            return
-        sandbox.disks.add(disk.serial)
-
-    async def _discard_spare(self, spare: Spare) -> None:
-        await self._discard(spare.sandbox_id, spare.sandbox, podnet.PodNetwork(spare.kind))
-
-    async def _discard(self, sandbox_id: str, sandbox: Sandbox,
-                       network: podnet.PodNetwork) -> None:
-        """Remove a sandbox that no record holds: its VM, then its network
-        (the VM's tap pins the netns; teardown is idempotent)."""
-        await sandbox.destroy()
-        await asyncio.to_thread(self.networks.teardown, sandbox_id, network)
-
     def start_pool(self) -> None:
         """Begin filling the pool of spare VMs (if one is configured)."""
-        if self.pool is not None:
-            self.pool.start()
+        self.launcher.start_pool()
 
     @staticmethod
     def _shared_dir(vm: VM):
@@ -431,7 +323,7 @@ class PodService:
         sandbox, sandbox_id = pod.sandbox, pod.id
 
         async def watch() -> None:
-            hung = await self._monitor(sandbox)
+            hung = await sandbox.monitor()
             if isinstance(sandbox.agent, direct.ConsoleAgent):
                 # Its VM ends with its program: the exit the task takes
                 # from the console is recorded before the pod's end.
@@ -448,36 +340,6 @@ class PodService:
                     await asyncio.to_thread(self.networks.teardown, sandbox_id, pod_network(row))
 
         pod.watcher = asyncio.create_task(watch())
-
-    async def _monitor(self, sandbox: Sandbox) -> str | None:
-        """Return once the VM has exited: None if it did of itself, or why
-        it was killed (its agent stopped answering health checks)."""
-        exited = asyncio.ensure_future(sandbox.vm.wait_exited())
-        try:
-            while True:
-                done, _ = await asyncio.wait({exited}, timeout=HEALTH_INTERVAL_S)
-                if done:
-                    return None
-                try:
-                    await sandbox.agent.health(timeout=HEALTH_TIMEOUT_S)
-                    continue
-                except TimeoutError:
-                    reason = (f"VM hung: its agent did not answer a health check within "
-                              f"{HEALTH_TIMEOUT_S:g}s; the VM was killed")
-                except ConnectionLost:
-                    # Closed by a VM on its way out (its exit comes next), or
-                    # by the agent: a session lost for good, the pod unusable.
-                    await asyncio.wait({exited}, timeout=5)
-                    reason = "the agent's channel closed while the VM ran; the VM was killed"
-                except TtrpcError:
-                    continue
-                if sandbox.vm.exited:
-                    return None
-                logger.warning("sandbox killed", vm=sandbox.id, reason=reason)
-                await sandbox.vm.kill()
-                return reason
-        finally:
-            exited.cancel()
 
     def _sandbox_gone(self, pod: Pod | str, reason: str) -> None:
         """The pod's VM is gone (or was never re-attached): its record says
@@ -580,7 +442,7 @@ class PodService:
                 await sandbox.vm.hotplug_disk(disk)
                 sandbox.disks.add(disk.serial)
             if disk is not None:
-                self._recent_disk = disk
+                self.launcher.used_image(disk)
             plugged = time.monotonic()
             process = apb.Process(args=defaults.args, env=defaults.env, cwd=defaults.cwd,
                                   user=apb.User(spec=defaults.user,

@@ -7,10 +7,13 @@ with its console instead of a timeout.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 from hyperrun.channel import transport
+from hyperrun import log
 from hyperrun.channel.agent import AgentClient
+from hyperrun.channel.ttrpc import ConnectionLost, TtrpcError
 from hyperrun.vm import VM, VMError, new as new_vm
 
 from .config import SandboxConfig
@@ -24,6 +27,13 @@ BOOT_IDLE_S = 10.0
 BOOT_CAP_S = 900.0
 IDLE_SHARE = 0.2  # of one CPU: an idle guest under TCG takes 1-5 % (its timers)
 HEALTH_ATTEMPT_S = 5.0  # a serial-channel health check, before reconnecting
+logger = log.get("sandbox")
+# A running VM's agent is asked for its health this often; one that does
+# not answer within the timeout is hung (a guest deadlock, a wedged VMM): its
+# VM is killed and its pod reported as a dead VM's, as Kata's sandbox
+# monitor does. Generous: a loaded 2-core host under TCG answers in ms.
+HEALTH_INTERVAL_S = float(os.environ.get("HYPERRUN_HEALTH_INTERVAL_S", 10))
+HEALTH_TIMEOUT_S = float(os.environ.get("HYPERRUN_HEALTH_TIMEOUT_S", 30))
 
 
 class Activity:
@@ -107,9 +117,7 @@ class Sandbox:
                     await self.agent.close()
                     if loop.time() >= deadline:
                         raise
-                    from hyperrun import log
-                    log.get("sandbox").warning("agent did not answer; reconnecting",
-                                               vm=self.vm.id)
+                    logger.warning("agent did not answer; reconnecting", vm=self.vm.id)
         # vsock: nothing listens until the agent is up. Each refused
         # attempt is work for the guest: the pause grows to 0.5 s.
         pause = 0.02
@@ -152,6 +160,37 @@ class Sandbox:
                else f"the VM has worked for {BOOT_CAP_S:.0f}s")
         raise VMError(f"agent in VM {self.id} did not answer after {loop.time() - start:.0f}s "
                       f"({why}); console: {self.vm.failure_reason()}")
+
+    async def monitor(self) -> str | None:
+        """Watch a running sandbox: return once its VM has exited, None if
+        it did of itself, or why it was killed (its agent stopped
+        answering health checks)."""
+        exited = asyncio.ensure_future(self.vm.wait_exited())
+        try:
+            while True:
+                done, _ = await asyncio.wait({exited}, timeout=HEALTH_INTERVAL_S)
+                if done:
+                    return None
+                try:
+                    await self.agent.health(timeout=HEALTH_TIMEOUT_S)
+                    continue
+                except TimeoutError:
+                    reason = (f"VM hung: its agent did not answer a health check within "
+                              f"{HEALTH_TIMEOUT_S:g}s; the VM was killed")
+                except ConnectionLost:
+                    # Closed by a VM on its way out (its exit comes next), or
+                    # by the agent: a session lost for good, the pod unusable.
+                    await asyncio.wait({exited}, timeout=5)
+                    reason = "the agent's channel closed while the VM ran; the VM was killed"
+                except TtrpcError:
+                    continue
+                if self.vm.exited:
+                    return None
+                logger.warning("sandbox killed", vm=self.id, reason=reason)
+                await self.vm.kill()
+                return reason
+        finally:
+            exited.cancel()
 
     @classmethod
     async def adopt(cls, vm: VM) -> "Sandbox":

@@ -21,7 +21,7 @@ from hyperrun.channel.agent import AgentClient
 from hyperrun.image.metadata import ImageRecord, Layer
 from hyperrun.image.service import chain_id
 from hyperrun.network import SandboxNetworks
-from hyperrun.pods import service as service_mod
+from hyperrun.sandbox import sandbox as sandbox_mod
 from hyperrun.pods import task as task_mod
 from hyperrun.pods.service import PodService
 from hyperrun.sandbox.podnet import PodNetworks
@@ -150,7 +150,7 @@ def core(monkeypatch):
     # machine, other checkouts' real VMs.
     monkeypatch.setattr(cgroup, "stale", lambda known: [])
     # No health checks unless a test asks: a VM's end must arrive as an event.
-    monkeypatch.setattr(service_mod, "HEALTH_INTERVAL_S", 3600.0)
+    monkeypatch.setattr(sandbox_mod, "HEALTH_INTERVAL_S", 3600.0)
     c = Core(base)
     yield c
     c.close()
@@ -404,8 +404,8 @@ def test_vm_death_marks_containers_exited_and_ends_waiters_at_once(core):
 
 
 def test_hung_agent_fails_its_health_check_and_the_vm_is_killed(core, monkeypatch):
-    monkeypatch.setattr(service_mod, "HEALTH_INTERVAL_S", 0.05)
-    monkeypatch.setattr(service_mod, "HEALTH_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(sandbox_mod, "HEALTH_INTERVAL_S", 0.05)
+    monkeypatch.setattr(sandbox_mod, "HEALTH_TIMEOUT_S", 0.5)
 
     async def body():
         service, pod_id, vm, cid = await core.sleeping()
