@@ -28,7 +28,7 @@ from hyperrun.image.imageconfig import Overrides, apply
 from hyperrun.image.service import ImageService, chain_id
 from hyperrun.specs import ContainerSpec, PodSpec, Resources
 from hyperrun.proto import agent_pb2 as apb
-from hyperrun.vm import VM, VMError, new as new_vm, rundir
+from hyperrun.vm import VM, VMError, new as new_vm
 from hyperrun.vm.config import Channel, Disk
 
 from hyperrun.sandbox import direct, podnet, volumes
@@ -168,15 +168,7 @@ class PodService:
                     self._follow(pod, c)
             for name in volumes.unbind_unknown(self._shared_dir(vm), [c.id for c in containers]):
                 logger.info("removed volume binds of no container", sandbox=row.id, dir=name)
-        root = self.launcher.root
-        if root.is_dir():
-            for path in root.iterdir():
-                if path.name not in live:
-                    pid = rundir.kill_and_remove(path)
-                    logger.info("removed a VM of no live sandbox", vm=path.name, pid=pid)
-        from hyperrun.vm import cgroup
-        for vm_id in cgroup.stale(live):
-            cgroup.release_vm(vm_id)
+        self.launcher.collect_stale(live)
         ready = [row.id for row in self.state.sandboxes() if row.state == READY]
         for sid in await asyncio.to_thread(self.networks.collect_stale, ready):
             logger.info("removed a network with no sandbox", sandbox=sid)
