@@ -93,9 +93,9 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
         if request.verbose:  # `crictl info`: how this runtime starts pods
             m = self.m
             info["config"] = json.dumps({
-                "network": m.networks.kind, "template": m.templates is not None,
-                "pool": {"size": m.pool.size if m.pool is not None else 0,
-                         "ready": len(m.pool) if m.pool is not None else 0}})
+                "network": m.networks.kind, "template": m.launcher.templates is not None,
+                "pool": {"size": m.launcher.pool.size if m.launcher.pool is not None else 0,
+                         "ready": len(m.launcher.pool) if m.launcher.pool is not None else 0}})
         return cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions), info=info)
 
     async def RuntimeConfig(self, request, context):
