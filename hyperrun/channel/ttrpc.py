@@ -24,6 +24,9 @@ M = TypeVar("M", bound=Message)
 Opener = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 
+CLOSE_FLUSH_S = 2.0  # a closing session's buffered requests may take this to leave
+
+
 class Runstate(enum.Enum):
     IDLE = "idle"
     CONNECTING = "connecting"
@@ -167,7 +170,11 @@ class TtrpcClient:
         if self._writer is not None:
             self._writer.close()
             try:
-                await self._writer.wait_closed()
+                # A close flushes what is buffered first: a peer that reads
+                # no more (a wedged guest's channel) would hold it for ever.
+                await asyncio.wait_for(self._writer.wait_closed(), CLOSE_FLUSH_S)
+            except TimeoutError:
+                self._writer.transport.abort()
             except (ConnectionError, OSError):
                 pass
         self._reader = self._writer = self._reader_task = None

@@ -412,9 +412,11 @@ class QemuVM(VM):
     async def wait_exited(self) -> int:
         import asyncio
 
-        if self._exit_task is None:
+        if self._exit_task is not None:
+            return await asyncio.shield(self._exit_task)
+        if self.pid is None or self.exited:
             return self._proc.wait() if self._proc else 0
-        return await asyncio.shield(self._exit_task)
+        return await self._watch_exit()  # detached: watched for this wait only
 
     async def status(self) -> str:
         if self.exited or self.qmp is None:

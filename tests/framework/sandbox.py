@@ -8,7 +8,7 @@ from hyperrun.sandbox.config import SandboxConfig
 from hyperrun.sandbox.sandbox import Sandbox
 from hyperrun.vm import rundir
 from hyperrun import vm as vms
-from hyperrun.vm import VM
+from hyperrun.vm import VM, VMState
 
 TEARDOWN_S = 60
 
@@ -42,8 +42,12 @@ class SandboxFactory:
 
     def close(self) -> None:
         async def destroy_all() -> list:
-            return await asyncio.gather(*(sb.destroy() for sb in self._sandboxes),
-                                        return_exceptions=True)
+            # A detached handle's VM may have been adopted by another tracked
+            # handle: that one ends it first, the detached one then finds it gone.
+            live = [sb for sb in self._sandboxes if sb.vm.state is not VMState.DETACHED]
+            rest = [sb for sb in self._sandboxes if sb not in live]
+            return [*await asyncio.gather(*(sb.destroy() for sb in live), return_exceptions=True),
+                    *await asyncio.gather(*(sb.destroy() for sb in rest), return_exceptions=True)]
         try:
             failed = [r for r in self.runner.run(asyncio.wait_for(destroy_all(), TEARDOWN_S))
                       if isinstance(r, BaseException)]
