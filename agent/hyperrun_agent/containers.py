@@ -78,6 +78,7 @@ class Container:
         self.started = False
         self.user_home = "/"
         self.privileged = False  # every capability, for its execs too
+        self.process = None  # the init's Process as asked: what its execs inherit
 
 
 class Containers:
@@ -132,6 +133,7 @@ class Containers:
             spec["mounts"] += network.container_mounts(written_through)
             spec["mounts"] += [self._volume(container, m) for m in req.mounts]
             _write_json(os.path.join(bundle, "config.json"), spec)
+            container.process = req.process
             container.init = self._new_process(container, "", req.process)
         except BaseException:
             self._teardown(container)
@@ -157,8 +159,9 @@ class Containers:
             raise invalid("process args are empty")
         if container.init is None or not container.init.pid or self._exited(container.init):
             raise failed(f"container {container.id!r} is not running")
+        process = _inherited(container.process, req.process)
         spec_path = os.path.join(container.bundle, f"exec-{eid}.json")
-        _write_json(spec_path, self._process_spec(container, req.process))
+        _write_json(spec_path, self._process_spec(container, process))
         proc = container.execs[eid] = self._new_process(container, eid, req.process)
         try:
             self._run_crun(container, proc,
@@ -432,3 +435,27 @@ def _inside(root: str, subpath: str, what: str) -> str:
     if path == ".." or path.startswith("../"):
         raise invalid(f"{what} subpath {subpath!r} leaves its storage")
     return os.path.join(root, path) if path != "." else root
+
+
+def _inherited(init, exec_process):
+    """An exec's process: the container's own (user, groups, cwd, env), with
+    what the exec sets in its place; a kubectl exec is not root in a pod
+    whose containers are not. Args and stdio are the exec's."""
+    if init is None:
+        return exec_process
+    process = type(init)()
+    process.CopyFrom(init)
+    process.args[:] = exec_process.args
+    process.terminal = exec_process.terminal
+    process.stdin = exec_process.stdin
+    process.console_size.CopyFrom(exec_process.console_size)
+    if exec_process.cwd:
+        process.cwd = exec_process.cwd
+    if exec_process.user.spec:
+        process.user.spec = exec_process.user.spec
+    process.user.additional_gids.extend(
+        g for g in exec_process.user.additional_gids if g not in process.user.additional_gids)
+    names = {e.partition("=")[0] for e in exec_process.env}
+    env = [e for e in process.env if e.partition("=")[0] not in names] + list(exec_process.env)
+    process.env[:] = env
+    return process

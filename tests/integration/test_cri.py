@@ -397,3 +397,15 @@ def test_cri_volumes(daemon, pushed, tmp_path):
     d.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
     assert mounts_under(d.base) == []
     assert (data / "in.txt").read_text() == "from the host\n"
+
+
+def test_an_exec_is_the_containers_user_groups_env_and_cwd(daemon, pushed, no_leaks):
+    """An exec'd process runs as the container's own does (containerd's
+    exec does): the same uid, groups, working directory and environment."""
+    cli = Cli(daemon.cli.env, check=True)
+    cid = cli("run", "-d", "-u", "1000:1000", "-w", "/tmp", "-e", "FOO=bar",
+              pushed.ref("busybox:latest"), "sleep", "600").stdout.decode().strip()
+    r = cli("exec", cid[:12], "sh", "-c", 'id -u; id -g; pwd; echo "$FOO"')
+    assert r.stdout == b"1000\n1000\n/tmp\nbar\n", r
+    cli("stop", "-t", "1", cid[:12])
+    cli("rm", cid[:12])

@@ -172,3 +172,23 @@ def test_fixed_maps_for_the_agents_children_only_when_asked(cmdline):
     assert int(persona1, 16) == int(persona2, 16) == (0x0040000 if fixed else 0)
     assert (stack1 == stack2) == fixed
 
+
+
+def test_an_exec_runs_as_the_containers_process():
+    """issue 16: an exec'd process was uid 0 with no groups, env or cwd,
+    whatever the container's; it inherits them now, each replaced where the
+    exec sets it."""
+    from hyperrun.proto import agent_pb2 as pb
+    from hyperrun_agent.containers import _inherited
+
+    init = pb.Process(args=["server"], env=["PATH=/bin", "FOO=bar"], cwd="/srv",
+                      user=pb.User(spec="1001:1001", additional_gids=[5]), terminal=True)
+    plain = _inherited(init, pb.Process(args=["id"]))
+    assert (list(plain.args), plain.user.spec, list(plain.user.additional_gids), plain.cwd,
+            list(plain.env), plain.terminal) == (["id"], "1001:1001", [5], "/srv",
+                                                 ["PATH=/bin", "FOO=bar"], False)
+    own = _inherited(init, pb.Process(args=["sh"], env=["FOO=baz"], cwd="/tmp", stdin=True,
+                                      user=pb.User(spec="0", additional_gids=[7])))
+    assert (own.user.spec, list(own.user.additional_gids), own.cwd, list(own.env), own.stdin) == \
+        ("0", [5, 7], "/tmp", ["PATH=/bin", "FOO=baz"], True)
+    assert list(init.args) == ["server"]  # the container's own is untouched
