@@ -3,7 +3,7 @@ back as the CRI's metadata, mounts and resources in statuses. The only
 place that knows both."""
 from __future__ import annotations
 
-from hyperrun import annotations
+from hyperrun import annotations, errdefs
 from hyperrun.specs import DNS, ContainerSpec, Mount, PodSpec, PortMapping, Resources
 from hyperrun.proto import cri_api_pb2 as cri
 
@@ -41,7 +41,9 @@ def user(sc: cri.LinuxContainerSecurityContext) -> str:
     """The CRI's user as Docker's -u: a name, or uid, and :gid."""
     name = sc.run_as_username or (str(sc.run_as_user.value) if sc.HasField("run_as_user") else "")
     if sc.HasField("run_as_group"):
-        return f"{name or 0}:{sc.run_as_group.value}"
+        if not name:  # as containerd: a group alone would run as root with it
+            raise errdefs.Invalid("run_as_group is set without run_as_user or run_as_username")
+        return f"{name}:{sc.run_as_group.value}"
     return name
 
 

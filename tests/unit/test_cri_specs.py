@@ -73,3 +73,17 @@ def test_records_of_an_earlier_daemon_become_specs(tmp_path):
     assert state.sandbox("p1").spec == cri_specs.pod_spec(pod_config())
     assert state.container("c1").spec == cri_specs.container_spec(container_config())
     assert cri_specs.migrate(state) == 0  # once
+
+
+def test_a_group_without_a_user_is_refused():
+    """critest: "should return error if RunAsGroup is set without RunAsUser"."""
+    import pytest
+
+    from hyperrun import errdefs
+
+    config = container_config()
+    config.linux.security_context.ClearField("run_as_user")
+    with pytest.raises(errdefs.Invalid, match="run_as_group is set without run_as_user"):
+        cri_specs.container_spec(config)
+    config.linux.security_context.run_as_username = "app"
+    assert cri_specs.container_spec(config).user == "app:2002"
