@@ -635,7 +635,7 @@ class PodService:
     async def exec(self, container_id: str, cmd: list[str], tty: bool, stdin: bool,
                    console_size: tuple[int, int] | None = None) -> "ExecIO":
         """An exec whose output is read as it comes (the streaming server's,
-        a run session's); console_size: a tty's (rows, cols) from the start."""
+        a CLI request's); console_size: a tty's (rows, cols) from the start."""
         row = self.container_row(container_id)
         if row.state != RUNNING:
             raise Conflict(f"container {container_id} is not running")
@@ -652,10 +652,10 @@ class PodService:
         """Attach to a container's own process: its output (copied from the
         log pumps) and, if it was created with stdin, its input. A created
         container may be attached before it starts (as `docker run` does),
-        so that none of its output is missed. A session that falls behind
+        so that none of its output is missed. A reader that falls behind
         is ended (the log has everything), unless lossless: then the
         container's output waits for it, as an attached `docker run` does
-        (a run session, whose reader is the user's pipe)."""
+        (a run request, whose reader is the user's pipe)."""
         row = self.container_row(container_id)
         if row.state not in (CREATED, RUNNING):
             raise Conflict(f"container {container_id} is not running")

@@ -6,14 +6,14 @@ A spare is a VM of the daemon's default shape and network kind, started
 network prepared but not added (podnet.prepare: for CNI, a netns with a
 tap), and its agent warmed up and waiting. Taking one gives it a pod: the
 CNI ADD (or user-mode forwards) and SetupSandbox, as a VM started for the
-pod gets them (sandbox/manager.py). Why it is faster than a template
+pod gets them (pods/launcher.py). Why it is faster than a template
 alone: under TCG a restored VM still translates every code path it runs
 for the first time (measured: a clone's first SetupSandbox 246 ms, the
 second 10 ms); a spare has run them before it is taken.
 
 Spares are in no record: a daemon that stops removes them; one that was
 killed finds their run dirs and netns without a record when it restarts and
-removes them (manager.recover, collect_stale). The pool refills in the
+removes them (PodService.recover, Launcher.collect_stale). The pool refills in the
 background after each take.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """VM templates: boot a sandbox VM once to where its agent waits, save it,
 and start new VMs by restoring it (as Kata's and runV's templates do).
 
-Measured with QEMU 7.2 under TCG (see docs/ARCHITECTURE.md): the guest's
+Measured with QEMU 7.2 under TCG (see docs/bench/MEASUREMENTS.md): the guest's
 RAM lives in a file on /dev/shm, mapped shared while the template is made;
 its device state is saved by migrating with `x-ignore-shared` (RAM is not
 copied: it is the file) to a file the host opens and passes (`getfd`,

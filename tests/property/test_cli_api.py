@@ -1,5 +1,5 @@
-"""Run sessions (hyperrun/cli_api.py) under hostile input: what a client of
-the daemon's session socket sends is either a well-typed request and
+"""The CLI's requests (hyperrun/cli_api.py) under hostile input: what a client of
+the daemon's CLI socket sends is either a well-typed request and
 well-formed frames, or a ProtocolError the daemon answers with an error;
 never another exception, never a frame over the limit."""
 from __future__ import annotations
