@@ -17,32 +17,43 @@ def _timed_out(what: str, timeout: float, state: Callable[[], object] | None) ->
     return WaitTimeout(f"{what}: did not happen within {timeout:g} s{seen}")
 
 
+class _Deadline:
+    """One poll of a condition against a deadline: its first true value, or
+    WaitTimeout once the deadline has passed, or None (poll again)."""
+
+    def __init__(self, condition: Callable[[], T], timeout: float, what: str,
+                 state: Callable[[], object] | None) -> None:
+        self.condition, self.timeout, self.what, self.state = condition, timeout, what, state
+        self.at = time.monotonic() + timeout
+
+    def poll(self) -> T | None:
+        if value := self.condition():
+            return value
+        if time.monotonic() >= self.at:
+            raise _timed_out(self.what, self.timeout, self.state)
+        return None
+
+
 def wait_until(condition: Callable[[], T], timeout: float, what: str, *,
                interval: float = 0.1, state: Callable[[], object] | None = None) -> T:
     """condition()'s first true value, polled every `interval` seconds;
     WaitTimeout naming `what` (and state()'s value, if given) once
     `timeout` seconds have gone by. An exception from condition() is the
     test's: it is not retried."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if value := condition():
-            return value
-        if time.monotonic() >= deadline:
-            raise _timed_out(what, timeout, state)
+    deadline = _Deadline(condition, timeout, what, state)
+    while (value := deadline.poll()) is None:
         time.sleep(interval)
+    return value
 
 
 async def await_condition(condition: Callable[[], T], timeout: float, what: str, *,
                           interval: float = 0.01,
                           state: Callable[[], object] | None = None) -> T:
     """wait_until for an async test: the event loop runs while it polls."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if value := condition():
-            return value
-        if time.monotonic() >= deadline:
-            raise _timed_out(what, timeout, state)
+    deadline = _Deadline(condition, timeout, what, state)
+    while (value := deadline.poll()) is None:
         await asyncio.sleep(interval)
+    return value
 
 
 async def await_event(awaitable: Awaitable[T], timeout: float, what: str, *,
