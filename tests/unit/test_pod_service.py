@@ -467,10 +467,6 @@ def test_recover_after_a_daemon_restart_adopts_live_vms_and_follows_containers(c
     core.run(body)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the first output after a restart is lost: the earlier daemon's ReadStdout is still "
-    "pending in the agent (a thread blocked in Stdio's read, holding the stream), takes that "
-    "output and answers a session that is gone (server.py drops the reply)"))
 def test_output_after_a_daemon_restart_reaches_the_log(core):
     async def body():
         first = core.service()
