@@ -4,7 +4,14 @@ One thread reads frames; each request is handled on a thread of its own so
 that slow calls (WaitProcess, ReadStdout) never hold up fast ones: calls
 multiplex on the one connection as in containerd/ttrpc. Responses are
 written whole under a lock.
+
+Each serve() is one host's session. A handler that waits on the guest
+for something it then hands over (a read of a process's output) learns of
+its session's end (`Call.ended_fd`) and of its reply's fate
+(`Call.after_reply`): output taken for a host that is gone goes back to
+its stream for the next host, never into a reply nobody receives.
 """
+import os
 import threading
 
 from google.protobuf.message import DecodeError
@@ -29,6 +36,76 @@ class Connection:
         pass
 
 
+class Session:
+    """One host's session, from its connection to its end (end of stream,
+    a bad frame). `ended_fd` becomes readable at its end, for a handler to
+    poll beside what it waits for; the pipe is closed once the session has
+    ended and none of its calls is left (no fd is closed under a poller)."""
+
+    def __init__(self) -> None:
+        self.open = True
+        self.write_lock = threading.Lock()
+        self.ended_fd, self._end_w = os.pipe()
+        self._lock = threading.Lock()
+        self._calls = 0
+
+    def begin_call(self) -> None:
+        with self._lock:
+            self._calls += 1
+
+    def end_call(self) -> None:
+        with self._lock:
+            self._calls -= 1
+            self._close_if_done()
+
+    def end(self) -> None:
+        with self._lock:
+            self.open = False
+            os.write(self._end_w, b".")
+            self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        if not self.open and self._calls == 0 and self._end_w >= 0:
+            os.close(self.ended_fd)
+            os.close(self._end_w)
+            self.ended_fd = self._end_w = -1
+
+
+class Call:
+    """The request a handler thread is answering: its session, and what to
+    do once its reply was written, or could not be (after_reply)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self._after: list = []
+
+    @property
+    def ended_fd(self) -> int:
+        """Readable once the host that asked is gone."""
+        return self.session.ended_fd
+
+    def after_reply(self, fn) -> None:
+        """fn(delivered) runs after the reply: delivered is True when a
+        successful reply was written to the host of this call's session."""
+        self._after.append(fn)
+
+    def settle(self, delivered: bool) -> None:
+        for fn in self._after:
+            try:
+                fn(delivered)
+            except Exception as exc:  # one settlement's failure must not skip the next
+                log("after reply:", repr(exc))
+        self._after = []
+
+
+_local = threading.local()
+
+
+def current_call() -> Call | None:
+    """The call this thread handles, or None outside a server's handler."""
+    return getattr(_local, "call", None)
+
+
 class Server:
     def __init__(self, service: str, methods: dict) -> None:
         """methods: name -> (request message class, handler(request) -> response)."""
@@ -37,8 +114,7 @@ class Server:
 
     def serve(self, conn: Connection) -> None:
         """Serve requests until the host goes away (end of stream)."""
-        write_lock = threading.Lock()
-        session = {"open": True}
+        session = Session()
         decoder = frame.Decoder()
         try:
             while True:
@@ -54,14 +130,32 @@ class Server:
                 for stream_id, mtype, _flags, payload in frames:
                     if mtype != frame.TYPE_REQUEST:
                         continue
-                    threading.Thread(target=self._handle,
-                                     args=(conn, write_lock, session, stream_id, payload),
-                                     daemon=True).start()
+                    session.begin_call()
+                    try:
+                        threading.Thread(target=self._handle,
+                                         args=(conn, session, stream_id, payload),
+                                         daemon=True).start()
+                    except BaseException:
+                        session.end_call()
+                        raise
         finally:
-            session["open"] = False
+            session.end()
 
-    def _handle(self, conn: Connection, write_lock: threading.Lock, session: dict,
-                stream_id: int, payload: bytes) -> None:
+    def _handle(self, conn: Connection, session: Session, stream_id: int,
+                payload: bytes) -> None:
+        call = _local.call = Call(session)
+        delivered = False
+        try:
+            delivered = self._answer(conn, session, stream_id, payload)
+        finally:
+            _local.call = None
+            call.settle(delivered)
+            session.end_call()
+
+    def _answer(self, conn: Connection, session: Session, stream_id: int,
+                payload: bytes) -> bool:
+        """Handle one request and write its reply; True if a successful
+        reply was written to the session's host."""
         response = ttrpc_pb2.Response()
         try:
             if stream_id % 2 != 1:  # as containerd/ttrpc: clients number their streams odd
@@ -92,10 +186,12 @@ class Server:
 
                 log("".join(traceback.format_exception(exc)))
         data = frame.encode(stream_id, frame.TYPE_RESPONSE, response.SerializeToString())
-        with write_lock:
-            if not session["open"]:
-                return  # the host that asked is gone; a new one must not get this
+        with session.write_lock:
+            if not session.open:
+                return False  # the host that asked is gone; a new one must not get this
             try:
                 conn.write(data)
             except OSError as exc:
                 log("cannot reply:", exc)
+                return False
+        return response.status.code == frame.OK

@@ -2,12 +2,15 @@
 import os
 import threading
 
+from hyperrun.channel import frame
 from hyperrun.proto import agent_pb2 as pb
 
 from . import VERSION, syscalls
 from .containers import CRUN, LAZY_MODULES, Containers
-from .errors import failed
+from .errors import AgentError, failed
 from .log import log
+from .server import current_call
+from .stdio import Cancelled
 
 SERVICE = "hyperrun.agent.v1.Agent"
 WARM_UP_ID = "hyperrun-warm-up"
@@ -151,8 +154,21 @@ class AgentService:
         return pb.Empty()
 
     def _read(self, req, stream_name: str):
+        """Output for the host that asked, and only for it: the stream is
+        held until the reply is written; output whose reply does not reach
+        that host (its session ended meanwhile) stays for the next reader,
+        and a reader whose host is gone while it waits takes nothing."""
         stream = getattr(self.containers.process(req.container_id, req.exec_id).stdio, stream_name)
-        data = stream.read(min(req.max_bytes or 65536, 1 << 20))
+        call = current_call()
+        try:
+            data = stream.take(min(req.max_bytes or 65536, 1 << 20),
+                               call.ended_fd if call is not None else None)
+        except Cancelled:
+            raise AgentError(frame.CANCELLED, "the host that asked is gone") from None
+        if data and call is not None:
+            call.after_reply(lambda delivered: stream.settle(data, delivered))
+        else:  # the end of stream (no data to give back), or no session
+            stream.settle(data, True)
         if not data:
             self.containers.release_exec(req.container_id, req.exec_id)
         return pb.ReadStreamResponse(data=data, eof=not data)

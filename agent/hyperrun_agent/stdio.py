@@ -3,6 +3,14 @@
 Each stream is read by one caller at a time (a lock per stream); the
 reader that sees end-of-stream closes the fd, so no fd is closed under a
 blocked reader and no fd number is reused behind its back.
+
+A read for a host is a transaction (take, then settle): the reader holds
+the stream from taking the data until its reply was written or could not
+be, and output whose reply did not reach the host goes back to the front
+of the stream (`unread`), for the next reader. A reader whose host is gone
+while it waits gives the stream up without taking anything (`Cancelled`).
+So each byte reaches exactly one delivered reply, across host sessions
+(a daemon restart) too.
 """
 import errno
 import fcntl
@@ -14,10 +22,15 @@ import threading
 CHUNK = 65536
 
 
+class Cancelled(Exception):
+    """The reader's host went away before the stream had data for it."""
+
+
 class Stream:
     def __init__(self, fd: int | None, ready: bool = True) -> None:
         self.fd = fd
         self.lock = threading.Lock()
+        self.unread = b""  # taken for a reply that did not reach the host: see settle
         # A pty stream exists only once crun hands over the terminal.
         self.ready = threading.Event()
         if ready:
@@ -28,11 +41,29 @@ class Stream:
         self.ready.set()
 
     def read(self, size: int) -> bytes:
-        """Blocks for data; returns b"" at end of stream (and closes)."""
+        """Blocks for data; returns b"" at end of stream (and closes). For
+        a reader with no host session: what it takes is delivered."""
+        data = self.take(size)
+        self.settle(data, True)
+        return data
+
+    def take(self, size: int, cancel_fd: int | None = None) -> bytes:
+        """Blocks for data (b"" at end of stream, which closes the fd) and
+        holds the stream until settle(). cancel_fd: readable once whoever
+        asked is gone; then Cancelled, with nothing taken."""
         self.ready.wait()
-        with self.lock:
+        self.lock.acquire()
+        try:
+            if cancel_fd is not None and _readable(cancel_fd, 0):
+                raise Cancelled()
+            if self.unread:
+                size = size or CHUNK
+                data, self.unread = self.unread[:size], self.unread[size:]
+                return data
             if self.fd is None:
                 return b""
+            if cancel_fd is not None:
+                self._wait(cancel_fd)
             try:
                 data = os.read(self.fd, size or CHUNK)
             except OSError as exc:
@@ -43,6 +74,33 @@ class Stream:
                 os.close(self.fd)
                 self.fd = None
             return data
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def settle(self, data: bytes, delivered: bool) -> None:
+        """End a take(): data that did not reach its reader goes back to the
+        front of the stream; the next reader gets it first."""
+        try:
+            if data and not delivered:
+                self.unread = data + self.unread
+        finally:
+            self.lock.release()
+
+    def _wait(self, cancel_fd: int) -> None:
+        """Until the stream's fd has something to say (data, its end, an
+        error: the read tells which), or Cancelled."""
+        import select
+
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        poller.register(cancel_fd, select.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if cancel_fd in events:
+                raise Cancelled()
+            if events:
+                return
 
     def write(self, data: bytes) -> int:
         self.ready.wait()
@@ -64,6 +122,14 @@ class Stream:
                     self.fd = None
             finally:
                 self.lock.release()
+
+
+def _readable(fd: int, timeout_ms: int) -> bool:
+    import select
+
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout_ms))
 
 
 class Stdio:
@@ -118,7 +184,7 @@ class Stdio:
 
     def drained(self) -> bool:
         """Both output streams have been read to their end."""
-        return self.stdout.fd is None and self.stderr.fd is None
+        return all(s.fd is None and not s.unread for s in (self.stdout, self.stderr))
 
     def close(self) -> None:
         self.close_child_fds()

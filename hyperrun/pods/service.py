@@ -508,6 +508,8 @@ class PodService:
             task.close()
             task.ended(128)
             raise
+        finally:
+            task.started()  # not failed (for all it knows): its waiter may end it
         logger.info("container started", container=container_id, sandbox=row.sandbox_id,
                     start_s=round(time.monotonic() - began, 3))
 
@@ -538,14 +540,23 @@ class PodService:
         return task
 
     def _follow(self, pod: Pod, row: ContainerRow) -> Task:
-        """Pump the container's output into its log, and record its exit."""
-        def recorded(code: int) -> None:
+        """Pump the container's output into its log, and record its exit:
+        its process's own, or (reason AgentError) the agent's failure to
+        report it. A re-attach follows a running container's row; a start
+        the created one's, and tells the task once its start succeeded."""
+        def recorded(code: int, error: str) -> None:
+            if error:
+                self.state.update_container(row.id, state=EXITED, finished_at=_now(),
+                                            exit_code=code, reason="AgentError", message=error)
+                logger.warning("container ended: its exit is unknown", container=row.id,
+                               exit_code=code, error=error)
+                return
             self.state.update_container(row.id, state=EXITED, finished_at=_now(), exit_code=code,
                                         reason="Completed" if code == 0 else "Error")
             logger.info("container exited", container=row.id, exit_code=code)
 
         task = self._task(pod, row)
-        task.follow(recorded)
+        task.follow(recorded, started=row.state == RUNNING)
         return task
 
     async def stop_container(self, container_id: str, timeout: int) -> None:

@@ -3,7 +3,8 @@ containerd's runtime tasks are. It copies the process's output into the
 container's log and to the outlets of those attached (`hyperrun run`, a
 CRI attach), and holds its exit as a future that every waiter awaits: the
 agent's WaitProcess sets it, or the pod's end (its VM died, it was
-stopped) does.
+stopped) does, or the agent's failure to report the exit (an agent error
+that asking again does not cure) does.
 
 Also the handles a caller streams a process through (ExecIO, AttachIO):
 the streaming server's and the CLI commands' one way to a process.
@@ -11,9 +12,11 @@ the streaming server's and the CLI commands' one way to a process.
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable
 
 from hyperrun import log
+from hyperrun.channel import frame
 from hyperrun.channel.agent import AgentClient
 from hyperrun.channel.ttrpc import ConnectionLost, TtrpcError
 
@@ -21,6 +24,15 @@ from hyperrun.sandbox.logs import LogFile
 
 logger = log.get("pods")
 OUTLET_LIMIT = 256  # chunks (up to 64 KiB each) an attached reader may lag behind
+# A WaitProcess that fails with an agent error (the agent answered: the
+# channel is fine) is asked again after these pauses, unless the error is
+# one the same question always gets (WAIT_FINAL); then, or once they are
+# spent, the task ends: exit code WAIT_FAILED_CODE, the agent's message.
+WAIT_RETRY_DELAYS_S = (0.1, 1.0, 5.0)
+WAIT_FINAL = frozenset({frame.NOT_FOUND, frame.FAILED_PRECONDITION, frame.INVALID_ARGUMENT,
+                        frame.UNIMPLEMENTED, frame.PERMISSION_DENIED})
+WAIT_FAILED_CODE = 255  # as for a VM's end: no exit status of the process's own
+DRAIN_S = 2.0  # the pumps' time to bring in the output of a process killed at a failed wait
 
 # One reader's share of a task's output: one queue per stream (b"" marks
 # its end), so that the stdout and stderr readers never take each other's
@@ -56,25 +68,78 @@ class Task:
         # (the pod's end then sets the exit): what a stop waits for.
         self.waiter: asyncio.Task | None = None
         self._running: list[asyncio.Task] = []
+        self._started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def follow(self, recorded: Callable[[int], None]) -> None:
+    def follow(self, recorded: Callable[[int, str], None], started: bool = False) -> None:
         """Pump the process's output into the log and the outlets until its
-        end, and take its exit: recorded(code), then the future."""
+        end, and take its exit: recorded(code, error), then the future.
+        error is "" for the process's own exit, else why its exit could not
+        be had from the agent. started: the process runs already (a
+        re-attach); else the caller says so with started() once its start
+        succeeded."""
         if self.log is None:
             self.log = LogFile(self.log_path)
         pumps = [asyncio.create_task(self._pump(s)) for s in self.streams]
+        if started:
+            self.started()
 
         async def waiter() -> None:
             try:
-                status = await self.agent.wait_process(self.id)
-            except (ConnectionLost, TtrpcError):
+                status = await self._wait_exit()
+            except ConnectionLost:
                 return  # the VM's end: the pod ends the task (ended)
+            except TtrpcError as exc:
+                await self._failed_wait(exc, pumps, recorded)
+                return
             await asyncio.gather(*pumps, return_exceptions=True)
-            recorded(status.exit_code)
+            recorded(status.exit_code, "")
             self.ended(status.exit_code)
 
         self.waiter = asyncio.create_task(waiter())
         self._running = pumps + [self.waiter]
+
+    def started(self) -> None:
+        """The process's start succeeded (a failed start ends the task on
+        its own path: StartError)."""
+        if not self._started.done():
+            self._started.set_result(None)
+
+    async def _wait_exit(self):
+        """The process's exit status from the agent. An agent error is
+        asked again after a pause (WAIT_RETRY_DELAYS_S), unless it is
+        final (WAIT_FINAL): WaitProcess of a container's init is
+        idempotent in the agent (its reaper keeps the status), so asking
+        again loses nothing. Raises the last TtrpcError, or ConnectionLost."""
+        for delay in (*WAIT_RETRY_DELAYS_S, None):
+            try:
+                return await self.agent.wait_process(self.id)
+            except TtrpcError as exc:
+                if delay is None or exc.code in WAIT_FINAL:
+                    raise
+                logger.warning("WaitProcess failed; asking again", container=self.id,
+                               code=exc.code, error=exc.remote_message, retry_in_s=delay)
+                await asyncio.sleep(delay)
+
+    async def _failed_wait(self, exc: TtrpcError, pumps: list[asyncio.Task],
+                           recorded: Callable[[int, str], None]) -> None:
+        """The agent cannot give the process's exit: end the task, with the
+        agent's reason recorded, rather than leave its waiters waiting for
+        ever. A start still in flight decides first (a failed start, whose
+        WaitProcess fails too, is ended by its own path: this is cancelled).
+        The process is then killed (best effort), so that "exited" is true
+        and its output's end reaches the log."""
+        await self._started
+        message = (f"the guest agent could not report the process's exit "
+                   f"({exc.remote_message}); it was killed")
+        logger.warning("WaitProcess failed: the task ends", container=self.id, code=exc.code,
+                       error=exc.remote_message)
+        try:
+            await self.agent.signal_process(self.id, "", signal.SIGKILL)
+        except (ConnectionLost, TtrpcError, TimeoutError):
+            pass  # gone already, or the agent cannot: the record says so all the same
+        await asyncio.wait(pumps, timeout=DRAIN_S)
+        recorded(WAIT_FAILED_CODE, message)
+        self.ended(WAIT_FAILED_CODE)
 
     async def _pump(self, stream: str) -> None:
         try:

@@ -342,6 +342,10 @@ class QemuVM(VM):
             await asyncio.wait({connect, self._exit_task}, return_when=asyncio.FIRST_COMPLETED)
             if not connect.done():
                 connect.cancel()
+                # Its end retrieved here: qemu.qmp may end a cancelled connect
+                # with an error of its own, which would otherwise be logged
+                # whenever the task is collected (a traceback, at any time).
+                await asyncio.gather(connect, return_exceptions=True)
                 raise VMError(f"QEMU exited during start-up: {self.failure_reason()}")
             try:
                 connect.result()

@@ -221,6 +221,11 @@ class _Connection(SocketConnection):
         self.agent = agent
 
     def write(self, data: bytes) -> None:
+        if self.agent._breaks_here():
+            # The connection breaks under this reply: the host's channel
+            # ends, and the agent's write fails as a real one then does.
+            self.sock.shutdown(socket.SHUT_RDWR)
+            raise BrokenPipeError("the fake agent broke the connection")
         super().write(data)
         self.agent._replied()
 
@@ -229,11 +234,15 @@ class FakeAgent:
     """One guest's agent, serving on a listening unix socket (the host end
     of a serial channel) from threads, until stop(). hang() makes it stop
     answering (a guest deadlock): requests are read and never handled.
-    wait_answered() waits for a reply to be on its way to the host."""
+    wait_answered() waits for a reply to be on its way to the host.
+    wait_handling() waits for a request to be in its handler.
+    fail_next() makes the next request of a method answer an agent error;
+    break_reply() breaks the connection under the next reply of a method."""
 
     WORK_NS = 1_000_000  # of busy time per request handled: see busy_ns
 
     def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
         self.containers = FakeContainers()
         self.service = FakeAgentService(self.containers)
         self.server = Server(SERVICE, {name: (req_type, self._gated(name, handler))
@@ -247,7 +256,10 @@ class FakeAgent:
         self._lock = threading.Lock()
         self._answered = threading.Condition(self._lock)
         self.answers: list[tuple[str, str]] = []  # (method, container id), as written
+        self.handling: list[str] = []  # methods whose handler was entered, in order
         self._handled = threading.local()  # this thread's answer, until written
+        self._failing: dict[str, list[AgentError]] = {}  # see fail_next
+        self._breaking: set[str] = set()  # see break_reply
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(socket_path))
         self._listener.listen(4)
@@ -260,10 +272,39 @@ class FakeAgent:
                 raise ConnectionAbortedError("the VM is gone")
             with self._lock:
                 self.busy_ns += self.WORK_NS
+                failing = self._failing.get(method)
+                error = failing.pop(0) if failing else None
+            self._handled.answer = None
+            if error is not None:
+                raise error
+            with self._answered:
+                self.handling.append(method)
+                self._answered.notify_all()
             response = handler(request)
             self._handled.answer = (method, getattr(request, "container_id", ""))
             return response
         return handle
+
+    def fail_next(self, method: str, code: int = frame.INTERNAL,
+                  message: str = "injected failure") -> None:
+        """The next request of method is answered with this agent error
+        (a TtrpcError on the host), without being handled."""
+        with self._lock:
+            self._failing.setdefault(method, []).append(AgentError(code, message))
+
+    def break_reply(self, method: str) -> None:
+        """The connection breaks under the next reply to method, after its
+        handler ran: the host never gets that reply."""
+        with self._lock:
+            self._breaking.add(method)
+
+    def _breaks_here(self) -> bool:
+        answer = getattr(self._handled, "answer", None)
+        with self._lock:
+            if answer is not None and answer[0] in self._breaking:
+                self._breaking.discard(answer[0])
+                return True
+        return False
 
     def _replied(self) -> None:
         if answer := getattr(self._handled, "answer", None):
@@ -278,6 +319,12 @@ class FakeAgent:
         with self._answered:
             return self._answered.wait_for(
                 lambda: (method, container_id) in self.answers, timeout)
+
+    def wait_handling(self, method: str, timeout: float) -> bool:
+        """Until a request of method has entered its handler (a read: it
+        then waits for output, or takes it). Blocking (asyncio.to_thread)."""
+        with self._answered:
+            return self._answered.wait_for(lambda: method in self.handling, timeout)
 
     def _accept(self) -> None:
         while True:

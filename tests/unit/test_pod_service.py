@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from hyperrun.channel import transport
+from hyperrun.channel import frame, transport
 from hyperrun.channel.agent import AgentClient
+from hyperrun.channel.ttrpc import TtrpcError
 from hyperrun.image.metadata import ImageRecord, Layer
 from hyperrun.image.service import chain_id
 from hyperrun.network import SandboxNetworks
@@ -380,6 +381,77 @@ def test_remove_container_kills_forgets_unplugs_and_is_idempotent(core):
     core.run(body)
 
 
+# ---------------------------------------------------------------- agent errors
+def test_a_wait_that_fails_with_an_agent_error_is_asked_again(core):
+    async def body():
+        service = core.service()
+        pod_id, vm = await core.pod(service)
+        cid = await core.container(service, pod_id, "read x; echo got:$x; exit 3", stdin=True,
+                                   start=False)
+        vm.agent.fail_next("WaitProcess", frame.INTERNAL, "a transient failure")
+        io = await service.attach(cid, tty=False, stdin=True)
+        await service.start_container(cid)
+        await io.write(b"hello\n")
+        assert await exited(service, pod_id, cid) == 3  # the second WaitProcess's answer
+        row = service.container_row(cid)
+        assert (row.state, row.exit_code, row.reason) == ("exited", 3, "Error")
+        assert core.log() == [("stdout", "F", "got:hello")]
+    core.run(body)
+
+
+def test_a_wait_the_agent_cannot_answer_ends_the_task_with_its_reason(core):
+    async def body():
+        service = core.service()
+        pod_id, vm = await core.pod(service)
+        cid = await core.container(service, pod_id, "exec sleep 60", start=False)
+        # A final error: asking again would get the same answer.
+        vm.agent.fail_next("WaitProcess", frame.NOT_FOUND, "process 'init' not found")
+        io = await service.attach(cid, tty=False, stdin=False)
+        await service.start_container(cid)
+        assert await exited(service, pod_id, cid) == task_mod.WAIT_FAILED_CODE
+        assert await asyncio.wait_for(io.wait(), DEADLINE_S) == task_mod.WAIT_FAILED_CODE
+        row = service.container_row(cid)
+        assert (row.state, row.exit_code, row.reason) == ("exited", 255, "AgentError")
+        assert "process 'init' not found" in row.message
+        # It was killed: "exited" is true.
+        pid = vm.agent.containers.get(cid).init.pid
+        assert vm.agent.containers.reaper.wait(pid, timeout=DEADLINE_S).signal == signal.SIGKILL
+        await asyncio.wait_for(service.stop_container(cid, timeout=10), DEADLINE_S)
+    core.run(body)
+
+
+def test_a_wait_failing_past_its_retries_ends_the_task(core, monkeypatch):
+    monkeypatch.setattr(task_mod, "WAIT_RETRY_DELAYS_S", (0.01, 0.01), raising=False)
+
+    async def body():
+        service = core.service()
+        pod_id, vm = await core.pod(service)
+        cid = await core.container(service, pod_id, "exec sleep 60", start=False)
+        for _ in range(3):  # the first ask and both retries
+            vm.agent.fail_next("WaitProcess", frame.INTERNAL, "still failing")
+        await service.start_container(cid)
+        assert await exited(service, pod_id, cid) == 255
+        row = service.container_row(cid)
+        assert (row.reason, row.exit_code) == ("AgentError", 255) and "still failing" in row.message
+    core.run(body)
+
+
+def test_a_failed_start_is_a_start_error_though_its_wait_fails_too(core):
+    async def body():
+        service = core.service()
+        pod_id, vm = await core.pod(service)
+        # The program cannot run: StartContainer fails, and WaitProcess
+        # answers an agent error (never started) for the same process.
+        cid = await core.container(service, pod_id, "", command=("/nonexistent/program",),
+                                   start=False)
+        with pytest.raises(TtrpcError):
+            await service.start_container(cid)
+        assert await exited(service, pod_id, cid) == 128
+        row = service.container_row(cid)
+        assert (row.state, row.exit_code, row.reason) == ("exited", 128, "StartError")
+    core.run(body)
+
+
 # ---------------------------------------------------------------- VM failures
 def test_vm_death_marks_containers_exited_and_ends_waiters_at_once(core):
     async def body():
@@ -467,10 +539,6 @@ def test_recover_after_a_daemon_restart_adopts_live_vms_and_follows_containers(c
     core.run(body)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the first output after a restart is lost: the earlier daemon's ReadStdout is still "
-    "pending in the agent (a thread blocked in Stdio's read, holding the stream), takes that "
-    "output and answers a session that is gone (server.py drops the reply)"))
 def test_output_after_a_daemon_restart_reaches_the_log(core):
     async def body():
         first = core.service()
