@@ -294,6 +294,8 @@ class _Connection:
         row = self.m.container_row(self.cid)
         if row.reason == "VMExited":
             raise RunError(f"the VM ended while the container ran: {row.message}")
+        if row.reason == "AgentError":
+            raise RunError(f"the container's exit could not be had from its VM: {row.message}")
         return {"code": row.exit_code}
 
     async def _exec(self, opts: ExecOptions) -> dict:
