@@ -138,6 +138,8 @@ class ContainerSpec:
     log_path: str = ""            # relative to the pod's log directory
     readonly_rootfs: bool = False
     privileged: bool = False
+    add_capabilities: tuple[str, ...] = ()   # to Docker's default set ("ALL": every one)
+    drop_capabilities: tuple[str, ...] = ()  # from it ("ALL": all of it)
     host_pid: bool = False        # the pod's (the guest's) PID namespace
     resources: Resources = Resources()
     labels: dict[str, str] = field(default_factory=dict)
@@ -152,7 +154,7 @@ class ContainerSpec:
     @classmethod
     def from_json(cls, data: bytes) -> ContainerSpec:
         d = json.loads(data)
-        for key in ("args", "env", "groups"):
+        for key in ("args", "env", "groups", "add_capabilities", "drop_capabilities"):
             d[key] = tuple(d.get(key, ()))
         if d.get("command") is not None:
             d["command"] = tuple(d["command"])

@@ -78,6 +78,7 @@ class Container:
         self.started = False
         self.user_home = "/"
         self.privileged = False  # every capability, for its execs too
+        self.caps: list[str] | None = None  # its capabilities, its execs' too
         self.process = None  # the init's Process as asked: what its execs inherit
 
 
@@ -120,6 +121,11 @@ class Containers:
             container = self._containers[cid] = Container(cid, bundle)
         try:
             container.privileged = req.privileged
+            try:
+                container.caps = oci.capabilities(req.privileged, req.add_capabilities,
+                                                  req.drop_capabilities)
+            except ValueError as exc:
+                raise invalid(str(exc)) from None
             os.makedirs(container.rootfs)
             self._mount_rootfs(container, req.rootfs)
             process = self._process_spec(container, req.process)
@@ -267,7 +273,7 @@ class Containers:
         return oci.process_spec(list(process.args), list(process.env), process.cwd,
                                 uid, gid, extra, home, process.terminal,
                                 process.console_size.rows, process.console_size.cols,
-                                container.privileged)
+                                container.privileged, container.caps)
 
     def _new_process(self, container: Container, exec_id: str, process) -> Process:
         return Process(container.id, exec_id, Stdio(process.terminal, process.stdin),

@@ -66,9 +66,34 @@ def default_mounts() -> list[dict]:
     return mounts
 
 
+def capabilities(privileged: bool, add=(), drop=()) -> list[str]:
+    """Docker's: every capability when privileged, else the default set
+    plus add, less drop; "ALL" in add is every one, in drop none (then
+    add's). Unknown names are refused: a typo must not run unconfined."""
+    def names(given) -> list[str]:
+        out = []
+        for name in given:
+            name = name.upper()
+            if name != "ALL" and not name.startswith("CAP_"):
+                name = "CAP_" + name
+            if name != "ALL" and name not in ALL_CAPS:
+                raise ValueError(f"unknown capability {name!r}")
+            out.append(name)
+        return out
+
+    if privileged:
+        return list(ALL_CAPS)
+    add, drop = names(add), names(drop)
+    caps = [] if "ALL" in drop else [c for c in DEFAULT_CAPS if c not in drop]
+    extra = ALL_CAPS if "ALL" in add else add
+    caps += [c for c in extra if c not in caps and (c not in drop or "ALL" in drop)]
+    return caps
+
+
 def process_spec(args: list[str], env: list[str], cwd: str, uid: int, gid: int,
                  additional_gids: list[int], home: str, terminal: bool,
-                 rows: int = 0, cols: int = 0, privileged: bool = False) -> dict:
+                 rows: int = 0, cols: int = 0, privileged: bool = False,
+                 caps: list[str] | None = None) -> dict:
     env = list(env)
     keys = {e.split("=", 1)[0] for e in env}
     if "PATH" not in keys:
@@ -77,7 +102,8 @@ def process_spec(args: list[str], env: list[str], cwd: str, uid: int, gid: int,
         env.append(f"HOME={home or '/'}")
     if terminal and "TERM" not in keys:
         env.append("TERM=xterm")
-    caps = list(ALL_CAPS if privileged else DEFAULT_CAPS)
+    if caps is None:
+        caps = capabilities(privileged)
     proc = {
         "terminal": terminal,
         "user": {"uid": uid, "gid": gid, "additionalGids": additional_gids},

@@ -108,7 +108,8 @@ def container_spec(opts: RunOptions, pod: PodSpec, mounts: list[Mount]) -> Conta
         args=tuple(opts.args), workdir=opts.workdir, env=tuple(opts.env),
         user=check_user(opts.user), mounts=tuple(mounts), log_path="container.log",
         labels={RUN_LABEL: "1"}, stdin=opts.stdin, stdin_once=opts.stdin, tty=opts.tty,
-        readonly_rootfs=opts.readonly, console_size=opts.console_size)
+        readonly_rootfs=opts.readonly, console_size=opts.console_size,
+        add_capabilities=tuple(opts.cap_add), drop_capabilities=tuple(opts.cap_drop))
 
 
 def _known(exc: BaseException) -> str | None:

@@ -58,6 +58,8 @@ def container_spec(config: cri.ContainerConfig) -> ContainerSpec:
         mounts=tuple(Mount(m.host_path, m.container_path, m.readonly,
                            _PROPAGATION.get(m.propagation, "private")) for m in config.mounts),
         log_path=config.log_path, readonly_rootfs=sc.readonly_rootfs, privileged=sc.privileged,
+        add_capabilities=tuple(sc.capabilities.add_capabilities),
+        drop_capabilities=tuple(sc.capabilities.drop_capabilities),
         host_pid=sc.namespace_options.pid == cri.NODE,
         resources=resources(config.linux.resources),
         labels=dict(config.labels), annotations=dict(config.annotations))

@@ -56,11 +56,14 @@ class AgentClient:
                                resources: pb.Resources | None = None,
                                sysctls: dict[str, str] | None = None,
                                mounts: list[pb.Mount] | None = None, privileged: bool = False,
-                               host_pid: bool = False) -> None:
+                               host_pid: bool = False, add_capabilities=(),
+                               drop_capabilities=()) -> None:
         await self._call("CreateContainer", pb.CreateContainerRequest(
             container_id=container_id, rootfs=rootfs, process=process, hostname=hostname,
             readonly_rootfs=readonly_rootfs, resources=resources, sysctls=sysctls or {},
-            mounts=mounts or [], privileged=privileged, host_pid=host_pid), pb.Empty)
+            mounts=mounts or [], privileged=privileged, host_pid=host_pid,
+            add_capabilities=list(add_capabilities), drop_capabilities=list(drop_capabilities)),
+            pb.Empty)
 
     async def update_container(self, container_id: str, resources: pb.Resources) -> None:
         await self._call("UpdateContainer", pb.UpdateContainerRequest(

@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         image=image, rootfs=rootfs, direct=args.direct, args=rest, entrypoint=entrypoint,
         env=args.env, workdir=args.workdir, user=args.user, stdin=args.interactive,
         tty=args.tty, hostname=args.hostname, readonly=args.read_only, volumes=args.volume,
+        cap_add=args.cap_add, cap_drop=args.cap_drop,
         platform=args.platform, pull=args.pull, cpus=args.cpus, memory_mib=args.memory,
         remove=args.rm, detach=args.detach, ports=args.publish, network=args.network),
         template=args.template or None, machine=args.machine)

@@ -33,6 +33,10 @@ def build() -> argparse.ArgumentParser:
     run.add_argument("--entrypoint", default=None, help="override the image's entrypoint")
     run.add_argument("--hostname", default="")
     run.add_argument("--read-only", action="store_true", help="mount the rootfs read-only")
+    run.add_argument("--cap-add", action="append", default=[], metavar="CAP",
+                     help="add a Linux capability to Docker's default set (ALL: every one)")
+    run.add_argument("--cap-drop", action="append", default=[], metavar="CAP",
+                     help="drop a Linux capability (ALL: all of the default set)")
     run.add_argument("--platform", default="linux/amd64", help="os/arch of the image to pull")
     run.add_argument("--pull", default="missing", choices=["missing", "always", "never"])
     run.add_argument("--cpus", type=int, help="CPU limit, and the VM's vCPUs (default: the "

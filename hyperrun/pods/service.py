@@ -459,7 +459,9 @@ class PodService:
                     container_id, root,
                     process, hostname=pod.pod_hostname(), readonly_rootfs=spec.readonly_rootfs,
                     resources=agent_resources(spec.resources), sysctls=pod.sysctls,
-                    mounts=mounts, privileged=spec.privileged, host_pid=spec.host_pid)
+                    mounts=mounts, privileged=spec.privileged, host_pid=spec.host_pid,
+                    add_capabilities=spec.add_capabilities,
+                    drop_capabilities=spec.drop_capabilities)
             except TtrpcError:
                 volumes.unbind(shared, container_id)
                 await self._unplug_if_unused(sandbox, sandbox_id, serial)

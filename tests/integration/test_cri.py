@@ -409,3 +409,20 @@ def test_an_exec_is_the_containers_user_groups_env_and_cwd(daemon, pushed, no_le
     assert r.stdout == b"1000\n1000\n/tmp\nbar\n", r
     cli("stop", "-t", "1", cid[:12])
     cli("rm", cid[:12])
+
+
+def test_capabilities_added_and_dropped(daemon, pushed, no_leaks):
+    """--cap-drop/--cap-add (the CRI's capabilities) set the container's
+    capabilities, and its execs have the same (issue 16: they were ignored)."""
+    cli = Cli(daemon.cli.env, check=True)
+    cid = cli("run", "-d", "--cap-drop", "ALL", "--cap-add", "KILL", "--cap-add", "net_admin",
+              pushed.ref("busybox:latest"), "sleep", "600").stdout.decode().strip()
+    # CAP_KILL is bit 5, CAP_NET_ADMIN bit 12.
+    for argv in (["sh", "-c", "grep -E '^Cap(Bnd|Eff)' /proc/1/status"],
+                 ["sh", "-c", "grep -E '^Cap(Bnd|Eff)' /proc/self/status"]):
+        out = cli("exec", cid[:12], *argv).stdout.decode().split()
+        assert out == ["CapEff:", "0000000000001020", "CapBnd:", "0000000000001020"], out
+    r = cli("run", "--rm", "--cap-add", "NOPE", pushed.ref("busybox:latest"), "true", check=False)
+    assert r.returncode == 125 and b"unknown capability 'CAP_NOPE'" in r.stderr, r
+    cli("stop", "-t", "1", cid[:12])
+    cli("rm", cid[:12])

@@ -192,3 +192,20 @@ def test_an_exec_runs_as_the_containers_process():
     assert (own.user.spec, list(own.user.additional_gids), own.cwd, list(own.env), own.stdin) == \
         ("0", [5, 7], "/tmp", ["PATH=/bin", "FOO=baz"], True)
     assert list(init.args) == ["server"]  # the container's own is untouched
+
+
+def test_capabilities_add_and_drop_as_docker():
+    """issue 16: --cap-add/--cap-drop (the CRI's capabilities) were ignored."""
+    caps = oci.capabilities
+    assert caps(False) == oci.DEFAULT_CAPS
+    assert caps(True) == oci.ALL_CAPS
+    assert "CAP_SYS_ADMIN" in caps(False, add=["SYS_ADMIN"])
+    assert "CAP_CHOWN" not in caps(False, drop=["chown"])
+    assert caps(False, drop=["ALL"]) == []
+    assert caps(False, add=["NET_ADMIN"], drop=["ALL"]) == ["CAP_NET_ADMIN"]
+    assert sorted(caps(False, add=["ALL"], drop=["CAP_SYS_ADMIN"])) == \
+        sorted(c for c in oci.ALL_CAPS if c != "CAP_SYS_ADMIN")
+    with pytest.raises(ValueError, match="unknown capability 'CAP_NOPE'"):
+        caps(False, add=["NOPE"])
+    spec = oci.process_spec(["sh"], [], "/", 0, 0, [], "/", False, caps=["CAP_KILL"])
+    assert spec["capabilities"]["bounding"] == ["CAP_KILL"]
