@@ -26,7 +26,11 @@ def _embedded_root() -> Path:
 
 
 def collect_stale() -> None:
-    """Directories of embedded hosts whose process is gone."""
+    """Directories of embedded hosts whose process is gone, and run
+    directories of VMs made outside any host (vm.new with no root: the
+    tests', the bench's floor) whose QEMU is gone: a run without a daemon
+    collects both, as the run path of its own used to collect the latter."""
+    rundir.collect_stale()
     root = _embedded_root()
     if not root.is_dir():
         return

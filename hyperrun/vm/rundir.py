@@ -16,7 +16,8 @@ CONSOLE_LOG = "console.log"
 
 
 def vm_root() -> Path:
-    """Run directories of VMs started by `hyperrun run` (embedded)."""
+    """Run directories of VMs made with no root of their own (vm.new's
+    default: the tests' sandboxes, the bench's floor)."""
     return run_root() / "vm"
 
 
@@ -108,9 +109,9 @@ def alive_qemu(pid: int) -> bool:
 
 
 def collect_stale() -> list[Path]:
-    """Remove run directories whose QEMU no longer runs (left by a killed
-    `hyperrun run`); a directory still being set up has a fresh mtime and
-    is spared."""
+    """Remove run directories under vm_root() whose QEMU no longer runs
+    (left by a killed process); a directory still being set up has a fresh
+    mtime and is spared."""
     import time
 
     removed = []

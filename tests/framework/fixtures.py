@@ -18,12 +18,11 @@ import inspect
 import pytest
 
 from hyperrun import assets
-from hyperrun.vm import rundir
 
 from .cli import Cli
 from .cni import DEFAULT, cni_network
 from .daemon import DaemonFactory
-from .host import mounts, qemu_pids
+from .host import mounts, qemu_pids, run_dirs
 from .sandbox import SandboxFactory
 from .wait import wait_until
 
@@ -74,14 +73,11 @@ def no_leaks():
     """Asserts that a test leaves no QEMU, run directory or mount behind."""
     from hyperrun.paths import run_root
 
-    def vm_dirs() -> set:
-        return set(rundir.vm_root().iterdir()) if rundir.vm_root().is_dir() else set()
-
-    before_qemu, before_dirs, before_mounts = qemu_pids(run_root()), vm_dirs(), mounts()
+    before_qemu, before_dirs, before_mounts = qemu_pids(run_root()), run_dirs(), mounts()
     yield
     wait_until(lambda: not qemu_pids(run_root()) - before_qemu, 10,
                "no QEMU process left behind", state=lambda: qemu_pids(run_root()) - before_qemu)
-    assert vm_dirs() - before_dirs == set(), "run directories left behind"
+    assert run_dirs() - before_dirs == set(), "run directories left behind"
     assert mounts() == before_mounts, "mounts changed"
 
 

@@ -37,6 +37,17 @@ def qemu_pids(under: Path | None = None) -> set[int]:
     return pids
 
 
+def run_dirs() -> set[Path]:
+    """The run directories of VMs outside a daemon: those made by the
+    library (tests, the bench's floor) and each embedded host's (a run
+    without a daemon), whose VMs' directories are inside it."""
+    from hyperrun.paths import run_root
+    from hyperrun.vm import rundir
+
+    return {p for root in (rundir.vm_root(), run_root() / "embedded") if root.is_dir()
+            for p in root.iterdir()}
+
+
 def mounts() -> list[str]:
     """/proc/mounts, but for /run/netns itself: made a shared mount once
     (as `ip netns add` does) when the first pod network is created."""

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from tests.framework import HYPERRUN, qemu_pids, wait_until
+from tests.framework.host import run_dirs
 from tests.framework.cli import TERM_TRAP
 
 
@@ -94,10 +95,6 @@ def test_twenty_runs_leave_nothing_behind(cli, busybox_rootfs, no_leaks):
 
 def test_kill_9_of_run_leaves_no_qemu(cli, busybox_rootfs):
     from hyperrun.paths import run_root
-    from hyperrun.vm import rundir
-
-    def run_dirs():
-        return set(rundir.vm_root().iterdir()) if rundir.vm_root().is_dir() else set()
 
     before = qemu_pids(run_root())  # not other checkouts' VMs
     dirs_before = run_dirs()
