@@ -23,13 +23,14 @@ import shutil
 import time
 from pathlib import Path
 
-from hyperrun import cli_api, errdefs, exitcodes, log
-from hyperrun.channel.ttrpc import TtrpcError
+from hyperrun import cli_api, exitcodes, log
 from hyperrun.pods.service import RUNNING, NotFound
 from hyperrun.sandbox import logs
 from hyperrun.specs import ContainerSpec, Mount, PodSpec, PortMapping
 from hyperrun.cli_api import (RUN_LABEL, ExecOptions, ListOptions, LogsOptions, NamesOptions,
                               ProtocolError, PullOptions, RunError, RunOptions)
+
+from .errors import message as known_message
 
 
 logger = log.get("runs")
@@ -112,19 +113,9 @@ def container_spec(opts: RunOptions, pod: PodSpec, mounts: list[Mount]) -> Conta
         add_capabilities=tuple(opts.cap_add), drop_capabilities=tuple(opts.cap_drop))
 
 
-def _known(exc: BaseException) -> str | None:
-    """A known failure's message (as a CRI client would see it); None for
-    anything else (a bug)."""
-    if isinstance(exc, TtrpcError):
-        return f"guest agent: {exc.remote_message}"
-    if isinstance(exc, (errdefs.Error, TimeoutError)):
-        return str(exc)
-    return None
-
-
 def _message(exc: Exception) -> str:
     """A known failure's message; anything else is a bug and goes on up."""
-    known = _known(exc)
+    known = known_message(exc)
     if known is None:
         raise exc
     return known
@@ -246,7 +237,7 @@ class _Connection:
             except RunError as exc:
                 result = {"error": str(exc), "code": exc.code}
             except Exception as exc:
-                known = _known(exc)
+                known = known_message(exc)
                 if known is None:
                     logger.exception("run failed", sandbox=self.pod)
                 message = known or f"internal error: {type(exc).__name__}: {exc}"
@@ -388,7 +379,7 @@ class _Connection:
             if isinstance(result, BaseException):
                 # A pod that stopped meanwhile (its VM, channel or /proc
                 # entry gone) is left out; anything else is a bug.
-                if not isinstance(result, OSError) and _known(result) is None:
+                if not isinstance(result, OSError) and known_message(result) is None:
                     raise result
                 continue
             out += result

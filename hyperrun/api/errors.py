@@ -1,35 +1,45 @@
-"""The CRI's status codes for the project's kinds of failure
-(hyperrun/errdefs.py), in one place."""
+"""What a failure says to a client, in one place: its message (the CRI's
+error details, a CLI request's error) and the CRI's status code for its
+kind (hyperrun/errdefs.py). grpc is loaded only to build a status code: a
+run without a daemon (the CLI server alone) never loads it."""
 from __future__ import annotations
 
 import functools
-
-import grpc
 
 from hyperrun import errdefs
 from hyperrun.channel.ttrpc import TtrpcError
 
 # Most specific first: an image not found is an image error too.
-_CODES = [
-    (errdefs.NotFound, grpc.StatusCode.NOT_FOUND),
-    (errdefs.Invalid, grpc.StatusCode.INVALID_ARGUMENT),
-    (errdefs.Conflict, grpc.StatusCode.FAILED_PRECONDITION),
-    (errdefs.Exhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (errdefs.Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (errdefs.Unknown, grpc.StatusCode.UNKNOWN),
+_KINDS = [
+    (errdefs.NotFound, "NOT_FOUND"),
+    (errdefs.Invalid, "INVALID_ARGUMENT"),
+    (errdefs.Conflict, "FAILED_PRECONDITION"),
+    (errdefs.Exhausted, "RESOURCE_EXHAUSTED"),
+    (TimeoutError, "DEADLINE_EXCEEDED"),
+    (errdefs.Unavailable, "UNAVAILABLE"),
+    (errdefs.Unknown, "UNKNOWN"),
+    (TtrpcError, "UNKNOWN"),
 ]
+KNOWN = tuple(kind for kind, _ in _KINDS)
 
 
-def describe(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """A known failure's status code and message (what a CRI client sees
-    as the error's details); None for anything else (a bug)."""
+def message(exc: BaseException) -> str | None:
+    """A known failure's message; None for anything else (a bug)."""
     if isinstance(exc, TtrpcError):
-        return grpc.StatusCode.UNKNOWN, f"guest agent: {exc.remote_message}"
-    for kind, code in _CODES:
-        if isinstance(exc, kind):
-            return code, str(exc)
-    return None
+        return f"guest agent: {exc.remote_message}"
+    return str(exc) if isinstance(exc, KNOWN) else None
+
+
+def describe(exc: BaseException):
+    """A known failure's gRPC status code and message (what a CRI client
+    sees as the error's details); None for anything else."""
+    import grpc
+
+    text = message(exc)
+    if text is None:
+        return None
+    return next(getattr(grpc.StatusCode, code) for kind, code in _KINDS
+                if isinstance(exc, kind)), text
 
 
 def rpc(method):
@@ -38,6 +48,6 @@ def rpc(method):
     async def wrapper(self, request, context):
         try:
             return await method(self, request, context)
-        except (TtrpcError, *(e for e, _ in _CODES)) as exc:
+        except KNOWN as exc:
             await context.abort(*describe(exc))
     return wrapper
