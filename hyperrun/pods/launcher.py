@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hyperrun import config as hconfig
 from hyperrun import log
+from hyperrun.image.imageconfig import ProcessDefaults
 from hyperrun.proto import agent_pb2 as apb
 from hyperrun.specs import PodSpec
 from hyperrun.vm import VM, new as new_vm, rundir
@@ -94,8 +95,7 @@ class Launcher:
 
     # ------------------------------------------------------------ starting
     async def start(self, sandbox_id: str, kind: str, vcpus: int, memory: int,
-                             spec: PodSpec | None = None
-                             ) -> tuple[Sandbox, podnet.PodNetwork | None]:
+                    spec: PodSpec | None = None) -> tuple[Sandbox, podnet.PodNetwork | None]:
         """A sandbox VM with its network prepared, restored from the
         template or booted; with a pod config, the pod's network is added
         while the VM starts. On failure nothing of it is left."""
@@ -134,7 +134,7 @@ class Launcher:
         sandbox_id = secrets.token_hex(32)
         kind = self.networks.kind
         sandbox, _ = await self.start(sandbox_id, kind, self.defaults.vcpus,
-                                               self.defaults.memory_mib)
+                                      self.defaults.memory_mib)
         spare = Spare(sandbox_id, kind, sandbox)
         try:
             await sandbox.agent.warm_up()
@@ -167,19 +167,19 @@ class Launcher:
         await self.discard(spare.sandbox_id, spare.sandbox, podnet.PodNetwork(spare.kind))
 
     async def discard(self, sandbox_id: str, sandbox: Sandbox,
-                       network: podnet.PodNetwork) -> None:
+                      network: podnet.PodNetwork) -> None:
         """Remove a sandbox that no record holds: its VM, then its network
         (the VM's tap pins the netns; teardown is idempotent)."""
         await sandbox.destroy()
         await asyncio.to_thread(self.networks.teardown, sandbox_id, network)
 
-
-    async def direct(self, config: SandboxConfig, erofs: Path, args: list[str], env: list[str],
-                     cwd: str, user: str, vm_id: str) -> Sandbox:
-        """A direct-mode pod's sandbox, not started: a VM of config's size
-        booting the image erofs with args[0] as its init (sandbox/direct.py);
-        a DirectError when direct mode cannot run it as asked."""
-        shape = dataclasses.replace(config, machine=self.defaults.machine,
-                                    die_with_parent=self.die_with_parent)
-        vm_config = await asyncio.to_thread(direct.vm_config, erofs, args, env, cwd, user, shape)
+    async def direct(self, vcpus: int, memory: int, erofs: Path, process: ProcessDefaults,
+                     vm_id: str) -> Sandbox:
+        """A direct-mode pod's sandbox, not started: a VM of that size
+        booting the image erofs with the process's program as its init
+        (sandbox/direct.py); a DirectError when direct mode cannot run it
+        as asked."""
+        shape = SandboxConfig(vcpus=vcpus, memory_mib=memory, machine=self.defaults.machine,
+                              die_with_parent=self.die_with_parent)
+        vm_config = await asyncio.to_thread(direct.vm_config, erofs, process, shape)
         return direct.sandbox(self.new_vm(vm_config, vm_id, self.root))

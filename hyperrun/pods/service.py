@@ -19,7 +19,6 @@ import secrets
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from hyperrun.channel import frame
 from hyperrun.errdefs import Conflict, Invalid, NotFound
@@ -32,7 +31,6 @@ from hyperrun.vm import VM, VMError, new as new_vm
 from hyperrun.vm.config import Channel, Disk
 
 from hyperrun.sandbox import direct, podnet, volumes
-from hyperrun.sandbox.config import SandboxConfig
 from hyperrun.sandbox.sandbox import Sandbox
 from hyperrun.sandbox.state import ContainerRow, SandboxRow, State
 
@@ -65,13 +63,6 @@ def _vm_json(vm: VM, network: podnet.PodNetwork) -> bytes:
     return json.dumps({"id": vm.id, "channel": c.channel.kind, "cid": c.channel.cid,
                        "vcpus": c.vcpus, "memory_mib": c.memory_mib,
                        "network": network.to_dict()}).encode()
-
-
-def _read_or_empty(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return b""
 
 
 def pod_network(row: SandboxRow) -> podnet.PodNetwork:
@@ -185,8 +176,7 @@ class PodService:
         try:
             await vm.adopt()
         except (VMError, OSError) as exc:
-            console = await asyncio.to_thread(_read_or_empty, vm.console_log)
-            code = direct.exit_status(console)
+            code = await asyncio.to_thread(direct.console_exit, vm)
             if code is not None:
                 for c in running:
                     self.state.update_container(c.id, state=EXITED, finished_at=_now(),
@@ -286,17 +276,11 @@ class PodService:
         if spec.rootfs or spec.mounts or spec.stdin or spec.tty:
             raise Invalid("direct mode boots an image's root with no agent: "
                           "no --rootfs, volumes, stdin or terminal")
-        image = self.images.find(spec.image)
-        if image is None:
-            raise NotFound(f"image {spec.image!r} not found")
-        defaults = apply(self.images.config(image), Overrides(
-            args=list(spec.args), entrypoint=list(spec.command) if spec.command else None,
-            env=list(spec.env), workdir=spec.workdir, user=spec.user))
-        vcpus, memory = hconfig.vm_size(self.defaults, pod_spec)
+        image, defaults = self._image_and_process(spec)
         container_id = secrets.token_hex(32)
         pod.sandbox = await self.launcher.direct(
-            SandboxConfig(vcpus=vcpus, memory_mib=memory), self.images.rootfs(image),
-            defaults.args, defaults.env, defaults.cwd, defaults.user, container_id[:16])
+            *hconfig.vm_size(self.defaults, pod_spec), self.images.rootfs(image), defaults,
+            container_id[:16])
         self.state.set_sandbox_vm(sandbox_id, _vm_json(pod.sandbox.vm, podnet.PodNetwork("none")))
         self.state.add_container(ContainerRow(container_id, sandbox_id, spec.to_json(),
                                               image.digest, "", CREATED, _now(),
@@ -415,17 +399,9 @@ class PodService:
         sandbox = self._running_sandbox(sandbox_id)
         if bool(spec.image) == bool(spec.rootfs):
             raise Invalid("a container's root is an image or a host directory (rootfs), one of them")
-        if spec.rootfs:
-            image, disk, image_config = None, None, {}
-        else:
-            image = self.images.find(spec.image)
-            if image is None:
-                raise NotFound(f"image {spec.image!r} not found")
-            image_config = self.images.config(image)
-            disk = Disk(self.images.rootfs(image), serial="img-" + chain_id(image)[:16])
-        defaults = apply(image_config, Overrides(
-            args=list(spec.args), entrypoint=list(spec.command) if spec.command else None,
-            env=list(spec.env), workdir=spec.workdir, user=spec.user))
+        image, defaults = self._image_and_process(spec)
+        disk = None if image is None else \
+            Disk(self.images.rootfs(image), serial="img-" + chain_id(image)[:16])
         container_id = secrets.token_hex(32)
         async with self.pods[sandbox_id].lock:
             began = time.monotonic()
@@ -476,6 +452,19 @@ class PodService:
                     create_s=round(time.monotonic() - plugged, 3))
         return container_id
 
+    def _image_and_process(self, spec: ContainerSpec):
+        """The container's image (None for a host directory as its root)
+        and its process as the image's config and the spec's overrides
+        make it, as Docker does."""
+        image = None
+        if not spec.rootfs:
+            image = self.images.find(spec.image)
+            if image is None:
+                raise NotFound(f"image {spec.image!r} not found")
+        return image, apply(self.images.config(image) if image is not None else {}, Overrides(
+            args=list(spec.args), entrypoint=list(spec.command) if spec.command else None,
+            env=list(spec.env), workdir=spec.workdir, user=spec.user))
+
     async def _unplug_if_unused(self, sandbox: Sandbox, sandbox_id: str, serial: str) -> None:
         if serial and not any(c.disk_serial == serial for c in self.state.containers(sandbox_id)):
             await sandbox.vm.unplug_disk(serial)
@@ -504,11 +493,7 @@ class PodService:
         try:
             await sandbox.agent.start_container(container_id)
         except TtrpcError as exc:
-            self.state.update_container(container_id, state=EXITED, finished_at=_now(),
-                                        exit_code=128, reason="StartError",
-                                        message=exc.remote_message)
-            task.close()
-            task.ended(128)
+            self._start_failed(row, task, exc.remote_message)
             raise
         finally:
             task.started()  # not failed (for all it knows): its waiter may end it
@@ -522,16 +507,21 @@ class PodService:
         try:
             await pod.sandbox.vm.launch()
         except BaseException as exc:
-            self.state.update_container(row.id, state=EXITED, finished_at=_now(),
-                                        exit_code=128, reason="StartError", message=str(exc))
-            task.close()
-            task.ended(128)
+            self._start_failed(row, task, str(exc))
             raise
+        task.started()
         self._watch_vm(pod)
         logger.info("direct container started", container=row.id, sandbox=pod.id,
                     name=self.sandbox_row(pod.id).spec.name, init=pod.sandbox.vm.config.init,
                     vm=pod.sandbox.vm.id, pid=pod.sandbox.vm.pid,
                     start_s=round(time.monotonic() - began, 3))
+
+    def _start_failed(self, row: ContainerRow, task: Task, message: str) -> None:
+        """The container's process could not be started: it ends there."""
+        self.state.update_container(row.id, state=EXITED, finished_at=_now(), exit_code=128,
+                                    reason="StartError", message=message)
+        task.close()
+        task.ended(128)
 
     def _task(self, pod: Pod, row: ContainerRow) -> Task:
         """The container's task, made on first need (an attach before the

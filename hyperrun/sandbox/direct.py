@@ -29,6 +29,7 @@ from pathlib import Path
 
 from hyperrun import errdefs
 from hyperrun.channel.ttrpc import ConnectionLost
+from hyperrun.image.imageconfig import ProcessDefaults
 from hyperrun.proto import agent_pb2 as apb
 from hyperrun.vm import VM
 from hyperrun.vm.config import VMConfig
@@ -101,24 +102,31 @@ def virtio_mmio_params(devices: int) -> list[str]:
             for i in range(7, 7 - devices, -1)]
 
 
-def vm_config(erofs: Path, args: list[str], env: list[str], cwd: str, user: str,
-              sandbox: SandboxConfig) -> VMConfig:
-    """The VM whose init is the program args[0] of the image erofs (with
-    the environment env), of sandbox's size; DirectError if direct mode
-    cannot run it as asked."""
-    if cwd not in ("", "/"):
-        raise DirectError(f"direct mode starts the program in /, not {cwd}")
-    if user not in ("", "0", "root", "0:0", "root:root"):
-        raise DirectError(f"direct mode runs the program as root, not {user!r}")
-    if not args:
+def vm_config(erofs: Path, process: ProcessDefaults, sandbox: SandboxConfig) -> VMConfig:
+    """The VM whose init is the process's program, of the image erofs, of
+    sandbox's size; DirectError if direct mode cannot run it as asked."""
+    if process.cwd not in ("", "/"):
+        raise DirectError(f"direct mode starts the program in /, not {process.cwd}")
+    if process.user not in ("", "0", "root", "0:0", "root:root"):
+        raise DirectError(f"direct mode runs the program as root, not {process.user!r}")
+    if not process.args:
         raise DirectError("no command: the image names none and none was given")
-    init = resolve(erofs, args[0], env)
-    extra = kernel_command(args[1:], env)
+    init = resolve(erofs, process.args[0], process.env)
+    extra = kernel_command(process.args[1:], process.env)
     # Two virtio-mmio devices: the root disk and the (unused) agent port.
     config = dataclasses.replace(sandbox, root_image=erofs, init=init, channel="serial",
                                  cmdline_extra=virtio_mmio_params(2) + extra, hotplug_disks=False,
                                  shares=[])
     return dataclasses.replace(config.vm_config(), auto_cmdline=False)
+
+
+def console_exit(vm: VM) -> int | None:
+    """The program's exit code, from what the VM's console kept (None if
+    it says none, or is gone)."""
+    try:
+        return exit_status(vm.console_log.read_bytes())
+    except FileNotFoundError:
+        return None
 
 
 def exit_status(console: bytes) -> int | None:
@@ -159,11 +167,11 @@ class ConsoleAgent:
             return b""
         while True:
             ended = self.vm.exited
-            new = await asyncio.to_thread(self._read)
+            new = self._read()  # what QEMU appended since: a local file's few bytes
             self._pending += new
             *lines, self._pending = self._pending.split(b"\n")
-            out = b"".join(line.rstrip(b"\r") + b"\n" for line in lines
-                           if not _KERNEL_LINE.search(line.rstrip(b"\r")))
+            lines = [line.rstrip(b"\r") for line in lines]
+            out = b"".join(line + b"\n" for line in lines if not _KERNEL_LINE.search(line))
             if ended and not new:
                 rest, self._pending = self._pending, b""
                 if rest and not _KERNEL_LINE.search(rest):
@@ -189,19 +197,13 @@ class ConsoleAgent:
         if exec_id:
             self._refuse("exec")
         await self.vm.wait_exited()
-        code = exit_status(await asyncio.to_thread(self._console))
+        code = await asyncio.to_thread(console_exit, self.vm)
         if code is None and self._signal is not None:
             code = 128 + self._signal
         if code is None:
             raise ConnectionLost(f"the VM ended without the program's exit status: "
                                  f"{self.vm.failure_reason()}")
         return apb.WaitProcessResponse(exit_code=code)
-
-    def _console(self) -> bytes:
-        try:
-            return self.vm.console_log.read_bytes()
-        except FileNotFoundError:
-            return b""
 
     async def signal_process(self, container_id: str, exec_id: str, signum: int) -> None:
         """Any signal ends the VM: none can reach its init from outside."""
