@@ -183,12 +183,12 @@ def _run_dirs(run_root: Path) -> list[Path]:
     return [*run_root.glob("sandboxes/*"), *run_root.glob("embedded/*/vms/*")]
 
 
-def _vm_pss_mib(root: Path, measure=None) -> list[float]:
-    """PSS (MiB) of each running QEMU whose run directory is root/* or
-    under the run root root (_run_dirs), or what measure(pid) says in KiB
-    (tcg_cache_kib: its TCG cache's share)."""
+def _vm_pss_mib(run_root: Path, measure=None) -> list[float]:
+    """PSS (MiB) of each running QEMU whose run directory is under the run
+    root (_run_dirs), or what measure(pid) says in KiB (tcg_cache_kib: its
+    TCG cache's share)."""
     measure = measure or pss_kib
-    pids = [rundir.qemu_pid(p) for p in [*root.glob("*"), *_run_dirs(root)]]
+    pids = [rundir.qemu_pid(p) for p in _run_dirs(run_root)]
     return [measure(pid) / 1024 for pid in pids if pid is not None and rundir.alive_qemu(pid)]
 
 
@@ -198,7 +198,7 @@ def _daemon_pss(d: "_Daemon") -> float:
     pod_id, config = d.pod("idle")
     d.container(pod_id, config, "idle", "sleep 3600")
     time.sleep(2)
-    pss = statistics.median(_vm_pss_mib(d.base / "run" / "sandboxes"))
+    pss = statistics.median(_vm_pss_mib(d.base / "run"))
     d.remove_pod(pod_id)
     return pss
 
@@ -557,8 +557,8 @@ def bench_density(count: int) -> dict:
                 r = d.rt.ExecSync(d.cri.ExecSyncRequest(container_id=cid, cmd=["true"], timeout=30))
                 assert r.exit_code == 0
             time.sleep(2)  # idle
-            median = statistics.median(_vm_pss_mib(base / "run" / "sandboxes"))
-            cache = statistics.median(_vm_pss_mib(base / "run" / "sandboxes", tcg_cache_kib))
+            median = statistics.median(_vm_pss_mib(base / "run"))
+            cache = statistics.median(_vm_pss_mib(base / "run", tcg_cache_kib))
             row(f"{count} pods started ({mode}), each answered an exec", f"{elapsed:.1f} s")
             row(f"PSS per idle pod VM ({mode}), median", f"{median:.1f} MiB, of which "
                 f"{cache:.1f} MiB TCG's translation cache (none under KVM)")

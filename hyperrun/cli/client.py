@@ -1,6 +1,6 @@
 """The CLI as a client of the daemon (hyperrun daemon): `run IMAGE`,
 `exec`, `ps`, `pods`, `logs`, `stop`, `rm`, `pull`, `images` and `rmi`,
-which the daemon does in sessions (hyperrun/cli_api.py). The CRI is for
+which the daemon does as requests (hyperrun/cli_api.py). The CRI is for
 other clients (kubelet, crictl): the CLI imports no grpc."""
 from __future__ import annotations
 

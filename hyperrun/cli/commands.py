@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hyperrun import exitcodes
+
 
 def by_daemon(args: argparse.Namespace) -> int:
     """pods, ps, stats, exec, logs, stop and rm: what only a daemon does."""
@@ -28,15 +30,9 @@ def by_daemon(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = 1) -> int:
     print(f"hyperrun: {message}", file=sys.stderr)
-    return 1
-
-
-def _usage(message: str) -> int:
-    """A run refused before it started: Docker's 125."""
-    print(f"hyperrun: {message}", file=sys.stderr)
-    return 125
+    return code
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,12 +51,13 @@ def run(args: argparse.Namespace) -> int:
         rest = rest[1:] if rest[:1] == ["--"] else rest
     else:
         if args.direct:
-            return _usage("--direct runs an image's program as the VM's init: give an IMAGE, "
-                          "not --rootfs")
+            return _fail("--direct runs an image's program as the VM's init: give an IMAGE, "
+                         "not --rootfs", exitcodes.RUNTIME_ERROR)
         if not rest and entrypoint is None:
-            return _usage("--rootfs DIR needs a command: no image describes one")
+            return _fail("--rootfs DIR needs a command: no image describes one",
+                         exitcodes.RUNTIME_ERROR)
         if not args.rootfs.is_dir():
-            return _usage(f"rootfs {args.rootfs} is not a directory")
+            return _fail(f"rootfs {args.rootfs} is not a directory", exitcodes.RUNTIME_ERROR)
         rootfs = str(args.rootfs.resolve())
     from hyperrun.cli import client
     return client.run(client.RunOptions(
