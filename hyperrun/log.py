@@ -4,7 +4,8 @@ machines), key=value lines on a terminal (for people).
 structlog (with rich, which its console renderer loads) takes 40-80 ms to
 import: it is loaded at the first message, not at setup or at a module's
 `log.get`. A run without a daemon then starts its VM before it pays for it
-(the import overlaps the guest's boot).
+(the import overlaps the guest's boot). Below the level setup() was
+given, a message costs nothing: structlog is not loaded for it.
 """
 from __future__ import annotations
 
@@ -14,14 +15,20 @@ from pathlib import Path
 
 _target: list[Path | None] = []  # setup()'s choice, until the first message configures it
 _configured = False
+_level = logging.INFO
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR, "exception": logging.ERROR}
 
 
-def setup(path: Path | None) -> None:
-    global _configured
+def setup(path: Path | None, level: int = logging.INFO) -> None:
+    """path: a file for JSON lines, None for the terminal; level: the
+    least a message must be to be written."""
+    global _configured, _level
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     _target[:] = [path]
     _configured = False
+    _level = level
 
 
 def is_set_up() -> bool:
@@ -46,7 +53,7 @@ def _configure() -> None:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     structlog.configure(processors=processors + [renderer],
                         logger_factory=structlog.PrintLoggerFactory(out),
-                        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+                        wrapper_class=structlog.make_filtering_bound_logger(_level),
                         cache_logger_on_first_use=True)
 
 
@@ -57,11 +64,17 @@ class _Logger:
         self.name = name
 
     def __getattr__(self, attr: str):
+        if _LEVELS.get(attr, _level) < _level:
+            return _dropped
         if not _configured:
             _configure()
         import structlog
 
         return getattr(structlog.get_logger(self.name), attr)
+
+
+def _dropped(*args, **kw) -> None:
+    pass
 
 
 def get(name: str) -> _Logger:

@@ -154,6 +154,7 @@ class ConsoleAgent:
         self._offset = vm.console_log.stat().st_size if from_end else 0
         self._pending = b""
         self._signal: int | None = None
+        self._end: asyncio.Future | None = None
 
     def _refuse(self, what: str):
         raise errdefs.Conflict(f"{what}: a direct-mode VM has no agent (its init is the program)")
@@ -179,7 +180,15 @@ class ConsoleAgent:
                 return out  # b"" at the end
             if out:
                 return out
-            await asyncio.sleep(CONSOLE_POLL_S)
+            # The next look: after the poll interval, or as soon as the VM
+            # ends (the end of the output is then not a poll late).
+            await asyncio.wait([self._ended()], timeout=CONSOLE_POLL_S)
+
+    def _ended(self) -> asyncio.Future:
+        """The VM's end, one watch for every read."""
+        if self._end is None:
+            self._end = asyncio.ensure_future(self.vm.wait_exited())
+        return self._end
 
     def _read(self) -> bytes:
         try:
@@ -220,7 +229,8 @@ class ConsoleAgent:
         pass  # nothing in the guest: the VM goes with the pod
 
     async def close(self) -> None:
-        pass
+        if self._end is not None and not self._end.done():
+            self._end.cancel()
 
     async def exec_process(self, *args, **kwargs):
         self._refuse("exec")

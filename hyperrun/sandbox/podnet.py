@@ -14,6 +14,7 @@ Kinds:
 from __future__ import annotations
 
 import ipaddress
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,20 +79,46 @@ def host_nameservers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str]:
 
 class PodNetworks:
     def __init__(self, kind: str = "auto", networks: SandboxNetworks | None = None) -> None:
+        """kind: the pods' default. Whether CNI works here is found out at
+        the first need of it (four plugin runs, ~15 ms): a run without a
+        daemon whose pod has no network (direct mode, --network none) then
+        never pays for it."""
         if kind not in KINDS:
             raise ValueError(f"network kind {kind!r}: expected one of {', '.join(KINDS)}")
         self.networks = networks or SandboxNetworks()
-        self.kind = kind
-        self.cni_ok, self.cni_reason = (False, "not used") if kind in ("user", "none") else \
-            cni_available(self.networks.conf_dir, self.networks.bin_dirs)
-        if kind == "auto":
-            self.kind = "cni" if self.cni_ok else "user"
-            if not self.cni_ok:
-                logger.warning("CNI not available: pods get QEMU user-mode networking",
-                               reason=self.cni_reason)
-        if self.kind == "cni" and self.cni_ok:
-            if path := install_default_config(self.networks.conf_dir):
-                logger.info("installed the default CNI network config", path=str(path))
+        self._kind = kind
+        self._cni: tuple[bool, str] | None = None
+        self._probing = threading.Lock()  # kind_for runs in the loop, prepare in threads
+
+    def _probe(self) -> tuple[bool, str]:
+        with self._probing:
+            if self._cni is None:
+                cni = (False, "not used") if self._kind in ("user", "none") else \
+                    cni_available(self.networks.conf_dir, self.networks.bin_dirs)
+                if self._kind == "auto":
+                    self._kind = "cni" if cni[0] else "user"
+                    if not cni[0]:
+                        logger.warning("CNI not available: pods get QEMU user-mode networking",
+                                       reason=cni[1])
+                if self._kind == "cni" and cni[0]:
+                    if path := install_default_config(self.networks.conf_dir):
+                        logger.info("installed the default CNI network config", path=str(path))
+                self._cni = cni
+            return self._cni
+
+    @property
+    def kind(self) -> str:
+        """The pods' default kind ("auto" resolved)."""
+        self._probe()
+        return self._kind
+
+    @property
+    def cni_ok(self) -> bool:
+        return self._probe()[0]
+
+    @property
+    def cni_reason(self) -> str:
+        return self._probe()[1]
 
     def ready(self) -> tuple[bool, str]:
         """The CRI's NetworkReady condition."""
