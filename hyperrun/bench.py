@@ -237,8 +237,10 @@ VARIANTS = [
     ("template", "the same, daemon with `[sandbox] template = true`", "cold"),
     ("pool", f"the same, daemon with templates and a pool of {POOL_SIZE} ready sandboxes "
              "(`--pool-size`)", "cold"),
-    ("rootfs-cold", "`hyperrun run --rootfs DIR -- true` (no daemon)", "rootfs-cold"),
-    ("rootfs-template", "`hyperrun run --template --rootfs DIR -- true`", "rootfs-cold"),
+    ("rootfs-cold", "`hyperrun run --network none --rootfs DIR -- true` (no daemon)", "rootfs-cold"),
+    ("rootfs-template", "`hyperrun run --network none --template --rootfs DIR -- true`",
+     "rootfs-cold"),
+    ("rootfs-network", "the same with the default pod network (CNI as root)", "rootfs-cold"),
     ("direct", "`hyperrun run --direct IMAGE` (`true` as the VM's init)", "cold"),
 ]
 
@@ -254,8 +256,10 @@ def bench_start(runs: int) -> dict:
     env = {**os.environ, "HYPERRUN_TEMPLATES": str(templates), "HYPERRUN_ROOT": str(work / "root"),
            "HYPERRUN_RUN_DIR": str(work / "run")}
     rootfs = str(make_rootfs(Path("build/bench-rootfs")))
-    rootfs_run = [HYPERRUN, "run", "--rootfs", rootfs]
-    rootfs_tpl = [HYPERRUN, "run", "--template", "--rootfs", rootfs]
+    # No network, as the floor: what a network costs is a variant of its own.
+    rootfs_run = [HYPERRUN, "run", "--network", "none", "--rootfs", rootfs]
+    rootfs_tpl = [HYPERRUN, "run", "--network", "none", "--template", "--rootfs", rootfs]
+    rootfs_net = [HYPERRUN, "run", "--template", "--rootfs", rootfs]
     daemons: dict[str, _Daemon] = {}
     runc = None
     times: dict[str, list[float]] = {}
@@ -296,6 +300,7 @@ def bench_start(runs: int) -> dict:
                                               client(name))) for name in daemons},
             "rootfs-cold": lambda: timed([*rootfs_run, "--", "true"], env),
             "rootfs-template": lambda: timed([*rootfs_tpl, "--", "true"], env),
+            "rootfs-network": lambda: timed([*rootfs_net, "--", "true"], env),
             "direct": lambda: timed([HYPERRUN, "run", "--direct", "--entrypoint", "/bin/true",
                                      "bench/busybox:latest"], env),
         }
