@@ -141,6 +141,12 @@ class ContainerSpec:
     add_capabilities: tuple[str, ...] = ()   # to Docker's default set ("ALL": every one)
     drop_capabilities: tuple[str, ...] = ()  # from it ("ALL": all of it)
     host_pid: bool = False        # the pod's (the guest's) PID namespace
+    no_new_privileges: bool = False
+    # "unconfined" (no filter), "runtime/default", or "localhost/<profile
+    # file on the host>" (read at create), as the CRI's and Docker's.
+    seccomp: str = "unconfined"
+    masked_paths: tuple[str, ...] = ()    # instead of Docker's (empty: those)
+    readonly_paths: tuple[str, ...] = ()
     resources: Resources = Resources()
     labels: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
@@ -154,7 +160,8 @@ class ContainerSpec:
     @classmethod
     def from_json(cls, data: bytes) -> ContainerSpec:
         d = json.loads(data)
-        for key in ("args", "env", "groups", "add_capabilities", "drop_capabilities"):
+        for key in ("args", "env", "groups", "add_capabilities", "drop_capabilities",
+                    "masked_paths", "readonly_paths"):
             d[key] = tuple(d.get(key, ()))
         if d.get("command") is not None:
             d["command"] = tuple(d["command"])

@@ -17,7 +17,7 @@ import time
 
 from hyperrun.channel import frame
 
-from . import network, oci, syscalls, users
+from . import network, oci, seccomp, syscalls, users
 from .errors import AgentError, failed, invalid, not_found
 from .log import log
 from .reaper import ExitStatus, Reaper
@@ -79,6 +79,7 @@ class Container:
         self.user_home = "/"
         self.privileged = False  # every capability, for its execs too
         self.caps: list[str] | None = None  # its capabilities, its execs' too
+        self.no_new_privileges = False  # its execs' too
         self.process = None  # the init's Process as asked: what its execs inherit
 
 
@@ -121,17 +122,21 @@ class Containers:
             container = self._containers[cid] = Container(cid, bundle)
         try:
             container.privileged = req.privileged
+            container.no_new_privileges = req.no_new_privileges
             try:
                 container.caps = oci.capabilities(req.privileged, req.add_capabilities,
                                                   req.drop_capabilities)
-            except ValueError as exc:
+                filter_ = seccomp.linux_seccomp(req, container.caps, req.privileged)
+            except ValueError as exc:  # a bad capability name or profile
                 raise invalid(str(exc)) from None
             os.makedirs(container.rootfs)
             self._mount_rootfs(container, req.rootfs)
             process = self._process_spec(container, req.process)
             spec = oci.container_spec(cid, process, req.hostname, req.readonly_rootfs,
                                       oci.resources_spec(req.resources), dict(req.sysctls),
-                                      privileged=req.privileged, host_pid=req.host_pid)
+                                      privileged=req.privileged, host_pid=req.host_pid,
+                                      seccomp=filter_, masked_paths=req.masked_paths,
+                                      readonly_paths=req.readonly_paths)
             # Volumes may replace them. A root written through to a host
             # directory (9p) gets them only over files it has: crun would
             # leave the missing mount points behind in the user's tree.
@@ -273,7 +278,8 @@ class Containers:
         return oci.process_spec(list(process.args), list(process.env), process.cwd,
                                 uid, gid, extra, home, process.terminal,
                                 process.console_size.rows, process.console_size.cols,
-                                container.privileged, container.caps)
+                                container.privileged, container.caps,
+                                container.no_new_privileges)
 
     def _new_process(self, container: Container, exec_id: str, process) -> Process:
         return Process(container.id, exec_id, Stdio(process.terminal, process.stdin),

@@ -93,7 +93,7 @@ def capabilities(privileged: bool, add=(), drop=()) -> list[str]:
 def process_spec(args: list[str], env: list[str], cwd: str, uid: int, gid: int,
                  additional_gids: list[int], home: str, terminal: bool,
                  rows: int = 0, cols: int = 0, privileged: bool = False,
-                 caps: list[str] | None = None) -> dict:
+                 caps: list[str] | None = None, no_new_privileges: bool = False) -> dict:
     env = list(env)
     keys = {e.split("=", 1)[0] for e in env}
     if "PATH" not in keys:
@@ -111,7 +111,7 @@ def process_spec(args: list[str], env: list[str], cwd: str, uid: int, gid: int,
         "env": env,
         "cwd": cwd or "/",
         "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-        "noNewPrivileges": False,
+        "noNewPrivileges": no_new_privileges,
     }
     if terminal and rows and cols:
         proc["consoleSize"] = {"height": rows, "width": cols}
@@ -137,10 +137,12 @@ def resources_spec(r) -> dict:
 
 def container_spec(container_id: str, process: dict, hostname: str, readonly: bool,
                    resources: dict | None = None, sysctls: dict | None = None,
-                   privileged: bool = False, host_pid: bool = False) -> dict:
+                   privileged: bool = False, host_pid: bool = False,
+                   seccomp: dict | None = None, masked_paths=(), readonly_paths=()) -> dict:
     """host_pid: no PID namespace of its own (CRI pid NODE: the guest's).
     privileged: nothing masked or read-only in /proc and /sys, every device
-    (Docker's --privileged; the capabilities are process_spec's)."""
+    (Docker's --privileged; the capabilities are process_spec's).
+    masked_paths, readonly_paths: instead of Docker's (empty: those)."""
     mounts = default_mounts()
     if privileged:
         for m in mounts:
@@ -159,9 +161,10 @@ def container_spec(container_id: str, process: dict, hostname: str, readonly: bo
             "cgroupsPath": f"/hyperrun/{container_id}",
             "resources": {"devices": [{"allow": privileged, "access": "rwm"}],
                           **(resources or {})},
-            "maskedPaths": [] if privileged else MASKED_PATHS,
-            "readonlyPaths": [] if privileged else READONLY_PATHS,
+            "maskedPaths": [] if privileged else list(masked_paths) or MASKED_PATHS,
+            "readonlyPaths": [] if privileged else list(readonly_paths) or READONLY_PATHS,
             "sysctl": dict(sysctls or {}),
+            **({"seccomp": seccomp} if seccomp else {}),
             # The agent runs crun with fixed maps under TCG (init.py); the
             # container's programs get randomised ones back.
             "personality": {"domain": "LINUX"},

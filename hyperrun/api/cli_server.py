@@ -110,7 +110,26 @@ def container_spec(opts: RunOptions, pod: PodSpec, mounts: list[Mount]) -> Conta
         user=check_user(opts.user), mounts=tuple(mounts), log_path="container.log",
         labels={RUN_LABEL: "1"}, stdin=opts.stdin, stdin_once=opts.stdin, tty=opts.tty,
         readonly_rootfs=opts.readonly, console_size=opts.console_size,
-        add_capabilities=tuple(opts.cap_add), drop_capabilities=tuple(opts.cap_drop))
+        add_capabilities=tuple(opts.cap_add), drop_capabilities=tuple(opts.cap_drop),
+        **security_options(opts.security_opt))
+
+
+def security_options(options: list[str]) -> dict:
+    """Docker's --security-opt as spec fields. Docker's default differs
+    from the CRI's: its runs get the runtime's seccomp filter."""
+    fields = {"seccomp": "runtime/default"}
+    for option in options:
+        key, eq, value = option.partition("=")
+        if key == "seccomp" and value:
+            fields["seccomp"] = "unconfined" if value == "unconfined" else \
+                "runtime/default" if value in ("default", "runtime/default") else \
+                f"localhost/{value}"
+        elif key == "no-new-privileges" and value in ("", "true", "false"):
+            fields["no_new_privileges"] = value != "false"
+        else:
+            raise RunError(f"--security-opt {option}: expected seccomp=unconfined|PROFILE "
+                           "or no-new-privileges[=true|false]")
+    return fields
 
 
 def _message(exc: Exception) -> str:

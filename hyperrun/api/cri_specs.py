@@ -47,8 +47,41 @@ def user(sc: cri.LinuxContainerSecurityContext) -> str:
     return name
 
 
+def _profile(sc: cri.LinuxContainerSecurityContext, field: str, path_field: str) -> str:
+    """A seccomp or AppArmor profile as the deprecated string form has it:
+    "unconfined", "runtime/default" or "localhost/<ref>". Unset is
+    unconfined, as the kubelet means it (containerd's reading)."""
+    if sc.HasField(field):
+        profile = getattr(sc, field)
+        if profile.profile_type == cri.SecurityProfile.Localhost:
+            if not profile.localhost_ref:
+                raise errdefs.Invalid(f"{field} profile: Localhost without a localhost_ref")
+            return f"localhost/{profile.localhost_ref}"
+        return "unconfined" if profile.profile_type == cri.SecurityProfile.Unconfined \
+            else "runtime/default"
+    given = getattr(sc, path_field)
+    if given in ("", "unconfined"):
+        return "unconfined"
+    if given in ("runtime/default", "docker/default"):
+        return "runtime/default"
+    if given.startswith("localhost/"):
+        return given
+    raise errdefs.Invalid(f"{path_field} {given!r}: expected unconfined, runtime/default "
+                          "or localhost/<path>")
+
+
+def _apparmor(sc: cri.LinuxContainerSecurityContext) -> None:
+    """The guest kernel has no AppArmor: no profile is applied, and one of
+    the node's (Localhost) is refused rather than silently not enforced."""
+    profile = _profile(sc, "apparmor", "apparmor_profile")
+    if profile.startswith("localhost/"):
+        raise errdefs.Invalid(f"apparmor profile {profile}: the pod's VM kernel has no AppArmor "
+                              "(its profiles are the node's); use RuntimeDefault or Unconfined")
+
+
 def container_spec(config: cri.ContainerConfig) -> ContainerSpec:
     sc = config.linux.security_context
+    _apparmor(sc)
     return ContainerSpec(
         name=config.metadata.name, attempt=config.metadata.attempt, image=config.image.image,
         command=tuple(config.command) or None, args=tuple(config.args),
@@ -61,6 +94,9 @@ def container_spec(config: cri.ContainerConfig) -> ContainerSpec:
         add_capabilities=tuple(sc.capabilities.add_capabilities),
         drop_capabilities=tuple(sc.capabilities.drop_capabilities),
         host_pid=sc.namespace_options.pid == cri.NODE,
+        no_new_privileges=sc.no_new_privs,
+        seccomp=_profile(sc, "seccomp", "seccomp_profile_path"),
+        masked_paths=tuple(sc.masked_paths), readonly_paths=tuple(sc.readonly_paths),
         resources=resources(config.linux.resources),
         labels=dict(config.labels), annotations=dict(config.annotations))
 

@@ -52,18 +52,11 @@ class AgentClient:
         await self._call("SetupSandbox", request, pb.Empty)
 
     async def create_container(self, container_id: str, rootfs: pb.Storage, process: pb.Process,
-                               hostname: str = "", readonly_rootfs: bool = False,
-                               resources: pb.Resources | None = None,
-                               sysctls: dict[str, str] | None = None,
-                               mounts: list[pb.Mount] | None = None, privileged: bool = False,
-                               host_pid: bool = False, add_capabilities=(),
-                               drop_capabilities=()) -> None:
+                               **fields) -> None:
+        """fields: the rest of CreateContainerRequest's (hostname, mounts,
+        privileged, seccomp, ...), as its constructor takes them."""
         await self._call("CreateContainer", pb.CreateContainerRequest(
-            container_id=container_id, rootfs=rootfs, process=process, hostname=hostname,
-            readonly_rootfs=readonly_rootfs, resources=resources, sysctls=sysctls or {},
-            mounts=mounts or [], privileged=privileged, host_pid=host_pid,
-            add_capabilities=list(add_capabilities), drop_capabilities=list(drop_capabilities)),
-            pb.Empty)
+            container_id=container_id, rootfs=rootfs, process=process, **fields), pb.Empty)
 
     async def update_container(self, container_id: str, resources: pb.Resources) -> None:
         await self._call("UpdateContainer", pb.UpdateContainerRequest(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from hyperrun import exitcodes
@@ -65,9 +66,18 @@ def run(args: argparse.Namespace) -> int:
         env=args.env, workdir=args.workdir, user=args.user, stdin=args.interactive,
         tty=args.tty, hostname=args.hostname, readonly=args.read_only, volumes=args.volume,
         cap_add=args.cap_add, cap_drop=args.cap_drop,
+        security_opt=[_security_opt(o) for o in args.security_opt],
         platform=args.platform, pull=args.pull, cpus=args.cpus, memory_mib=args.memory,
         remove=args.rm, detach=args.detach, ports=args.publish, network=args.network),
         template=args.template or None, machine=args.machine)
+
+
+def _security_opt(option: str) -> str:
+    """A seccomp profile is named by its absolute path: the daemon reads it."""
+    key, eq, value = option.partition("=")
+    if key == "seccomp" and eq and value not in ("unconfined", "default", "runtime/default"):
+        return f"seccomp={os.path.abspath(value)}"
+    return option
 
 
 def _images_service():

@@ -37,6 +37,9 @@ def build() -> argparse.ArgumentParser:
                      help="add a Linux capability to Docker's default set (ALL: every one)")
     run.add_argument("--cap-drop", action="append", default=[], metavar="CAP",
                      help="drop a Linux capability (ALL: all of the default set)")
+    run.add_argument("--security-opt", action="append", default=[], metavar="OPT",
+                     help="seccomp=unconfined|PROFILE.json (default: the runtime's filter), "
+                          "no-new-privileges")
     run.add_argument("--platform", default="linux/amd64", help="os/arch of the image to pull")
     run.add_argument("--pull", default="missing", choices=["missing", "always", "never"])
     run.add_argument("--cpus", type=int, help="CPU limit, and the VM's vCPUs (default: the "

@@ -403,6 +403,7 @@ class PodService:
         disk = None if image is None else \
             Disk(self.images.rootfs(image), serial="img-" + chain_id(image)[:16])
         container_id = secrets.token_hex(32)
+        seccomp = _seccomp(spec.seccomp)  # a bad profile refused before anything is done
         async with self.pods[sandbox_id].lock:
             began = time.monotonic()
             hotplug = disk is not None and disk.serial not in sandbox.disks
@@ -437,7 +438,9 @@ class PodService:
                     resources=agent_resources(spec.resources), sysctls=pod.sysctls,
                     mounts=mounts, privileged=spec.privileged, host_pid=spec.host_pid,
                     add_capabilities=spec.add_capabilities,
-                    drop_capabilities=spec.drop_capabilities)
+                    drop_capabilities=spec.drop_capabilities, seccomp=seccomp,
+                    no_new_privileges=spec.no_new_privileges,
+                    masked_paths=spec.masked_paths, readonly_paths=spec.readonly_paths)
             except TtrpcError:
                 volumes.unbind(shared, container_id)
                 await self._unplug_if_unused(sandbox, sandbox_id, serial)
@@ -716,6 +719,24 @@ class PodService:
         except asyncio.TimeoutError:
             await io.agent.signal_process(container_id, io.eid, signal.SIGKILL)
             raise TimeoutError(f"command {cmd!r} timed out after {timeout}s") from None
+
+
+def _seccomp(profile: str) -> "apb.Seccomp | None":
+    """A spec's seccomp as the agent takes it: a localhost profile is a
+    file of this host, read now (as containerd does at create)."""
+    if profile == "unconfined":
+        return None
+    if profile == "runtime/default":
+        return apb.Seccomp()
+    if not profile.startswith("localhost/"):
+        raise Invalid(f"seccomp {profile!r}: expected unconfined, runtime/default or "
+                      "localhost/<path>")
+    path = profile.removeprefix("localhost/")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return apb.Seccomp(profile=f.read(1 << 20))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Invalid(f"seccomp profile {path}: {exc}") from None
 
 
 def _console(size: tuple[int, int] | None) -> "apb.ConsoleSize | None":

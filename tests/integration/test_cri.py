@@ -411,9 +411,11 @@ def test_an_exec_is_the_containers_user_groups_env_and_cwd(daemon, pushed, no_le
     cli("rm", cid[:12])
 
 
-def test_capabilities_added_and_dropped(daemon, pushed, no_leaks):
+def test_capabilities_and_security_options_of_a_run(daemon, pushed, no_leaks):
     """--cap-drop/--cap-add (the CRI's capabilities) set the container's
-    capabilities, and its execs have the same (issue 16: they were ignored)."""
+    capabilities, and its execs have the same (issue 16: they were ignored);
+    a run gets the runtime's seccomp filter unless --security-opt says
+    otherwise, as Docker's."""
     cli = Cli(daemon.cli.env, check=True)
     cid = cli("run", "-d", "--cap-drop", "ALL", "--cap-add", "KILL", "--cap-add", "net_admin",
               pushed.ref("busybox:latest"), "sleep", "600").stdout.decode().strip()
@@ -422,7 +424,79 @@ def test_capabilities_added_and_dropped(daemon, pushed, no_leaks):
                  ["sh", "-c", "grep -E '^Cap(Bnd|Eff)' /proc/self/status"]):
         out = cli("exec", cid[:12], *argv).stdout.decode().split()
         assert out == ["CapEff:", "0000000000001020", "CapBnd:", "0000000000001020"], out
+    status = ["sh", "-c", "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status | cut -f2"]
+    assert cli("exec", cid[:12], *status).stdout == b"2\n0\n"
+    r = cli("run", "--rm", "--security-opt", "seccomp=unconfined", "--security-opt",
+            "no-new-privileges", pushed.ref("busybox:latest"), *status)
+    assert r.stdout == b"0\n1\n", r
     r = cli("run", "--rm", "--cap-add", "NOPE", pushed.ref("busybox:latest"), "true", check=False)
     assert r.returncode == 125 and b"unknown capability 'CAP_NOPE'" in r.stderr, r
+    r = cli("run", "--rm", "--security-opt", "label=x", pushed.ref("busybox:latest"), "true",
+            check=False)
+    assert r.returncode == 125 and b"--security-opt label=x: expected" in r.stderr, r
     cli("stop", "-t", "1", cid[:12])
     cli("rm", cid[:12])
+
+
+def test_security_context_in_the_guest(daemon, pushed, no_leaks, tmp_path):
+    """Seccomp (the CRI's unset profile, RuntimeDefault, a Localhost profile
+    file of this host, ignored when privileged), no_new_privs, and masked
+    and read-only paths reach the container's process and its execs
+    (issue 16: all were ignored); an AppArmor profile of the node is refused."""
+    d, image = daemon, pushed.ref("busybox:latest")
+    d.pull(image)
+    pod, pod_config = run_pod_named(d, "sec")
+    block_chmod = tmp_path / "block-chmod.json"
+    block_chmod.write_text('{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": '
+                           '[{"names": ["chmod", "fchmodat"], "action": "SCMP_ACT_ERRNO"}]}')
+    Profile = cri.SecurityProfile
+
+    def container(name: str, **security) -> str:
+        config = cri.ContainerConfig(
+            metadata=cri.ContainerMetadata(name=name), image=cri.ImageSpec(image=image),
+            command=["sleep", "600"],
+            linux=cri.LinuxContainerConfig(
+                security_context=cri.LinuxContainerSecurityContext(**security)))
+        cid = d.runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
+        d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
+        return cid
+
+    def sh(cid: str, script: str) -> tuple[int, str]:
+        r = d.runtime.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["sh", "-c", script],
+                                                   timeout=30))
+        return r.exit_code, (r.stdout + r.stderr).decode()
+
+    status = "grep -E '^(Seccomp|NoNewPrivs):' /proc/1/status /proc/self/status | cut -d: -f2-"
+    default = container("default", seccomp=Profile(profile_type=Profile.RuntimeDefault),
+                        no_new_privs=True)
+    # Filter mode 2 and no_new_privs, for the process and for an exec.
+    assert sh(default, status) == (0, "Seccomp:\t2\nNoNewPrivs:\t1\n" * 2)
+    code, out = sh(default, "mkdir /m && mount -t tmpfs t /m")
+    assert code != 0 and "Operation not permitted" in out, out
+    unset = container("unset")
+    assert sh(unset, status) == (0, "Seccomp:\t0\nNoNewPrivs:\t0\n" * 2)
+    local = container("local", seccomp=Profile(profile_type=Profile.Localhost,
+                                              localhost_ref=str(block_chmod)))
+    code, out = sh(local, "chmod 400 /tmp")
+    assert code != 0 and "Operation not permitted" in out, out
+    privileged = container("priv", privileged=True, seccomp=Profile(
+        profile_type=Profile.Localhost, localhost_ref=str(block_chmod)))
+    assert sh(privileged, "chmod 400 /tmp && grep '^Seccomp:' /proc/self/status") == \
+        (0, "Seccomp:\t0\n")
+    paths = container("paths", masked_paths=["/etc/passwd"], readonly_paths=["/tmp"])
+    assert sh(paths, "wc -c < /etc/passwd") == (0, "0\n")
+    code, out = sh(paths, "touch /tmp/x")
+    assert code != 0 and "Read-only file system" in out, out
+
+    for bad, message in (
+            (dict(seccomp=Profile(profile_type=Profile.Localhost,
+                                  localhost_ref=str(tmp_path / "none.json"))), "No such file"),
+            (dict(apparmor=Profile(profile_type=Profile.Localhost, localhost_ref="p")),
+             "has no AppArmor")):
+        with pytest.raises(grpc.RpcError) as err:
+            container("bad", **bad)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+        assert message in err.value.details(), err.value.details()
+    d.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))
+    d.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))

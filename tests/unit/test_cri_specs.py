@@ -1,6 +1,9 @@
 """The CRI's configs as the core's specs (api/cri_specs.py), through the
 JSON they are kept as, and back in statuses; records of an earlier daemon
 (CRI protobufs) rewritten as specs."""
+import pytest
+
+from hyperrun import errdefs
 from hyperrun.api import cri_specs
 from hyperrun.specs import ContainerSpec, PodSpec
 from hyperrun.proto import cri_api_pb2 as cri
@@ -87,3 +90,31 @@ def test_a_group_without_a_user_is_refused():
         cri_specs.container_spec(config)
     config.linux.security_context.run_as_username = "app"
     assert cri_specs.container_spec(config).user == "app:2002"
+
+
+def test_security_profiles_as_specs():
+    """issue 16: seccomp, no_new_privs, masked and read-only paths were
+    dropped; an unset profile is unconfined, as the kubelet means it."""
+    Profile = cri.SecurityProfile
+
+    def spec(**security) -> ContainerSpec:
+        config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="c"))
+        config.linux.security_context.CopyFrom(cri.LinuxContainerSecurityContext(**security))
+        return cri_specs.container_spec(config)
+
+    assert spec().seccomp == "unconfined"
+    assert spec(seccomp=Profile()).seccomp == "runtime/default"
+    assert spec(seccomp=Profile(profile_type=Profile.Unconfined)).seccomp == "unconfined"
+    assert spec(seccomp=Profile(profile_type=Profile.Localhost, localhost_ref="/p.json")).seccomp \
+        == "localhost//p.json"
+    assert spec(seccomp_profile_path="runtime/default").seccomp == "runtime/default"
+    assert spec(seccomp_profile_path="localhost//p.json").seccomp == "localhost//p.json"
+    s = spec(no_new_privs=True, masked_paths=["/a"], readonly_paths=["/b"])
+    assert (s.no_new_privileges, s.masked_paths, s.readonly_paths) == (True, ("/a",), ("/b",))
+    assert ContainerSpec.from_json(s.to_json()) == s
+    assert spec(apparmor=Profile(profile_type=Profile.Unconfined)).name == "c"
+    for bad, message in ((dict(seccomp_profile_path="nope"), "expected unconfined"),
+                         (dict(seccomp=Profile(profile_type=Profile.Localhost)), "localhost_ref"),
+                         (dict(apparmor_profile="localhost/x"), "no AppArmor")):
+        with pytest.raises(errdefs.Invalid, match=message):
+            spec(**bad)

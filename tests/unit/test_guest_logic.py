@@ -10,7 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "agent"))
 
-from hyperrun_agent import oci, users  # noqa: E402
+from hyperrun_agent import oci, seccomp, users  # noqa: E402
+from hyperrun.proto import agent_pb2 as pb  # noqa: E402
 
 
 @pytest.fixture
@@ -209,3 +210,59 @@ def test_capabilities_add_and_drop_as_docker():
         caps(False, add=["NOPE"])
     spec = oci.process_spec(["sh"], [], "/", 0, 0, [], "/", False, caps=["CAP_KILL"])
     assert spec["capabilities"]["bounding"] == ["CAP_KILL"]
+
+
+def _denied(spec: dict) -> set[str]:
+    return {n for rule in spec.get("syscalls", []) if rule["action"] == "SCMP_ACT_ERRNO"
+            for n in rule["names"]}
+
+
+def test_seccomp_default_and_profiles():
+    """issue 16: seccomp was never applied. The runtime's default denies
+    what Docker's does, and gives back what a capability makes safe."""
+    default = seccomp.runtime_default(oci.DEFAULT_CAPS)
+    assert default["defaultAction"] == "SCMP_ACT_ALLOW"
+    assert {"mount", "unshare", "keyctl", "reboot", "bpf", "kexec_load"} <= _denied(default)
+    assert not {"chroot", "sethostname", "clone", "personality"} & _denied(default)
+    admin = seccomp.runtime_default([*oci.DEFAULT_CAPS, "CAP_SYS_ADMIN"])
+    assert "mount" not in _denied(admin) and "keyctl" in _denied(admin)
+
+    profile = json.dumps({
+        "defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 1,
+        "archMap": [{"architecture": "SCMP_ARCH_X86_64",
+                     "subArchitectures": ["SCMP_ARCH_X86", "SCMP_ARCH_X32"]},
+                    {"architecture": "SCMP_ARCH_AARCH64", "subArchitectures": ["SCMP_ARCH_ARM"]}],
+        "syscalls": [{"names": ["read", "write"], "action": "SCMP_ACT_ALLOW"},
+                     {"names": ["mount"], "action": "SCMP_ACT_ALLOW",
+                      "includes": {"caps": ["CAP_SYS_ADMIN"]}},
+                     {"names": ["chmod"], "action": "SCMP_ACT_ALLOW",
+                      "excludes": {"caps": ["CAP_SYS_ADMIN"]}}]})
+    spec = seccomp.from_profile(profile, oci.DEFAULT_CAPS)
+    if os.uname().machine == "x86_64":
+        assert spec["architectures"] == ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
+    assert (spec["defaultAction"], spec["defaultErrnoRet"]) == ("SCMP_ACT_ERRNO", 1)
+    assert [r["names"] for r in spec["syscalls"]] == [["read", "write"], ["chmod"]]
+    spec = seccomp.from_profile(profile, ["CAP_SYS_ADMIN"])
+    assert [r["names"] for r in spec["syscalls"]] == [["read", "write"], ["mount"]]
+    for bad, message in (("{", "not JSON"), ("[]", "no defaultAction"),
+                         ('{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["x"]}]}',
+                          "without an action")):
+        with pytest.raises(seccomp.ProfileError, match=message):
+            seccomp.from_profile(bad, [])
+
+
+def test_seccomp_as_the_request_asks():
+    asked = pb.CreateContainerRequest(seccomp=pb.Seccomp())
+    assert seccomp.linux_seccomp(pb.CreateContainerRequest(), [], False) is None  # unconfined
+    assert seccomp.linux_seccomp(asked, [], True) is None  # privileged: none
+    assert "mount" in _denied(seccomp.linux_seccomp(asked, [], False))
+    spec = oci.container_spec("c", {}, "h", False, seccomp={"defaultAction": "SCMP_ACT_ALLOW"},
+                              masked_paths=["/x"], readonly_paths=["/y"])
+    assert spec["linux"]["seccomp"] == {"defaultAction": "SCMP_ACT_ALLOW"}
+    assert (spec["linux"]["maskedPaths"], spec["linux"]["readonlyPaths"]) == (["/x"], ["/y"])
+    spec = oci.container_spec("c", {}, "h", False)
+    assert "seccomp" not in spec["linux"] and spec["linux"]["maskedPaths"] == oci.MASKED_PATHS
+    privileged = oci.container_spec("c", {}, "h", False, privileged=True, masked_paths=["/x"])
+    assert privileged["linux"]["maskedPaths"] == []
+    proc = oci.process_spec(["sh"], [], "/", 0, 0, [], "/", False, no_new_privileges=True)
+    assert proc["noNewPrivileges"] is True
