@@ -130,8 +130,12 @@ class AgentService:
         return pb.Empty()
 
     def wait_process(self, req):
+        from . import stats
+
         status = self.containers.wait(req.container_id, req.exec_id)
-        return pb.WaitProcessResponse(exit_code=status.exit_code, signal=status.signal)
+        oom = not req.exec_id and stats.oom_kills(req.container_id) > 0
+        return pb.WaitProcessResponse(exit_code=status.exit_code, signal=status.signal,
+                                      oom_killed=oom)
 
     def signal_process(self, req):
         self.containers.signal(req.container_id, req.exec_id, req.signal)

@@ -28,6 +28,12 @@ def _int(path: str) -> int:
     return int(text) if text.isdigit() else 0
 
 
+def oom_kills(container_id: str) -> int:
+    """How many of the container's processes the OOM killer ended (its
+    cgroup's memory.events, there until the container is removed)."""
+    return _keyed(f"{CGROUP_ROOT}/hyperrun/{container_id}/memory.events").get("oom_kill", 0)
+
+
 def cgroup_stats(path: str, container_id: str = "") -> pb.CgroupStats:
     cpu = _keyed(f"{path}/cpu.stat")
     mem = _keyed(f"{path}/memory.stat")

@@ -536,19 +536,17 @@ class PodService:
 
     def _follow(self, pod: Pod, row: ContainerRow) -> Task:
         """Pump the container's output into its log, and record its exit:
-        its process's own, or (reason AgentError) the agent's failure to
-        report it. A re-attach follows a running container's row; a start
+        its process's own (reason Completed, Error or OOMKilled), or
+        (reason AgentError) the agent's failure to report it. A re-attach follows a running container's row; a start
         the created one's, and tells the task once its start succeeded."""
-        def recorded(code: int, error: str) -> None:
-            if error:
-                self.state.update_container(row.id, state=EXITED, finished_at=_now(),
-                                            exit_code=code, reason="AgentError", message=error)
+        def recorded(code: int, reason: str, message: str) -> None:
+            self.state.update_container(row.id, state=EXITED, finished_at=_now(),
+                                        exit_code=code, reason=reason, message=message)
+            if reason == "AgentError":
                 logger.warning("container ended: its exit is unknown", container=row.id,
-                               exit_code=code, error=error)
-                return
-            self.state.update_container(row.id, state=EXITED, finished_at=_now(), exit_code=code,
-                                        reason="Completed" if code == 0 else "Error")
-            logger.info("container exited", container=row.id, exit_code=code)
+                               exit_code=code, error=message)
+            else:
+                logger.info("container exited", container=row.id, exit_code=code, reason=reason)
 
         task = self._task(pod, row)
         task.follow(recorded, started=row.state == RUNNING)

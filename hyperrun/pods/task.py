@@ -70,13 +70,14 @@ class Task:
         self._running: list[asyncio.Task] = []
         self._started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def follow(self, recorded: Callable[[int, str], None], started: bool = False) -> None:
+    def follow(self, recorded: Callable[[int, str, str], None], started: bool = False) -> None:
         """Pump the process's output into the log and the outlets until its
-        end, and take its exit: recorded(code, error), then the future.
-        error is "" for the process's own exit, else why its exit could not
-        be had from the agent. started: the process runs already (a
-        re-attach); else the caller says so with started() once its start
-        succeeded."""
+        end, and take its exit: recorded(code, reason, message), then the
+        future. reason is the CRI's: Completed, Error, OOMKilled (the OOM
+        killer ended a process of it), or AgentError (its exit could not be
+        had from the agent; message says why). started: the process runs
+        already (a re-attach); else the caller says so with started() once
+        its start succeeded."""
         if self.log is None:
             self.log = LogFile(self.log_path)
         pumps = [asyncio.create_task(self._pump(s)) for s in self.streams]
@@ -92,7 +93,9 @@ class Task:
                 await self._failed_wait(exc, pumps, recorded)
                 return
             await asyncio.gather(*pumps, return_exceptions=True)
-            recorded(status.exit_code, "")
+            reason = "OOMKilled" if status.oom_killed else \
+                "Completed" if status.exit_code == 0 else "Error"
+            recorded(status.exit_code, reason, "")
             self.ended(status.exit_code)
 
         self.waiter = asyncio.create_task(waiter())
@@ -121,7 +124,7 @@ class Task:
                 await asyncio.sleep(delay)
 
     async def _failed_wait(self, exc: TtrpcError, pumps: list[asyncio.Task],
-                           recorded: Callable[[int, str], None]) -> None:
+                           recorded: Callable[[int, str, str], None]) -> None:
         """The agent cannot give the process's exit: end the task, with the
         agent's reason recorded, rather than leave its waiters waiting for
         ever. A start still in flight decides first (a failed start, whose
@@ -138,7 +141,7 @@ class Task:
         except (ConnectionLost, TtrpcError, TimeoutError):
             pass  # gone already, or the agent cannot: the record says so all the same
         await asyncio.wait(pumps, timeout=DRAIN_S)
-        recorded(WAIT_FAILED_CODE, message)
+        recorded(WAIT_FAILED_CODE, "AgentError", message)
         self.ended(WAIT_FAILED_CODE)
 
     async def _pump(self, stream: str) -> None:

@@ -264,12 +264,14 @@ class ProcessRequest(_message.Message):
     def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ...) -> None: ...
 
 class WaitProcessResponse(_message.Message):
-    __slots__ = ("exit_code", "signal")
+    __slots__ = ("exit_code", "signal", "oom_killed")
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    OOM_KILLED_FIELD_NUMBER: _ClassVar[int]
     exit_code: int
     signal: int
-    def __init__(self, exit_code: _Optional[int] = ..., signal: _Optional[int] = ...) -> None: ...
+    oom_killed: bool
+    def __init__(self, exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., oom_killed: _Optional[bool] = ...) -> None: ...
 
 class SignalProcessRequest(_message.Message):
     __slots__ = ("container_id", "exec_id", "signal")

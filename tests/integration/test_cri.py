@@ -498,3 +498,26 @@ def test_security_context_in_the_guest(daemon, pushed, no_leaks, tmp_path):
         assert message in err.value.details(), err.value.details()
     d.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))
     d.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
+
+
+def test_an_oom_kill_is_reported(daemon, pushed, no_leaks):
+    """A container the kernel's OOM killer ends exits 137 with reason
+    OOMKilled, as critest's OOM spec asks (issue 16: reason was Error)."""
+    d, image = daemon, pushed.ref("busybox:latest")
+    d.pull(image)
+    pod, pod_config = run_pod_named(d, "oom")
+    limits = cri.LinuxContainerResources(memory_limit_in_bytes=15 << 20,
+                                         memory_swap_limit_in_bytes=15 << 20)
+    config = cri.ContainerConfig(
+        metadata=cri.ContainerMetadata(name="oom"), image=cri.ImageSpec(image=image),
+        command=["sh", "-c", "dd if=/dev/zero of=/dev/null bs=20M"],
+        linux=cri.LinuxContainerConfig(resources=limits))
+    cid = d.runtime.CreateContainer(cri.CreateContainerRequest(
+        pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
+    d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
+
+    def status():
+        return d.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
+    wait_until(lambda: status().state == cri.CONTAINER_EXITED, 60, "the container's OOM kill")
+    assert (status().exit_code, status().reason) == (137, "OOMKilled"), status()
+    d.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
