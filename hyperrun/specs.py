@@ -140,7 +140,11 @@ class ContainerSpec:
     privileged: bool = False
     add_capabilities: tuple[str, ...] = ()   # to Docker's default set ("ALL": every one)
     drop_capabilities: tuple[str, ...] = ()  # from it ("ALL": all of it)
-    host_pid: bool = False        # the pod's (the guest's) PID namespace
+    # Whose PID and IPC namespaces (the CRI's modes): "container", "pod"
+    # (shared by the pod's containers), "node" (the guest's: the pod's
+    # host), or for PID "target:<container id>".
+    pid: str = "container"
+    ipc: str = "pod"
     no_new_privileges: bool = False
     # "unconfined" (no filter), "runtime/default", or "localhost/<profile
     # file on the host>" (read at create), as the CRI's and Docker's.
@@ -160,6 +164,8 @@ class ContainerSpec:
     @classmethod
     def from_json(cls, data: bytes) -> ContainerSpec:
         d = json.loads(data)
+        if "host_pid" in d:  # a record of an earlier daemon
+            d["pid"] = "node" if d.pop("host_pid") else "container"
         for key in ("args", "env", "groups", "add_capabilities", "drop_capabilities",
                     "masked_paths", "readonly_paths"):
             d[key] = tuple(d.get(key, ()))

@@ -17,7 +17,7 @@ import time
 
 from hyperrun.channel import frame
 
-from . import network, oci, seccomp, syscalls, users
+from . import network, oci, podns, seccomp, syscalls, users
 from .errors import AgentError, failed, invalid, not_found
 from .log import log
 from .reaper import ExitStatus, Reaper
@@ -87,6 +87,7 @@ class Containers:
     def __init__(self, reaper: Reaper) -> None:
         self.reaper = reaper
         self.storages = Storages()
+        self.pod_namespaces = podns.PodNamespaces()
         self._lock = threading.Lock()
         self._containers: dict[str, Container] = {}
         os.makedirs(STATE_ROOT, exist_ok=True)
@@ -134,7 +135,7 @@ class Containers:
             process = self._process_spec(container, req.process)
             spec = oci.container_spec(cid, process, req.hostname, req.readonly_rootfs,
                                       oci.resources_spec(req.resources), dict(req.sysctls),
-                                      privileged=req.privileged, host_pid=req.host_pid,
+                                      privileged=req.privileged, joined=self._joined(req),
                                       seccomp=filter_, masked_paths=req.masked_paths,
                                       readonly_paths=req.readonly_paths)
             # Volumes may replace them. A root written through to a host
@@ -232,6 +233,26 @@ class Containers:
         self._teardown(container)
 
     # --- internals --------------------------------------------------------
+    def _joined(self, req) -> dict[str, str]:
+        """The namespaces a container shares (see CreateContainerRequest's
+        pid_namespace and ipc_namespace): kind -> path, or "" for the guest's."""
+        joined = {}
+        for kind, mode in (("pid", req.pid_namespace or "container"),
+                           ("ipc", req.ipc_namespace or "pod")):
+            if mode == "node":
+                joined[kind] = ""
+            elif mode == "pod":
+                joined[kind] = self.pod_namespaces.path(kind)
+            elif kind == "pid" and mode.startswith("target:"):
+                target = self.get(mode.removeprefix("target:"))
+                if target.init is None or not target.init.pid or self._exited(target.init):
+                    raise failed(f"target container {target.id!r} is not running")
+                joined[kind] = f"/proc/{target.init.pid}/ns/pid"
+            elif mode != "container":
+                raise invalid(f"{kind} namespace {mode!r}: expected container, pod, node"
+                              + (" or target:<container id>" if kind == "pid" else ""))
+        return joined
+
     def _exited(self, proc: Process) -> bool:
         return self.reaper.wait(proc.pid, timeout=0) is not None
 

@@ -137,9 +137,10 @@ def resources_spec(r) -> dict:
 
 def container_spec(container_id: str, process: dict, hostname: str, readonly: bool,
                    resources: dict | None = None, sysctls: dict | None = None,
-                   privileged: bool = False, host_pid: bool = False,
+                   privileged: bool = False, joined: dict[str, str] | None = None,
                    seccomp: dict | None = None, masked_paths=(), readonly_paths=()) -> dict:
-    """host_pid: no PID namespace of its own (CRI pid NODE: the guest's).
+    """joined: namespaces not of its own, by kind ("pid", "ipc"): the path
+    of one to join, or "" for the guest's (the pod's host).
     privileged: nothing masked or read-only in /proc and /sys, every device
     (Docker's --privileged; the capabilities are process_spec's).
     masked_paths, readonly_paths: instead of Docker's (empty: those)."""
@@ -148,8 +149,9 @@ def container_spec(container_id: str, process: dict, hostname: str, readonly: bo
         for m in mounts:
             if m["destination"] in ("/sys", "/sys/fs/cgroup"):
                 m["options"] = [o for o in m["options"] if o != "ro"]
-    namespaces = ("ipc", "uts", "mount", "cgroup") if host_pid else (
-        "pid", "ipc", "uts", "mount", "cgroup")
+    joined = joined or {}
+    namespaces = [{"type": t, **({"path": joined[t]} if joined.get(t) else {})}
+                  for t in ("pid", "ipc", "uts", "mount", "cgroup") if joined.get(t) != ""]
     return {
         "ociVersion": "1.0.2",
         "process": process,
@@ -157,7 +159,7 @@ def container_spec(container_id: str, process: dict, hostname: str, readonly: bo
         "hostname": hostname or container_id[:12],
         "mounts": mounts,
         "linux": {
-            "namespaces": [{"type": t} for t in namespaces],
+            "namespaces": namespaces,
             "cgroupsPath": f"/hyperrun/{container_id}",
             "resources": {"devices": [{"allow": privileged, "access": "rwm"}],
                           **(resources or {})},

@@ -111,6 +111,7 @@ def container_spec(opts: RunOptions, pod: PodSpec, mounts: list[Mount]) -> Conta
         labels={RUN_LABEL: "1"}, stdin=opts.stdin, stdin_once=opts.stdin, tty=opts.tty,
         readonly_rootfs=opts.readonly, console_size=opts.console_size,
         add_capabilities=tuple(opts.cap_add), drop_capabilities=tuple(opts.cap_drop),
+        ipc="container",  # Docker's: its own (a run's pod has this one container)
         **security_options(opts.security_opt))
 
 

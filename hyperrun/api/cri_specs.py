@@ -70,6 +70,18 @@ def _profile(sc: cri.LinuxContainerSecurityContext, field: str, path_field: str)
                           "or localhost/<path>")
 
 
+_MODES = {cri.POD: "pod", cri.CONTAINER: "container", cri.NODE: "node"}
+
+
+def _namespace(options: cri.NamespaceOption, kind: str) -> str:
+    mode = getattr(options, kind)
+    if mode == cri.TARGET:
+        if kind != "pid" or not options.target_id:
+            raise errdefs.Invalid("namespace mode TARGET: only for pid, with a target_id")
+        return f"target:{options.target_id}"
+    return _MODES[mode]
+
+
 def _apparmor(sc: cri.LinuxContainerSecurityContext) -> None:
     """The guest kernel has no AppArmor: no profile is applied, and one of
     the node's (Localhost) is refused rather than silently not enforced."""
@@ -93,7 +105,7 @@ def container_spec(config: cri.ContainerConfig) -> ContainerSpec:
         log_path=config.log_path, readonly_rootfs=sc.readonly_rootfs, privileged=sc.privileged,
         add_capabilities=tuple(sc.capabilities.add_capabilities),
         drop_capabilities=tuple(sc.capabilities.drop_capabilities),
-        host_pid=sc.namespace_options.pid == cri.NODE,
+        pid=_namespace(sc.namespace_options, "pid"), ipc=_namespace(sc.namespace_options, "ipc"),
         no_new_privileges=sc.no_new_privs,
         seccomp=_profile(sc, "seccomp", "seccomp_profile_path"),
         masked_paths=tuple(sc.masked_paths), readonly_paths=tuple(sc.readonly_paths),

@@ -59,7 +59,7 @@ def test_a_container_config_as_a_spec_and_back():
     spec = cri_specs.container_spec(config)
     assert ContainerSpec.from_json(spec.to_json()) == spec
     assert (spec.command, spec.args, spec.env) == (("sh",), ("-c", "id"), ("A=1=2",))
-    assert (spec.user, spec.groups, spec.host_pid) == ("1001:2002", (3, 4), True)
+    assert (spec.user, spec.groups, spec.pid, spec.ipc) == ("1001:2002", (3, 4), "node", "pod")
     assert cri_specs.container_metadata(spec) == config.metadata
     assert cri_specs.cri_mounts(spec) == list(config.mounts)
     assert cri_specs.cri_resources(spec.resources) == config.linux.resources
@@ -118,3 +118,20 @@ def test_security_profiles_as_specs():
                          (dict(apparmor_profile="localhost/x"), "no AppArmor")):
         with pytest.raises(errdefs.Invalid, match=message):
             spec(**bad)
+
+
+def test_namespace_modes_as_specs():
+    """The CRI's modes; TARGET joins another container's PID namespace; a
+    record of an earlier daemon (host_pid) still reads."""
+    def spec(**options) -> ContainerSpec:
+        config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="c"))
+        config.linux.security_context.namespace_options.CopyFrom(cri.NamespaceOption(**options))
+        return cri_specs.container_spec(config)
+
+    assert (spec().pid, spec().ipc) == ("pod", "pod")  # the CRI's zero value is POD
+    assert spec(pid=cri.CONTAINER, ipc=cri.NODE).pid == "container"
+    assert spec(pid=cri.TARGET, target_id="abc").pid == "target:abc"
+    with pytest.raises(errdefs.Invalid, match="TARGET"):
+        spec(ipc=cri.TARGET, target_id="abc")
+    old = b'{"name": "c", "image": "i", "host_pid": true}'
+    assert ContainerSpec.from_json(old).pid == "node"

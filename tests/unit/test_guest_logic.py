@@ -68,13 +68,16 @@ def test_container_spec_isolation():
     assert spec["linux"]["personality"] == {"domain": "LINUX"}  # randomised maps
 
 
-def test_privileged_and_host_pid_spec():
-    """CRI privileged and pid NODE (the guest's namespace, the agent as PID 1)."""
+def test_privileged_and_shared_namespaces_spec():
+    """CRI privileged; pid NODE (the guest's namespace, the agent as PID 1)
+    and ipc POD (a namespace the pod's containers share)."""
     proc = oci.process_spec(["true"], [], "/", 0, 0, [], "/", False, privileged=True)
     assert "CAP_SYS_PTRACE" in proc["capabilities"]["effective"] and len(
         proc["capabilities"]["bounding"]) == 41
-    spec = oci.container_spec("abc", proc, "", False, privileged=True, host_pid=True)
+    spec = oci.container_spec("abc", proc, "", False, privileged=True,
+                              joined={"pid": "", "ipc": "/proc/7/ns/ipc"})
     assert "pid" not in {n["type"] for n in spec["linux"]["namespaces"]}
+    assert {"type": "ipc", "path": "/proc/7/ns/ipc"} in spec["linux"]["namespaces"]
     assert spec["linux"]["maskedPaths"] == spec["linux"]["readonlyPaths"] == []
     assert spec["linux"]["resources"]["devices"] == [{"allow": True, "access": "rwm"}]
     assert all("ro" not in m["options"] for m in spec["mounts"])
