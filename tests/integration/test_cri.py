@@ -521,3 +521,47 @@ def test_an_oom_kill_is_reported(daemon, pushed, no_leaks):
     wait_until(lambda: status().state == cri.CONTAINER_EXITED, 60, "the container's OOM kill")
     assert (status().exit_code, status().reason) == (137, "OOMKilled"), status()
     d.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
+
+
+def test_pid_and_ipc_namespaces_of_a_pod(daemon, pushed, no_leaks):
+    """The CRI's namespace modes inside the pod's VM: POD shared by the
+    pod's containers, CONTAINER a container's own, NODE the guest's (the
+    agent's, PID 1 there), TARGET another container's PID namespace (issue
+    16: every container had its own)."""
+    d, image = daemon, pushed.ref("busybox:latest")
+    d.pull(image)
+    pod, pod_config = run_pod_named(d, "ns")
+
+    def container(name: str, **modes) -> str:
+        config = cri.ContainerConfig(
+            metadata=cri.ContainerMetadata(name=name), image=cri.ImageSpec(image=image),
+            command=["sleep", "600"], linux=cri.LinuxContainerConfig(
+                security_context=cri.LinuxContainerSecurityContext(
+                    namespace_options=cri.NamespaceOption(**modes))))
+        cid = d.runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
+        d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
+        return cid
+
+    def ns(cid: str, path: str = "/proc/self/ns") -> tuple[str, str]:
+        r = d.runtime.ExecSync(cri.ExecSyncRequest(
+            container_id=cid, cmd=["sh", "-c", f"readlink {path}/pid {path}/ipc"], timeout=30))
+        assert r.exit_code == 0, r
+        pid, ipc = r.stdout.decode().split()
+        return pid, ipc
+
+    a, b = container("a", pid=cri.POD, ipc=cri.POD), container("b", pid=cri.POD, ipc=cri.POD)
+    own = container("own", pid=cri.CONTAINER, ipc=cri.CONTAINER)
+    node = container("node", pid=cri.NODE, ipc=cri.NODE)
+    target = container("target", pid=cri.TARGET, ipc=cri.POD, target_id=own)
+    assert ns(a) == ns(b)
+    # b sees a's process; PID 1 there is the pod's holder, not a container's.
+    r = d.runtime.ExecSync(cri.ExecSyncRequest(container_id=b, cmd=["ps", "-o", "pid,args"],
+                                               timeout=30))
+    assert r.stdout.decode().count("sleep 600") == 2, r.stdout
+    assert ns(own)[0] != ns(a)[0] and ns(own)[1] != ns(a)[1]
+    assert ns(node) == ns(node, "/proc/1/ns")  # the agent's, PID 1 of the guest
+    assert ns(node)[0] not in (ns(a)[0], ns(own)[0])
+    assert ns(target) == (ns(own)[0], ns(a)[1])
+    d.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))
+    d.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
