@@ -455,8 +455,9 @@ def test_security_context_in_the_guest(daemon, pushed, no_leaks, tmp_path):
         config = cri.ContainerConfig(
             metadata=cri.ContainerMetadata(name=name), image=cri.ImageSpec(image=image),
             command=["sleep", "600"],
-            linux=cri.LinuxContainerConfig(
-                security_context=cri.LinuxContainerSecurityContext(**security)))
+            linux=cri.LinuxContainerConfig(  # its own PID namespace, as the kubelet's default
+                security_context=cri.LinuxContainerSecurityContext(
+                    namespace_options=cri.NamespaceOption(pid=cri.CONTAINER), **security)))
         cid = d.runtime.CreateContainer(cri.CreateContainerRequest(
             pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
         d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
@@ -543,11 +544,14 @@ def test_pid_and_ipc_namespaces_of_a_pod(daemon, pushed, no_leaks):
         d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
         return cid
 
-    def ns(cid: str, path: str = "/proc/self/ns") -> tuple[str, str]:
-        r = d.runtime.ExecSync(cri.ExecSyncRequest(
-            container_id=cid, cmd=["sh", "-c", f"readlink {path}/pid {path}/ipc"], timeout=30))
+    def run(cid: str, *cmd: str) -> str:
+        r = d.runtime.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=30))
         assert r.exit_code == 0, r
-        pid, ipc = r.stdout.decode().split()
+        return r.stdout.decode()
+
+    def ns(cid: str) -> tuple[str, str]:
+        pid, ipc = run(cid, "sh", "-c", "readlink /proc/self/ns/pid; readlink /proc/self/ns/ipc"
+                       ).split()
         return pid, ipc
 
     a, b = container("a", pid=cri.POD, ipc=cri.POD), container("b", pid=cri.POD, ipc=cri.POD)
@@ -555,13 +559,13 @@ def test_pid_and_ipc_namespaces_of_a_pod(daemon, pushed, no_leaks):
     node = container("node", pid=cri.NODE, ipc=cri.NODE)
     target = container("target", pid=cri.TARGET, ipc=cri.POD, target_id=own)
     assert ns(a) == ns(b)
-    # b sees a's process; PID 1 there is the pod's holder, not a container's.
-    r = d.runtime.ExecSync(cri.ExecSyncRequest(container_id=b, cmd=["ps", "-o", "pid,args"],
-                                               timeout=30))
-    assert r.stdout.decode().count("sleep 600") == 2, r.stdout
+    # b sees a's process and its own, and no other container's.
+    assert run(b, "ps", "-o", "args").count("sleep 600") == 2
     assert ns(own)[0] != ns(a)[0] and ns(own)[1] != ns(a)[1]
-    assert ns(node) == ns(node, "/proc/1/ns")  # the agent's, PID 1 of the guest
-    assert ns(node)[0] not in (ns(a)[0], ns(own)[0])
+    # The guest's: every container's process, and the kernel's threads.
+    processes = run(node, "ps", "-o", "args")
+    assert processes.count("sleep 600") == 5 and "[kthreadd]" in processes, processes
+    assert ns(node)[0] not in (ns(a)[0], ns(own)[0]) and ns(node)[1] not in (ns(a)[1], ns(own)[1])
     assert ns(target) == (ns(own)[0], ns(a)[1])
     d.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))
     d.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
