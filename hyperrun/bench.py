@@ -178,9 +178,10 @@ def _process_tree(pid: int) -> list[int]:
 
 
 def _run_dirs(run_root: Path) -> list[Path]:
-    """The VM run directories under a run root: a daemon's sandboxes' or
-    (below it, for runs without a daemon) each embedded host's."""
-    return [*run_root.glob("sandboxes/*"), *run_root.glob("embedded/*/vms/*")]
+    """The VM run directories under a run root: daemons' sandboxes' (under
+    each one's owner key) or, for runs without a daemon, each embedded
+    host's."""
+    return [*run_root.glob("sandboxes/*/*"), *run_root.glob("embedded/*/vms/*")]
 
 
 def _vm_pss_mib(run_root: Path, measure=None) -> list[float]:
@@ -483,7 +484,7 @@ class _Daemon:
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait(30)
-            for path in (self.base / "run" / "sandboxes").glob("*"):
+            for path in (self.base / "run" / "sandboxes").glob("*/*"):
                 rundir.kill_and_remove(path)
         if self.registry is not None:
             self.registry.stop()

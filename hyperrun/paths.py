@@ -38,6 +38,16 @@ def run_root() -> Path:
     return Path(base) / "hyperrun"
 
 
+def owner(data: Path | None = None) -> str:
+    """Who owns VMs under the shared run root: a data root (a daemon's, by
+    default this process's), as a short key. Daemons with different roots
+    on one host keep their VMs apart by it and never collect each other's."""
+    import hashlib
+
+    path = os.path.abspath(data or data_root())
+    return hashlib.sha256(path.encode()).hexdigest()[:12]
+
+
 def daemon_socket() -> Path:
     """Where the daemon serves CRI: HYPERRUN_SOCKET, else <run root>/hyperrun.sock.
     Here, not in the daemon's module: every CLI command looks for it, and

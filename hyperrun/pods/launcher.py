@@ -59,18 +59,19 @@ class Launcher:
                            vm_id=vm_id, root=self.root)
 
     def collect_stale(self, live: set[str]) -> None:
-        """At start-up: end and remove the VMs (run directories, cgroups)
-        of no live sandbox: a daemon killed inside a stop or remove, or
-        while a spare or a pod's VM was starting, leaves them behind."""
+        """At start-up: end and remove this daemon's VMs (run directories,
+        cgroups) of no live sandbox: a daemon killed inside a stop or
+        remove, or while a spare or a pod's VM was starting, leaves them
+        behind. Only its own: those under its root (another daemon's are
+        under theirs)."""
         from hyperrun.vm import cgroup
 
         if self.root.is_dir():
             for path in self.root.iterdir():
                 if path.name not in live:
                     pid = rundir.kill_and_remove(path)
+                    cgroup.release_vm(path.name)
                     logger.info("removed a VM of no live sandbox", vm=path.name, pid=pid)
-        for vm_id in cgroup.stale(live):
-            cgroup.release_vm(vm_id)
 
     def used_image(self, disk: Disk) -> None:
         """A container of this image was created: spares pre-plug it."""

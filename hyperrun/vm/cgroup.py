@@ -105,12 +105,3 @@ def release(dirs: list[Path]) -> None:
 
 def release_vm(vm_id: str) -> None:
     release(_dirs(vm_id))
-
-
-def stale(known: set[str]) -> list[str]:
-    """Ids of VM cgroups that belong to no known VM."""
-    ids: set[str] = set()
-    for d in (ROOT / GROUP, ROOT / "memory" / GROUP, ROOT / "cpu" / GROUP):
-        if d.is_dir():
-            ids |= {p.name for p in d.iterdir() if p.is_dir()}
-    return sorted(ids - known)

@@ -599,6 +599,8 @@ class QemuVM(VM):
     async def remove(self) -> None:
         await self.kill()
         await self._disconnect()
-        rundir.remove(self.run_dir)
         from . import cgroup
+        # The cgroup first: a run directory left by a crash in between is
+        # what tells the next start-up (collect_stale) to release it.
         cgroup.release_vm(self.id)
+        rundir.remove(self.run_dir)

@@ -22,8 +22,12 @@ def vm_root() -> Path:
 
 
 def sandbox_root() -> Path:
-    """Run directories of the daemon's sandbox VMs, which outlive it."""
-    return run_root() / "sandboxes"
+    """Run directories of the daemon's sandbox VMs, which outlive it: its
+    own, under its data root's key (paths.owner), so that another
+    daemon's start-up never takes them for stale."""
+    from hyperrun.paths import owner
+
+    return run_root() / "sandboxes" / owner()
 
 
 def create(path: Path) -> Path:

@@ -13,6 +13,7 @@ from typing import Callable
 
 import grpc
 
+from hyperrun import paths
 from hyperrun.proto import cri_api_pb2 as cri
 from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
 
@@ -45,8 +46,10 @@ class Daemon:
 
     @property
     def run_dir(self) -> Path:
-        """Where its VMs run: a directory each, named by the VM's id."""
-        return self.base / "run" / "sandboxes"
+        """Where its VMs run: a directory each, named by the VM's id, under
+        its data root's key."""
+        return (Path(self.env["HYPERRUN_RUN_DIR"]) / "sandboxes"
+                / paths.owner(Path(self.env["HYPERRUN_ROOT"])))
 
     def events(self, event: str) -> list[dict]:
         """The daemon's log records of one kind (its log is JSON lines in

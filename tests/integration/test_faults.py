@@ -45,7 +45,7 @@ def leftovers(d, leases: Path, sandbox_ids, network: str = NETWORK,
     rules = [line for line in iptables_state().splitlines()
              if network in line or any(i in line for i in ids)]
     qemu = sorted(qemu_pids(d.base / "run"))  # QEMU runs in its run directory
-    run = d.base / "run" / "sandboxes"
+    run = d.run_dir
     return {"qemu": qemu, "netns": netns, "links": links, "iptables": rules,
             "leases": sorted(p.name for p in leases.iterdir() if p.name[0].isdigit())
             if leases.exists() else [],
@@ -318,7 +318,7 @@ def _kill_when(d, predicate, call, *args, **kwargs):
 
 
 def _run_dirs(d) -> list[str]:
-    run = d.base / "run" / "sandboxes"
+    run = d.run_dir
     return sorted(p.name for p in run.iterdir()) if run.is_dir() else []
 
 
@@ -482,3 +482,31 @@ def test_daemon_killed_in_stop_and_remove(netd, pushed, cni_env):
                "nothing of either pod left", interval=0.2,
                state=lambda: leftovers(d, cni_env[1], [pod, pod2]))
     assert leftovers(d, cni_env[1], [pod, pod2]) == NOTHING
+
+
+def test_two_daemons_never_touch_each_others_vms(daemon_factory, pushed):
+    """Two daemons with different data roots on one run directory, each
+    with a running pod: a kill -9 and a restart of either leaves the
+    other's VM running and its container RUNNING (issue 17: the second
+    daemon's start-up took the first one's VMs for stale and killed them)."""
+    image = pushed.ref("busybox:latest")
+    a = daemon_factory()
+    b = daemon_factory(HYPERRUN_RUN_DIR=a.env["HYPERRUN_RUN_DIR"])
+    running = {}
+    for d in (a, b):
+        d.pull(image)
+        _, cid = d.run_pod(image, "own", "sleep 600", namespace="owners")
+        wait_until(d.container_is(cid, cri.CONTAINER_RUNNING), 60, "the pod's container running")
+        running[d] = (cid, set(qemu_pids(d.run_dir)))
+    assert a.run_dir != b.run_dir and all(pids for _, pids in running.values())
+    for restarted, other in ((b, a), (a, b)):
+        restarted.kill9()
+        restarted.start()
+        for d in (restarted, other):
+            cid, pids = running[d]
+            assert set(qemu_pids(d.run_dir)) == pids, f"{d.base}'s VM is gone"
+            assert d.container(cid).state == cri.CONTAINER_RUNNING
+            assert d.exec_sync(cid, "echo alive") == (0, "alive\n")
+    for d in (a, b):
+        for pod in d.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items:
+            d.remove_pod(pod.id)

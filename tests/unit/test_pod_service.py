@@ -28,7 +28,7 @@ from hyperrun.pods.service import PodService
 from hyperrun.sandbox.podnet import PodNetworks
 from hyperrun.sandbox.state import State
 from hyperrun.specs import ContainerSpec, PodSpec, PortMapping
-from hyperrun.vm import VMState, cgroup
+from hyperrun.vm import VMState
 from tests.fakes.vm import KILLED, FakeHost, FakeVM
 
 DEADLINE_S = 5.0  # for anything the core does at once: a failure, not a hang
@@ -147,9 +147,6 @@ def core(monkeypatch):
         (base / name).touch()
         monkeypatch.setenv(var, str(base / name))
     monkeypatch.setenv("HYPERRUN_ACCEL", "tcg")
-    # recover() releases the cgroups of VMs it does not know: on this
-    # machine, other checkouts' real VMs.
-    monkeypatch.setattr(cgroup, "stale", lambda known: [])
     # No health checks unless a test asks: a VM's end must arrive as an event.
     monkeypatch.setattr(sandbox_mod, "HEALTH_INTERVAL_S", 3600.0)
     c = Core(base)
