@@ -105,6 +105,7 @@ class PodService:
         self.launcher = Launcher(self.defaults, self.networks, root=root,
                                  die_with_parent=die_with_parent, new_vm=new_vm)
         self.pods: dict[str, Pod] = {}  # every pod with a record
+        self._starting: list[PodSpec] = []  # pods being started, not yet recorded
 
     def _pod(self, pod_id: str) -> Pod:
         if (pod := self.pods.get(pod_id)) is None:
@@ -217,6 +218,16 @@ class PodService:
         if spec.direct:
             return self._add_direct_pod(spec)
         kind = self.networks.kind_for(spec)
+        taken = [p for row in self.state.sandboxes() if row.state == READY
+                 for p in row.spec.ports]
+        podnet.check_ports(spec, [*taken, *(p for s in self._starting for p in s.ports)])
+        self._starting.append(spec)  # its ports are taken while it starts
+        try:
+            return await self._run_pod(spec, kind)
+        finally:
+            self._starting.remove(spec)
+
+    async def _run_pod(self, spec: PodSpec, kind: str) -> str:
         vcpus, memory = hconfig.vm_size(self.defaults, spec)
         clock = asyncio.get_running_loop().time
         t0 = clock()

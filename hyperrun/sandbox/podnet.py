@@ -13,15 +13,17 @@ Kinds:
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from hyperrun import errdefs
 from hyperrun import log
 from hyperrun.network import NetworkInfo, SandboxNetworks, cni_available, install_default_config
-from hyperrun.specs import PodSpec
+from hyperrun.specs import PodSpec, PortMapping
 from hyperrun.proto import agent_pb2 as apb
 from hyperrun.vm.config import Nic
 
@@ -36,6 +38,10 @@ PREPARED_MAC = "52:54:00:00:00:02"
 
 
 class NetworkUnavailable(errdefs.Conflict):
+    pass
+
+
+class PortAllocated(errdefs.Conflict):
     pass
 
 
@@ -178,6 +184,44 @@ class PodNetworks:
 
     def collect_stale(self, known_ids) -> list[str]:
         return self.networks.collect_stale(known_ids)
+
+
+def _overlap(a: PortMapping, b: PortMapping) -> bool:
+    any_ip = ("", "0.0.0.0", "::")
+    return (a.protocol, a.host_port) == (b.protocol, b.host_port) and \
+        (a.host_ip in any_ip or b.host_ip in any_ip or a.host_ip == b.host_ip)
+
+
+def _bound_on_host(p: PortMapping) -> bool:
+    """Whether a process of the host listens on the port already (QEMU's
+    user-mode forwards do; CNI's portmap rules do not, hence the check of
+    the pods' own ports as well)."""
+    import socket
+
+    kind = {"tcp": socket.SOCK_STREAM, "udp": socket.SOCK_DGRAM}.get(p.protocol)
+    if kind is None:
+        return False
+    ip = p.host_ip or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, kind) as s:
+        try:
+            s.bind((ip, p.host_port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def check_ports(spec: PodSpec, taken: Iterable[PortMapping]) -> None:
+    """Refuse a host port another pod has (taken) or a host process
+    listens on, as Docker does, rather than a pod that never gets its
+    traffic."""
+    taken = list(taken)
+    for p in spec.ports:
+        if p.host_port <= 0:
+            continue
+        if any(_overlap(p, t) for t in taken) or _bound_on_host(p):
+            raise PortAllocated(f"Bind for {p.host_ip or '0.0.0.0'}:{p.host_port} failed: "
+                                f"port is already allocated ({p.protocol})")
 
 
 def user_forwards(network: PodNetwork, spec: PodSpec) -> list[str]:

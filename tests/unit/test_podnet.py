@@ -85,3 +85,26 @@ def test_volume_flags():
         with pytest.raises(cli_server.RunError):
             cli_server.parse_volume(bad)
 
+
+
+def test_a_host_port_taken_is_refused():
+    """issue 17: a second `-p 8080:80` was accepted and never got traffic."""
+    import socket
+
+    def pod(*ports: PortMapping) -> PodSpec:
+        return PodSpec(name="p", ports=ports)
+
+    web = PortMapping(18931, 80)
+    podnet.check_ports(pod(web), [])
+    podnet.check_ports(pod(web), [PortMapping(18931, 80, "udp"), PortMapping(18932, 80)])
+    for taken in (web, PortMapping(18931, 81, host_ip="127.0.0.1")):
+        with pytest.raises(podnet.PortAllocated, match="0.0.0.0:18931 failed: port is already"):
+            podnet.check_ports(pod(web), [taken])
+    podnet.check_ports(pod(PortMapping(18931, 80, host_ip="127.0.0.1")),
+                       [PortMapping(18931, 80, host_ip="127.0.0.2")])
+    with socket.socket() as listener:  # a host process's, not a pod's
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with pytest.raises(podnet.PortAllocated):
+            podnet.check_ports(pod(PortMapping(port, 80, host_ip="127.0.0.1")), [])
