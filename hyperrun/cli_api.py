@@ -108,6 +108,7 @@ class RunOptions(_Request):
     image: str                      # empty with rootfs
     args: list[str]
     rootfs: str = ""                # an absolute host directory as the root
+    name: str = ""                  # --name: the container's (and its pod's), unique
     direct: bool = False            # the image's program as the VM's init (no agent)
     entrypoint: list[str] | None = None
     env: list[str] = field(default_factory=list)       # KEY=VALUE, resolved by the CLI
@@ -133,7 +134,7 @@ class RunOptions(_Request):
     progress: bool = False          # a pull's progress wanted (the CLI's stderr is a terminal)
 
     FIELDS: ClassVar[dict] = {
-        "image": str, "args": "strs", "rootfs": str, "direct": bool, "entrypoint": "strs?", "env": "strs",
+        "image": str, "args": "strs", "rootfs": str, "name": str, "direct": bool, "entrypoint": "strs?", "env": "strs",
         "workdir": str, "user": str, "stdin": bool, "tty": bool, "hostname": str, "readonly": bool,
         "cap_add": "strs", "cap_drop": "strs", "security_opt": "strs",
         "volumes": "strs", "platform": str, "pull": str, "cpus": "int?", "memory_mib": "int?",
@@ -185,8 +186,9 @@ class NamesOptions(_Request):
     `hyperrun rmi` of these images."""
     names: list[str]
     timeout: int = 10   # stop's
+    force: bool = False  # rm's: a running container is killed first
 
-    FIELDS: ClassVar[dict] = {"names": "strs", "timeout": int}
+    FIELDS: ClassVar[dict] = {"names": "strs", "timeout": int, "force": bool}
 
 
 @dataclass

@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import secrets
 import shutil
 import time
 from pathlib import Path
 
 from hyperrun import cli_api, exitcodes, log
-from hyperrun.pods.service import RUNNING, NotFound
+from hyperrun.pods.service import RUNNING, NotFound, pod_network
 from hyperrun.sandbox import logs
 from hyperrun.specs import ContainerSpec, Mount, PodSpec, PortMapping
 from hyperrun.cli_api import (RUN_LABEL, ExecOptions, ListOptions, LogsOptions, NamesOptions,
@@ -85,11 +86,17 @@ def check_user(user: str) -> str:
     return user
 
 
+NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")  # Docker's container names
+
+
 def pod_spec(opts: RunOptions, ports: list[PortMapping], logs_root: Path) -> PodSpec:
     """A run's pod. Its limits (and so its VM's size) only where given:
     without them the pod gets the default VM, the shape pool spares and
     templates have."""
-    name = "run-" + secrets.token_hex(4)
+    if opts.name and not NAME.fullmatch(opts.name):
+        raise RunError(f"Invalid container name ({opts.name}), only [a-zA-Z0-9][a-zA-Z0-9_.-] "
+                       "are allowed")
+    name = opts.name or "run-" + secrets.token_hex(4)
     if opts.direct:
         if opts.rootfs or opts.volumes or opts.stdin or opts.tty or ports or \
                 opts.network not in ("auto", "none"):
@@ -156,6 +163,7 @@ class CliServer:
         self.path = path
         self.logs_root = logs_root
         self.remove_always = remove_always
+        self.naming: set[str] = set()  # names of runs being made, not yet recorded
         self._server: asyncio.AbstractServer | None = None
         self._requests: set[asyncio.Task] = set()
 
@@ -279,8 +287,12 @@ class _Connection:
         if not opts.rootfs:
             await self._ensure_image(opts)
         self._check_client()
+        self._claim_name(spec.name)
         self.pod_name = spec.name
-        self.pod = await self.m.run_pod(spec)
+        try:
+            self.pod = await self.m.run_pod(spec)
+        finally:
+            self.server.naming.discard(spec.name)
         self._check_client()
         try:
             self.cid = await self.m.create_container(self.pod, container)
@@ -358,7 +370,8 @@ class _Connection:
         if opts.what == "pods":
             return {"code": 0, "rows": [
                 {"id": row.id, "name": (spec := row.spec).name, "namespace": spec.namespace,
-                 "state": row.state.upper(), "created": row.created_at}
+                 "state": row.state.upper(), "created": row.created_at,
+                 "ip": pod_network(row).ip}
                 for row in self.m.state.sandboxes()]}
         return {"code": 0, "rows": [
             {"id": row.id, "image": (spec := row.spec).image or spec.rootfs, "name": spec.name,
@@ -418,7 +431,9 @@ class _Connection:
             cid = self._container_id(name)
             row = self.m.container_row(cid)
             if row.state == RUNNING:
-                raise RunError(f"container {cid[:12]} is running: stop it first")
+                if not opts.force:
+                    raise RunError(f"container {cid[:12]} is running: stop it first (or rm -f)")
+                await self.m.stop_container(cid, 0)  # Docker's rm -f: SIGKILL
             if row.spec.labels.get(RUN_LABEL) == "1":
                 pod_name = self.m.sandbox_row(row.sandbox_id).spec.name
                 await self._remove_run_pod(row.sandbox_id, pod_name)
@@ -461,9 +476,29 @@ class _Connection:
             await self.flush()
         return {"code": code}
 
+    def _claim_name(self, name: str) -> None:
+        """A run's name is its container's, unique among the daemon's runs
+        until removed (Docker's rule)."""
+        for row in self.m.state.sandboxes():  # a run's pod lives as long as its container
+            if row.spec.labels.get(RUN_LABEL) == "1" and row.spec.name == name:
+                cid = next((c.id for c in self.m.state.containers(row.id)), row.id)
+                raise RunError(f'Conflict. The container name "/{name}" is already in use by '
+                               f'container "{cid[:12]}". You have to remove (or rename) '
+                               "that container to be able to reuse that name.")
+        if name in self.server.naming:
+            raise RunError(f'Conflict. The container name "/{name}" is being used by a run '
+                           "starting now.")
+        self.server.naming.add(name)
+
     def _container_id(self, prefix: str) -> str:
-        """A container's id from the id or a unique prefix of it, as Docker's."""
-        matches = [row.id for row in self.m.state.containers() if row.id.startswith(prefix)]
+        """A container's id from a run's name, the id or a unique prefix of
+        it, as Docker's."""
+        rows = self.m.state.containers()
+        named = [row.id for row in rows if row.spec.labels.get(RUN_LABEL) == "1"
+                 and row.spec.name == prefix]
+        if named:
+            return named[0]
+        matches = [row.id for row in rows if row.id.startswith(prefix)]
         if len(matches) != 1 or not prefix:
             raise RunError(f"{'no' if not matches else 'more than one'} container {prefix!r}", 1)
         return matches[0]

@@ -35,8 +35,9 @@ def table(rows: list[tuple]) -> int:
 
 def pods() -> int:
     rows = _ask(cli_api.LIST, ListOptions("pods"))["rows"]
-    return table([("POD ID", "NAME", "NAMESPACE", "STATE", "CREATED")] + [
-        (p["id"][:13], p["name"], p["namespace"], p["state"], _age(p["created"])) for p in rows])
+    return table([("POD ID", "NAME", "NAMESPACE", "STATE", "IP", "CREATED")] + [
+        (p["id"][:13], p["name"], p["namespace"], p["state"], p["ip"], _age(p["created"]))
+        for p in rows])
 
 
 def ps(all_: bool) -> int:
@@ -84,9 +85,9 @@ def stop(containers: list[str], timeout: int) -> int:
     return _command(cli_api.STOP_CONTAINERS, NamesOptions(containers, timeout))
 
 
-def rm(containers: list[str]) -> int:
+def rm(containers: list[str], force: bool = False) -> int:
     """Remove containers, and the pod `run` made for each."""
-    return _command(cli_api.REMOVE_CONTAINERS, NamesOptions(containers))
+    return _command(cli_api.REMOVE_CONTAINERS, NamesOptions(containers, force=force))
 
 
 def pull(sock, name: str, platform: str, quiet: bool) -> int:

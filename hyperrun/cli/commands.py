@@ -26,7 +26,7 @@ def by_daemon(args: argparse.Namespace) -> int:
             return client.logs(args.container, args.follow, args.tail, args.timestamps)
         if args.command == "stop":
             return client.stop(args.containers, args.time)
-        return client.rm(args.containers)
+        return client.rm(args.containers, args.force)
     except client.NoDaemon as exc:
         return _fail(str(exc))
 
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         rootfs = str(args.rootfs.resolve())
     from hyperrun.cli import client
     return client.run(client.RunOptions(
-        image=image, rootfs=rootfs, direct=args.direct, args=rest, entrypoint=entrypoint,
+        image=image, rootfs=rootfs, name=args.name, direct=args.direct, args=rest, entrypoint=entrypoint,
         env=args.env, workdir=args.workdir, user=args.user, stdin=args.interactive,
         tty=args.tty, hostname=args.hostname, readonly=args.read_only, volumes=args.volume,
         cap_add=args.cap_add, cap_drop=args.cap_drop,

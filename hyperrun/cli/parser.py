@@ -13,6 +13,8 @@ def build() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a command in a new container, in its own VM",
                          usage="hyperrun run [OPTIONS] IMAGE [CMD...]\n"
                                "       hyperrun run [OPTIONS] --rootfs DIR [--] CMD...")
+    run.add_argument("--name", default="", help="the container's name (unique; usable wherever "
+                     "an id is)")
     run.add_argument("--rootfs", type=Path,
                      help="host directory to use as the root filesystem instead of an image")
     run.add_argument("--rm", action="store_true",
@@ -92,6 +94,7 @@ def build() -> argparse.ArgumentParser:
     st.add_argument("-t", "--time", type=int, default=10, help="seconds before SIGKILL")
     st.add_argument("containers", nargs="+")
     rmc = sub.add_parser("rm", help="remove containers (daemon)")
+    rmc.add_argument("-f", "--force", action="store_true", help="kill a running one first")
     rmc.add_argument("containers", nargs="+")
 
     daemon = sub.add_parser("daemon", help="serve the Kubernetes CRI v1 API on a unix socket")

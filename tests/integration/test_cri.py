@@ -569,3 +569,28 @@ def test_pid_and_ipc_namespaces_of_a_pod(daemon, pushed, no_leaks):
     assert ns(target) == (ns(own)[0], ns(a)[1])
     d.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))
     d.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
+
+
+def test_names_rm_force_and_a_taken_port(daemon, pushed, no_leaks):
+    """`run --name` names a container wherever an id goes, once; `rm -f`
+    kills a running one; a host port a running pod has is refused (issue
+    17: no names, no rm -f, a second -p accepted and never served)."""
+    cli, image = Cli(daemon.cli.env, check=True), pushed.ref("busybox:latest")
+    cid = cli("run", "-d", "--name", "web", "-p", "18940:80", image, "sleep", "600"
+              ).stdout.decode().strip()
+    r = cli("run", "-d", "--name", "web", image, "true", check=False)
+    assert r.returncode == 125 and f'name "/web" is already in use by container "{cid[:12]}"' \
+        in r.stderr.decode(), r
+    r = cli("run", "--rm", "-p", "18940:81", image, "true", check=False)
+    assert r.returncode == 125 and b"0.0.0.0:18940 failed: port is already allocated" in r.stderr
+    r = cli("run", "--rm", "--name", "bad/name", image, "true", check=False)
+    assert r.returncode == 125 and b"Invalid container name (bad/name)" in r.stderr, r
+    assert cli("exec", "web", "echo", "hi").stdout == b"hi\n"
+    assert "web" in cli("ps").stdout.decode()
+    r = cli("rm", "web", check=False)
+    assert r.returncode == 1 and b"is running: stop it first (or rm -f)" in r.stderr, r
+    cli("rm", "-f", "web")
+    assert cid[:12] not in cli("ps", "-a").stdout.decode()
+    # Both free again.
+    assert cli("run", "--rm", "--name", "web", "-p", "18940:80", image, "echo", "again"
+               ).stdout == b"again\n"
