@@ -121,6 +121,7 @@ class RunOptions(_Request):
     cap_add: list[str] = field(default_factory=list)
     cap_drop: list[str] = field(default_factory=list)
     security_opt: list[str] = field(default_factory=list)  # Docker's: seccomp=, no-new-privileges
+    ulimits: list[str] = field(default_factory=list)       # NAME=SOFT[:HARD], Docker's
     volumes: list[str] = field(default_factory=list)   # HOST:CONTAINER[:ro]
     platform: str = "linux/amd64"
     pull: str = "missing"                              # missing | always | never
@@ -136,7 +137,7 @@ class RunOptions(_Request):
     FIELDS: ClassVar[dict] = {
         "image": str, "args": "strs", "rootfs": str, "name": str, "direct": bool, "entrypoint": "strs?", "env": "strs",
         "workdir": str, "user": str, "stdin": bool, "tty": bool, "hostname": str, "readonly": bool,
-        "cap_add": "strs", "cap_drop": "strs", "security_opt": "strs",
+        "cap_add": "strs", "cap_drop": "strs", "security_opt": "strs", "ulimits": "strs",
         "volumes": "strs", "platform": str, "pull": str, "cpus": "int?", "memory_mib": "int?",
         "remove": bool, "detach": bool, "ports": "strs", "network": str, "console": "size?",
         "progress": bool}

@@ -150,6 +150,8 @@ class ContainerSpec:
     # file on the host>" (read at create), as the CRI's and Docker's.
     seccomp: str = "unconfined"
     masked_paths: tuple[str, ...] = ()    # instead of Docker's (empty: those)
+    # RLIMIT_* -> (soft, hard), over the default (RLIMIT_NOFILE 1048576).
+    ulimits: dict[str, tuple[int, int]] = field(default_factory=dict)
     readonly_paths: tuple[str, ...] = ()
     resources: Resources = Resources()
     labels: dict[str, str] = field(default_factory=dict)
@@ -174,6 +176,7 @@ class ContainerSpec:
         if d.get("console_size") is not None:
             d["console_size"] = tuple(d["console_size"])
         d["mounts"] = tuple(Mount(**m) for m in d.get("mounts", ()))
+        d["ulimits"] = {k: tuple(v) for k, v in d.get("ulimits", {}).items()}
         d["resources"] = Resources(**d.get("resources", {}))
         return cls(**d)
 

@@ -80,6 +80,7 @@ class Container:
         self.privileged = False  # every capability, for its execs too
         self.caps: list[str] | None = None  # its capabilities, its execs' too
         self.no_new_privileges = False  # its execs' too
+        self.rlimits: dict[str, tuple[int, int]] = {}  # its execs' too
         self.process = None  # the init's Process as asked: what its execs inherit
 
 
@@ -124,6 +125,7 @@ class Containers:
         try:
             container.privileged = req.privileged
             container.no_new_privileges = req.no_new_privileges
+            container.rlimits = {r.type: (r.soft, r.hard) for r in req.rlimits}
             try:
                 container.caps = oci.capabilities(req.privileged, req.add_capabilities,
                                                   req.drop_capabilities)
@@ -300,7 +302,7 @@ class Containers:
                                 uid, gid, extra, home, process.terminal,
                                 process.console_size.rows, process.console_size.cols,
                                 container.privileged, container.caps,
-                                container.no_new_privileges)
+                                container.no_new_privileges, container.rlimits)
 
     def _new_process(self, container: Container, exec_id: str, process) -> Process:
         return Process(container.id, exec_id, Stdio(process.terminal, process.stdin),

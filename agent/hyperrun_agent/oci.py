@@ -7,6 +7,10 @@ set and masked paths, so images behave as they do under Docker.
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
+# Docker's: its daemon runs with LimitNOFILE=infinity, which the kernel
+# caps at fs.nr_open (1048576); databases size their tables by it.
+DEFAULT_RLIMITS = {"RLIMIT_NOFILE": (1048576, 1048576)}
+
 DEFAULT_CAPS = [
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
     "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
@@ -93,7 +97,8 @@ def capabilities(privileged: bool, add=(), drop=()) -> list[str]:
 def process_spec(args: list[str], env: list[str], cwd: str, uid: int, gid: int,
                  additional_gids: list[int], home: str, terminal: bool,
                  rows: int = 0, cols: int = 0, privileged: bool = False,
-                 caps: list[str] | None = None, no_new_privileges: bool = False) -> dict:
+                 caps: list[str] | None = None, no_new_privileges: bool = False,
+                 rlimits: dict[str, tuple[int, int]] | None = None) -> dict:
     env = list(env)
     keys = {e.split("=", 1)[0] for e in env}
     if "PATH" not in keys:
@@ -112,6 +117,8 @@ def process_spec(args: list[str], env: list[str], cwd: str, uid: int, gid: int,
         "cwd": cwd or "/",
         "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
         "noNewPrivileges": no_new_privileges,
+        "rlimits": [{"type": t, "soft": soft, "hard": hard}
+                    for t, (soft, hard) in {**DEFAULT_RLIMITS, **(rlimits or {})}.items()],
     }
     if terminal and rows and cols:
         proc["consoleSize"] = {"height": rows, "width": cols}

@@ -119,7 +119,30 @@ def container_spec(opts: RunOptions, pod: PodSpec, mounts: list[Mount]) -> Conta
         readonly_rootfs=opts.readonly, console_size=opts.console_size,
         add_capabilities=tuple(opts.cap_add), drop_capabilities=tuple(opts.cap_drop),
         ipc="container",  # Docker's: its own (a run's pod has this one container)
-        **security_options(opts.security_opt))
+        ulimits=ulimits(opts.ulimits), **security_options(opts.security_opt))
+
+
+_ULIMITS = ("as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
+            "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack")
+
+
+def ulimits(options: list[str]) -> dict[str, tuple[int, int]]:
+    """Docker's --ulimit NAME=SOFT[:HARD] as RLIMIT_* -> (soft, hard)."""
+    out = {}
+    for option in options:
+        name, _, value = option.partition("=")
+        soft, _, hard = value.partition(":")
+        try:
+            if name not in _ULIMITS:
+                raise ValueError
+            limits = int(soft), int(hard or soft)
+            if not 0 <= limits[0] <= limits[1] < 1 << 64:
+                raise ValueError
+        except ValueError:
+            raise RunError(f"--ulimit {option}: expected NAME=SOFT[:HARD] with SOFT <= HARD, "
+                           f"NAME one of {', '.join(_ULIMITS)}") from None
+        out[f"RLIMIT_{name.upper()}"] = limits
+    return out
 
 
 def security_options(options: list[str]) -> dict:

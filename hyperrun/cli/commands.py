@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         env=args.env, workdir=args.workdir, user=args.user, stdin=args.interactive,
         tty=args.tty, hostname=args.hostname, readonly=args.read_only, volumes=args.volume,
         cap_add=args.cap_add, cap_drop=args.cap_drop,
-        security_opt=[_security_opt(o) for o in args.security_opt],
+        security_opt=[_security_opt(o) for o in args.security_opt], ulimits=args.ulimit,
         platform=args.platform, pull=args.pull, cpus=args.cpus, memory_mib=args.memory,
         remove=args.rm, detach=args.detach, ports=args.publish, network=args.network),
         template=args.template or None, machine=args.machine)

@@ -39,6 +39,9 @@ def build() -> argparse.ArgumentParser:
                      help="add a Linux capability to Docker's default set (ALL: every one)")
     run.add_argument("--cap-drop", action="append", default=[], metavar="CAP",
                      help="drop a Linux capability (ALL: all of the default set)")
+    run.add_argument("--ulimit", action="append", default=[], metavar="NAME=SOFT[:HARD]",
+                     help="a resource limit (nofile, nproc, memlock, ...; default nofile "
+                          "1048576, Docker's)")
     run.add_argument("--security-opt", action="append", default=[], metavar="OPT",
                      help="seccomp=unconfined|PROFILE.json (default: the runtime's filter), "
                           "no-new-privileges")

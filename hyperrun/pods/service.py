@@ -452,7 +452,9 @@ class PodService:
                     add_capabilities=spec.add_capabilities,
                     drop_capabilities=spec.drop_capabilities, seccomp=seccomp,
                     no_new_privileges=spec.no_new_privileges,
-                    masked_paths=spec.masked_paths, readonly_paths=spec.readonly_paths)
+                    masked_paths=spec.masked_paths, readonly_paths=spec.readonly_paths,
+                    rlimits=[apb.Rlimit(type=t, soft=soft, hard=hard)
+                             for t, (soft, hard) in spec.ulimits.items()])
             except TtrpcError:
                 volumes.unbind(shared, container_id)
                 await self._unplug_if_unused(sandbox, sandbox_id, serial)

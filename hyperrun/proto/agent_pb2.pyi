@@ -144,7 +144,7 @@ class Process(_message.Message):
     def __init__(self, args: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., terminal: _Optional[bool] = ..., stdin: _Optional[bool] = ..., console_size: _Optional[_Union[ConsoleSize, _Mapping]] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("container_id", "rootfs", "process", "hostname", "readonly_rootfs", "resources", "sysctls", "mounts", "privileged", "add_capabilities", "drop_capabilities", "seccomp", "no_new_privileges", "masked_paths", "readonly_paths", "pid_namespace", "ipc_namespace")
+    __slots__ = ("container_id", "rootfs", "process", "hostname", "readonly_rootfs", "resources", "sysctls", "mounts", "privileged", "add_capabilities", "drop_capabilities", "seccomp", "no_new_privileges", "masked_paths", "readonly_paths", "pid_namespace", "ipc_namespace", "rlimits")
     class SysctlsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +169,7 @@ class CreateContainerRequest(_message.Message):
     READONLY_PATHS_FIELD_NUMBER: _ClassVar[int]
     PID_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     IPC_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    RLIMITS_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     rootfs: Storage
     process: Process
@@ -186,7 +187,18 @@ class CreateContainerRequest(_message.Message):
     readonly_paths: _containers.RepeatedScalarFieldContainer[str]
     pid_namespace: str
     ipc_namespace: str
-    def __init__(self, container_id: _Optional[str] = ..., rootfs: _Optional[_Union[Storage, _Mapping]] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., hostname: _Optional[str] = ..., readonly_rootfs: _Optional[bool] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., sysctls: _Optional[_Mapping[str, str]] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ..., privileged: _Optional[bool] = ..., add_capabilities: _Optional[_Iterable[str]] = ..., drop_capabilities: _Optional[_Iterable[str]] = ..., seccomp: _Optional[_Union[Seccomp, _Mapping]] = ..., no_new_privileges: _Optional[bool] = ..., masked_paths: _Optional[_Iterable[str]] = ..., readonly_paths: _Optional[_Iterable[str]] = ..., pid_namespace: _Optional[str] = ..., ipc_namespace: _Optional[str] = ...) -> None: ...
+    rlimits: _containers.RepeatedCompositeFieldContainer[Rlimit]
+    def __init__(self, container_id: _Optional[str] = ..., rootfs: _Optional[_Union[Storage, _Mapping]] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., hostname: _Optional[str] = ..., readonly_rootfs: _Optional[bool] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., sysctls: _Optional[_Mapping[str, str]] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ..., privileged: _Optional[bool] = ..., add_capabilities: _Optional[_Iterable[str]] = ..., drop_capabilities: _Optional[_Iterable[str]] = ..., seccomp: _Optional[_Union[Seccomp, _Mapping]] = ..., no_new_privileges: _Optional[bool] = ..., masked_paths: _Optional[_Iterable[str]] = ..., readonly_paths: _Optional[_Iterable[str]] = ..., pid_namespace: _Optional[str] = ..., ipc_namespace: _Optional[str] = ..., rlimits: _Optional[_Iterable[_Union[Rlimit, _Mapping]]] = ...) -> None: ...
+
+class Rlimit(_message.Message):
+    __slots__ = ("type", "soft", "hard")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    SOFT_FIELD_NUMBER: _ClassVar[int]
+    HARD_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    soft: int
+    hard: int
+    def __init__(self, type: _Optional[str] = ..., soft: _Optional[int] = ..., hard: _Optional[int] = ...) -> None: ...
 
 class Seccomp(_message.Message):
     __slots__ = ("profile",)

@@ -429,6 +429,11 @@ def test_capabilities_and_security_options_of_a_run(daemon, pushed, no_leaks):
     r = cli("run", "--rm", "--security-opt", "seccomp=unconfined", "--security-opt",
             "no-new-privileges", pushed.ref("busybox:latest"), *status)
     assert r.stdout == b"1\n0\n", r
+    # Docker's RLIMIT_NOFILE, for an exec too; --ulimit over it (issue 17).
+    limits = ["sh", "-c", "ulimit -n; ulimit -Hn"]
+    assert cli("exec", cid[:12], *limits).stdout == b"1048576\n1048576\n"
+    r = cli("run", "--rm", "--ulimit", "nofile=1024:2048", pushed.ref("busybox:latest"), *limits)
+    assert r.stdout == b"1024\n2048\n", r
     r = cli("run", "--rm", "--cap-add", "NOPE", pushed.ref("busybox:latest"), "true", check=False)
     assert r.returncode == 125 and b"unknown capability 'CAP_NOPE'" in r.stderr, r
     r = cli("run", "--rm", "--security-opt", "label=x", pushed.ref("busybox:latest"), "true",

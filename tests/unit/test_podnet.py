@@ -108,3 +108,11 @@ def test_a_host_port_taken_is_refused():
         port = listener.getsockname()[1]
         with pytest.raises(podnet.PortAllocated):
             podnet.check_ports(pod(PortMapping(port, 80, host_ip="127.0.0.1")), [])
+
+
+def test_ulimits_as_docker_takes_them():
+    assert cli_server.ulimits(["nofile=1024:2048", "nproc=50"]) == {
+        "RLIMIT_NOFILE": (1024, 2048), "RLIMIT_NPROC": (50, 50)}
+    for bad in ("nofile=2:1", "files=1", "nofile=x", "nofile"):
+        with pytest.raises(cli_server.RunError, match="--ulimit"):
+            cli_server.ulimits([bad])
