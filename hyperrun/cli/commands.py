@@ -121,7 +121,8 @@ def images(args: argparse.Namespace) -> int:
             rows = service.listing()
         finally:
             service.close()
-    return client.table([("REPOSITORY", "TAG", "DIGEST", "IMAGE ID", "SIZE"), *rows])
+    return client.table([("REPOSITORY", "TAG", "DIGEST", "IMAGE ID", "SIZE", "COMPRESSED"),
+                         *rows])
 
 
 def rmi(args: argparse.Namespace) -> int:

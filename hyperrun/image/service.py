@@ -97,19 +97,26 @@ class ImageService:
     def list(self) -> list[ImageSummary]:
         return [ImageSummary(i, self.meta.names(i.digest)) for i in self.meta.images()]
 
-    def listing(self) -> list[tuple[str, str, str, str, str]]:
+    def listing(self) -> list[tuple[str, str, str, str, str, str]]:
         """`images` as Docker lists them: a row (REPOSITORY, TAG, DIGEST,
-        IMAGE ID, SIZE) per name, one for an image without a name."""
+        IMAGE ID, SIZE, COMPRESSED) per name, one for an image without a
+        name. SIZE is unpacked, as Docker's: its erofs root's (built at
+        pull), else the layers' compressed size."""
         rows = []
         for summary in self.list():
             image = summary.image
-            size, image_id = f"{image.size / 1e6:.1f}MB", image.config_digest[7:19]
+            try:
+                unpacked = (self.rootfs_dir / f"{chain_id(image)}.erofs").stat().st_size
+            except OSError:
+                unpacked = image.size
+            image_id = image.config_digest[7:19]
+            sizes = f"{unpacked / 1e6:.1f}MB", f"{image.size / 1e6:.1f}MB"
             if not summary.names:
-                rows.append(("<none>", "<none>", image.digest[:19], image_id, size))
+                rows.append(("<none>", "<none>", image.digest[:19], image_id, *sizes))
             for name in summary.names:
                 ref = reference.parse(name.name)
                 repo = reference.Reference(ref.registry, ref.repository).familiar
-                rows.append((repo, ref.tag or "<none>", name.repo_digest[:19], image_id, size))
+                rows.append((repo, ref.tag or "<none>", name.repo_digest[:19], image_id, *sizes))
         return rows
 
     def config(self, image: ImageRecord) -> dict:

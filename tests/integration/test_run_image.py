@@ -77,6 +77,14 @@ def test_images_rmi_and_gc(cli, pushed, root):
     cli.out("pull", ref)
     listing = cli.out("images")
     assert f"{pushed.registry.host}/busybox" in listing and "latest" in listing
+    # SIZE unpacked (its erofs root, built at pull), COMPRESSED the layers'
+    # (issue 17: the compressed size was shown as SIZE).
+    header, row = listing.splitlines()[:2]
+    assert header.split()[-2:] == ["SIZE", "COMPRESSED"]
+    size, compressed = row.split()[-2:]
+    erofs = next((root / "rootfs").glob("*.erofs")).stat().st_size
+    assert size == f"{erofs / 1e6:.1f}MB", listing
+    assert float(compressed.removesuffix("MB")) < float(size.removesuffix("MB")), listing
     blobs = root / "content" / "blobs" / "sha256"
     assert any(blobs.iterdir())
     out = cli.out("rmi", ref)
