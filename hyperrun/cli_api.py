@@ -21,7 +21,8 @@ STDIN_CLOSE, RESIZE and STOP as they happen; the daemon sends NOTICE
 lines, STARTED once the container runs, STDOUT and STDERR, and one EXIT
 last (JSON: the exit code, or an error and its code, or the container
 of a detached run). The other commands send their request first too
-(LOGS, LIST, STOP_CONTAINERS, REMOVE_CONTAINERS, PULL, REMOVE_IMAGES) and
+(LOGS, LIST, STOP_CONTAINERS, REMOVE_CONTAINERS, PULL, REMOVE_IMAGES,
+INSPECT) and
 get STDOUT and STDERR lines and EXIT back (LIST: its rows in EXIT; PULL:
 the image's digest). This module is import-light: the CLI loads it
 first.
@@ -50,6 +51,7 @@ STOP_CONTAINERS = ord("T")    # JSON: NamesOptions
 REMOVE_CONTAINERS = ord("D")  # JSON: NamesOptions
 PULL = ord("U")         # JSON: PullOptions
 REMOVE_IMAGES = ord("M")      # JSON: NamesOptions
+INSPECT = ord("I")      # JSON: NamesOptions (containers)
 # then, in a run or an exec:
 STDIN = ord("i")
 STDIN_CLOSE = ord("c")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import re
 import secrets
@@ -270,7 +271,8 @@ class _Connection:
                         cli_api.STOP_CONTAINERS: (NamesOptions, self._stop),
                         cli_api.REMOVE_CONTAINERS: (NamesOptions, self._remove),
                         cli_api.PULL: (PullOptions, self._pull),
-                        cli_api.REMOVE_IMAGES: (NamesOptions, self._remove_images)}
+                        cli_api.REMOVE_IMAGES: (NamesOptions, self._remove_images),
+                        cli_api.INSPECT: (NamesOptions, self._inspect)}
             if kind not in requests:
                 raise ProtocolError(f"a request cannot start with a frame of kind {kind}")
             request, work = requests[kind]
@@ -464,6 +466,65 @@ class _Connection:
                 await self.m.remove_container(cid)
             return [name]
         return await self._each(opts.names, remove)
+
+    async def _inspect(self, opts: NamesOptions) -> dict:
+        """`hyperrun inspect`: each container as JSON in the shape of
+        `docker inspect` (the fields that apply), with its VM's facts; an
+        error on stderr for a name that is none."""
+        items, code = [], 0
+        for name in opts.names:
+            try:
+                items.append(self._inspected(self._container_id(name)))
+            except (RunError, NotFound):
+                self.send(cli_api.STDERR, f"Error: No such object: {name}\n".encode())
+                code = 1
+        self.send(cli_api.STDOUT, (json.dumps(items, indent=4) + "\n").encode())
+        return {"code": code}
+
+    def _inspected(self, cid: str) -> dict:
+        row = self.m.container_row(cid)
+        spec, pod = row.spec, self.m.sandbox_row(row.sandbox_id)
+        sandbox = self.m.sandbox(row.sandbox_id)
+        network, vm_info = pod_network(pod), json.loads(pod.vm or b"{}")
+        vm = sandbox.vm if sandbox is not None else None
+
+        def when(ns: int) -> str:
+            return datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc).isoformat() \
+                if ns else "0001-01-01T00:00:00Z"
+        return {
+            "Id": cid, "Name": "/" + spec.name, "Created": when(row.created_at),
+            "Image": row.image_ref, "Path": "", "Args": list(spec.args),
+            "State": {"Status": {"running": "running", "exited": "exited"}.get(row.state,
+                                                                              row.state),
+                      "Running": row.state == RUNNING, "ExitCode": row.exit_code,
+                      "Reason": row.reason, "Error": row.message,
+                      "StartedAt": when(row.started_at), "FinishedAt": when(row.finished_at)},
+            "Config": {"Image": spec.image or spec.rootfs, "Hostname": pod.spec.pod_hostname(),
+                       "Entrypoint": list(spec.command) if spec.command is not None else None,
+                       "Cmd": list(spec.args), "Env": list(spec.env),
+                       "WorkingDir": spec.workdir, "User": spec.user, "Tty": spec.tty,
+                       "OpenStdin": spec.stdin, "Labels": spec.labels},
+            "HostConfig": {"ReadonlyRootfs": spec.readonly_rootfs, "Privileged": spec.privileged,
+                           "CapAdd": list(spec.add_capabilities),
+                           "CapDrop": list(spec.drop_capabilities),
+                           "Ulimits": [{"Name": k.removeprefix("RLIMIT_").lower(), "Soft": s,
+                                        "Hard": h} for k, (s, h) in spec.ulimits.items()],
+                           "SecurityOpt": [f"seccomp={spec.seccomp}"] +
+                           (["no-new-privileges"] if spec.no_new_privileges else [])},
+            "Mounts": [{"Type": "bind", "Source": m.host_path, "Destination": m.container_path,
+                        "RW": not m.readonly, "Propagation": m.propagation} for m in spec.mounts],
+            "NetworkSettings": {
+                "IPAddress": network.ip, "Network": network.kind,
+                "Ports": {f"{p.container_port}/{p.protocol}": [
+                    {"HostIp": p.host_ip or "0.0.0.0", "HostPort": str(p.host_port)}]
+                    for p in pod.spec.ports if p.host_port}},
+            "Pod": {"Id": pod.id, "Name": pod.spec.name, "State": pod.state},
+            "VM": {"Id": vm_info.get("id"), "Pid": vm.pid if vm is not None else None,
+                   "Running": vm is not None and not vm.exited,
+                   "Accel": vm.config.accel if vm is not None else None,
+                   "Channel": vm_info.get("channel"), "VCPUs": vm_info.get("vcpus"),
+                   "MemoryMiB": vm_info.get("memory_mib")},
+        }
 
     async def _pull(self, opts: PullOptions) -> dict:
         """`hyperrun pull`, into the daemon's store (its progress sent, if

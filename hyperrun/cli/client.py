@@ -85,6 +85,10 @@ def stop(containers: list[str], timeout: int) -> int:
     return _command(cli_api.STOP_CONTAINERS, NamesOptions(containers, timeout))
 
 
+def inspect(containers: list[str]) -> int:
+    return _command(cli_api.INSPECT, NamesOptions(containers))
+
+
 def rm(containers: list[str], force: bool = False) -> int:
     """Remove containers, and the pod `run` made for each."""
     return _command(cli_api.REMOVE_CONTAINERS, NamesOptions(containers, force=force))

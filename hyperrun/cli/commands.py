@@ -9,7 +9,8 @@ from hyperrun import exitcodes
 
 
 def by_daemon(args: argparse.Namespace) -> int:
-    """pods, ps, stats, exec, logs, stop and rm: what only a daemon does."""
+    """pods, ps, stats, exec, logs, stop, rm and inspect: what only a daemon
+    does."""
     from hyperrun.cli import client
 
     try:
@@ -26,6 +27,8 @@ def by_daemon(args: argparse.Namespace) -> int:
             return client.logs(args.container, args.follow, args.tail, args.timestamps)
         if args.command == "stop":
             return client.stop(args.containers, args.time)
+        if args.command == "inspect":
+            return client.inspect(args.containers)
         return client.rm(args.containers, args.force)
     except client.NoDaemon as exc:
         return _fail(str(exc))

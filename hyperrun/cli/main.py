@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     handler = {"run": commands.run, "pull": commands.pull, "images": commands.images,
                "rmi": commands.rmi, "load": commands.load, "daemon": commands.daemon,
                "check": commands.check, "version": commands.version,
-               **dict.fromkeys(("pods", "ps", "stats", "exec", "logs", "stop", "rm"),
+               **dict.fromkeys(("pods", "ps", "stats", "exec", "logs", "stop", "rm", "inspect"),
                                commands.by_daemon)}[args.command]
     try:
         code = handler(args)

@@ -96,6 +96,8 @@ def build() -> argparse.ArgumentParser:
     st = sub.add_parser("stop", help="stop containers (daemon)")
     st.add_argument("-t", "--time", type=int, default=10, help="seconds before SIGKILL")
     st.add_argument("containers", nargs="+")
+    ins = sub.add_parser("inspect", help="containers as JSON, with their VMs (daemon)")
+    ins.add_argument("containers", nargs="+")
     rmc = sub.add_parser("rm", help="remove containers (daemon)")
     rmc.add_argument("-f", "--force", action="store_true", help="kill a running one first")
     rmc.add_argument("containers", nargs="+")

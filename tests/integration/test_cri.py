@@ -1,6 +1,7 @@
 """The CRI daemon driven end to end by a Python gRPC client, with real VMs:
 a pod, two containers, exec, CRI-format logs, stop, remove — and a kill -9
 of the daemon in the middle, after which everything is still there."""
+import json
 import os
 import re
 import subprocess
@@ -592,6 +593,14 @@ def test_names_rm_force_and_a_taken_port(daemon, pushed, no_leaks):
     assert r.returncode == 125 and b"Invalid container name (bad/name)" in r.stderr, r
     assert cli("exec", "web", "echo", "hi").stdout == b"hi\n"
     assert "web" in cli("ps").stdout.decode()
+    (info,) = json.loads(cli("inspect", "web").stdout)
+    assert (info["Id"], info["Name"], info["State"]["Running"]) == (cid, "/web", True)
+    assert info["NetworkSettings"]["Ports"] == {"80/tcp": [{"HostIp": "0.0.0.0",
+                                                            "HostPort": "18940"}]}
+    assert info["VM"]["Pid"] in qemu_pids() and info["VM"]["Channel"] in ("serial", "vsock")
+    r = cli("inspect", "web", "nothing", check=False)
+    assert r.returncode == 1 and b"No such object: nothing" in r.stderr
+    assert [i["Name"] for i in json.loads(r.stdout)] == ["/web"]
     r = cli("rm", "web", check=False)
     assert r.returncode == 1 and b"is running: stop it first (or rm -f)" in r.stderr, r
     cli("rm", "-f", "web")
