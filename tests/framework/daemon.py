@@ -21,6 +21,13 @@ from .cli import HYPERRUN, Cli
 from .host import qemu_pids
 
 
+# What the kubelet always sets and a bare CRI client need not: the
+# container's own PID namespace (the CRI's zero value, POD, shares the
+# pod's, where PID 1 is the pod's holder, not the container's program).
+KUBELET_LINUX = cri.LinuxContainerConfig(security_context=cri.LinuxContainerSecurityContext(
+    namespace_options=cri.NamespaceOption(pid=cri.CONTAINER)))
+
+
 class Daemon:
     """One daemon: its data root, run directory and sockets under base.
     start() again after kill9() or stop() restarts it on the same state."""
@@ -70,7 +77,8 @@ class Daemon:
         pod_config = self.pod_config(name, namespace, **fields)
         pod = self.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config)).pod_sandbox_id
         config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name),
-                                     image=cri.ImageSpec(image=image), command=["sh", "-c", script])
+                                     image=cri.ImageSpec(image=image), command=["sh", "-c", script],
+                                     linux=KUBELET_LINUX)
         cid = self.runtime.CreateContainer(cri.CreateContainerRequest(
             pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
         self.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))

@@ -15,6 +15,7 @@ import pytest
 from hyperrun import cli_api
 from hyperrun.proto import cri_api_pb2 as cri
 from tests.framework import HYPERRUN, Cli, qemu_pids, wait_until
+from tests.framework.daemon import KUBELET_LINUX
 from tests.framework.host import mounts_under, qmp_status
 
 
@@ -58,7 +59,9 @@ def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
         config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name),
                                      image=cri.ImageSpec(image=image), command=["sh", "-c"],
                                      args=[args], log_path=f"{name}.log", labels={"c": name},
-                                     linux=cri.LinuxContainerConfig(resources=resources))
+                                     linux=cri.LinuxContainerConfig(
+                                         resources=resources,
+                                         security_context=KUBELET_LINUX.security_context))
         return d.runtime.CreateContainer(cri.CreateContainerRequest(
             pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
 

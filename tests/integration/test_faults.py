@@ -23,6 +23,7 @@ import pytest
 from hyperrun.proto import cri_api_pb2 as cri
 from hyperrun.vm import cgroup
 from tests.framework import qemu_pids, wait_until
+from tests.framework.daemon import KUBELET_LINUX
 from tests.framework.host import iptables_state, ip_json, mounts_under
 
 # A network of this module's own (cni_env's): concurrent runs of
@@ -144,7 +145,7 @@ def test_agent_crash_is_a_guest_kernel_panic(netd, pushed, cni_env):
         d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
         return cid
 
-    victim = container("victim")
+    victim = container("victim", security_context=KUBELET_LINUX.security_context)
     killer = container("killer", security_context=cri.LinuxContainerSecurityContext(
         privileged=True, namespace_options=cri.NamespaceOption(pid=cri.NODE)))
     # The guest's PID namespace: PID 1 is the agent (python), not sleep.
@@ -421,7 +422,7 @@ def test_daemon_killed_in_stop_and_remove(netd, pushed, cni_env):
         cid = d.runtime.CreateContainer(cri.CreateContainerRequest(
             pod_sandbox_id=pod, sandbox_config=config, config=cri.ContainerConfig(
                 metadata=cri.ContainerMetadata(name="c"), image=cri.ImageSpec(image=image),
-                command=command, log_path=f"{name}.log"))).container_id
+                command=command, log_path=f"{name}.log", linux=KUBELET_LINUX))).container_id
         d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
         return pod, cid
 
