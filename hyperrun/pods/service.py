@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from hyperrun.channel import frame
 from hyperrun.errdefs import Conflict, Invalid, NotFound
+from hyperrun.network.dns import NameServer
 from hyperrun.channel.ttrpc import ConnectionLost, TtrpcError
 from hyperrun.image.imageconfig import Overrides, apply
 from hyperrun.image.service import ImageService, chain_id
@@ -106,6 +107,7 @@ class PodService:
                                  die_with_parent=die_with_parent, new_vm=new_vm)
         self.pods: dict[str, Pod] = {}  # every pod with a record
         self._starting: list[PodSpec] = []  # pods being started, not yet recorded
+        self.names = NameServer(self._addresses)  # the pods' DNS: network/dns.py
 
     def _pod(self, pod_id: str) -> Pod:
         if (pod := self.pods.get(pod_id)) is None:
@@ -148,6 +150,8 @@ class PodService:
                 continue
             logger.info("sandbox re-attached", sandbox=row.id, vm=vm.id, pid=vm.pid)
             live.add(vm.id)
+            if not row.spec.dns:  # its guest was told the daemon's name server
+                await self._nameserver(pod_network(row))
             pod.sandbox = sandbox
             self._watch_vm(pod)
             containers = self.state.containers(row.id)
@@ -196,6 +200,7 @@ class PodService:
     async def close(self) -> None:
         """Daemon shutdown: let go of pod VMs without stopping them; spare
         VMs (in no record) are removed."""
+        self.names.close()
         await self.launcher.close()
         for pod in self.pods.values():
             for task in pod.tasks.values():
@@ -246,7 +251,8 @@ class PodService:
         try:
             for rule in podnet.user_forwards(network, spec):
                 await sandbox.vm.add_host_forward(rule)
-            await sandbox.agent.setup_sandbox(podnet.setup_request(network, spec))
+            nameserver = await self._nameserver(network) if not spec.dns else ""
+            await sandbox.agent.setup_sandbox(podnet.setup_request(network, spec, nameserver))
         except BaseException:
             await self.launcher.discard(sandbox_id, sandbox, network)
             raise
@@ -260,6 +266,18 @@ class PodService:
                     vm=vm.id, pid=vm.pid, from_pool=spare is not None,
                     vm_and_network_s=round(t1 - t0, 3), setup_s=round(clock() - t1, 3))
         return sandbox_id
+
+    async def _nameserver(self, network: podnet.PodNetwork) -> str:
+        """The daemon's name server on the pod's network (its gateway), or
+        "" where it has none."""
+        gateway = network.info.gateway if network.kind == "cni" and network.info else ""
+        return gateway if gateway and await self.names.serve_on(gateway) else ""
+
+    def _addresses(self, name: str) -> list[str]:
+        """A ready pod's IP by its name or hostname, for the name server."""
+        return [ip for row in self.state.sandboxes() if row.state == READY
+                and name in (row.spec.name.lower(), row.spec.pod_hostname().lower())
+                and (ip := pod_network(row).ip)]
 
     def _add_direct_pod(self, spec: PodSpec) -> str:
         """A pod whose VM's init is its one container's program: its VM is

@@ -233,10 +233,12 @@ def user_forwards(network: PodNetwork, spec: PodSpec) -> list[str]:
             for p in spec.ports if p.host_port > 0 and p.protocol in ("tcp", "udp")]
 
 
-def setup_request(network: PodNetwork, spec: PodSpec) -> apb.SetupSandboxRequest:
+def setup_request(network: PodNetwork, spec: PodSpec,
+                  nameserver: str = "") -> apb.SetupSandboxRequest:
     """What the agent is told: its interfaces, routes and name files. DNS
-    is the pod's DNS config; without one, the host's reachable servers (or
-    QEMU's DNS proxy in user mode), as Docker does."""
+    is the pod's DNS config; without one, the daemon's name server
+    (nameserver: network/dns.py, which knows the pods' names), else the
+    host's reachable servers (or QEMU's DNS proxy in user mode)."""
     req = apb.SetupSandboxRequest(hostname=spec.pod_hostname())  # identity: AgentClient.setup_sandbox
     info = network.info
     if info is not None:
@@ -249,6 +251,8 @@ def setup_request(network: PodNetwork, spec: PodSpec) -> apb.SetupSandboxRequest
                                        options=dns.options))
     elif network.kind == "user":
         req.dns.servers.append(USER_DNS)
+    elif nameserver:
+        req.dns.servers.append(nameserver)
     elif network.kind == "cni":
         req.dns.servers.extend(host_nameservers())
     return req

@@ -49,6 +49,19 @@ def test_pod_ip_host_port_pod_to_pod_and_dns(netd, pushed, cni_env):
                                    "search net.svc.cluster.local svc.cluster.local",
                                    "options ndots:5"]
 
+    # No DNS config of its own: the daemon's name server, on the network's
+    # gateway, knows the pods by name, as they are now (issue 17).
+    code, resolv = d.exec_sync(cid, "cat /etc/resolv.conf")
+    assert resolv.splitlines() == ["nameserver 10.214.0.1"], resolv
+    lookup = "nslookup web | grep -A1 '^Name:' | grep Address | sed 's/.* //'"
+    assert d.exec_sync(cid, lookup) == (0, f"{ip}\n")
+    d.remove_pod(web)
+    web, _ = d.run_pod(image, "web", HTTPD, hostname="web-host")
+    assert d.pod_ip(web) != ip
+    assert d.exec_sync(cid, lookup) == (0, f"{d.pod_ip(web)}\n")
+    code, out = d.exec_sync(cid, "nslookup nothing-here")
+    assert code != 0, out
+
     for pod in (web, client):
         d.remove_pod(pod)
     after = state(leases)
