@@ -12,21 +12,36 @@ it, so critest runs with its own image names and no network
   `busybox` (not busybox-static, whose sh runs applets built-in and breaks
   the masked-paths test) with its shared libraries, every applet a *hard
   link* in /bin, small `pgrep` and `ipcs` scripts (Debian's busybox has
-  neither), /etc/passwd and /etc/group as upstream busybox has them.
+  neither), /etc/passwd and /etc/group as upstream busybox has them
+  (`nobody` 65534, which RunAsUserName asks for, `www-data`, `nogroup`).
 - `gcr.io/k8s-staging-cri-tools/test-image-*`: that busybox plus a marker
   file (distinct images), a `User`, or a passwd/group with predefined
   groups, under the tags the Image Manager and security-context tests use.
 
-- `nginx:1.14-2`, `httpd:2.4.39-4`: look-alikes that run busybox's httpd
-  on port 80 under the upstream commands (`nginx -g 'daemon off;'`,
-  `httpd-foreground`, which logs Apache's start-up line): enough for the
-  networking, port-forward and multi-container tests, which check for an
-  HTTP 200 and that line; not for the security-context PID tests, which
-  need the real nginx's process titles.
+- `registry.k8s.io/e2e-test-images/nginx:1.14-2`: that busybox plus Debian's
+  real nginx (`/usr/sbin/nginx` from the `nginx` .deb, its shared
+  libraries from the `libpcre2-8-0`, `libssl3`, `zlib1g`, `libcrypt1`
+  .debs, libc from the host as for busybox), a minimal
+  /etc/nginx/nginx.conf (`user www-data`, one worker, port 80, error log
+  to stderr, no access log, no modules, pid file /var/run/nginx.pid) and
+  an index page, run as upstream: `nginx -g 'daemon off;'`, whose master
+  process is titled `nginx: master process nginx -g daemon off;`. Enough
+  for the networking, port-forward and multi-container tests (HTTP 200)
+  and the security-context PID tests (the pid file, `pidof nginx`, the
+  master's title in /proc/1/cmdline).
+- `registry.k8s.io/e2e-test-images/httpd:2.4.39-4`: a look-alike that runs
+  busybox's httpd on port 80 under the upstream command
+  (`httpd-foreground`, which logs Apache's start-up line first): enough
+  for the multi-container tests, which check for an HTTP 200 and that line.
+- `registry.k8s.io/e2e-test-images/nonewprivs:1.3`: that busybox plus
+  `/usr/local/bin/nnp` (Entrypoint), a static program (a few lines of C,
+  built with `gcc -static`) that prints `Effective uid: N` (geteuid()),
+  installed setuid root (mode 4755, owner 0) as upstream: run as uid 1000
+  it prints 0, or 1000 under no_new_privs.
 
-Not built yet: nonewprivs (a setuid binary), hostnet-nginx (its test needs
-a host-network pod, which a VM cannot be), and `test-image-digest` (its
-upstream sha256 cannot be rebuilt: skip "public image with digest").
+Not built: hostnet-nginx (its test needs a host-network pod, which a VM
+cannot be) and `test-image-digest` (its upstream sha256 cannot be rebuilt:
+skip "public image with digest").
 
 Use from pytest:
 
@@ -39,14 +54,17 @@ keeps the registry running until killed):
 
     python -m tests.critest_images OUTDIR
 
-Debian packages: docker-registry skopeo umoci dpkg (dpkg-deb), and the
-`busybox` .deb (fetched with `apt-get download busybox` when no copy is
-found in the cache or /var/cache/apt/archives; it is only unpacked, not
-installed, so it does not conflict with busybox-static).
+Debian packages: docker-registry skopeo umoci dpkg (dpkg-deb) gcc, and the
+.debs of `busybox`, `nginx`, `libpcre2-8-0`, `libssl3`, `zlib1g` and
+`libcrypt1` (each taken from the cache or /var/cache/apt/archives, else
+fetched into the cache with `apt-get download`; they are only unpacked,
+not installed, so busybox's does not conflict with busybox-static). With
+the .debs cached the build is offline.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 import signal
@@ -63,10 +81,12 @@ from hyperrun.sample_images import Layout, Registry, run, start_registry
 
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 TOOLS = {"docker-registry": "docker-registry", "skopeo": "skopeo", "umoci": "umoci",
-         "dpkg-deb": "dpkg"}
+         "dpkg-deb": "dpkg", "gcc": "gcc"}
 
 BUSYBOX_IMAGE = "registry.k8s.io/e2e-test-images/busybox:1.29-2"
 CRI_TOOLS = "gcr.io/k8s-staging-cri-tools/"
+NGINX_IMAGE = "registry.k8s.io/e2e-test-images/nginx:1.14-2"
+NONEWPRIVS_IMAGE = "registry.k8s.io/e2e-test-images/nonewprivs:1.3"
 MIRRORED = ("registry.k8s.io", "gcr.io")
 
 # Upstream busybox:1.29's /etc/passwd and /etc/group.
@@ -153,28 +173,77 @@ DERIVED: dict[str, tuple] = {
     # one image under three tags
     CRI_TOOLS + "test-image-tags:1": ("marker", "same-image"),
 }
-# Web servers the networking, port-forward and multi-container tests reach
-# on port 80 (they check for HTTP 200, and httpd's start-up line in its log):
-# look-alikes that run busybox's httpd under the upstream images' commands.
-# Not for the security-context PID tests, which need the real nginx's
-# process titles.
-NGINX = """#!/bin/sh
-# nginx look-alike: `nginx -g 'daemon off;'` serves /usr/share/nginx/html on :80.
-mkdir -p /var/run && echo $$ > /var/run/nginx.pid
-exec httpd -f -p 80 -h /usr/share/nginx/html
-"""
+# httpd, which the multi-container tests reach on port 80 (they check for
+# HTTP 200, and httpd's start-up line in its log): a look-alike that runs
+# busybox's httpd under the upstream image's command.
 HTTPD_FOREGROUND = """#!/bin/sh
 # httpd look-alike: Apache's start-up line, then busybox httpd on :80.
 echo "[mpm_event:notice] AH00094: Command line: 'httpd -D FOREGROUND'" >&2
 exec httpd -f -p 80 -h /usr/local/apache2/htdocs
 """
 DERIVED.update({
-    "registry.k8s.io/e2e-test-images/nginx:1.14-2":
-        ("server", "usr/sbin/nginx", NGINX, "usr/share/nginx/html", ["nginx", "-g", "daemon off;"]),
     "registry.k8s.io/e2e-test-images/httpd:2.4.39-4":
         ("server", "usr/local/bin/httpd-foreground", HTTPD_FOREGROUND, "usr/local/apache2/htdocs",
          ["httpd-foreground"]),
 })
+
+# nginx: Debian's binary and the packages of the libraries it loads (libc,
+# as for busybox, comes from the host).
+NGINX_PACKAGES = ("nginx", "libpcre2-8-0", "libssl3", "zlib1g", "libcrypt1")
+NGINX_CONF = """\
+# nginx:1.14-2 look-alike (tests/critest_images.py): Debian's nginx on :80.
+user www-data;
+worker_processes 1;
+pid /var/run/nginx.pid;
+error_log stderr warn;
+
+events {
+    worker_connections 1024;
+}
+
+http {
+    types {
+        text/html html htm;
+        text/plain txt;
+    }
+    default_type application/octet-stream;
+    access_log off;
+    keepalive_timeout 65;
+
+    server {
+        listen 80;
+        server_name localhost;
+        root /usr/share/nginx/html;
+        index index.html;
+    }
+}
+"""
+NGINX_INDEX = """\
+<!DOCTYPE html>
+<html>
+<head><title>Welcome to nginx!</title></head>
+<body>
+<h1>Welcome to nginx!</h1>
+<p>If you see this page, the nginx web server is successfully installed and
+working.</p>
+</body>
+</html>
+"""
+NGINX_CMD = ["nginx", "-g", "daemon off;"]
+
+# nonewprivs: upstream's nnp prints its effective uid; it is setuid root.
+NNP_C = r"""#include <stdio.h>
+#include <unistd.h>
+
+/* nonewprivs:1.3 look-alike (tests/critest_images.py), setuid root. */
+int main(void)
+{
+    printf("Effective uid: %d\n", (int)geteuid());
+    return 0;
+}
+"""
+NNP = "/usr/local/bin/nnp"
+
 SAME_AS = {CRI_TOOLS + "test-image-tags:2": CRI_TOOLS + "test-image-tags:1",
            CRI_TOOLS + "test-image-tags:3": CRI_TOOLS + "test-image-tags:1"}
 
@@ -197,39 +266,66 @@ def _split(name: str) -> tuple[str, str]:
 
 # ------------------------------------------------------------------ busybox (dynamic)
 
+def debs(cache: Path, packages: list[str] | tuple[str, ...]) -> list[Path]:
+    """Debian's .debs of packages, each from cache or /var/cache/apt/archives;
+    the others fetched into cache with one `apt-get download` (kept there, so
+    later builds are offline)."""
+    def cached(package: str) -> Path | None:
+        for d in (cache, Path("/var/cache/apt/archives")):
+            found = sorted(glob.glob(str(d / f"{package}_*.deb")))
+            if found:
+                return Path(found[-1])
+        return None
+
+    found = {p: cached(p) for p in packages}
+    missing = [p for p, deb in found.items() if deb is None]
+    if missing:
+        cache.mkdir(parents=True, exist_ok=True)
+        out = subprocess.run(["apt-get", "download", *missing], cwd=cache,
+                             capture_output=True, text=True, check=False)
+        for p in missing:
+            found[p] = cached(p)
+            if found[p] is None:
+                raise RuntimeError(f"cannot get Debian's {p} .deb "
+                                   f"(apt-get download {' '.join(missing)}):\n"
+                                   f"{out.stderr}{out.stdout}")
+    return [found[p] for p in packages]
+
+
 def busybox_deb(cache: Path) -> Path:
     """Debian's `busybox` .deb: from cache, /var/cache/apt/archives, or apt-get download."""
-    for d in (cache, Path("/var/cache/apt/archives")):
-        found = sorted(glob.glob(str(d / "busybox_*.deb")))
-        if found:
-            return Path(found[-1])
-    cache.mkdir(parents=True, exist_ok=True)
-    out = subprocess.run(["apt-get", "download", "busybox"], cwd=cache,
-                         capture_output=True, text=True, check=False)
-    found = sorted(glob.glob(str(cache / "busybox_*.deb")))
-    if not found:
-        raise RuntimeError(f"cannot get Debian's busybox .deb (apt-get download busybox):\n"
-                           f"{out.stderr}{out.stdout}")
-    return Path(found[-1])
+    return debs(cache, ["busybox"])[0]
+
+
+def _unpack(cache: Path, packages: list[Path], dest: Path) -> Path:
+    """dpkg-deb -x each .deb into dest (under cache), once."""
+    if not dest.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".unpack-"))
+        for deb in packages:
+            run("dpkg-deb", "-x", deb, tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    return dest
 
 
 def busybox_binary(cache: Path) -> Path:
     """The dynamic /bin/busybox from Debian's busybox package, unpacked under cache."""
     deb = busybox_deb(cache)
-    dest = cache / ("unpacked-" + deb.stem)
-    binary = dest / "bin" / "busybox"
-    if not binary.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".unpack-"))
-        run("dpkg-deb", "-x", deb, tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
-    return binary
+    return _unpack(cache, [deb], cache / ("unpacked-" + deb.stem)) / "bin" / "busybox"
 
 
-def _shared_libs(binary: Path) -> list[str]:
+def nginx_tree(cache: Path) -> Path:
+    """Debian's nginx and the libraries it loads, unpacked under cache
+    (usr/sbin/nginx, lib/ and usr/lib/x86_64-linux-gnu/...)."""
+    packages = debs(cache, NGINX_PACKAGES)
+    key = hashlib.sha256("\n".join(d.name for d in packages).encode()).hexdigest()[:12]
+    return _unpack(cache, packages, cache / f"unpacked-{packages[0].stem}-{key}")
+
+
+def _shared_libs(binary: Path, env: dict[str, str] | None = None) -> list[str]:
     """Absolute paths of the libraries binary loads (ldd), interpreter included."""
-    out = run("ldd", binary).stdout
+    out = run("ldd", binary, env=env).stdout
     libs = []
     for line in out.splitlines():
         line = line.strip()
@@ -275,6 +371,61 @@ def build_busybox(layout: Layout, tag: str, work: Path, binary: Path) -> str:
                  "--architecture", "amd64", "--config.cmd", "sh",
                  "--config.env", PATH_ENV, "--no-history")
     return layout.digest(tag)
+
+
+def _nginx_rootfs(root: Path, tree: Path) -> None:
+    """Debian's nginx into a busybox rootfs: the binary, the libraries it
+    loads (from the unpacked .debs, else the host's, under the names ldd
+    gives), its configuration, directories and index page."""
+    libdirs = [str(tree / d) for d in ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu")]
+    binary = tree / "usr/sbin/nginx"
+    for lib in _shared_libs(binary, {**os.environ, "LD_LIBRARY_PATH": ":".join(libdirs)}):
+        path = Path(lib)
+        inside = "/" + str(path.relative_to(tree)) if path.is_relative_to(tree) else lib
+        dst = root / inside.lstrip("/")
+        if not dst.exists():                           # libc & co.: already there for busybox
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(os.path.realpath(path), dst)
+    (root / "usr/sbin").mkdir(parents=True, exist_ok=True)
+    shutil.copy(binary, root / "usr/sbin/nginx")
+    os.chmod(root / "usr/sbin/nginx", 0o755)
+    (root / "etc/nginx").mkdir(parents=True, exist_ok=True)
+    (root / "etc/nginx/nginx.conf").write_text(NGINX_CONF)
+    for d in ("var/lib/nginx/body", "var/lib/nginx/proxy", "var/lib/nginx/fastcgi",
+              "var/lib/nginx/uwsgi", "var/lib/nginx/scgi", "var/log/nginx", "run",
+              "usr/share/nginx/html"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    if not (root / "var/run").exists():
+        os.symlink("../run", root / "var/run")         # as Debian's and Alpine's
+    (root / "usr/share/nginx/html/index.html").write_text(NGINX_INDEX)
+
+
+def build_nginx(layout: Layout, base: str, tag: str, work: Path, cache: Path) -> None:
+    tree = nginx_tree(cache)
+    layout.edit(base, work, lambda root: _nginx_rootfs(root, tree), new_tag=tag)
+    args = ["config", "--image", layout.image(tag), "--clear=config.cmd",
+            "--config.exposedports", "80/tcp", "--config.stopsignal", "SIGTERM", "--no-history"]
+    for word in NGINX_CMD:
+        args += ["--config.cmd", word]
+    layout.umoci(*args)
+
+
+def build_nonewprivs(layout: Layout, base: str, tag: str, work: Path) -> None:
+    """nnp, static and setuid root, as the image's entrypoint."""
+    src = work / "nnp.c"
+    src.write_text(NNP_C)
+    binary = work / "nnp"
+    run("gcc", "-static", "-O2", "-s", "-o", binary, src)
+
+    def change(root: Path) -> None:
+        dst = root / NNP.lstrip("/")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(binary, dst)
+        os.chown(dst, 0, 0)
+        os.chmod(dst, 0o4755)
+    layout.edit(base, work, change, new_tag=tag)
+    layout.umoci("config", "--image", layout.image(tag), "--clear=config.cmd",
+                 "--config.entrypoint", NNP, "--no-history")
 
 
 def _derive(layout: Layout, base: str, tag: str, work: Path, how: tuple) -> None:
@@ -330,6 +481,10 @@ def build_images(directory: Path, cache: Path | None = None) -> tuple[Layout, di
     for name, how in DERIVED.items():
         tags[name] = _layout_tag(name)
         _derive(layout, tags[BUSYBOX_IMAGE], tags[name], work, how)
+    tags[NGINX_IMAGE] = _layout_tag(NGINX_IMAGE)
+    build_nginx(layout, tags[BUSYBOX_IMAGE], tags[NGINX_IMAGE], work, cache)
+    tags[NONEWPRIVS_IMAGE] = _layout_tag(NONEWPRIVS_IMAGE)
+    build_nonewprivs(layout, tags[BUSYBOX_IMAGE], tags[NONEWPRIVS_IMAGE], work)
     for name, same in SAME_AS.items():
         tags[name] = tags[same]
     shutil.rmtree(work, ignore_errors=True)
@@ -391,7 +546,7 @@ def critest_images(tmp_path_factory):
     try:
         images = serve(tmp_path_factory.mktemp("critest-images"), _default_cache())
     except RuntimeError as e:
-        if "busybox .deb" in str(e):
+        if " .deb (apt-get download" in str(e):
             pytest.skip(str(e))
         raise
     yield images
