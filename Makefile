@@ -86,8 +86,14 @@ fuzz: venv
 	HYPERRUN_FUZZ_EXAMPLES=$${HYPERRUN_FUZZ_EXAMPLES:-20000} \
 		$(PY) -m pytest -q -rsx --timeout=0 --hypothesis-seed=$$seed tests/property
 
+# `make bench [SECTION...]` (sections: hyperrun/bench.py; all by default);
+# BENCH_ARGS passes more, e.g. BENCH_ARGS="-n 5".
+BENCH_SECTIONS = start images cri network density
 bench: assets
-	$(PY) -m hyperrun.bench
+	$(PY) -m hyperrun.bench $(filter $(BENCH_SECTIONS),$(MAKECMDGOALS)) $(BENCH_ARGS)
+ifneq ($(filter bench,$(MAKECMDGOALS)),)
+$(filter $(BENCH_SECTIONS),$(MAKECMDGOALS)): ; @:
+endif
 
 clean:
 	rm -rf build

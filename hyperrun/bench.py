@@ -16,10 +16,11 @@ images  `hyperrun pull` (fetch + unpack into the erofs root) of a Debian
         against `skopeo copy` + `umoci unpack` of the same image; and the
         second `hyperrun run IMAGE true` (image prepared) against the
         first (pull, unpack, boot).
-cri     through the daemon: ExecSync round trip in a running pod against a
-        CRI call that goes to the agent and back (PodSandboxStats), and
-        RunPodSandbox to the first line of container output against the
-        boot floor.
+cri     hyperrun's daemon against containerd + runc (where installed:
+        apt-get install containerd runc), the same CRI calls interleaved
+        round by round: RunPodSandbox, Create+Start, first output,
+        ExecSync, Stop+Remove (medians, ratios); then critest -benchmark
+        on both where a local critest exists (HYPERRUN_CRITEST).
 network host -> pod over HTTP on the CNI bridge (100 MB, and a small
         request) against the same from a plain netns on the same bridge.
 density 30 idle pods at once (each answers an exec), booted and restored
@@ -421,32 +422,87 @@ def bench_images(runs: int) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
-class _Daemon:
-    """A daemon on a private root with the busybox test image in a local
-    registry, pulled; the bench removes its VMs after (they outlive it by
-    design)."""
+class _CriClient:
+    """A CRI endpoint with the bench's busybox pulled: pods, containers."""
 
-    def __init__(self, base: Path, *args: str, env: dict | None = None) -> None:
+    def __init__(self, endpoint: str, image: str, logs: Path) -> None:
         import grpc
 
         from hyperrun.proto import cri_api_pb2 as cri
         from hyperrun.proto import cri_api_pb2_grpc as cri_grpc
-        from hyperrun.sample_images import Layout, build_busybox, start_registry
 
-        self.base, self.cri = base, cri
+        self.cri, self.image, self.logs, self.endpoint = cri, image, logs, endpoint
+        self.channel = grpc.insecure_channel(endpoint)
+        self.rt = cri_grpc.RuntimeServiceStub(self.channel)
+        self.im = cri_grpc.ImageServiceStub(self.channel)
+        self.im.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=image)))
+
+    def pod(self, name: str, **kw):
+        cri = self.cri
+        config = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(
+            name=name, uid=name, namespace="bench"), log_directory=str(self.logs), **kw)
+        return self.rt.RunPodSandbox(cri.RunPodSandboxRequest(config=config)).pod_sandbox_id, config
+
+    def create(self, pod_id: str, config, name: str, script: str) -> str:
+        cri = self.cri
+        c = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name),
+                                image=cri.ImageSpec(image=self.image), command=["sh", "-c", script],
+                                log_path=f"{name}.log")
+        return self.rt.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=pod_id, config=c, sandbox_config=config)).container_id
+
+    def container(self, pod_id: str, config, name: str, script: str) -> str:
+        cid = self.create(pod_id, config, name, script)
+        self.rt.StartContainer(self.cri.StartContainerRequest(container_id=cid))
+        return cid
+
+    def exec_sync(self, cid: str, cmd: list[str]):
+        return self.rt.ExecSync(self.cri.ExecSyncRequest(container_id=cid, cmd=cmd, timeout=30))
+
+    def remove_pod(self, pod_id: str) -> None:
+        self.rt.StopPodSandbox(self.cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+        self.rt.RemovePodSandbox(self.cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+
+    def remove_all(self) -> None:
+        for pod in self.rt.ListPodSandbox(self.cri.ListPodSandboxRequest()).items:
+            self.remove_pod(pod.id)
+
+
+def _busybox_registry(base: Path):
+    """The bench's busybox in a loopback registry: (layout, registry, ref)."""
+    from hyperrun.sample_images import Layout, build_busybox, start_registry
+
+    layout = Layout(base / "oci")
+    build_busybox(layout, "busybox", base)
+    registry = start_registry(base / "registry")
+    try:
+        registry.push(layout.path, "busybox", "busybox:latest")
+    except BaseException:
+        registry.stop()
+        raise
+    return layout, registry, registry.ref("busybox:latest")
+
+
+class _Daemon(_CriClient):
+    """A daemon on a private root with the busybox test image in a local
+    registry (its own, or `registry`'s), pulled; the bench removes its VMs
+    after (they outlive it by design)."""
+
+    def __init__(self, base: Path, *args: str, env: dict | None = None, registry=None) -> None:
+        self.base = base
         self.proc = self.registry = None
-        layout = Layout(base / "oci")
-        build_busybox(layout, "busybox", base)
-        self.registry = start_registry(base / "registry")
-        self.registry.push(layout.path, "busybox", "busybox:latest")
-        self.image = self.registry.ref("busybox:latest")
+        base.mkdir(parents=True, exist_ok=True)
+        if registry is None:
+            _, self.registry, image = _busybox_registry(base)
+        else:
+            image = registry.ref("busybox:latest")
         env = {**os.environ, "HYPERRUN_ROOT": str(base / "root"),
                "HYPERRUN_RUN_DIR": str(base / "run"), **(env or {})}
-        sock = base / "cri.sock"
+        self.socket = base / "cri.sock"
         # Its output goes to a file: a pipe nobody reads would fill and stall it.
         log = base / "daemon.log"
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen([HYPERRUN, "daemon", "--socket", str(sock), *args],
+            self.proc = subprocess.Popen([HYPERRUN, "daemon", "--socket", str(self.socket), *args],
                                          env=env, stdout=out, stderr=subprocess.STDOUT)
         while b"hyperrun daemon serving" not in log.read_bytes():
             if self.proc.poll() is not None:
@@ -455,30 +511,7 @@ class _Daemon:
                 lines = log.read_text(errors="replace").strip().splitlines()
                 raise DaemonFailed(lines[-1] if lines else "exited")
             time.sleep(0.05)
-        channel = grpc.insecure_channel(f"unix://{sock}")
-        self.rt, self.im = cri_grpc.RuntimeServiceStub(channel), cri_grpc.ImageServiceStub(channel)
-        self.im.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=self.image)))
-        self.logs = base / "logs"
-
-    def pod(self, name: str, **kw):
-        cri = self.cri
-        config = cri.PodSandboxConfig(metadata=cri.PodSandboxMetadata(
-            name=name, uid=name, namespace="bench"), log_directory=str(self.logs), **kw)
-        return self.rt.RunPodSandbox(cri.RunPodSandboxRequest(config=config)).pod_sandbox_id, config
-
-    def container(self, pod_id: str, config, name: str, script: str) -> str:
-        cri = self.cri
-        c = cri.ContainerConfig(metadata=cri.ContainerMetadata(name=name),
-                                image=cri.ImageSpec(image=self.image), command=["sh", "-c", script],
-                                log_path=f"{name}.log")
-        cid = self.rt.CreateContainer(cri.CreateContainerRequest(
-            pod_sandbox_id=pod_id, config=c, sandbox_config=config)).container_id
-        self.rt.StartContainer(cri.StartContainerRequest(container_id=cid))
-        return cid
-
-    def remove_pod(self, pod_id: str) -> None:
-        self.rt.StopPodSandbox(self.cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
-        self.rt.RemovePodSandbox(self.cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+        super().__init__(f"unix://{self.socket}", image, base / "logs")
 
     def close(self) -> None:
         if self.proc is not None:
@@ -490,51 +523,114 @@ class _Daemon:
             self.registry.stop()
 
 
+def _wait_output(log: Path, text: bytes) -> None:
+    while not (log.exists() and text in log.read_bytes()):
+        time.sleep(0.002)
+
+
+# What one round of the CRI comparison times, in order, on each runtime.
+CRI_STEPS = [
+    ("run_pod", "RunPodSandbox"),
+    ("create_start", "CreateContainer + StartContainer"),
+    ("first_output", "RunPodSandbox to the container's first output line"),
+    ("exec_sync", "ExecSync `true` (median of 10 per round)"),
+    ("stop_remove", "StopPodSandbox + RemovePodSandbox"),
+]
+
+
+def _cri_round(client: _CriClient, i: int) -> dict:
+    t0 = time.perf_counter()
+    pod_id, config = client.pod(f"bench{i}")
+    t1 = time.perf_counter()
+    cid = client.container(pod_id, config, f"c{i}", "echo ready; exec sleep 600")
+    t2 = time.perf_counter()
+    _wait_output(client.logs / f"c{i}.log", b"ready")
+    t3 = time.perf_counter()
+    execs = []
+    for _ in range(10):
+        t = time.perf_counter()
+        r = client.exec_sync(cid, ["true"])
+        execs.append(time.perf_counter() - t)
+        if r.exit_code != 0:
+            raise SystemExit(f"ExecSync true exited {r.exit_code}: {r.stderr.decode()[-300:]}")
+    t4 = time.perf_counter()
+    client.remove_pod(pod_id)
+    t5 = time.perf_counter()
+    return {"run_pod": t1 - t0, "create_start": t2 - t1, "first_output": t3 - t0,
+            "exec_sync": statistics.median(execs), "stop_remove": t5 - t4}
+
+
 def bench_cri(runs: int) -> dict:
-    """Through the daemon: ExecSync round trip in a running pod (floor: a
-    CRI call that goes to the guest agent and back, PodSandboxStats), and
-    pod start to the first line of container output (floor: the boot floor)."""
+    """hyperrun's daemon against containerd + runc through the same CRI
+    calls, interleaved round by round, on CNI networks of their own: pod
+    start, container create + start, first output, ExecSync, stop + remove
+    (medians, ratios); then critest -benchmark on both, where a local
+    critest exists."""
+    from hyperrun import benchpeer
+
     base = Path(tempfile.mkdtemp(prefix="hr-bench-", dir="/tmp"))
-    d = None
+    d = peer = registry = None
+    clients: dict[str, _CriClient] = {}
     try:
-        print("== cri: daemon, busybox image from a local registry")
-        d = _Daemon(base, "--network", "none")
-        cri, rt = d.cri, d.rt
-        first_output, floor = [], []
+        print("== cri: hyperrun daemon vs containerd + runc, same busybox, same CRI calls")
+        layout, registry, image = _busybox_registry(base)
+        benchpeer.pause_image(layout, "busybox", "pause")
+        registry.push(layout.path, "pause", "pause:bench")
+        d = _Daemon(base / "hyperrun", "--network", "cni", registry=registry)
+        clients["hyperrun"] = d
+        try:
+            peer = benchpeer.Containerd(base / "containerd", registry.host, registry.ref("pause:bench"))
+            clients["containerd"] = _CriClient(peer.endpoint, image, base / "containerd" / "logs")
+        except benchpeer.PeerMissing as e:
+            row("containerd + runc", f"not measured: {e}")
+        for name, client in clients.items():  # warm: images, first network set-up
+            _cri_round(client, -1 - len(name))
+        samples: dict[str, list[dict]] = {name: [] for name in clients}
         for i in range(runs):
-            floor.append(timed_floor(make_rootfs(Path("build/bench-rootfs"))))
-            start = time.perf_counter()
-            pod_id, config = d.pod(f"p{i}")
-            d.container(pod_id, config, f"c{i}", "echo ready; sleep 600")
-            log = d.logs / f"c{i}.log"
-            while not (log.exists() and b"ready" in log.read_bytes()):
-                time.sleep(0.005)
-            first_output.append(time.perf_counter() - start)
-            if i < runs - 1:
-                d.remove_pod(pod_id)
-        cid = rt.ListContainers(cri.ListContainersRequest()).containers[0].id
-        execs, stats = [], []
-        for _ in range(max(runs * 4, 10)):
-            t = time.perf_counter()
-            rt.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["true"], timeout=30))
-            execs.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            rt.PodSandboxStats(cri.PodSandboxStatsRequest(pod_sandbox_id=pod_id))
-            stats.append(time.perf_counter() - t)
-        d.remove_pod(pod_id)
-        e, s_, f, b = (statistics.median(x) for x in (execs, stats, first_output, floor))
-        row("ExecSync `true` round trip, median", f"{e * 1000:.0f} ms")
-        row("floor: PodSandboxStats (CRI -> agent -> CRI), median", f"{s_ * 1000:.0f} ms")
-        row("ratio", f"{e / s_:.1f}")
-        row("RunPodSandbox to first container output, median", f"{f:.2f} s")
-        row("floor: the boot floor, median", f"{b:.2f} s")
-        row("ratio", f"{f / b:.2f}")
-        return {"exec_sync_median_ms": round(e * 1000, 1), "agent_rtt_median_ms": round(s_ * 1000, 1),
-                "pod_first_output_median_s": round(f, 3), "boot_floor_median_s": round(b, 3)}
+            order = list(clients) if i % 2 == 0 else list(reversed(clients))
+            for name in order:
+                samples[name].append(_cri_round(clients[name], i))
+        result: dict = {}
+        for name in clients:
+            result[name] = {key: round(statistics.median(s[key] for s in samples[name]) * 1000, 1)
+                            for key, _ in CRI_STEPS}
+        for key, label in CRI_STEPS:
+            hr = result["hyperrun"][key]
+            line = f"{hr:.0f} ms"
+            if "containerd" in result:
+                ct = result["containerd"][key]
+                line += f"  containerd {ct:.0f} ms  ratio {hr / ct:.1f}"
+            row(f"{label}, median ms", line)
+        critest = benchpeer.critest_binary()
+        if critest is None:
+            row("critest -benchmark", "not run: no critest (HYPERRUN_CRITEST; docs/CRI.md)")
+        else:
+            for name, client in clients.items():
+                client.remove_all()
+                bench = benchpeer.critest_benchmark(critest, client.endpoint, base / f"critest-{name}",
+                                                    image, max(runs, 5))
+                result.setdefault("critest_benchmark", {})[name] = bench
+                for spec, ops in bench.items():
+                    if isinstance(ops, dict):
+                        row(f"critest -benchmark {name}: {spec}",
+                            ", ".join(f"{op} {ms:.0f}" for op, ms in ops.items()) + " ms")
+                if bench["rc"] != 0:
+                    row(f"critest -benchmark {name}", f"exit {bench['rc']}, see {bench['log']}")
+        return result
     finally:
+        for client in clients.values():
+            try:
+                client.remove_all()
+            except Exception as e:  # noqa: BLE001 - a dead endpoint: its close() below cleans up
+                print(f"  cleanup: {e}")
+        if peer is not None:
+            peer.close()
         if d is not None:
             d.close()
-        shutil.rmtree(base, ignore_errors=True)
+        if registry is not None:
+            registry.stop()
+        if not os.environ.get("HYPERRUN_BENCH_KEEP"):
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def bench_density(count: int) -> dict:
