@@ -12,6 +12,7 @@ MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
 MNT_DETACH = 0x2
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -23,15 +24,23 @@ def _check(result: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def bind(source: Path, target: Path, readonly: bool = False) -> None:
+def bind(source: Path, target: Path, readonly: bool = False,
+         propagation: str = "private") -> None:
     """Bind source (file or directory, recursively) on target; read-only
     needs a second, remounting call (the kernel ignores MS_RDONLY on the
-    first). Private, so mounts made later under source do not follow."""
+    first). propagation "private": mounts made later under source do not
+    follow; "rslave" or "rshared": they do (the bind a slave of source's
+    peer group, which must be shared, or a slave for rslave, as containerd
+    requires), and the guest sees them through the share. Nothing flows
+    back: the guest's mounts are not the host's."""
+    if propagation != "private":
+        check_propagation(source, propagation)
     _check(_libc.mount(str(source).encode(), str(target).encode(), None,
                        MS_BIND | MS_REC, None), f"bind {source} on {target}")
     try:
-        _check(_libc.mount(None, str(target).encode(), None, MS_PRIVATE | MS_REC, None),
-               f"make {target} private")
+        flag, what = (MS_PRIVATE, "private") if propagation == "private" else (MS_SLAVE, "a slave")
+        _check(_libc.mount(None, str(target).encode(), None, flag | MS_REC, None),
+               f"make {target} {what}")
         if readonly:
             _check(_libc.mount(None, str(target).encode(), None,
                                MS_BIND | MS_REMOUNT | MS_RDONLY, None),
@@ -39,6 +48,34 @@ def bind(source: Path, target: Path, readonly: bool = False) -> None:
     except OSError:
         unmount(target)
         raise
+
+
+def _mount_of(path: Path) -> tuple[str, list[str]]:
+    """The mount point holding path and its mountinfo optional fields
+    ("shared:N", "master:N"...)."""
+    real = os.path.realpath(path)
+    best, fields = "/", []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            point = _unescape(parts[4])
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, fields = point, parts[6:parts.index("-")]
+    return best, fields
+
+
+def check_propagation(source: Path, propagation: str) -> None:
+    """containerd's rule: an rshared volume's source on a shared mount, an
+    rslave one's on a shared or slave mount; else ValueError."""
+    point, fields = _mount_of(source)
+    shared = any(f.startswith("shared:") for f in fields)
+    slave = any(f.startswith("master:") for f in fields)
+    if propagation == "rshared" and not shared:
+        raise ValueError(f"path {source} is mounted on {point} but it is not a shared mount")
+    if propagation == "rslave" and not (shared or slave):
+        raise ValueError(f"path {source} is mounted on {point} but it is not a shared "
+                         f"or slave mount")
 
 
 def unmount(target: Path) -> None:

@@ -39,8 +39,11 @@ it, so critest runs with its own image names and no network
   installed setuid root (mode 4755, owner 0) as upstream: run as uid 1000
   it prints 0, or 1000 under no_new_privs.
 
-Not built: hostnet-nginx (its test needs a host-network pod, which a VM
-cannot be) and `test-image-digest` (its upstream sha256 cannot be rebuilt:
+- `gcr.io/k8s-staging-cri-tools/hostnet-nginx-amd64:latest`: the same
+  nginx on port 12003, for the host-network port-forward spec (which a VM
+  pod cannot pass: built so that containerd's run of it means something).
+
+Not built: `test-image-digest` (its upstream sha256 cannot be rebuilt:
 skip "public image with digest").
 
 Use from pytest:
@@ -86,6 +89,10 @@ TOOLS = {"docker-registry": "docker-registry", "skopeo": "skopeo", "umoci": "umo
 BUSYBOX_IMAGE = "registry.k8s.io/e2e-test-images/busybox:1.29-2"
 CRI_TOOLS = "gcr.io/k8s-staging-cri-tools/"
 NGINX_IMAGE = "registry.k8s.io/e2e-test-images/nginx:1.14-2"
+# The host-network port-forward spec's image: nginx on 12003 (upstream's
+# images/hostnet-nginx), for a pod on the node's network.
+HOSTNET_NGINX_IMAGE = "gcr.io/k8s-staging-cri-tools/hostnet-nginx-amd64:latest"
+HOSTNET_NGINX_PORT = 12003
 NONEWPRIVS_IMAGE = "registry.k8s.io/e2e-test-images/nonewprivs:1.3"
 MIRRORED = ("registry.k8s.io", "gcr.io")
 
@@ -373,7 +380,7 @@ def build_busybox(layout: Layout, tag: str, work: Path, binary: Path) -> str:
     return layout.digest(tag)
 
 
-def _nginx_rootfs(root: Path, tree: Path) -> None:
+def _nginx_rootfs(root: Path, tree: Path, port: int) -> None:
     """Debian's nginx into a busybox rootfs: the binary, the libraries it
     loads (from the unpacked .debs, else the host's, under the names ldd
     gives), its configuration, directories and index page."""
@@ -390,7 +397,7 @@ def _nginx_rootfs(root: Path, tree: Path) -> None:
     shutil.copy(binary, root / "usr/sbin/nginx")
     os.chmod(root / "usr/sbin/nginx", 0o755)
     (root / "etc/nginx").mkdir(parents=True, exist_ok=True)
-    (root / "etc/nginx/nginx.conf").write_text(NGINX_CONF)
+    (root / "etc/nginx/nginx.conf").write_text(NGINX_CONF.replace("listen 80;", f"listen {port};"))
     for d in ("var/lib/nginx/body", "var/lib/nginx/proxy", "var/lib/nginx/fastcgi",
               "var/lib/nginx/uwsgi", "var/lib/nginx/scgi", "var/log/nginx", "run",
               "usr/share/nginx/html"):
@@ -400,11 +407,13 @@ def _nginx_rootfs(root: Path, tree: Path) -> None:
     (root / "usr/share/nginx/html/index.html").write_text(NGINX_INDEX)
 
 
-def build_nginx(layout: Layout, base: str, tag: str, work: Path, cache: Path) -> None:
+def build_nginx(layout: Layout, base: str, tag: str, work: Path, cache: Path,
+                port: int = 80) -> None:
     tree = nginx_tree(cache)
-    layout.edit(base, work, lambda root: _nginx_rootfs(root, tree), new_tag=tag)
+    layout.edit(base, work, lambda root: _nginx_rootfs(root, tree, port), new_tag=tag)
     args = ["config", "--image", layout.image(tag), "--clear=config.cmd",
-            "--config.exposedports", "80/tcp", "--config.stopsignal", "SIGTERM", "--no-history"]
+            "--config.exposedports", f"{port}/tcp", "--config.stopsignal", "SIGTERM",
+            "--no-history"]
     for word in NGINX_CMD:
         args += ["--config.cmd", word]
     layout.umoci(*args)
@@ -483,6 +492,9 @@ def build_images(directory: Path, cache: Path | None = None) -> tuple[Layout, di
         _derive(layout, tags[BUSYBOX_IMAGE], tags[name], work, how)
     tags[NGINX_IMAGE] = _layout_tag(NGINX_IMAGE)
     build_nginx(layout, tags[BUSYBOX_IMAGE], tags[NGINX_IMAGE], work, cache)
+    tags[HOSTNET_NGINX_IMAGE] = _layout_tag(HOSTNET_NGINX_IMAGE)
+    build_nginx(layout, tags[BUSYBOX_IMAGE], tags[HOSTNET_NGINX_IMAGE], work, cache,
+                port=HOSTNET_NGINX_PORT)
     tags[NONEWPRIVS_IMAGE] = _layout_tag(NONEWPRIVS_IMAGE)
     build_nonewprivs(layout, tags[BUSYBOX_IMAGE], tags[NONEWPRIVS_IMAGE], work)
     for name, same in SAME_AS.items():

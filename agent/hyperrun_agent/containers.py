@@ -146,6 +146,13 @@ class Containers:
             written_through = None if req.rootfs.overlay else container.rootfs
             spec["mounts"] += network.container_mounts(written_through)
             spec["mounts"] += [self._volume(container, m) for m in req.mounts]
+            # As containerd: the root rshared if a volume is, else rslave if
+            # one is, so that the volume's propagation holds inside.
+            kinds = {m.propagation for m in req.mounts}
+            for kind in ("rshared", "rslave"):
+                if kind in kinds:
+                    spec["linux"]["rootfsPropagation"] = kind
+                    break
             _write_json(os.path.join(bundle, "config.json"), spec)
             container.process = req.process
             container.init = self._new_process(container, "", req.process)
@@ -288,7 +295,9 @@ class Containers:
         source = _inside(root, mount.subpath, "mount")
         if not os.path.lexists(source):
             raise not_found(f"volume source {mount.subpath!r} for {mount.destination}")
-        options = ["rbind", "rprivate"] + (["ro"] if mount.readonly else [])
+        if mount.propagation not in ("", "rslave", "rshared"):
+            raise invalid(f"mount propagation {mount.propagation!r}")
+        options = ["rbind", mount.propagation or "rprivate"] + (["ro"] if mount.readonly else [])
         return {"destination": mount.destination, "type": "bind", "source": source,
                 "options": options}
 

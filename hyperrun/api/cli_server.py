@@ -350,10 +350,13 @@ class _Connection:
     async def _exec(self, opts: ExecOptions) -> dict:
         """`hyperrun exec`: a process in a running container, its output
         streamed as it comes (ExecSync would hold it to the end), its exit
-        code. A CLI gone away leaves the process running, as Docker's."""
+        code. A CLI gone away takes its process with it (_read_client), as a
+        kubectl exec's does: unlike Docker's, which runs on unseen."""
         self.cid = self._container_id(opts.container)
         io = await self.m.exec(self.cid, opts.cmd, opts.tty, opts.stdin,
                                console_size=opts.console_size)
+        if self.client_gone:  # gone while it started
+            await io.abandon()
         await self._relay(io, opts.tty)
         return {"code": await io.wait()}
 
@@ -655,7 +658,9 @@ class _Connection:
         except (ProtocolError, ConnectionError):
             pass
         self.client_gone = True
-        if self.io is not None and opts.stdin:  # stdin_once: nobody will write any more
+        if self.io is not None and isinstance(opts, ExecOptions):
+            await _quietly(self.io.abandon(), "exec cleanup")
+        elif self.io is not None and opts.stdin:  # stdin_once: nobody will write any more
             await _quietly(self.io.close_stdin(), "stdin close")
 
     async def _from_client(self, kind: int, payload: bytes) -> None:

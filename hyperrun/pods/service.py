@@ -747,7 +747,7 @@ class PodService:
         try:
             return await asyncio.wait_for(run(), timeout or None)
         except asyncio.TimeoutError:
-            await io.agent.signal_process(container_id, io.eid, signal.SIGKILL)
+            await io.abandon()
             raise TimeoutError(f"command {cmd!r} timed out after {timeout}s") from None
 
 

@@ -254,6 +254,15 @@ class ExecIO:
     async def wait(self) -> int:
         return (await self.agent.wait_process(self.cid, self.eid)).exit_code
 
+    async def abandon(self) -> None:
+        """Its client is gone: the process is killed (as containerd kills an
+        exec whose stream's context ends), so that nothing runs on that
+        nobody can see or stop; its output then ends and wait() returns."""
+        try:
+            await self.agent.signal_process(self.cid, self.eid, signal.SIGKILL)
+        except (TtrpcError, ConnectionLost):
+            pass  # it had ended already, or its VM has
+
 
 class AttachIO(ExecIO):
     """A container's init process, through an outlet of its task."""
@@ -281,3 +290,9 @@ class AttachIO(ExecIO):
 
     def detach(self) -> None:
         self.task.detach(self.outlet)
+
+    async def abandon(self) -> None:
+        """Its client is gone: let go of the container's output (the
+        container runs on); the reads end at once."""
+        self.detach()
+        end_outlet(self.outlet)

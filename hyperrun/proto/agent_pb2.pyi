@@ -207,16 +207,18 @@ class Seccomp(_message.Message):
     def __init__(self, profile: _Optional[str] = ...) -> None: ...
 
 class Mount(_message.Message):
-    __slots__ = ("storage", "subpath", "destination", "readonly")
+    __slots__ = ("storage", "subpath", "destination", "readonly", "propagation")
     STORAGE_FIELD_NUMBER: _ClassVar[int]
     SUBPATH_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_FIELD_NUMBER: _ClassVar[int]
     READONLY_FIELD_NUMBER: _ClassVar[int]
+    PROPAGATION_FIELD_NUMBER: _ClassVar[int]
     storage: Storage
     subpath: str
     destination: str
     readonly: bool
-    def __init__(self, storage: _Optional[_Union[Storage, _Mapping]] = ..., subpath: _Optional[str] = ..., destination: _Optional[str] = ..., readonly: _Optional[bool] = ...) -> None: ...
+    propagation: str
+    def __init__(self, storage: _Optional[_Union[Storage, _Mapping]] = ..., subpath: _Optional[str] = ..., destination: _Optional[str] = ..., readonly: _Optional[bool] = ..., propagation: _Optional[str] = ...) -> None: ...
 
 class Resources(_message.Message):
     __slots__ = ("cpu_period", "cpu_quota", "cpu_shares", "memory_limit_bytes", "memory_swap_limit_bytes", "cpuset_cpus", "cpuset_mems", "unified")

@@ -60,12 +60,14 @@ def bind(shared: Path, container_id: str, specs: Iterable[Mount]) -> list[apb.Mo
             else:
                 target.touch(exist_ok=True)
             try:
-                mounts.bind(host, target, readonly=spec.readonly)
-            except OSError as exc:
+                mounts.bind(host, target, readonly=spec.readonly, propagation=spec.propagation)
+            except (OSError, ValueError) as exc:
                 raise VolumeError(f"mount {spec.host_path} on {spec.container_path}: {exc}") from None
             made.append(apb.Mount(storage=share_storage(),
                                   subpath=str(target.relative_to(shared)),
-                                  destination=spec.container_path, readonly=spec.readonly))
+                                  destination=spec.container_path, readonly=spec.readonly,
+                                  propagation="" if spec.propagation == "private"
+                                  else spec.propagation))
     except BaseException:
         unbind(shared, container_id)
         raise

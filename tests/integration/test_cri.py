@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -403,6 +404,64 @@ def test_cri_volumes(daemon, pushed, tmp_path):
     assert (data / "in.txt").read_text() == "from the host\n"
 
 
+def test_volume_mount_propagation(daemon, pushed, tmp_path):
+    """A host mount made under a volume after the container started shows
+    in the container with rslave and rshared, not with private (critest's
+    propagation specs); an rshared volume on a private host mount is
+    refused, as containerd refuses it; nothing stays mounted."""
+    d = daemon
+    image = pushed.ref("busybox:latest")
+    d.pull(image)
+    shared, private, flag = tmp_path / "shared", tmp_path / "private", tmp_path / "flag"
+    for path in (shared / "point", private / "point", flag):
+        path.mkdir(parents=True)
+    (flag / "flagFile").write_text("")
+    subprocess.run(["mount", "--bind", str(shared), str(shared)], check=True)
+    subprocess.run(["mount", "--make-rshared", str(shared)], check=True)
+    subprocess.run(["mount", "--bind", str(private), str(private)], check=True)
+    subprocess.run(["mount", "--make-rprivate", str(private)], check=True)
+    pod, pod_config = run_pod_named(d, "prop")
+    try:
+        def container(name: str, host: Path, propagation: int) -> str:
+            config = cri.ContainerConfig(
+                metadata=cri.ContainerMetadata(name=name), image=cri.ImageSpec(image=image),
+                command=["sleep", "300"], log_path=f"{name}.log",
+                mounts=[cri.Mount(container_path="/vol", host_path=str(host),
+                                  propagation=propagation)])
+            cid = d.runtime.CreateContainer(cri.CreateContainerRequest(
+                pod_sandbox_id=pod, config=config, sandbox_config=pod_config)).container_id
+            d.runtime.StartContainer(cri.StartContainerRequest(container_id=cid))
+            return cid
+
+        kinds = {"rslave": cri.PROPAGATION_HOST_TO_CONTAINER,
+                 "rshared": cri.PROPAGATION_BIDIRECTIONAL, "private": cri.PROPAGATION_PRIVATE}
+        cids = {name: container(name, private if name == "private" else shared, kind)
+                for name, kind in kinds.items()}
+        for name, cid in cids.items():
+            status = d.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
+            assert status.mounts[0].propagation == kinds[name]
+        subprocess.run(["mount", "--bind", str(flag), str(shared / "point")], check=True)
+        subprocess.run(["mount", "--bind", str(flag), str(private / "point")], check=True)
+        seen = {name: d.exec_sync(cid, "ls -A /vol/point") for name, cid in cids.items()}
+        assert seen == {"rslave": (0, "flagFile\n"), "rshared": (0, "flagFile\n"),
+                        "private": (0, "")}, seen
+        refused = cri.ContainerConfig(
+            metadata=cri.ContainerMetadata(name="refused"), image=cri.ImageSpec(image=image),
+            command=["true"], mounts=[cri.Mount(container_path="/vol", host_path=str(private),
+                                                propagation=cri.PROPAGATION_BIDIRECTIONAL)])
+        with pytest.raises(grpc.RpcError) as err:
+            d.runtime.CreateContainer(cri.CreateContainerRequest(
+                pod_sandbox_id=pod, config=refused, sandbox_config=pod_config))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a shared mount" in err.value.details()
+    finally:
+        d.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))
+        d.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
+        for path in (shared / "point", private / "point", shared, private):
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    assert mounts_under(d.base) == []
+
+
 def test_an_exec_is_the_containers_user_groups_env_and_cwd(daemon, pushed, no_leaks):
     """An exec'd process runs as the container's own does (containerd's
     exec does): the same uid, groups, working directory and environment."""
@@ -413,6 +472,45 @@ def test_an_exec_is_the_containers_user_groups_env_and_cwd(daemon, pushed, no_le
     assert r.stdout == b"1000\n1000\n/tmp\nbar\n", r
     cli("stop", "-t", "1", cid[:12])
     cli("rm", cid[:12])
+
+
+def test_an_exec_whose_client_goes_away_is_killed(daemon, pushed, no_leaks):
+    """An exec'd process lives no longer than its client: a CRI streaming
+    exec whose connection drops (as containerd's) and a `hyperrun exec`
+    whose CLI is killed both take their process with them; the container
+    runs on."""
+    from websockets.sync.client import connect as ws_connect
+
+    cli = Cli(daemon.cli.env, check=True)
+    cid = cli("run", "-d", pushed.ref("busybox:latest"), "sleep", "600").stdout.decode().strip()
+    # The exec writes its PID, then says so and sleeps: "started" read
+    # means the process to watch is known.
+    script = "echo $$ > /tmp/{0}.pid; echo started; exec sleep 1000"
+
+    def alive(name: str) -> bool:
+        code, out = daemon.exec_sync(cid, f"kill -0 $(cat /tmp/{name}.pid) && "
+                                          f"! grep -q Z /proc/$(cat /tmp/{name}.pid)/stat")
+        return code == 0
+
+    url = daemon.runtime.Exec(cri.ExecRequest(container_id=cid, cmd=["sh", "-c", script.format("ws")],
+                                              stdout=True, stderr=True)).url
+    with ws_connect("ws" + url[4:], subprotocols=["v4.channel.k8s.io"]) as ws:
+        out = b""
+        while b"started" not in out:
+            msg = ws.recv(timeout=60)
+            out += msg[1:] if isinstance(msg, bytes) and msg[:1] == b"\x01" else b""
+        assert alive("ws")
+    wait_until(lambda: not alive("ws"), 60, "the exec of a closed websocket to end")
+
+    proc = cli.popen("exec", cid[:12], "sh", "-c", script.format("cli"), stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"started\n"
+    assert alive("cli")
+    proc.kill()
+    proc.wait()
+    wait_until(lambda: not alive("cli"), 60, "the exec of a killed CLI to end")
+
+    assert daemon.exec_sync(cid, "true")[0] == 0  # the container runs on
+    cli("rm", "-f", cid[:12])
 
 
 def test_capabilities_and_security_options_of_a_run(daemon, pushed, no_leaks):

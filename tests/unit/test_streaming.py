@@ -25,17 +25,20 @@ class FakeProcess:
     """Writes a line to stderr (stdout with a tty), echoes stdin to stdout,
     and exits with `code` when stdin closes (at once when it has none)."""
 
-    def __init__(self, tty: bool, stdin: bool, code: int, output: bytes = b"") -> None:
+    def __init__(self, tty: bool, stdin: bool, code: int, output: bytes = b"",
+                 hang: bool = False) -> None:
         self.queues = {"stdout": asyncio.Queue(), "stderr": asyncio.Queue()}
         self.code = code
         self.resizes: list[tuple[int, int]] = []
         self.stdin_closed = False
         self.waited = False
+        self.abandoned = asyncio.Event()
         self._done = asyncio.Event()
         self.queues["stdout" if tty else "stderr"].put_nowait(b"to stderr\n")
         for off in range(0, len(output), 65536):
             self.queues["stdout"].put_nowait(output[off:off + 65536])
-        if not stdin:
+        self.hang = hang  # runs until abandoned, whatever its stdin does
+        if not stdin and not hang:
             self._finish()
 
     def _finish(self) -> None:
@@ -53,7 +56,8 @@ class FakeProcess:
 
     async def close_stdin(self) -> None:
         self.stdin_closed = True
-        self._finish()
+        if not self.hang:
+            self._finish()
 
     async def resize(self, rows: int, cols: int) -> None:
         self.resizes.append((rows, cols))
@@ -63,9 +67,16 @@ class FakeProcess:
         self.waited = True
         return self.code
 
+    async def abandon(self) -> None:
+        """As a killed exec (or a let-go attach): its output ends."""
+        self.abandoned.set()
+        self.code = 137
+        self._finish()
+
 
 class FakeBackend:
-    """exec: cmd ["fake", CODE] or ["big", CODE] (300 kB of output);
+    """exec: cmd ["fake", CODE], ["big", CODE] (300 kB of output) or
+    ["hang", CODE] (runs until abandoned);
     container "missing" fails. port_forward: to a local echo server, which
     answers in upper case; port 9 is refused."""
 
@@ -80,13 +91,13 @@ class FakeBackend:
         if container_id == "missing":
             raise LookupError("container missing not found")
         output = b"x" * 300_000 if cmd[0] == "big" else b""
-        proc = FakeProcess(tty, stdin, int(cmd[-1]), output)
+        proc = FakeProcess(tty, stdin, int(cmd[-1]), output, hang=cmd[0] == "hang")
         self.procs.append(proc)
         return proc
 
     async def attach(self, container_id, tty, stdin):
         self.calls.append(("attach", container_id, tty, stdin))
-        proc = FakeProcess(tty, stdin, 7)
+        proc = FakeProcess(tty, stdin, 7, hang=container_id == "hang")
         self.procs.append(proc)
         return proc
 
@@ -400,6 +411,31 @@ def test_websocket_attach_reports_success():
         assert json.loads(out[3])["status"] == "Success"  # no exit code for attach
         assert backend.calls == [("attach", "c2", False, False)]
         assert backend.procs[0].waited  # released
+    run(body)
+
+
+def test_a_client_gone_abandons_its_exec_or_attach():
+    """A process whose client's connection ends (a dropped websocket, a
+    closed SPDY connection) is abandoned: an exec's killed, an attach let
+    go; one whose client stays is not."""
+    async def body(server, backend):
+        for url in (server.register_exec(ExecRequestInfo("c1", ["hang", "0"])),
+                    server.register_attach(AttachRequestInfo("hang"))):
+            ws = await ws_connect(ws_url(url), subprotocols=["v4.channel.k8s.io"])
+            assert await ws.recv() == b"\x01"
+            proc = backend.procs[-1]
+            assert not proc.abandoned.is_set()  # its client is there: it runs on
+            await ws.close()
+            await asyncio.wait_for(proc.abandoned.wait(), 5)
+        url = server.register_exec(ExecRequestInfo("c1", ["hang", "0"]))
+        client = SpdyClient()
+        await client.connect(url, ["v4.channel.k8s.io"])
+        streams = [client.create_stream(streamType=t) for t in ("error", "stdout", "stderr")]
+        await client.replied(*streams)
+        proc = backend.procs[-1]
+        assert not proc.abandoned.is_set()
+        client.close()
+        await asyncio.wait_for(proc.abandoned.wait(), 5)
     run(body)
 
 

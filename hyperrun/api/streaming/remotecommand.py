@@ -47,6 +47,10 @@ class ProcessIO(Protocol):
         """The exit code (128+N if killed by signal N). Called once, after
         the output ended; for an attach, to release it (code not reported)."""
 
+    async def abandon(self) -> None:
+        """The client is gone: an exec's process is killed, an attach lets
+        go of the container; either way the output ends."""
+
 
 @dataclass
 class Channels:
@@ -57,6 +61,7 @@ class Channels:
     stdout: object | None = None   # sinks: write(bytes), close()
     stderr: object | None = None
     resize: Inbox | None = None
+    gone: asyncio.Event | None = None  # set when the client's connection ends
 
 
 async def serve_spdy(backend: Backend, kind: str, info, protocol: str, conn: spdy.Connection,
@@ -92,7 +97,8 @@ async def serve_spdy(backend: Backend, kind: str, info, protocol: str, conn: spd
                         stdin=streams.get("stdin") if info.stdin else None,
                         stdout=quiet.get("stdout") if info.stdout else None,
                         stderr=quiet.get("stderr") if info.stderr and not info.tty else None,
-                        resize=streams.get("resize") if info.tty else None)
+                        resize=streams.get("resize") if info.tty else None,
+                        gone=conn.closed)
     for name in ("stdout", "stderr"):
         if name in streams and getattr(channels, name) is None:
             await quiet[name].close()  # not wanted: end it at once
@@ -108,7 +114,8 @@ async def serve_websocket(backend: Backend, kind: str, info, conn: websocket.Con
         stdin=conn.inbox(websocket.STDIN) if info.stdin else None,
         stdout=QuietSink(conn.sink(websocket.STDOUT)) if info.stdout else None,
         stderr=QuietSink(conn.sink(websocket.STDERR)) if info.stderr and not info.tty else None,
-        resize=conn.inbox(websocket.RESIZE) if info.tty else None)
+        resize=conn.inbox(websocket.RESIZE) if info.tty else None,
+        gone=conn.closed)
     # As the kubelet: an empty message on the lowest writable channel
     # tells the client the streams are ready.
     await _ws_hello(conn, info)
@@ -199,13 +206,20 @@ async def run(backend: Backend, kind: str, info, ch: Channels) -> None:
     if not info.tty:
         outs.append(pump_out("stderr", ch.stderr))
     code = 0
+    output = asyncio.ensure_future(asyncio.gather(*outs))
     try:
-        await asyncio.gather(*outs)
-        try:
-            code = _exit_code(await proc.wait())
-        except Exception as exc:
-            failures.append(exc)
+        abandoned = await _until_output_ends_or_client_gone(output, ch.gone)
+        if abandoned:
+            _log.info(f"client gone: {kind} abandoned", container=info.container_id)
+            await proc.abandon()
+        await output
+        if not (abandoned and kind == "attach"):  # an abandoned attach has nothing to wait for
+            try:
+                code = _exit_code(await proc.wait())
+            except Exception as exc:
+                failures.append(exc)
     finally:
+        output.cancel()
         for task in side:
             task.cancel()
         await asyncio.gather(*side, return_exceptions=True)
@@ -216,6 +230,20 @@ async def run(backend: Backend, kind: str, info, ch: Channels) -> None:
     else:
         status = _status_success()  # an attach reports no exit code, as the kubelet's
     await send_status(status)
+
+
+async def _until_output_ends_or_client_gone(output: asyncio.Future,
+                                           gone: asyncio.Event | None) -> bool:
+    """Wait for the output's end; True if the client went away first."""
+    if gone is None:
+        await asyncio.wait({output})
+        return False
+    watcher = asyncio.ensure_future(gone.wait())
+    try:
+        await asyncio.wait({output, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    return gone.is_set() and not output.done()
 
 
 def _status_success() -> dict:

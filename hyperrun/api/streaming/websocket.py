@@ -113,10 +113,14 @@ class Connection:
                     self.proto.receive_data(data)
                 else:
                     self.proto.receive_eof()
+                peer_closed = False
                 for frame in self.proto.events_received():
+                    peer_closed |= frame.opcode is Opcode.CLOSE
                     await self._on_frame(frame)
-                await self.flush()
-                if not data or self.proto.state is WsState.CLOSED:
+                await self.flush()  # with the protocol's answer to a close
+                # The client's close frame: it is gone, whether or not it
+                # waits for the TCP connection to end.
+                if not data or peer_closed or self.proto.state is WsState.CLOSED:
                     break
         except (ConnectionError, OSError):
             pass
