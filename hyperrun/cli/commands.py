@@ -34,6 +34,11 @@ def by_daemon(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
 
+def compose(args: argparse.Namespace) -> int:
+    from hyperrun.cli import compose
+    return compose.main(args)
+
+
 def _fail(message: str, code: int = 1) -> int:
     print(f"hyperrun: {message}", file=sys.stderr)
     return code
