@@ -1,0 +1,122 @@
+"""`hyperrun compose` end to end: examples/blog (nginx -> php-fpm -> MariaDB,
+each service in its own VM on the CNI network) up with one command
+against an image the test builds from Debian's packages; the page, a post
+added through it, a re-created database found again by its name, Docker's
+file limit in the containers, and nothing left on the host after `down`
+(issue 17)."""
+import json
+import re
+import shutil
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from hyperrun.paths import cache_root
+from hyperrun.sample_images import Layout, build_debian, debian_blog
+from tests.framework import Cli, qemu_pids, wait_until
+from tests.conftest import REPORTS
+from tests.framework.host import network_state, state_diff
+from tests.registry import require_tools
+
+pytestmark = pytest.mark.vm
+BLOG = Path(__file__).resolve().parents[2] / "examples" / "blog"
+BRIDGE = "hrpod0"  # the default CNI network's (framework/cni.py)
+PORT = 18950
+
+
+@pytest.fixture(scope="module")
+def blog_image(registry, tmp_path_factory) -> str:
+    """examples/blog's image (Debian bookworm with nginx-light, php-fpm,
+    php-mysql, mariadb-server), pushed to the test registry."""
+    require_tools()
+    if not shutil.which("debootstrap"):
+        pytest.skip("debootstrap is not installed (apt install debootstrap)")
+    tree = debian_blog(cache_root() / "test")
+    d = tmp_path_factory.mktemp("blog")
+    layout = Layout(d / "oci")
+    build_debian(layout, "blog", d, tree)
+    registry.push(layout.path, "blog", "blog:bookworm")
+    return registry.ref("blog:bookworm")
+
+
+def page(timeout: float = 120) -> str:
+    """The blog's page once it lists posts (nginx, php-fpm and MariaDB up)."""
+    def get():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/", timeout=30) as r:
+                body = r.read().decode()
+                return body if 'class="title"' in body else None
+        except OSError:
+            return None
+    return wait_until(get, timeout, "the blog's page with its posts", interval=0.5)
+
+
+def titles(body: str) -> list[str]:
+    return re.findall(r'<h2 class="title">(.*?)</h2>', body)
+
+
+def test_blog_up_post_recreate_db_down(netd, cni_env, pushed, blog_image):
+    d, leases = netd, cni_env[1]
+    env = {**d.cli.env, "BLOG_IMAGE": blog_image, "BLOG_PORT": str(PORT)}
+    cli = Cli(env, check=True)
+    compose = ("compose", "-f", str(BLOG / "compose.yaml"))
+    d.warm_up(pushed.ref("busybox:latest"))  # the plugins' shared chains, which stay
+    before = network_state(leases, BRIDGE)
+    cli("pull", "-q", blog_image, timeout=600)
+
+    began = time.monotonic()
+    up = cli(*compose, "up", "-d", timeout=1200)
+    up_s = time.monotonic() - began
+    report = REPORTS.setdefault("examples/blog: compose up -d, and each VM's PSS", [])
+    report.append(f"compose up -d (3 VMs, image pulled before): {up_s:.1f} s")
+    print(up.stderr.decode())
+    body = page()
+    assert titles(body) == ["Hello from MariaDB"], body
+
+    # A post added through the page's form appears on it.
+    form = urllib.parse.urlencode({"title": "Added through the page", "body": "hi"}).encode()
+    with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/", data=form, timeout=60) as r:
+        assert titles(r.read().decode()) == ["Added through the page", "Hello from MariaDB"]
+
+    ps = cli(*compose, "ps").stdout.decode()
+    print(ps)
+    assert re.search(r"blog-db-1 .* db +Up .*\(healthy\)", ps), ps
+    assert f"0.0.0.0:{PORT}->80/tcp" in ps
+    stats = cli("stats", timeout=120).stdout.decode()
+    report += stats.splitlines()
+    for service in ("nginx", "php", "db"):
+        assert f"blog-{service}-1" in stats
+
+    # Docker's file limit, and MariaDB has what it asks for.
+    assert cli(*compose, "exec", "-T", "db", "sh", "-c", "ulimit -n; ulimit -Hn"
+               ).stdout == b"1048576\n1048576\n"
+    db_log = cli(*compose, "logs", "db").stdout.decode()
+    assert "ready for connections" in db_log, db_log
+    assert "max_open_files" not in db_log, db_log
+    assert "io_uring" not in db_log.lower() or "ENOSYS" not in db_log, db_log
+
+    # Services by name (and containers by theirs), as they are now.
+    def resolved(name: str) -> str:
+        out = cli(*compose, "exec", "-T", "php", "getent", "hosts", name).stdout.decode()
+        return out.split()[0]
+    db_ip = resolved("db")
+    assert resolved("blog-db-1") == db_ip
+
+    # The database re-created: a new VM and address, its data on the volume;
+    # the page finds it by its name with no edits.
+    (old,) = json.loads(cli("inspect", "blog-db-1").stdout)
+    cli(*compose, "up", "-d", "--force-recreate", "db", timeout=1200)
+    (new,) = json.loads(cli("inspect", "blog-db-1").stdout)
+    assert new["Id"] != old["Id"] and new["VM"]["Pid"] != old["VM"]["Pid"]
+    assert resolved("db") == new["NetworkSettings"]["IPAddress"]
+    report.append(f"db re-created: {db_ip} -> {new['NetworkSettings']['IPAddress']}")
+    assert titles(page(300)) == ["Added through the page", "Hello from MariaDB"]
+
+    cli(*compose, "down", timeout=300)
+    assert cli(*compose, "ps", "-a").stdout.decode().splitlines()[1:] == []
+    wait_until(lambda: not qemu_pids(d.run_dir), 30, "no VM of the project left")
+    after = network_state(leases, BRIDGE)
+    assert after == before, state_diff(before, after)
