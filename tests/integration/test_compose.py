@@ -120,3 +120,63 @@ def test_blog_up_post_recreate_db_down(netd, cni_env, pushed, blog_image):
     wait_until(lambda: not qemu_pids(d.run_dir), 30, "no VM of the project left")
     after = network_state(leases, BRIDGE)
     assert after == before, state_diff(before, after)
+
+
+def test_health_restart_and_names_per_project(netd, pushed, tmp_path):
+    """depends_on service_healthy waits for the daemon's health check; a
+    restart policy makes an exited container again; a service's name
+    answers in its own project only, a container's name everywhere."""
+    image = pushed.ref("busybox:latest")
+    cli = Cli(netd.cli.env, check=True)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "compose.yaml").write_text(f"""
+services:
+  web:
+    image: {image}
+    command: sh -c "mkdir -p /www && echo web > /www/index.html && exec httpd -f -p 80 -h /www"
+    healthcheck: {{test: [CMD, wget, -qO-, http://127.0.0.1/], interval: 1s, retries: 3}}
+  client:
+    image: {image}
+    command: sleep 600
+    depends_on: {{web: {{condition: service_healthy}}}}
+  flaky:
+    image: {image}
+    command: sh -c "echo ran; exit 3"
+    restart: on-failure:2
+""")
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "compose.yaml").write_text(f"""
+services:
+  client:
+    image: {image}
+    command: sleep 600
+""")
+    one = ("compose", "-f", str(tmp_path / "one" / "compose.yaml"))
+    two = ("compose", "-f", str(tmp_path / "two" / "compose.yaml"))
+    up = cli(*one, "up", "-d", timeout=600).stderr.decode()
+    assert up.index("one-web-1  Healthy") < up.index("one-client-1  Creating"), up
+    assert re.search(r"one-web-1 .* web +Up .*\(healthy\)", cli(*one, "ps").stdout.decode())
+    cli(*two, "up", "-d", timeout=600)
+
+    (web,) = json.loads(cli("inspect", "one-web-1").stdout)
+    web_ip = web["NetworkSettings"]["IPAddress"]
+    lookup = "nslookup {} | grep -A1 '^Name:' | grep Address | sed 's/.* //'"
+    assert cli(*one, "exec", "-T", "client", "sh", "-c", lookup.format("web")
+               ).stdout.decode() == f"{web_ip}\n"
+    assert cli(*one, "exec", "-T", "client", "wget", "-qO-", "http://web/").stdout == b"web\n"
+    assert cli(*two, "exec", "-T", "client", "sh", "-c", lookup.format("one-web-1")
+               ).stdout.decode() == f"{web_ip}\n"
+    r = cli(*two, "exec", "-T", "client", "nslookup", "web", check=False)
+    assert r.returncode != 0, r  # project one's service, not two's
+
+    def flaky():
+        (info,) = json.loads(cli("inspect", "one-flaky-1").stdout)
+        return info["Config"]["Labels"].get("io.hyperrun.restarts") == "2" and \
+            not info["State"]["Running"] and info
+    info = wait_until(flaky, 120, "flaky restarted twice, then left exited")
+    assert info["State"]["ExitCode"] == 3
+    assert cli(*one, "logs", "flaky").stdout.decode().count("ran") >= 1
+
+    for project in (one, two):
+        cli(*project, "down", timeout=300)
+    wait_until(lambda: not qemu_pids(netd.run_dir), 30, "no VM left")
