@@ -6,7 +6,6 @@ file limit in the containers, and nothing left on the host after `down`
 (issue 17)."""
 import json
 import re
-import shutil
 import time
 import urllib.parse
 import urllib.request
@@ -14,32 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from hyperrun.paths import cache_root
-from hyperrun.sample_images import Layout, build_debian, debian_blog
 from tests.framework import Cli, qemu_pids, wait_until
 from tests.conftest import REPORTS
 from tests.framework.host import network_state, state_diff
-from tests.registry import require_tools
 
 pytestmark = pytest.mark.vm
 BLOG = Path(__file__).resolve().parents[2] / "examples" / "blog"
 BRIDGE = "hrpod0"  # the default CNI network's (framework/cni.py)
 PORT = 18950
-
-
-@pytest.fixture(scope="module")
-def blog_image(registry, tmp_path_factory) -> str:
-    """examples/blog's image (Debian bookworm with nginx-light, php-fpm,
-    php-mysql, mariadb-server), pushed to the test registry."""
-    require_tools()
-    if not shutil.which("debootstrap"):
-        pytest.skip("debootstrap is not installed (apt install debootstrap)")
-    tree = debian_blog(cache_root() / "test")
-    d = tmp_path_factory.mktemp("blog")
-    layout = Layout(d / "oci")
-    build_debian(layout, "blog", d, tree)
-    registry.push(layout.path, "blog", "blog:bookworm")
-    return registry.ref("blog:bookworm")
 
 
 def page(timeout: float = 120) -> str:
