@@ -27,7 +27,8 @@ from typing import Callable
 import pytest
 
 from hyperrun.sample_images import (Images, Layout, Registry, build_debian, build_test_images,
-                                    debian_blog, debian_minbase, make_tls, missing_tools, start_registry)
+                                    debian_blog, debian_minbase, make_tls, missing_tools,
+                                    start_registry)
 
 
 def require_tools() -> None:

@@ -26,7 +26,8 @@ from hyperrun.pods.service import EXITED, RUNNING, NotFound
 from .errors import message as known_message
 
 logger = log.get("supervisor")
-HEALTH_LABEL = "io.hyperrun.healthcheck"  # JSON: test, interval_s, timeout_s, retries, start_period_s
+# JSON: test, interval_s, timeout_s, retries, start_period_s
+HEALTH_LABEL = "io.hyperrun.healthcheck"
 RESTART_LABEL = "io.hyperrun.restart"      # no | always | on-failure[:N] | unless-stopped
 RESTARTS_LABEL = "io.hyperrun.restarts"  # how many times it was made again
 POLICIES = ("no", "always", "on-failure", "unless-stopped")
