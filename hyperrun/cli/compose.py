@@ -43,10 +43,9 @@ def run_options(project: Project, service: Service) -> RunOptions:
         ports=service.ports, detach=True, restart=service.restart,
         healthcheck=service.healthcheck.to_dict() if service.healthcheck else None,
         labels={PROJECT: project.name, SERVICE: service.name, NUMBER: "1",
-                WORKING_DIR: str(project.directory)},
-        progress=sys.stderr.isatty())
-    digest = hashlib.sha256(opts.to_json()).hexdigest()
-    opts.labels[HASH] = digest
+                WORKING_DIR: str(project.directory)})
+    opts.labels[HASH] = hashlib.sha256(opts.to_json()).hexdigest()
+    opts.progress = sys.stderr.isatty()  # a pull's bars: not the container's configuration
     return opts
 
 
