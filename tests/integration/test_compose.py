@@ -157,7 +157,13 @@ services:
             not info["State"]["Running"] and info
     info = wait_until(flaky, 120, "flaky restarted twice, then left exited")
     assert info["State"]["ExitCode"] == 3
-    assert cli(*one, "logs", "flaky").stdout.decode().count("ran") >= 1
+    assert "one-flaky-1  | ran\n" in cli(*one, "logs").stdout.decode()
+
+    # A restarted daemon checks its containers' health again.
+    netd.stop()
+    netd.start()
+    wait_until(lambda: re.search(r"one-web-1 .*\(healthy\)", cli(*one, "ps").stdout.decode()),
+               60, "web healthy again after the daemon's restart")
 
     for project in (one, two):
         cli(*project, "down", timeout=300)
