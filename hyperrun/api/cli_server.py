@@ -121,6 +121,8 @@ def container_spec(opts: RunOptions, pod: PodSpec, mounts: list[Mount]) -> Conta
     labels = {**opts.labels, RUN_LABEL: "1"}
     try:
         if opts.restart != "no":
+            if not opts.detach or opts.remove:
+                raise ValueError("a restart policy is for a detached run (-d), without --rm")
             labels[supervisor.RESTART_LABEL] = supervisor.check_policy(opts.restart)
         if opts.healthcheck is not None:
             labels[supervisor.HEALTH_LABEL] = json.dumps(

@@ -45,6 +45,9 @@ def build() -> argparse.ArgumentParser:
     run.add_argument("--security-opt", action="append", default=[], metavar="OPT",
                      help="seccomp=unconfined|PROFILE.json (default: the runtime's filter), "
                           "no-new-privileges")
+    run.add_argument("--restart", default="no", metavar="POLICY",
+                     help="with -d: no, always, on-failure[:N] or unless-stopped (the daemon "
+                          "makes the exited container again)")
     run.add_argument("--platform", default="linux/amd64", help="os/arch of the image to pull")
     run.add_argument("--pull", default="missing", choices=["missing", "always", "never"])
     run.add_argument("--cpus", type=int, help="CPU limit, and the VM's vCPUs (default: the "
