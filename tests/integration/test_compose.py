@@ -168,3 +168,27 @@ services:
     for project in (one, two):
         cli(*project, "down", timeout=300)
     wait_until(lambda: not qemu_pids(netd.run_dir), 30, "no VM left")
+
+
+def test_up_attached_follows_the_output_and_ctrl_c_stops(netd, pushed, tmp_path):
+    """`compose up` without -d: the services' lines after their container's
+    name, until Ctrl-C, which stops them (as docker compose's)."""
+    import signal
+    import subprocess
+
+    (tmp_path / "compose.yaml").write_text(f"""
+name: attached
+services:
+  talker:
+    image: {pushed.ref("busybox:latest")}
+    command: sh -c "echo hello; trap 'exit 0' TERM; while true; do sleep 0.1; done"
+""")
+    cli = Cli(netd.cli.env, check=True)
+    up = cli.popen("compose", "-f", str(tmp_path / "compose.yaml"), "up",
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert up.stdout.readline() == b"attached-talker-1 | hello\n"
+    up.send_signal(signal.SIGINT)
+    assert up.wait(60) == 130
+    ps = cli("compose", "-f", str(tmp_path / "compose.yaml"), "ps", "-a").stdout.decode()
+    assert re.search(r"attached-talker-1 .* Exited \(0\)", ps), ps
+    cli("compose", "-f", str(tmp_path / "compose.yaml"), "down")
