@@ -135,8 +135,12 @@ class RunOptions(_Request):
     network: str = "auto"
     console: tuple[int, int] | None = None  # -t: the terminal's rows and cols at the start
     progress: bool = False          # a pull's progress wanted (the CLI's stderr is a terminal)
+    labels: dict[str, str] = field(default_factory=dict)  # the pod's and container's (compose's)
+    restart: str = "no"             # no | always | on-failure[:N] | unless-stopped
+    healthcheck: dict | None = None  # test, interval_s, timeout_s, retries, start_period_s
 
     FIELDS: ClassVar[dict] = {
+        "labels": "strdict", "restart": str, "healthcheck": "dict?",
         "image": str, "args": "strs", "rootfs": str, "name": str, "direct": bool, "entrypoint": "strs?", "env": "strs",
         "workdir": str, "user": str, "stdin": bool, "tty": bool, "hostname": str, "readonly": bool,
         "cap_add": "strs", "cap_drop": "strs", "security_opt": "strs", "ulimits": "strs",
@@ -205,6 +209,11 @@ class PullOptions(_Request):
 
 
 def _is(value, kind) -> bool:
+    if kind == "strdict":
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                               for k, v in value.items())
+    if kind == "dict?":
+        return value is None or isinstance(value, dict)
     if kind == "strs":
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if kind == "strs?":

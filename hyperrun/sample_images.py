@@ -582,3 +582,35 @@ def build_debian(layout: Layout, tag: str, work: Path, tree: Path) -> str:
                  "--config.env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                  "--no-history")
     return layout.digest(tag)
+
+
+BLOG_PACKAGES = ("nginx-light", "php-fpm", "php-mysql", "mariadb-server")
+
+
+def debian_blog(cache: Path) -> Path:
+    """The minbase tree with examples/blog's servers (BLOG_PACKAGES: nginx,
+    php-fpm with mysqli, MariaDB) installed by apt, none started; made once
+    per machine and kept under cache, as debian_minbase."""
+    tree = cache / "debian-bookworm-blog"
+    if (tree / "usr" / "sbin" / "mariadbd").exists():
+        return tree
+    base = debian_minbase(cache)
+    partial = cache / "debian-bookworm-blog.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    run("cp", "-a", str(base), str(partial))
+    policy = partial / "usr" / "sbin" / "policy-rc.d"  # no service starts in the chroot
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    shutil.copy("/etc/resolv.conf", partial / "etc" / "resolv.conf")
+    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    run("chroot", str(partial), "apt-get", "update", "-q", env=env)
+    run("chroot", str(partial), "apt-get", "install", "-y", "-q", "--no-install-recommends",
+        *BLOG_PACKAGES, env=env)
+    run("chroot", str(partial), "apt-get", "clean", env=env)
+    policy.unlink()
+    (partial / "etc" / "resolv.conf").write_text("")
+    # The packages' own data directory: the example's database lives on a volume.
+    shutil.rmtree(partial / "var" / "lib" / "mysql", ignore_errors=True)
+    (partial / "var" / "lib" / "mysql").mkdir()
+    partial.rename(tree)
+    return tree

@@ -13,6 +13,11 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+# A compose project's pods and containers carry Docker's compose labels; the
+# pods' name server answers a service's name among its project's pods.
+PROJECT_LABEL = "com.docker.compose.project"
+SERVICE_LABEL = "com.docker.compose.service"
+
 
 @dataclass(frozen=True)
 class PortMapping:

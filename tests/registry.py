@@ -27,7 +27,8 @@ from typing import Callable
 import pytest
 
 from hyperrun.sample_images import (Images, Layout, Registry, build_debian, build_test_images,
-                                    debian_minbase, make_tls, missing_tools, start_registry)
+                                    debian_blog, debian_minbase, make_tls, missing_tools,
+                                    start_registry)
 
 
 def require_tools() -> None:
@@ -309,18 +310,32 @@ def pushed(registry, images) -> Pushed:
     return Pushed(registry, digests)
 
 
-@pytest.fixture(scope="session")
-def debian(registry, tmp_path_factory) -> str:
-    """A Debian minbase image (debootstrap, umoci) pushed to `registry`;
-    returns its reference."""
+def _debian_image(registry, tmp_path_factory, make_tree: Callable, name: str) -> str:
+    """A Debian tree (made by make_tree under the test cache, once per
+    machine) as an image pushed to `registry` as name:bookworm; its
+    reference."""
     require_tools()
     if not shutil.which("debootstrap"):
         pytest.skip("debootstrap is not installed (apt install debootstrap)")
     from hyperrun.paths import cache_root
 
-    tree = debian_minbase(cache_root() / "test")
-    d = tmp_path_factory.mktemp("debian")
+    tree = make_tree(cache_root() / "test")
+    d = tmp_path_factory.mktemp(name)
     layout = Layout(d / "oci")
-    build_debian(layout, "debian", d, tree)
-    registry.push(layout.path, "debian", "debian:bookworm")
-    return registry.ref("debian:bookworm")
+    build_debian(layout, name, d, tree)
+    registry.push(layout.path, name, f"{name}:bookworm")
+    return registry.ref(f"{name}:bookworm")
+
+
+@pytest.fixture(scope="session")
+def debian(registry, tmp_path_factory) -> str:
+    """A Debian minbase image (debootstrap, umoci) pushed to `registry`;
+    returns its reference."""
+    return _debian_image(registry, tmp_path_factory, debian_minbase, "debian")
+
+
+@pytest.fixture(scope="session")
+def blog_image(registry, tmp_path_factory) -> str:
+    """examples/blog's image: Debian bookworm with nginx-light, php-fpm,
+    php-mysql and mariadb-server (sample_images.debian_blog)."""
+    return _debian_image(registry, tmp_path_factory, debian_blog, "blog")

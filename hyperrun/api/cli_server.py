@@ -32,6 +32,7 @@ from hyperrun.specs import ContainerSpec, Mount, PodSpec, PortMapping
 from hyperrun.cli_api import (RUN_LABEL, ExecOptions, ListOptions, LogsOptions, NamesOptions,
                               ProtocolError, PullOptions, RunError, RunOptions)
 
+from . import supervisor
 from .errors import message as known_message
 
 
@@ -40,15 +41,20 @@ logger = log.get("runs")
 
 # ------------------------------------------------------ the run as specs
 
-def parse_volume(text: str) -> Mount:
-    """-v HOST:CONTAINER[:ro|rw]."""
+def parse_volume(text: str, volumes_root: Path | None = None) -> Mount:
+    """-v HOST:CONTAINER[:ro|rw], or NAME:CONTAINER[:ro|rw]: a named volume,
+    a directory of the daemon's (volumes_root/NAME/_data, as Docker's),
+    made at its first use and kept until removed with the data root."""
     parts = text.split(":")
     if len(parts) not in (2, 3) or not parts[0] or not parts[1] or \
             (len(parts) == 3 and parts[2] not in ("ro", "rw")):
         raise RunError(f"-v {text!r}: expected HOST:CONTAINER[:ro]")
     host = Path(parts[0])
+    if volumes_root is not None and NAME.fullmatch(parts[0]):
+        host = volumes_root / parts[0] / "_data"
+        host.mkdir(parents=True, exist_ok=True)
     if not host.is_absolute():
-        raise RunError(f"-v {text!r}: the host path must be absolute")
+        raise RunError(f"-v {text!r}: the host path must be absolute (or a volume's name)")
     return Mount(host_path=str(host), container_path=parts[1],
                  readonly=len(parts) == 3 and parts[2] == "ro")
 
@@ -105,18 +111,29 @@ def pod_spec(opts: RunOptions, ports: list[PortMapping], logs_root: Path) -> Pod
                            "no --rootfs, -v, -i, -t, -p or network")
     network = "none" if opts.direct else opts.network if opts.network != "auto" else ""
     return PodSpec(name=name, uid=name, namespace="hyperrun", hostname=opts.hostname or name,
-                   log_directory=str(logs_root / name), labels={RUN_LABEL: "1"},
+                   log_directory=str(logs_root / name), labels={**opts.labels, RUN_LABEL: "1"},
                    network=network, ports=tuple(ports), cpus=opts.cpus or 0,
                    memory_limit_bytes=(opts.memory_mib or 0) << 20,
                    init="program" if opts.direct else "agent")
 
 
 def container_spec(opts: RunOptions, pod: PodSpec, mounts: list[Mount]) -> ContainerSpec:
+    labels = {**opts.labels, RUN_LABEL: "1"}
+    try:
+        if opts.restart != "no":
+            if not opts.detach or opts.remove:
+                raise ValueError("a restart policy is for a detached run (-d), without --rm")
+            labels[supervisor.RESTART_LABEL] = supervisor.check_policy(opts.restart)
+        if opts.healthcheck is not None:
+            labels[supervisor.HEALTH_LABEL] = json.dumps(
+                supervisor.check_healthcheck(opts.healthcheck))
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
     return ContainerSpec(
         name=pod.name, image=opts.image, rootfs=opts.rootfs, command=tuple(opts.entrypoint) if opts.entrypoint else None,
         args=tuple(opts.args), workdir=opts.workdir, env=tuple(opts.env),
         user=check_user(opts.user), mounts=tuple(mounts), log_path="container.log",
-        labels={RUN_LABEL: "1"}, stdin=opts.stdin, stdin_once=opts.stdin, tty=opts.tty,
+        labels=labels, stdin=opts.stdin, stdin_once=opts.stdin, tty=opts.tty,
         readonly_rootfs=opts.readonly, console_size=opts.console_size,
         add_capabilities=tuple(opts.cap_add), drop_capabilities=tuple(opts.cap_drop),
         ipc="container",  # Docker's: its own (a run's pod has this one container)
@@ -188,16 +205,20 @@ class CliServer:
         self.logs_root = logs_root
         self.remove_always = remove_always
         self.naming: set[str] = set()  # names of runs being made, not yet recorded
+        self.volumes_root = images.root / "volumes"  # named volumes (-v NAME:PATH)
+        self.supervisor = supervisor.Supervisor(manager)  # health checks, restart policies
         self._server: asyncio.AbstractServer | None = None
         self._requests: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         self.path.unlink(missing_ok=True)
         self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        self.supervisor.resume()
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+        self.supervisor.stop()
         for task in list(self._requests):
             task.cancel()
         if self._requests:
@@ -305,7 +326,7 @@ class _Connection:
             await self.exit(result)
 
     async def _run(self, opts: RunOptions) -> dict:
-        mounts = [parse_volume(v) for v in opts.volumes]
+        mounts = [parse_volume(v, self.server.volumes_root) for v in opts.volumes]
         ports = [parse_port(p) for p in opts.ports]
         spec = pod_spec(opts, ports, self.server.logs_root)
         container = container_spec(opts, spec, mounts)
@@ -328,6 +349,7 @@ class _Connection:
         if opts.detach:
             await self._start()
             self.detached = True
+            self.server.supervisor.watch(self.cid)
             return {"container": self.cid}
         # Attached before the start (no output missed), losslessly: the
         # container's output waits for the user's pipe, as `docker run`'s.
@@ -401,10 +423,14 @@ class _Connection:
                  "state": row.state.upper(), "created": row.created_at,
                  "ip": pod_network(row).ip}
                 for row in self.m.state.sandboxes()]}
+        pod_ports = {row.id: row.spec.ports for row in self.m.state.sandboxes()}
         return {"code": 0, "rows": [
             {"id": row.id, "image": (spec := row.spec).image or spec.rootfs, "name": spec.name,
              "state": row.state.upper(), "created": row.created_at, "started": row.started_at,
-             "finished": row.finished_at, "exit_code": row.exit_code, "pod": row.sandbox_id}
+             "finished": row.finished_at, "exit_code": row.exit_code, "pod": row.sandbox_id,
+             "labels": spec.labels, "health": self.server.supervisor.status(row.id),
+             "ports": [f"{p.host_ip or '0.0.0.0'}:{p.host_port}->{p.container_port}/{p.protocol}"
+                       for p in pod_ports.get(row.sandbox_id, ())]}
             for row in self.m.state.containers() if opts.all or row.state == RUNNING]}
 
     async def _stats(self) -> list[dict]:
@@ -448,7 +474,9 @@ class _Connection:
 
     async def _stop(self, opts: NamesOptions) -> dict:
         async def stop(name: str) -> list[str]:
-            await self.m.stop_container(self._container_id(name), opts.timeout)
+            cid = self._container_id(name)
+            self.server.supervisor.stopped.add(cid)  # not restarted by its policy
+            await self.m.stop_container(cid, opts.timeout)
             return [name]
         return await self._each(opts.names, stop)
 
@@ -461,6 +489,7 @@ class _Connection:
             if row.state == RUNNING:
                 if not opts.force:
                     raise RunError(f"container {cid[:12]} is running: stop it first (or rm -f)")
+                self.server.supervisor.stopped.add(cid)
                 await self.m.stop_container(cid, 0)  # Docker's rm -f: SIGKILL
             if row.spec.labels.get(RUN_LABEL) == "1":
                 pod_name = self.m.sandbox_row(row.sandbox_id).spec.name
@@ -501,7 +530,9 @@ class _Connection:
                                                                               row.state),
                       "Running": row.state == RUNNING, "ExitCode": row.exit_code,
                       "Reason": row.reason, "Error": row.message,
-                      "StartedAt": when(row.started_at), "FinishedAt": when(row.finished_at)},
+                      "StartedAt": when(row.started_at), "FinishedAt": when(row.finished_at),
+                   **({"Health": health} if (health := self.server.supervisor.health.get(cid))
+                      else {})},
             "Config": {"Image": spec.image or spec.rootfs, "Hostname": pod.spec.pod_hostname(),
                        "Entrypoint": list(spec.command) if spec.command is not None else None,
                        "Cmd": list(spec.args), "Env": list(spec.env),

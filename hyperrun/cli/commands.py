@@ -34,6 +34,11 @@ def by_daemon(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
 
+def compose(args: argparse.Namespace) -> int:
+    from hyperrun.cli import compose
+    return compose.main(args)
+
+
 def _fail(message: str, code: int = 1) -> int:
     print(f"hyperrun: {message}", file=sys.stderr)
     return code
@@ -71,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         cap_add=args.cap_add, cap_drop=args.cap_drop,
         security_opt=[_security_opt(o) for o in args.security_opt], ulimits=args.ulimit,
         platform=args.platform, pull=args.pull, cpus=args.cpus, memory_mib=args.memory,
-        remove=args.rm, detach=args.detach, ports=args.publish, network=args.network),
+        remove=args.rm, detach=args.detach, ports=args.publish, network=args.network,
+        restart=args.restart),
         template=args.template or None, machine=args.machine)
 
 

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["HYPERRUN_ROOT"] = str(args.root)
     handler = {"run": commands.run, "pull": commands.pull, "images": commands.images,
                "rmi": commands.rmi, "load": commands.load, "daemon": commands.daemon,
-               "check": commands.check, "version": commands.version,
+               "check": commands.check, "compose": commands.compose, "version": commands.version,
                **dict.fromkeys(("pods", "ps", "stats", "exec", "logs", "stop", "rm", "inspect"),
                                commands.by_daemon)}[args.command]
     try:

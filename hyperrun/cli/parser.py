@@ -45,6 +45,9 @@ def build() -> argparse.ArgumentParser:
     run.add_argument("--security-opt", action="append", default=[], metavar="OPT",
                      help="seccomp=unconfined|PROFILE.json (default: the runtime's filter), "
                           "no-new-privileges")
+    run.add_argument("--restart", default="no", metavar="POLICY",
+                     help="with -d: no, always, on-failure[:N] or unless-stopped (the daemon "
+                          "makes the exited container again)")
     run.add_argument("--platform", default="linux/amd64", help="os/arch of the image to pull")
     run.add_argument("--pull", default="missing", choices=["missing", "always", "never"])
     run.add_argument("--cpus", type=int, help="CPU limit, and the VM's vCPUs (default: the "
@@ -102,6 +105,8 @@ def build() -> argparse.ArgumentParser:
     rmc.add_argument("-f", "--force", action="store_true", help="kill a running one first")
     rmc.add_argument("containers", nargs="+")
 
+    _compose(sub)
+
     daemon = sub.add_parser("daemon", help="serve the Kubernetes CRI v1 API on a unix socket")
     daemon.add_argument("--socket", type=Path, help="default /run/hyperrun/hyperrun.sock as root")
     daemon.add_argument("--group", help="group owning the socket (mode 0660): who may use "
@@ -125,6 +130,34 @@ def build() -> argparse.ArgumentParser:
     for sp in (run, pull, sub.choices["images"], rmi, load, daemon):
         sp.add_argument("--root", type=Path, help="data root (images, metadata)")
     return p
+
+
+def _compose(sub) -> None:
+    """`hyperrun compose`: a compose file's services, each a detached run
+    of the daemon's (hyperrun/cli/compose.py)."""
+    c = sub.add_parser("compose", help="run a compose file's services, each in its own VM "
+                                       "(daemon)")
+    c.add_argument("-f", "--file", help="the compose file (default: compose.yaml or "
+                                        "docker-compose.yml here)")
+    c.add_argument("-p", "--project-name", help="the project's name (default: the file's "
+                                                "name:, else its directory's)")
+    csub = c.add_subparsers(dest="compose_command", required=True)
+    up = csub.add_parser("up", help="create and start the services (their dependencies first)")
+    up.add_argument("-d", "--detach", action="store_true", help="return once they are started")
+    up.add_argument("--force-recreate", action="store_true",
+                    help="re-create the containers even if their configuration is unchanged")
+    up.add_argument("services", nargs="*")
+    csub.add_parser("down", help="stop and remove the project's containers (volumes stay)")
+    ps = csub.add_parser("ps", help="the project's containers, with their health")
+    ps.add_argument("-a", "--all", action="store_true", help="stopped ones too")
+    lg = csub.add_parser("logs", help="the services' output, each line after its container")
+    lg.add_argument("-f", "--follow", action="store_true")
+    lg.add_argument("-n", "--tail", type=_tail, default=None, metavar="N")
+    lg.add_argument("services", nargs="*")
+    ex = csub.add_parser("exec", help="run a command in a service's container")
+    ex.add_argument("-T", "--no-tty", action="store_true", help="no pseudo-terminal")
+    ex.add_argument("service")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER)
 
 
 def _tail(text: str) -> int | None:

@@ -1,6 +1,8 @@
 """The name server a daemon gives its pods on CNI networks, as Docker's
 embedded DNS: a pod's name (a run's `--name`) answers with its IP as it is
-now (TTL 0: the answer follows a re-created pod), and every other question
+now (TTL 0: the answer follows a re-created pod), and so does a compose
+service's name, for the pods of its own project only (the lookup is told
+who asks), and every other question
 goes to the host's own name servers, loopback ones included (a VM cannot
 reach the host's 127.0.0.53; this server, on the host, can).
 
@@ -37,9 +39,10 @@ def upstreams(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str]:
 
 
 class NameServer:
-    def __init__(self, lookup: Callable[[str], list[str]],
+    def __init__(self, lookup: Callable[[str, str], list[str]],
                  upstream: Callable[[], list[str]] = upstreams) -> None:
-        """lookup(name): the IPv4 addresses of the pod of that name, or []."""
+        """lookup(name, client): the IPv4 addresses of the pod of that name
+        as the pod at the address client sees it, or []."""
         self.lookup = lookup
         self.upstream = upstream
         self._transports: dict[str, asyncio.DatagramTransport] = {}
@@ -68,7 +71,7 @@ class NameServer:
             transport.close()
         self._transports.clear()
 
-    async def answer(self, data: bytes) -> bytes | None:
+    async def answer(self, data: bytes, client: str = "") -> bytes | None:
         import dns.exception
         import dns.flags
         import dns.message
@@ -83,7 +86,7 @@ class NameServer:
         if len(query.question) == 1:
             question = query.question[0]
             name = question.name.to_text(omit_final_dot=True).lower()
-            addresses = self.lookup(name) if question.rdclass == dns.rdataclass.IN else []
+            addresses = self.lookup(name, client) if question.rdclass == dns.rdataclass.IN else []
             if addresses:
                 response = dns.message.make_response(query)
                 response.flags |= dns.flags.AA
@@ -129,7 +132,7 @@ class _Protocol(asyncio.DatagramProtocol):
 
     async def _reply(self, data: bytes, addr) -> None:
         try:
-            reply = await self.server.answer(data)
+            reply = await self.server.answer(data, addr[0])
         except Exception as exc:  # one bad question must not end the server
             logger.warning("DNS question not answered", error=str(exc))
             return

@@ -26,7 +26,7 @@ from hyperrun.network.dns import NameServer
 from hyperrun.channel.ttrpc import ConnectionLost, TtrpcError
 from hyperrun.image.imageconfig import Overrides, apply
 from hyperrun.image.service import ImageService, chain_id
-from hyperrun.specs import ContainerSpec, PodSpec, Resources
+from hyperrun.specs import PROJECT_LABEL, SERVICE_LABEL, ContainerSpec, PodSpec, Resources
 from hyperrun.proto import agent_pb2 as apb
 from hyperrun.vm import VM, VMError, new as new_vm
 from hyperrun.vm.config import Channel, Disk
@@ -273,11 +273,20 @@ class PodService:
         gateway = network.info.gateway if network.kind == "cni" and network.info else ""
         return gateway if gateway and await self.names.serve_on(gateway) else ""
 
-    def _addresses(self, name: str) -> list[str]:
-        """A ready pod's IP by its name or hostname, for the name server."""
-        return [ip for row in self.state.sandboxes() if row.state == READY
-                and name in (row.spec.name.lower(), row.spec.pod_hostname().lower())
-                and (ip := pod_network(row).ip)]
+    def _addresses(self, name: str, client: str = "") -> list[str]:
+        """A ready pod's IP by its name or hostname, for the name server;
+        or by its compose service's name, for a pod of the same project
+        (the one at the address client), as Docker's per-network aliases."""
+        ready = [(row, ip) for row in self.state.sandboxes()
+                 if row.state == READY and (ip := pod_network(row).ip)]
+        found = [ip for row, ip in ready
+                 if name in (row.spec.name.lower(), row.spec.pod_hostname().lower())]
+        project = next((row.spec.labels.get(PROJECT_LABEL) for row, ip in ready
+                        if ip == client), None)
+        if found or not project:
+            return found
+        return [ip for row, ip in ready if row.spec.labels.get(PROJECT_LABEL) == project
+                and row.spec.labels.get(SERVICE_LABEL, "").lower() == name]
 
     def _add_direct_pod(self, spec: PodSpec) -> str:
         """A pod whose VM's init is its one container's program: its VM is

@@ -11,12 +11,13 @@ from hyperrun.network.dns import NameServer
 
 def test_pod_names_and_forwarding():
     pods = {"db": ["10.89.0.7"]}
+    askers = set()
 
     async def main():
-        upstream = NameServer(lambda name: ["192.0.2.1"] if name == "example.test" else [],
+        upstream = NameServer(lambda name, client: ["192.0.2.1"] if name == "example.test" else [],
                               upstream=lambda: [])
         assert await upstream.serve_on("127.0.0.1", 15354)
-        server = NameServer(lambda name: pods.get(name, []))
+        server = NameServer(lambda name, client: askers.add(client) or pods.get(name, []))
         assert await server.serve_on("127.0.0.1", 15353)
         assert await server.serve_on("127.0.0.1", 15353)  # once per address
 
@@ -27,6 +28,7 @@ def test_pod_names_and_forwarding():
             r = await ask("db")
             assert [rr.to_text() for rrset in r.answer for rr in rrset] == ["10.89.0.7"]
             assert r.answer[0].ttl == 0  # follows a re-created pod
+            assert askers == {"127.0.0.1"}  # told who asks (a compose project's names)
             pods["db"] = ["10.89.0.9"]
             assert (await ask("DB.")).answer[0][0].to_text() == "10.89.0.9"
             r = await ask("db", "AAAA")  # the name is ours: no address of that kind

@@ -550,3 +550,28 @@ def test_output_after_a_daemon_restart_reaches_the_log(core):
         assert await exited(second, pod_id, cid) == 0
         assert core.log() == [("stdout", "F", "got:hello")]
     core.run(body)
+
+
+def test_the_name_server_answers_a_service_in_its_own_project(core):
+    """A pod's name answers for anyone; a compose service's name only for
+    the pods of its project (the name server says who asks)."""
+    import json
+
+    from hyperrun.network.sandbox_net import NetworkInfo
+    from hyperrun.sandbox.state import SandboxRow
+    from hyperrun.specs import PROJECT_LABEL, SERVICE_LABEL
+
+    m = core.service()
+    for name, project, ip in (("one-db-1", "one", "10.89.0.2"), ("one-web-1", "one", "10.89.0.3"),
+                              ("two-web-1", "two", "10.89.0.4"), ("lone", "", "10.89.0.5")):
+        labels = {PROJECT_LABEL: project, SERVICE_LABEL: name.split("-")[1]} if project else {}
+        info = NetworkInfo(name, "net", "", "eth0", "tap0", "", 1500, ips=[f"{ip}/16"])
+        m.state.add_sandbox(SandboxRow(name, PodSpec(name=name, labels=labels).to_json(),
+                                       "ready", 0, json.dumps({"network": {
+                                           "kind": "cni", "info": info.to_dict()}}).encode()))
+    assert m._addresses("one-db-1", "10.89.0.4") == ["10.89.0.2"]  # a container's name: any pod
+    assert m._addresses("db", "10.89.0.3") == ["10.89.0.2"]        # its project's service
+    assert m._addresses("web", "10.89.0.2") == ["10.89.0.3"]
+    assert m._addresses("web", "10.89.0.4") == ["10.89.0.4"]        # two's own web
+    assert m._addresses("db", "10.89.0.4") == []                    # not two's
+    assert m._addresses("db", "10.89.0.5") == []                    # no project
