@@ -214,6 +214,8 @@ def _daemon_pss(d: "_Daemon") -> float:
 
 def _start_daemon(base: Path, config: str, *args: str, env: dict | None = None) -> "_Daemon":
     base.mkdir(parents=True, exist_ok=True)
+    if "pool_size" not in config:  # the default ("auto") keeps one
+        config += "pool_size = 0\n"
     (base / "config.toml").write_text(f"[sandbox]\n{config}")
     return _Daemon(base, "--network", "none", *args,
                    env={"HYPERRUN_CONFIG": str(base / "config.toml"), **(env or {})})
@@ -450,6 +452,9 @@ class _Daemon:
         self.image = self.registry.ref("busybox:latest")
         env = {**os.environ, "HYPERRUN_ROOT": str(base / "root"),
                "HYPERRUN_RUN_DIR": str(base / "run"), **(env or {})}
+        if "HYPERRUN_CONFIG" not in env:  # booting pods, no pool: not the defaults
+            (base / "config.toml").write_text("[sandbox]\ntemplate = false\npool_size = 0\n")
+            env["HYPERRUN_CONFIG"] = str(base / "config.toml")
         sock = base / "cri.sock"
         # Its output goes to a file: a pipe nobody reads would fill and stall it.
         log = base / "daemon.log"

@@ -264,6 +264,8 @@ class PodService:
         self._watch_vm(pod)
         logger.info("sandbox started", sandbox=sandbox_id, name=spec.name,
                     vm=vm.id, pid=vm.pid, from_pool=spare is not None,
+                    started="pool" if spare is not None else
+                    "template" if vm.config.incoming else "boot",
                     vm_and_network_s=round(t1 - t0, 3), setup_s=round(clock() - t1, 3))
         return sandbox_id
 
