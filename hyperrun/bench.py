@@ -36,6 +36,7 @@ scale   idle pods added step by step (--steps, default 10,30,60,100; each
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -550,22 +551,40 @@ def bench_cri(runs: int) -> dict:
         shutil.rmtree(base, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _idle_pods_daemon(mode: str):
+    """A daemon on private roots whose pods boot ("cold") or are template
+    clones ("template": the template made before anything is timed, as a
+    pool would), with no pool; its pods, VMs, roots and templates removed
+    after."""
+    base = Path(tempfile.mkdtemp(prefix="hr-bench-", dir="/tmp"))
+    templates = Path(tempfile.mkdtemp(prefix="hr-bench-templates-", dir="/dev/shm"))
+    d = None
+    try:
+        d = _start_daemon(base, f"template = {str(mode == 'template').lower()}\npool_size = 0\n",
+                          env={"HYPERRUN_TEMPLATES": str(templates)})
+        if mode == "template":
+            pod_id, _ = d.pod("warm")
+            d.remove_pod(pod_id)
+        yield d
+        for pod in d.rt.ListPodSandbox(d.cri.ListPodSandboxRequest()).items:
+            d.remove_pod(pod.id)
+    finally:
+        if d is not None:
+            d.close()
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(templates, ignore_errors=True)
+
+
 def bench_density(count: int) -> dict:
     """`count` idle pods at once, each running a container that answers an
     exec, booted cold and then restored from a template: time to start them
     all and the median PSS of a pod's QEMU."""
     result = {}
     for mode in ("cold", "template"):
-        base = Path(tempfile.mkdtemp(prefix="hr-bench-", dir="/tmp"))
-        templates = Path(tempfile.mkdtemp(prefix="hr-bench-templates-", dir="/dev/shm"))
-        d = None
-        try:
-            print(f"== density: {count} idle pods, {mode}")
-            d = _start_daemon(base, f"template = {str(mode == 'template').lower()}\n",
-                              env={"HYPERRUN_TEMPLATES": str(templates)})
-            if mode == "template":  # made before the clock starts, as a pool would
-                pod_id, _ = d.pod("warm")
-                d.remove_pod(pod_id)
+        print(f"== density: {count} idle pods, {mode}")
+        with _idle_pods_daemon(mode) as d:
+            base = d.base
             start = time.perf_counter()
             cids = []
             for i in range(count):
@@ -583,13 +602,6 @@ def bench_density(count: int) -> dict:
                 f"{cache:.1f} MiB TCG's translation cache (none under KVM)")
             result[mode] = {"start_all_s": round(elapsed, 1), "pss_median_mib": round(median, 1),
                             "tcg_cache_median_mib": round(cache, 1)}
-            for pod in d.rt.ListPodSandbox(d.cri.ListPodSandboxRequest()).items:
-                d.remove_pod(pod.id)
-        finally:
-            if d is not None:
-                d.close()
-            shutil.rmtree(base, ignore_errors=True)
-            shutil.rmtree(templates, ignore_errors=True)
     row("ratio PSS template / cold", f"{result['template']['pss_median_mib'] / result['cold']['pss_median_mib']:.2f}")
     return result
 
@@ -652,17 +664,10 @@ def _mem_available_mib() -> int:
 def _scale_mode(mode: str, steps: list[int], window: float) -> list[dict]:
     """One daemon, pods added step by step up to each count; at each count,
     the idle cost and the list calls' latency."""
-    base = Path(tempfile.mkdtemp(prefix="hr-bench-", dir="/tmp"))
-    templates = Path(tempfile.mkdtemp(prefix="hr-bench-templates-", dir="/dev/shm"))
-    d = None
     out: list[dict] = []
-    try:
-        d = _start_daemon(base, f"template = {str(mode == 'template').lower()}\npool_size = 0\n",
-                          env={"HYPERRUN_TEMPLATES": str(templates)})
+    with _idle_pods_daemon(mode) as d:
+        base = d.base
         client = {**os.environ, "HYPERRUN_SOCKET": str(base / "cri.sock")}
-        if mode == "template":  # made before the clock starts, as a pool would
-            pod_id, _ = d.pod("warm")
-            d.remove_pod(pod_id)
         cids: list[str] = []
         elapsed_all, per_pod_mib = 0.0, SCALE_GUESS_MIB[mode]
         for count in steps:
@@ -709,13 +714,6 @@ def _scale_mode(mode: str, steps: list[int], window: float) -> list[dict]:
             row("  ListPodSandbox, ListContainers, ps, stats (median of 3)",
                 f"{step['list_pods_ms']}, {step['list_containers_ms']}, {step['ps_ms']}, "
                 f"{step['stats_ms']} ms")
-        for pod in d.rt.ListPodSandbox(d.cri.ListPodSandboxRequest()).items:
-            d.remove_pod(pod.id)
-    finally:
-        if d is not None:
-            d.close()
-        shutil.rmtree(base, ignore_errors=True)
-        shutil.rmtree(templates, ignore_errors=True)
     return out
 
 

@@ -126,8 +126,14 @@ def plot(result: dict, path: Path) -> bool:
         right.text(value, y, f" {value:.1f}" if variants[name]["pss_mib"] is not None else " —",
                    va="center", fontsize=8)
     right.set_xlim(right=max(pss) * 1.25 or 1)
-    fig.suptitle(f"hyperrun start, {m['accelerator'].upper()}, {m['cpu']} ({m['cores']} cores), "
-                 f"{m['date'][:10]}, {result['start']['runs']} rounds", fontsize=10)
+    return _save(fig, path, f"hyperrun start, {m['accelerator'].upper()}, {m['cpu']} "
+                 f"({m['cores']} cores), {m['date'][:10]}, {result['start']['runs']} rounds")
+
+
+def _save(fig, path: Path, title: str) -> bool:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -229,12 +235,8 @@ def scale_plot(result: dict, path: Path) -> bool:
         ax.set_xlabel("idle pods", fontsize=8)
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
-    fig.suptitle(f"hyperrun scale, {m['accelerator'].upper()}, {m['cpu']} ({m['cores']} cores, "
-                 f"{m['memory_gib']} GiB), {m['date'][:10]}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return _save(fig, path, f"hyperrun scale, {m['accelerator'].upper()}, {m['cpu']} "
+                 f"({m['cores']} cores, {m['memory_gib']} GiB), {m['date'][:10]}")
 
 
 def write_scale(result: dict, out: Path) -> list[Path]:
