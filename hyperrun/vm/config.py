@@ -37,7 +37,7 @@ def tcg_cmdline(vcpus: int, lapic_timer: bool = False) -> list[str]:
     calibration that fails on a busy host and leaves the guest on a 4 ms
     jiffies clock. Without the LAPIC timer the guest's clock events come
     from the PIT, whose one-shot reach is ~27 ms: an idle guest wakes
-    ~40 times a second instead of sleeping (VMConfig.lapic_timer)."""
+    ~36 times a second instead of sleeping (VMConfig.lapic_timer)."""
     args = ["nolapic_timer"] if vcpus == 1 and not lapic_timer else []
     # The agent then starts crun at fixed addresses, where TCG's
     # translations of it are found again (agent init.fix_child_maps).
