@@ -19,7 +19,7 @@ def _size(path) -> str:
 # What one pool spare costs while it waits: the PSS of an idle clone with
 # a boot's TCG cache (docs/bench/MEASUREMENTS.md, under TCG; KVM has no
 # cache). A template's memory is what its file in /dev/shm holds.
-SPARE_PSS_MIB = 100
+SPARE_PSS_MIB = 85
 
 
 def _defaults_cost() -> str:

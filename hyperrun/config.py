@@ -46,7 +46,7 @@ class ConfigError(Exception):
 
 AUTO = "auto"
 # pool_size = "auto": one spare per SPARE_BUDGET_MIB the host has available
-# when the daemon starts, at most POOL_AUTO_MAX. A spare's PSS is ~100 MiB
+# when the daemon starts, at most POOL_AUTO_MAX. A spare's PSS is ~85 MiB
 # under TCG (docs/TEMPLATES.md): the budget leaves the pods the rest.
 SPARE_BUDGET_MIB = 2048
 POOL_AUTO_MAX = 2
