@@ -13,10 +13,10 @@ def test_defaults_and_file(tmp_path):
     assert (d.vcpus, d.memory_mib, d.machine) == (2, 512, "microvm")
     refused(path, "[sandbox]\nvcpu = 2\n", "unknown key sandbox.vcpu")
     refused(path, "[sandbox]\nmemory_mib = '1G'\n", "must be int")
-    refused(path, "[sandbox\n", "")
+    refused(path, "[sandbox\n", None)
 
 
-def refused(path, text: str, match: str) -> None:
+def refused(path, text: str, match: str | None) -> None:
     path.write_text(text)
     with pytest.raises(config.ConfigError, match=match):
         config.load(path)
