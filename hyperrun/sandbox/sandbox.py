@@ -171,7 +171,7 @@ class Sandbox:
         killed = watch.add(self)
         try:
             await asyncio.wait({exited, killed}, return_when=asyncio.FIRST_COMPLETED)
-            return killed.result() if killed.done() else None
+            return await watch.reason(self)
         finally:
             exited.cancel()
             watch.discard(self)
@@ -237,7 +237,7 @@ class HealthWatch:
 
     def __init__(self) -> None:
         self._killed: dict[Sandbox, asyncio.Future] = {}
-        self._checks: set[asyncio.Task] = set()
+        self._checking: dict[Sandbox, asyncio.Task] = {}
         self._sweeper: asyncio.Task | None = None
 
     def add(self, sandbox: Sandbox) -> asyncio.Future:
@@ -254,33 +254,39 @@ class HealthWatch:
             self._sweeper.cancel()
             self._sweeper = None
 
+    async def reason(self, sandbox: Sandbox) -> str | None:
+        """Why a check killed sandbox's VM (once a check of it under way
+        has ended: its kill makes the VM exit before the check returns),
+        or None."""
+        if (check := self._checking.get(sandbox)) is not None:
+            await asyncio.wait({check})
+        killed = self._killed.get(sandbox)
+        return killed.result() if killed is not None and killed.done() else None
+
     async def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
-        checking: set[Sandbox] = set()
         while True:
             start = loop.time()
             await asyncio.sleep(HEALTH_INTERVAL_S)
             for sandbox in list(self._killed):
-                if sandbox not in self._killed or sandbox in checking or \
+                if sandbox not in self._killed or sandbox in self._checking or \
                         getattr(sandbox.agent, "last_reply", 0.0) > start:
                     continue
-                checking.add(sandbox)
-                task = asyncio.create_task(self._check(sandbox, checking))
-                self._checks.add(task)
-                task.add_done_callback(self._checks.discard)
+                self._checking[sandbox] = asyncio.create_task(self._check(sandbox))
                 await asyncio.sleep(1 / HEALTH_RATE)
 
-    async def _check(self, sandbox: Sandbox, checking: set) -> None:
+    async def _check(self, sandbox: Sandbox) -> None:
         try:
             reason = await sandbox.check_health()
+            killed = self._killed.get(sandbox)
+            if reason is not None and killed is not None and not killed.done():
+                killed.set_result(reason)
         finally:
-            checking.discard(sandbox)
-        killed = self._killed.get(sandbox)
-        if reason is not None and killed is not None and not killed.done():
-            killed.set_result(reason)
+            self._checking.pop(sandbox, None)
 
     async def close(self) -> None:
-        for task in [t for t in (self._sweeper, *self._checks) if t is not None]:
+        checks = list(self._checking.values())
+        for task in [t for t in (self._sweeper, *checks) if t is not None]:
             task.cancel()
-        await asyncio.gather(*self._checks, return_exceptions=True)
+        await asyncio.gather(*checks, return_exceptions=True)
         self._sweeper = None

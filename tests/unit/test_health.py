@@ -30,6 +30,7 @@ class VM:
     async def kill(self) -> None:
         self.killed = self.exited = True
         self._end.set()
+        await asyncio.sleep(0.05)  # as QEMU's: the exit is seen before the kill returns
 
     async def wait_exited(self) -> None:
         await self._end.wait()
