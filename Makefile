@@ -86,13 +86,17 @@ fuzz: venv
 	HYPERRUN_FUZZ_EXAMPLES=$${HYPERRUN_FUZZ_EXAMPLES:-20000} \
 		$(PY) -m pytest -q -rsx --timeout=0 --hypothesis-seed=$$seed tests/property
 
-# `make bench [SECTION...]` (sections: hyperrun/bench.py; all by default);
-# BENCH_ARGS passes more, e.g. BENCH_ARGS="-n 5".
-BENCH_SECTIONS = start images cri network density
+# `make bench` runs every section but scale; `make bench SECTION...` those
+# (start images cri network density scale); STEPS=10,30 MODES=template for
+# scale's pod counts and kinds of VM; BENCH_ARGS passes more ("-n 5").
+BENCH_SECTIONS := start images cri network density scale
 bench: assets
-	$(PY) -m hyperrun.bench $(filter $(BENCH_SECTIONS),$(MAKECMDGOALS)) $(BENCH_ARGS)
+	$(PY) -m hyperrun.bench $(filter $(BENCH_SECTIONS),$(MAKECMDGOALS)) \
+		$(if $(STEPS),--steps $(STEPS)) $(if $(MODES),--modes $(MODES)) $(BENCH_ARGS)
+
 ifneq ($(filter bench,$(MAKECMDGOALS)),)
-$(filter $(BENCH_SECTIONS),$(MAKECMDGOALS)): ; @:
+$(filter $(BENCH_SECTIONS),$(MAKECMDGOALS)):
+	@:
 endif
 
 clean:

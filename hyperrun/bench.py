@@ -25,10 +25,19 @@ network host -> pod over HTTP on the CNI bridge (100 MB, and a small
         request) against the same from a plain netns on the same bridge.
 density 30 idle pods at once (each answers an exec), booted and restored
         from a template: time to start them, median PSS per pod VM.
+scale   idle pods added step by step (--steps, default 10,30,60,100; each
+        answers an exec), from a template and booted (--modes) while memory
+        allows: at each count the time to start them all, the idle CPU per
+        pod VM and the daemon's over --window seconds, PSS per pod, the
+        daemon's RSS, fds and threads, and the latency of ListPodSandbox,
+        ListContainers, `hyperrun ps` and `hyperrun stats` (median of 3).
+        Not run by default (minutes, and most of the host's memory); its
+        report: scale.md, scale.json, scale.png in docs/bench.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -207,6 +216,8 @@ def _daemon_pss(d: "_Daemon") -> float:
 
 def _start_daemon(base: Path, config: str, *args: str, env: dict | None = None) -> "_Daemon":
     base.mkdir(parents=True, exist_ok=True)
+    if "pool_size" not in config:  # the default ("auto") keeps one
+        config += "pool_size = 0\n"
     (base / "config.toml").write_text(f"[sandbox]\n{config}")
     return _Daemon(base, "--network", "none", *args,
                    env={"HYPERRUN_CONFIG": str(base / "config.toml"), **(env or {})})
@@ -498,6 +509,9 @@ class _Daemon(_CriClient):
             image = registry.ref("busybox:latest")
         env = {**os.environ, "HYPERRUN_ROOT": str(base / "root"),
                "HYPERRUN_RUN_DIR": str(base / "run"), **(env or {})}
+        if "HYPERRUN_CONFIG" not in env:  # booting pods, no pool: not the defaults
+            (base / "config.toml").write_text("[sandbox]\ntemplate = false\npool_size = 0\n")
+            env["HYPERRUN_CONFIG"] = str(base / "config.toml")
         self.socket = base / "cri.sock"
         # Its output goes to a file: a pipe nobody reads would fill and stall it.
         log = base / "daemon.log"
@@ -576,7 +590,11 @@ def bench_cri(runs: int) -> dict:
         layout, registry, image = _busybox_registry(base)
         benchpeer.pause_image(layout, "busybox", "pause")
         registry.push(layout.path, "pause", "pause:bench")
-        d = _Daemon(base / "hyperrun", "--network", "cni", registry=registry)
+        # The daemon as a user gets it: no config (a template made at the
+        # first pod, a pool of spares), waited for before each of its rounds.
+        (base / "defaults.toml").write_text("")
+        d = _Daemon(base / "hyperrun", "--network", "cni", registry=registry,
+                    env={"HYPERRUN_CONFIG": str(base / "defaults.toml")})
         clients["hyperrun"] = d
         try:
             peer = benchpeer.Containerd(base / "containerd", registry.host, registry.ref("pause:bench"))
@@ -589,6 +607,8 @@ def bench_cri(runs: int) -> dict:
         for i in range(runs):
             order = list(clients) if i % 2 == 0 else list(reversed(clients))
             for name in order:
+                if name == "hyperrun":
+                    _wait_pool(d)
                 samples[name].append(_cri_round(clients[name], i))
         result: dict = {}
         for name in clients:
@@ -633,22 +653,40 @@ def bench_cri(runs: int) -> dict:
             shutil.rmtree(base, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _idle_pods_daemon(mode: str):
+    """A daemon on private roots whose pods boot ("cold") or are template
+    clones ("template": the template made before anything is timed, as a
+    pool would), with no pool; its pods, VMs, roots and templates removed
+    after."""
+    base = Path(tempfile.mkdtemp(prefix="hr-bench-", dir="/tmp"))
+    templates = Path(tempfile.mkdtemp(prefix="hr-bench-templates-", dir="/dev/shm"))
+    d = None
+    try:
+        d = _start_daemon(base, f"template = {str(mode == 'template').lower()}\npool_size = 0\n",
+                          env={"HYPERRUN_TEMPLATES": str(templates)})
+        if mode == "template":
+            pod_id, _ = d.pod("warm")
+            d.remove_pod(pod_id)
+        yield d
+        for pod in d.rt.ListPodSandbox(d.cri.ListPodSandboxRequest()).items:
+            d.remove_pod(pod.id)
+    finally:
+        if d is not None:
+            d.close()
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(templates, ignore_errors=True)
+
+
 def bench_density(count: int) -> dict:
     """`count` idle pods at once, each running a container that answers an
     exec, booted cold and then restored from a template: time to start them
     all and the median PSS of a pod's QEMU."""
     result = {}
     for mode in ("cold", "template"):
-        base = Path(tempfile.mkdtemp(prefix="hr-bench-", dir="/tmp"))
-        templates = Path(tempfile.mkdtemp(prefix="hr-bench-templates-", dir="/dev/shm"))
-        d = None
-        try:
-            print(f"== density: {count} idle pods, {mode}")
-            d = _start_daemon(base, f"template = {str(mode == 'template').lower()}\n",
-                              env={"HYPERRUN_TEMPLATES": str(templates)})
-            if mode == "template":  # made before the clock starts, as a pool would
-                pod_id, _ = d.pod("warm")
-                d.remove_pod(pod_id)
+        print(f"== density: {count} idle pods, {mode}")
+        with _idle_pods_daemon(mode) as d:
+            base = d.base
             start = time.perf_counter()
             cids = []
             for i in range(count):
@@ -666,14 +704,131 @@ def bench_density(count: int) -> dict:
                 f"{cache:.1f} MiB TCG's translation cache (none under KVM)")
             result[mode] = {"start_all_s": round(elapsed, 1), "pss_median_mib": round(median, 1),
                             "tcg_cache_median_mib": round(cache, 1)}
-            for pod in d.rt.ListPodSandbox(d.cri.ListPodSandboxRequest()).items:
-                d.remove_pod(pod.id)
-        finally:
-            if d is not None:
-                d.close()
-            shutil.rmtree(base, ignore_errors=True)
-            shutil.rmtree(templates, ignore_errors=True)
     row("ratio PSS template / cold", f"{result['template']['pss_median_mib'] / result['cold']['pss_median_mib']:.2f}")
+    return result
+
+
+SCALE_STEPS = (10, 30, 60, 100)
+IDLE_WINDOW_S = 10.0
+# Before a step, the bench wants this much memory free beyond what its new
+# pods are expected to take (the previous step's PSS per pod, or a guess).
+SCALE_RESERVE_MIB = 2048
+SCALE_GUESS_MIB = {"template": 80, "cold": 200}
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    """utime + stime of a process, in clock ticks; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) + int(fields[12])
+
+
+def _idle_cpu(qemu: list[int], daemon: int, window: float) -> tuple[float, float]:
+    """Over window seconds of idling: the CPU the VMs' QEMU processes took,
+    as % of one CPU per pod, and the daemon's, as % of one CPU (both from
+    /proc/PID/stat's utime + stime)."""
+    before = {pid: _cpu_ticks(pid) for pid in [*qemu, daemon]}
+    start = time.monotonic()
+    time.sleep(window)
+    elapsed = time.monotonic() - start
+    after = {pid: _cpu_ticks(pid) for pid in before}
+    hz = os.sysconf("SC_CLK_TCK")
+    used = {pid: (after[pid] - before[pid]) / hz for pid in before
+            if before[pid] is not None and after[pid] is not None}
+    vms = [used[pid] for pid in qemu if pid in used]
+    per_pod = 100 * sum(vms) / elapsed / max(len(vms), 1)
+    return per_pod, 100 * used.get(daemon, 0.0) / elapsed
+
+
+def _proc_status(pid: int) -> dict:
+    """The daemon's RSS (MiB), open fds and threads."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {"rss_mib": round(int(status["VmRSS"].split()[0]) / 1024, 1),
+            "fds": len(os.listdir(f"/proc/{pid}/fd")), "threads": int(status["Threads"])}
+
+
+def _median_ms(call, runs: int = 3) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times) * 1000, 1)
+
+
+def _mem_available_mib() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def _scale_mode(mode: str, steps: list[int], window: float) -> list[dict]:
+    """One daemon, pods added step by step up to each count; at each count,
+    the idle cost and the list calls' latency."""
+    out: list[dict] = []
+    with _idle_pods_daemon(mode) as d:
+        base = d.base
+        client = {**os.environ, "HYPERRUN_SOCKET": str(base / "cri.sock")}
+        cids: list[str] = []
+        elapsed_all, per_pod_mib = 0.0, SCALE_GUESS_MIB[mode]
+        for count in steps:
+            wanted = (count - len(cids)) * per_pod_mib + SCALE_RESERVE_MIB
+            if (free := _mem_available_mib()) < wanted:
+                print(f"  {mode}: stopping before {count} pods: {free} MiB available, "
+                      f"{wanted} MiB wanted")
+                break
+            start = time.perf_counter()
+            while len(cids) < count:
+                i = len(cids)
+                pod_id, config = d.pod(f"idle{i}")
+                cids.append(d.container(pod_id, config, f"c{i}", "sleep 3600"))
+            elapsed_all += time.perf_counter() - start
+            for cid in cids:
+                r = d.rt.ExecSync(d.cri.ExecSyncRequest(container_id=cid, cmd=["true"], timeout=60))
+                assert r.exit_code == 0, r
+            time.sleep(2)  # the execs' aftermath
+            qemu = [pid for pid in (rundir.qemu_pid(p) for p in _run_dirs(base / "run"))
+                    if pid is not None and rundir.alive_qemu(pid)]
+            cpu_pod, cpu_daemon = _idle_cpu(qemu, d.proc.pid, window)
+            pss = statistics.median(_vm_pss_mib(base / "run"))
+            per_pod_mib = pss * 1.2
+            cri = d.cri
+            step = {
+                "pods": count, "start_all_s": round(elapsed_all, 1),
+                "idle_cpu_per_pod_pct": round(cpu_pod, 2),
+                "daemon_idle_cpu_pct": round(cpu_daemon, 2),
+                "pss_per_pod_mib": round(pss, 1), "daemon": _proc_status(d.proc.pid),
+                "list_pods_ms": _median_ms(lambda: d.rt.ListPodSandbox(cri.ListPodSandboxRequest())),
+                "list_containers_ms": _median_ms(
+                    lambda: d.rt.ListContainers(cri.ListContainersRequest())),
+                "ps_ms": _median_ms(lambda: timed([HYPERRUN, "ps"], client)),
+                "stats_ms": _median_ms(lambda: timed([HYPERRUN, "stats"], client)),
+                "mem_available_mib": _mem_available_mib(),
+            }
+            out.append(step)
+            dm = step["daemon"]
+            row(f"{count} pods ({mode}): started in, cumulative", f"{elapsed_all:.1f} s")
+            row("  idle CPU per pod (QEMU) / daemon's, over "
+                f"{window:g} s", f"{cpu_pod:.2f} % / {cpu_daemon:.2f} % of a CPU")
+            row("  PSS per pod, median; daemon RSS, fds, threads",
+                f"{pss:.1f} MiB; {dm['rss_mib']} MiB, {dm['fds']}, {dm['threads']}")
+            row("  ListPodSandbox, ListContainers, ps, stats (median of 3)",
+                f"{step['list_pods_ms']}, {step['list_containers_ms']}, {step['ps_ms']}, "
+                f"{step['stats_ms']} ms")
+    return out
+
+
+def bench_scale(steps: list[int], modes: list[str], window: float = IDLE_WINDOW_S) -> dict:
+    """Idle pods at growing counts (steps), from template clones and booted,
+    each answering an exec; at each count: the time to start them all, the
+    host CPU the idle VMs take (per pod) and the daemon's, the PSS per pod,
+    the daemon's RSS, fds and threads, and the latency of ListPodSandbox,
+    ListContainers, `hyperrun ps` and `hyperrun stats`."""
+    result: dict = {"steps": steps, "window_s": window}
+    for mode in modes:
+        print(f"== scale: idle pods, {mode}, steps {', '.join(map(str, steps))}")
+        result[mode] = _scale_mode(mode, steps, window)
     return result
 
 
@@ -770,7 +925,8 @@ def bench_network(runs: int) -> dict:
 
 
 SECTIONS = {"start": (bench_start, 9), "images": (bench_images, 3), "cri": (bench_cri, 5),
-            "network": (bench_network, 3), "density": (bench_density, 30)}
+            "network": (bench_network, 3), "density": (bench_density, 30),
+            "scale": (bench_scale, 0)}
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
@@ -782,25 +938,38 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     ap.add_argument("-n", "--runs", type=int, default=0,
                     help="rounds (runs per measurement); default per section: " +
                          ", ".join(f"{name} {n}" for name, (_, n) in SECTIONS.items()))
+    ap.add_argument("--steps", default=",".join(map(str, SCALE_STEPS)),
+                    help="scale: the pod counts, comma-separated (default: %(default)s)")
+    ap.add_argument("--modes", default="template,cold",
+                    help="scale: template clones, booted VMs or both (default: %(default)s)")
+    ap.add_argument("--window", type=float, default=IDLE_WINDOW_S,
+                    help="scale: seconds over which idle CPU is taken (default: %(default)s)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--out", type=Path, default=benchreport.REPO / "docs" / "bench",
                     help="where results.md, results.json and start.png go once the bench "
                          "has finished, if it ran the start section (default: docs/bench)")
     ap.add_argument("--no-report", action="store_true", help="write no report files")
     args = ap.parse_args(argv)
-    args.sections = args.sections or list(SECTIONS)
+    args.sections = args.sections or [name for name in SECTIONS if name != "scale"]
     if unknown := set(args.sections) - set(SECTIONS):
         ap.error(f"unknown sections: {', '.join(sorted(unknown))}")
     result = {"machine": benchreport.machine()}
     print(f"accelerator: {result['machine']['accelerator']}")
     for name in args.sections:
         bench, runs = SECTIONS[name]
+        if name == "scale":
+            result[name] = bench_scale(sorted(int(n) for n in args.steps.split(",")),
+                                       args.modes.split(","), args.window)
+            continue
         result[name] = bench(args.runs or runs)
     result["machine"]["loadavg_end"] = benchreport.loadavg()
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if "start" in result and not args.no_report:
         for path in benchreport.write(result, args.out):
+            print(f"wrote {path}")
+    if "scale" in result and not args.no_report:
+        for path in benchreport.write_scale(result, args.out):
             print(f"wrote {path}")
 
 

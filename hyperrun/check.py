@@ -16,6 +16,44 @@ def _size(path) -> str:
     return f"{path.stat().st_size / 2**20:.1f} MiB"
 
 
+# What one pool spare costs while it waits: the PSS of an idle clone with
+# a boot's TCG cache (docs/bench/MEASUREMENTS.md, under TCG; KVM has no
+# cache). A template's memory is what its file in /dev/shm holds.
+SPARE_PSS_MIB = 85
+
+
+def _defaults_cost() -> str:
+    """What a daemon with this host's config does by default, and its cost
+    in memory: templates in /dev/shm, a pool of spares."""
+    from hyperrun import config
+    from hyperrun.vm.template import default_root
+
+    try:
+        d = config.load()
+    except config.ConfigError as exc:
+        return f"config: {exc}"
+    available = config.mem_available_mib()
+    r = config.resolve(d, daemon=True, available_mib=available)
+    parts = []
+    if r.template:
+        files = [f for f in default_root().glob("*/mem") if f.is_file()]
+        held = sum(f.stat().st_blocks * 512 for f in files) / 2**20
+        made = (f"{len(files)} made, {held:.0f} MiB of RAM in {default_root()}" if files else
+                f"none made yet (one per VM shape, in {default_root()}: RAM, what its "
+                "guest touched)")
+        parts.append(f"templates on{' (auto)' if d.template == config.AUTO else ''}: {made}")
+    else:
+        parts.append("templates off")
+    if r.pool_size:
+        how = (f"auto: {available} MiB available, one per {config.SPARE_BUDGET_MIB} MiB, "
+               f"at most {config.POOL_AUTO_MAX}") if d.pool_size == config.AUTO else "config"
+        parts.append(f"a pool of {r.pool_size} spare VMs ({how}), ~{SPARE_PSS_MIB} MiB each "
+                     "while they wait")
+    else:
+        parts.append("no pool")
+    return "; ".join(parts) + " ([sandbox] template, pool_size)"
+
+
 def main() -> int:
     rows: list[tuple[str, bool, str]] = []  # (what, ok/required-ok, detail)
     fatal = False
@@ -61,6 +99,8 @@ def main() -> int:
         writable = False
     rows.append(("run directory", writable, str(root)))
     fatal |= not writable
+
+    rows.append(("daemon defaults", True, _defaults_cost()))
 
     width = max(len(r[0]) for r in rows)
     for what, ok, detail in rows:

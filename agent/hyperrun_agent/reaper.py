@@ -12,6 +12,7 @@ import threading
 from collections import OrderedDict
 
 _UNCLAIMED_MAX = 1024
+NO_CHILD_WAIT_S = 30.0
 
 
 class ExitStatus:
@@ -43,6 +44,7 @@ class Reaper:
         self._have_children = threading.Condition(self._lock)
         self._waiters: dict[int, _Waiter] = {}
         self._unclaimed: OrderedDict[int, ExitStatus] = OrderedDict()
+        self._spawned = 0  # spawns so far: one after the reaper's waitpid wakes it
         self._thread = threading.Thread(target=self._run, name="reaper", daemon=True)
         self._thread.start()
 
@@ -55,6 +57,7 @@ class Reaper:
             pid = os.posix_spawn(argv[0], argv, env if env is not None else os.environ,
                                  file_actions=file_actions, setsigdef=(signal.SIGPIPE,))
             self._watch_locked(pid)
+            self._spawned += 1
             self._have_children.notify()
         return pid
 
@@ -86,11 +89,19 @@ class Reaper:
 
     def _run(self) -> None:
         while True:
+            with self._lock:
+                spawned = self._spawned
             try:
                 pid, status = os.waitpid(-1, 0)
             except ChildProcessError:
+                # No child: wait for a spawn's notify. The timeout only
+                # catches a child made without one (the pod namespaces'
+                # fork): its exit is reaped late, a zombie meanwhile. Not
+                # shorter: an idle VM (a pool spare, a pod between
+                # containers) would wake for nothing (it was 1 s).
                 with self._lock:
-                    self._have_children.wait(1.0)
+                    if self._spawned == spawned:  # else a child came meanwhile
+                        self._have_children.wait(NO_CHILD_WAIT_S)
                 continue
             except InterruptedError:
                 continue

@@ -39,6 +39,59 @@ def _matches(f, id_: str, labels, state=None, sandbox_id: str = "") -> bool:
     return all(labels.get(k) == v for k, v in f.label_selector.items())
 
 
+def _full_id(prefix: str) -> bool:
+    """A filter's id that names one record (ids are 64 hex digits): looked
+    up by key, not matched against every record."""
+    return len(prefix) == 64
+
+
+def _state_filter(f):
+    """The state a filter asks for, or None (stats filters have none)."""
+    return f.state.state if "state" in f.DESCRIPTOR.fields_by_name and f.HasField("state") \
+        else None
+
+
+def _container_rows(m: PodService, f) -> list[ContainerRow]:
+    """The records a container filter can match: by key for a full id or
+    pod id, and only those of the filter's ids and state, before any of
+    them is turned into a status (which parses its spec)."""
+    if _full_id(f.id):
+        rows = [r] if (r := m.state.container(f.id)) is not None else []
+    else:
+        pod = getattr(f, "pod_sandbox_id", "")
+        rows = m.state.containers(pod) if _full_id(pod) else m.state.containers()
+    state = _state_filter(f)
+    return [r for r in rows if r.id.startswith(f.id)
+            and r.sandbox_id.startswith(getattr(f, "pod_sandbox_id", ""))
+            and (state is None or _CONTAINER_STATE.get(r.state, cri.CONTAINER_UNKNOWN) == state)]
+
+
+def _sandbox_rows(m: PodService, f) -> list[SandboxRow]:
+    """The records a pod filter can match, as _container_rows."""
+    if _full_id(f.id):
+        rows = [r] if (r := m.state.sandbox(f.id)) is not None else []
+    else:
+        rows = m.state.sandboxes()
+    state = _state_filter(f)
+    return [r for r in rows if r.id.startswith(f.id)
+            and (state is None or _POD_STATE.get(r.state, cri.SANDBOX_NOTREADY) == state)]
+
+
+async def _each_pod(m: PodService, pods: list[str], ask) -> list:
+    """ask(pod) for every pod at once (a round trip to each pod's agent:
+    one slow VM does not hold the others' answers), in order; a pod whose
+    VM stopped meanwhile is left out."""
+    results = await asyncio.gather(*(ask(pod) for pod in pods), return_exceptions=True)
+    out = []
+    for pod, result in zip(pods, results):
+        if isinstance(result, BaseException):
+            if m.sandbox(pod) is not None and not isinstance(result, asyncio.CancelledError):
+                raise result
+            continue
+        out.append(result)
+    return out
+
+
 def _network_status(row) -> cri.PodSandboxNetworkStatus:
     network = pod_network(row)
     ips = network.info.pod_ips if network.info and row.state == READY else []
@@ -137,7 +190,7 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
     async def ListPodSandbox(self, request, context):
         f = request.filter
         items = []
-        for row in self.m.state.sandboxes():
+        for row in _sandbox_rows(self.m, f):
             s = pod_status(row)
             if not _matches(f, row.id, s.labels, s.state):
                 continue
@@ -177,7 +230,7 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
     async def ListContainers(self, request, context):
         f = request.filter
         out = []
-        for row in self.m.state.containers():
+        for row in _container_rows(self.m, f):
             s = container_status(self.m, row)
             if not _matches(f, row.id, s.labels, s.state, row.sandbox_id):
                 continue
@@ -226,18 +279,18 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
             cpu=self._cpu(ts, item, rate), memory=self._memory(ts, item), writable_layer=writable)
 
     async def _stats_of(self, rows: list[ContainerRow]) -> list[cri.ContainerStats]:
-        out = []
         by_pod: dict[str, list[ContainerRow]] = {}
         for row in rows:
             if row.state == RUNNING and self.m.sandbox(row.sandbox_id) is not None:
                 by_pod.setdefault(row.sandbox_id, []).append(row)
-        for pod, pod_rows in by_pod.items():
+
+        async def ask(pod: str) -> list[cri.ContainerStats]:
+            pod_rows = by_pod[pod]
             response, rates = await self.m.stats(pod, [r.id for r in pod_rows])
             items = {i.container_id: i for i in response.containers}
-            for row in pod_rows:
-                out.append(self._container_stats(row, response.timestamp_ns, items[row.id],
-                                                  rates.get(row.id)))
-        return out
+            return [self._container_stats(row, response.timestamp_ns, items[row.id],
+                                          rates.get(row.id)) for row in pod_rows]
+        return [stats for pod in await _each_pod(self.m, list(by_pod), ask) for stats in pod]
 
     @rpc
     async def ContainerStats(self, request, context):
@@ -251,9 +304,8 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
     @rpc
     async def ListContainerStats(self, request, context):
         f = request.filter
-        rows = [r for r in self.m.state.containers()
-                if _matches(f, r.id, r.spec.labels,
-                            sandbox_id=r.sandbox_id)]
+        rows = [r for r in _container_rows(self.m, f)
+                if _matches(f, r.id, r.spec.labels, sandbox_id=r.sandbox_id)]
         return cri.ListContainerStatsResponse(stats=await self._stats_of(rows))
 
     async def _pod_stats(self, row: SandboxRow) -> cri.PodSandboxStats:
@@ -283,10 +335,9 @@ class RuntimeServicer(cri_grpc.RuntimeServiceServicer):
     @rpc
     async def ListPodSandboxStats(self, request, context):
         f = request.filter
-        out = []
-        for row in self.m.state.sandboxes():
-            if self.m.sandbox(row.id) is not None and _matches(f, row.id, row.spec.labels):
-                out.append(await self._pod_stats(row))
+        rows = {row.id: row for row in _sandbox_rows(self.m, f)
+                if self.m.sandbox(row.id) is not None and _matches(f, row.id, row.spec.labels)}
+        out = await _each_pod(self.m, list(rows), lambda pod: self._pod_stats(rows[pod]))
         return cri.ListPodSandboxStatsResponse(stats=out)
 
     # --- streaming: the URL of our streaming server, which does the rest -----

@@ -45,9 +45,15 @@ class Services:
         for key, value in (("pool_size", pool_size), ("template", template), ("machine", machine)):
             if value is not None:
                 setattr(defaults, key, value)
+        # "auto" (the default): a daemon's templates fall back to booting if
+        # one cannot be made, and its pool fills from the first pod on.
+        auto_template = defaults.template == config.AUTO
+        self.pool_on_first_need = defaults.pool_size == config.AUTO
+        defaults = config.resolve(defaults, daemon=not embedded)
         self.manager = PodService(self.images, self.state, defaults,
                                   root=sandbox_root, die_with_parent=die_with_parent,
                                   networks=networks)
+        self.manager.launcher.template_fallback = auto_template
         self.server = self.streaming = None
         if not embedded:
             self._cri()
@@ -85,7 +91,8 @@ class Services:
                 import grp
 
                 os.chown(path, -1, grp.getgrnam(self.group).gr_gid)
-        self.manager.start_pool()
+        if not self.pool_on_first_need:  # else at the first take (Launcher.take_spare)
+            self.manager.start_pool()
 
     async def stop(self) -> None:
         await self.runs.stop()

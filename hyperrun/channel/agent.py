@@ -25,6 +25,11 @@ class AgentClient:
     async def close(self) -> None:
         await self.session.close()
 
+    @property
+    def last_reply(self) -> float:
+        """When the agent last answered anything (the event loop's clock)."""
+        return self.session.last_reply
+
     async def _call(self, method, request, response_type,
                     timeout: float | None = CALL_TIMEOUT_S):
         return await self.session.call(SERVICE, method, request, response_type, timeout)

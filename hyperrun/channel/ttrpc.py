@@ -61,6 +61,9 @@ class TtrpcClient:
         self._next_id = random.randrange(1, 1 << 30) | 1
         self._write_lock = asyncio.Lock()
         self._lost: BaseException | None = None
+        # When the peer last answered (the loop's clock): a health check
+        # need not ask an agent that just did.
+        self.last_reply = 0.0
 
     async def connect(self, opener: Opener) -> None:
         if self.runstate is not Runstate.IDLE:
@@ -120,6 +123,7 @@ class TtrpcClient:
                 payload = await self._reader.readexactly(length)
                 if mtype != frame.TYPE_RESPONSE:
                     continue
+                self.last_reply = asyncio.get_running_loop().time()
                 future = self._pending.get(stream_id)
                 if future is not None and not future.done():
                     try:

@@ -116,7 +116,8 @@ def build() -> argparse.ArgumentParser:
     daemon.add_argument("--cni-conf-dir", type=Path, help="default /etc/cni/net.d")
     daemon.add_argument("--pool-size", type=int, metavar="N",
                         help="spare VMs kept started for pods to take (default: the "
-                             "config file's [sandbox] pool_size, else 0)")
+                             "config file's [sandbox] pool_size, else auto: one per 2 GiB "
+                             "available, at most 2, from the first pod on)")
     daemon.add_argument("--cni-bin-dir", help="plugin directories, ':'-separated "
                                               "(default /opt/cni/bin:/usr/lib/cni)")
 

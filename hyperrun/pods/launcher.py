@@ -37,7 +37,9 @@ class Launcher:
         """root: where the VMs' run directories go (the daemon's by default);
         die_with_parent: VMs end with this process (embedded mode); new_vm:
         how a VM is made, as vm.new (unit tests pass a fake VM's)."""
-        self.defaults = defaults
+        # "auto" left undecided (config.resolve: Services decides for its
+        # host) means neither templates nor a pool.
+        self.defaults = defaults = hconfig.resolve(defaults, daemon=False)
         self.networks = networks
         self.root = root or rundir.sandbox_root()
         self.die_with_parent = die_with_parent
@@ -46,6 +48,9 @@ class Launcher:
         self.pool = SandboxPool(defaults.pool_size, self._start_spare, self.discard_spare) \
             if defaults.pool_size > 0 else None
         self._recent_disk: Disk | None = None  # the latest container's image: see _preplug
+        # Templates by default ("auto"): one that cannot be made turns them
+        # off for this daemon, and its pods boot (the reason in the log).
+        self.template_fallback = False
 
     def vm_config(self, vcpus: int | None = None, memory_mib: int | None = None):
         return SandboxConfig(vcpus=vcpus or self.defaults.vcpus,
@@ -88,6 +93,7 @@ class Launcher:
         if self.pool is None or kind != self.networks.kind or \
                 (vcpus, memory) != (self.defaults.vcpus, self.defaults.memory_mib):
             return None
+        self.pool.start()  # a pool of size "auto" begins at its first need
         return await self.pool.take()
 
     async def close(self) -> None:
@@ -113,10 +119,12 @@ class Launcher:
         try:
             try:
                 if self.templates is not None:  # made on first use of this VM shape
-                    template = await self.templates.get(config, self.root)
-                    # A spare (no pod yet) keeps the full TCG cache: see clone_config.
-                    config = clone_config(config, template, cache_mib=None if spec is None
-                                          else self.defaults.clone_cache_mib)
+                    template = await self._template(config)
+                    if template is not None:
+                        # A spare (no pod yet) keeps the full TCG cache: see clone_config.
+                        config = clone_config(
+                            dataclasses.replace(config, lapic_timer=True), template,
+                            cache_mib=None if spec is None else self.defaults.clone_cache_mib)
                 sandbox = await Sandbox.start(self.new_vm(config, vm_id, self.root))
             finally:
                 if nic is not None and nic.tap_fd >= 0:
@@ -130,6 +138,20 @@ class Launcher:
             await asyncio.to_thread(self.networks.teardown, sandbox_id, podnet.PodNetwork(kind))
             raise
         return sandbox, network
+
+    async def _template(self, config):
+        """The template of config's shape, made on first use. Booted once, so
+        it can afford the LAPIC timer: its clones idle without a tick
+        (vm/config.tcg_cmdline). None if templates are off by now."""
+        try:
+            return await self.templates.get(dataclasses.replace(config, lapic_timer=True),
+                                            self.root)
+        except Exception as exc:
+            if not self.template_fallback or self.templates is None:
+                raise
+            logger.warning("cannot make a VM template: pods boot instead", error=str(exc))
+            self.templates = None
+            return None
 
     async def _start_spare(self) -> Spare:
         sandbox_id = secrets.token_hex(32)

@@ -32,7 +32,7 @@ from hyperrun.vm import VM, VMError, new as new_vm
 from hyperrun.vm.config import Channel, Disk
 
 from hyperrun.sandbox import direct, podnet, volumes
-from hyperrun.sandbox.sandbox import Sandbox
+from hyperrun.sandbox.sandbox import HealthWatch, Sandbox
 from hyperrun.sandbox.state import ContainerRow, SandboxRow, State
 
 from .launcher import Launcher
@@ -108,6 +108,7 @@ class PodService:
         self.pods: dict[str, Pod] = {}  # every pod with a record
         self._starting: list[PodSpec] = []  # pods being started, not yet recorded
         self.names = NameServer(self._addresses)  # the pods' DNS: network/dns.py
+        self.health = HealthWatch()  # one sweep of health checks for every running VM
 
     def _pod(self, pod_id: str) -> Pod:
         if (pod := self.pods.get(pod_id)) is None:
@@ -201,6 +202,7 @@ class PodService:
         """Daemon shutdown: let go of pod VMs without stopping them; spare
         VMs (in no record) are removed."""
         self.names.close()
+        await self.health.close()
         await self.launcher.close()
         for pod in self.pods.values():
             for task in pod.tasks.values():
@@ -264,6 +266,8 @@ class PodService:
         self._watch_vm(pod)
         logger.info("sandbox started", sandbox=sandbox_id, name=spec.name,
                     vm=vm.id, pid=vm.pid, from_pool=spare is not None,
+                    started="pool" if spare is not None else
+                    "template" if vm.config.incoming else "boot",
                     vm_and_network_s=round(t1 - t0, 3), setup_s=round(clock() - t1, 3))
         return sandbox_id
 
@@ -337,7 +341,7 @@ class PodService:
         sandbox, sandbox_id = pod.sandbox, pod.id
 
         async def watch() -> None:
-            hung = await sandbox.monitor()
+            hung = await sandbox.monitor(self.health)
             if isinstance(sandbox.agent, direct.ConsoleAgent):
                 # Its VM ends with its program: the exit the task takes
                 # from the console is recorded before the pod's end.

@@ -32,8 +32,10 @@ logger = log.get("sandbox")
 # not answer within the timeout is hung (a guest deadlock, a wedged VMM): its
 # VM is killed and its pod reported as a dead VM's, as Kata's sandbox
 # monitor does. Generous: a loaded 2-core host under TCG answers in ms.
+# One sweep asks them all (HealthWatch), at most HEALTH_RATE a second.
 HEALTH_INTERVAL_S = float(os.environ.get("HYPERRUN_HEALTH_INTERVAL_S", 10))
 HEALTH_TIMEOUT_S = float(os.environ.get("HYPERRUN_HEALTH_TIMEOUT_S", 30))
+HEALTH_RATE = 2.0
 
 
 class Activity:
@@ -161,36 +163,42 @@ class Sandbox:
         raise VMError(f"agent in VM {self.id} did not answer after {loop.time() - start:.0f}s "
                       f"({why}); console: {self.vm.failure_reason()}")
 
-    async def monitor(self) -> str | None:
+    async def monitor(self, watch: "HealthWatch") -> str | None:
         """Watch a running sandbox: return once its VM has exited, None if
         it did of itself, or why it was killed (its agent stopped
-        answering health checks)."""
+        answering the health checks of watch)."""
         exited = asyncio.ensure_future(self.vm.wait_exited())
+        killed = watch.add(self)
         try:
-            while True:
-                done, _ = await asyncio.wait({exited}, timeout=HEALTH_INTERVAL_S)
-                if done:
-                    return None
-                try:
-                    await self.agent.health(timeout=HEALTH_TIMEOUT_S)
-                    continue
-                except TimeoutError:
-                    reason = (f"VM hung: its agent did not answer a health check within "
-                              f"{HEALTH_TIMEOUT_S:g}s; the VM was killed")
-                except ConnectionLost:
-                    # Closed by a VM on its way out (its exit comes next), or
-                    # by the agent: a session lost for good, the pod unusable.
-                    await asyncio.wait({exited}, timeout=5)
-                    reason = "the agent's channel closed while the VM ran; the VM was killed"
-                except TtrpcError:
-                    continue
-                if self.vm.exited:
-                    return None
-                logger.warning("sandbox killed", vm=self.id, reason=reason)
-                await self.vm.kill()
-                return reason
+            await asyncio.wait({exited, killed}, return_when=asyncio.FIRST_COMPLETED)
+            return await watch.reason(self)
         finally:
             exited.cancel()
+            watch.discard(self)
+
+    async def check_health(self) -> str | None:
+        """Ask the agent for its health: None if it answers (or its VM has
+        ended of itself), else why its VM was killed."""
+        try:
+            await self.agent.health(timeout=HEALTH_TIMEOUT_S)
+            return None
+        except TimeoutError:
+            reason = (f"VM hung: its agent did not answer a health check within "
+                      f"{HEALTH_TIMEOUT_S:g}s; the VM was killed")
+        except ConnectionLost:
+            # Closed by a VM on its way out (its exit comes next), or by the
+            # agent: a session lost for good, the pod unusable.
+            exited = asyncio.ensure_future(self.vm.wait_exited())
+            await asyncio.wait({exited}, timeout=5)
+            exited.cancel()
+            reason = "the agent's channel closed while the VM ran; the VM was killed"
+        except TtrpcError:
+            return None
+        if self.vm.exited:
+            return None
+        logger.warning("sandbox killed", vm=self.id, reason=reason)
+        await self.vm.kill()
+        return reason
 
     @classmethod
     async def adopt(cls, vm: VM) -> "Sandbox":
@@ -215,3 +223,70 @@ class Sandbox:
         await self.agent.close()
         await self.vm.stop(timeout=3)
         await self.vm.remove()
+
+
+class HealthWatch:
+    """The health checks of a daemon's running sandboxes, in one sweep
+    rather than a timer per pod. Every HEALTH_INTERVAL_S it asks each agent
+    that has answered nothing since the previous sweep (an answer to any
+    call shows it serves), starting at most HEALTH_RATE checks a second:
+    with many idle pods a sweep takes longer (100 pods: 50 s), so what
+    their checks cost the host stays flat however many there are, and a
+    hung VM that no call touches is found later. A VM's death needs no
+    check: its QEMU's exit is an event (VM.wait_exited)."""
+
+    def __init__(self) -> None:
+        self._killed: dict[Sandbox, asyncio.Future] = {}
+        self._checking: dict[Sandbox, asyncio.Task] = {}
+        self._sweeper: asyncio.Task | None = None
+
+    def add(self, sandbox: Sandbox) -> asyncio.Future:
+        """Watch sandbox; the future is set to the reason if it is killed."""
+        killed = asyncio.get_running_loop().create_future()
+        self._killed[sandbox] = killed
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep(), name="health-sweep")
+        return killed
+
+    def discard(self, sandbox: Sandbox) -> None:
+        self._killed.pop(sandbox, None)
+        if not self._killed and self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    async def reason(self, sandbox: Sandbox) -> str | None:
+        """Why a check killed sandbox's VM (once a check of it under way
+        has ended: its kill makes the VM exit before the check returns),
+        or None."""
+        if (check := self._checking.get(sandbox)) is not None:
+            await asyncio.wait({check})
+        killed = self._killed.get(sandbox)
+        return killed.result() if killed is not None and killed.done() else None
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            for sandbox in list(self._killed):
+                if sandbox not in self._killed or sandbox in self._checking or \
+                        getattr(sandbox.agent, "last_reply", 0.0) > start:
+                    continue
+                self._checking[sandbox] = asyncio.create_task(self._check(sandbox))
+                await asyncio.sleep(1 / HEALTH_RATE)
+
+    async def _check(self, sandbox: Sandbox) -> None:
+        try:
+            reason = await sandbox.check_health()
+            killed = self._killed.get(sandbox)
+            if reason is not None and killed is not None and not killed.done():
+                killed.set_result(reason)
+        finally:
+            self._checking.pop(sandbox, None)
+
+    async def close(self) -> None:
+        checks = list(self._checking.values())
+        for task in [t for t in (self._sweeper, *checks) if t is not None]:
+            task.cancel()
+        await asyncio.gather(*checks, return_exceptions=True)
+        self._sweeper = None

@@ -29,13 +29,16 @@ def host_tsc_khz() -> int | None:
     return None
 
 
-def tcg_cmdline(vcpus: int) -> list[str]:
+def tcg_cmdline(vcpus: int, lapic_timer: bool = False) -> list[str]:
     """Boot-time savings that only apply under TCG (measured in
     kernel-config/README.md): the LAPIC timer calibration takes ~0.24 s of
-    emulated time (skipped with one vCPU; with more, high-resolution timers
-    need it), and a known TSC frequency avoids a calibration that fails on
-    a busy host and leaves the guest on a 4 ms jiffies clock."""
-    args = ["nolapic_timer"] if vcpus == 1 else []
+    emulated time (skipped with one vCPU unless lapic_timer; with more,
+    high-resolution timers need it), and a known TSC frequency avoids a
+    calibration that fails on a busy host and leaves the guest on a 4 ms
+    jiffies clock. Without the LAPIC timer the guest's clock events come
+    from the PIT, whose one-shot reach is ~27 ms: an idle guest wakes
+    ~36 times a second instead of sleeping (VMConfig.lapic_timer)."""
+    args = ["nolapic_timer"] if vcpus == 1 and not lapic_timer else []
     # The agent then starts crun at fixed addresses, where TCG's
     # translations of it are found again (agent init.fix_child_maps).
     args.append("hyperrun.fixed_maps=1")
@@ -127,6 +130,10 @@ class VMConfig:
     die_with_parent: bool = False
     # TCG translation cache in MiB; small VMs do not need QEMU's 1 GiB default.
     tb_size_mib: int = 64
+    # Under TCG with one vCPU, keep the LAPIC timer (tcg_cmdline): its
+    # calibration costs a boot ~0.24 s, and the guest idles without a tick.
+    # Templates (so their clones and spares) are made so: they boot once.
+    lapic_timer: bool = False
 
     @property
     def writes_shares(self) -> bool:
@@ -138,6 +145,6 @@ class VMConfig:
     def cmdline(self) -> str:
         parts = list(BASE_CMDLINE)
         if self.accel == "tcg":
-            parts += tcg_cmdline(self.vcpus)
+            parts += tcg_cmdline(self.vcpus, self.lapic_timer)
         parts += ["root=/dev/vda", "ro", "rootfstype=erofs", f"init={self.init}"]
         return " ".join(parts + list(self.cmdline_extra))

@@ -153,20 +153,27 @@ class DaemonFactory:
         self._daemons: list[Daemon] = []
         self._templates: list[Path] = []
 
-    def __call__(self, *args: str, template: bool = False, **env: str) -> Daemon:
+    def __call__(self, *args: str, template: bool = False, defaults: bool = False,
+                 **env: str) -> Daemon:
         """A started daemon with these command-line arguments (none: no
         network) and environment variables; with template, its pod VMs are
-        restored from a template kept in /dev/shm (d.templates)."""
+        restored from a template kept in /dev/shm (d.templates). Its pods
+        boot and it keeps no pool (a daemon's defaults are templates and a
+        pool: on a 2-core host under TCG, spares starting in the background
+        would slow the tests), unless defaults: then no config file at all,
+        its templates in a /dev/shm directory of the test's."""
         # A short base path: unix socket paths are limited to 108 bytes.
         d = Daemon(Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp")), args or ("--network", "none"))
         self._daemons.append(d)
         d.env.update(env)
-        if template:
+        if template or defaults:
             d.templates = Path(tempfile.mkdtemp(prefix="hr-tpl-", dir="/dev/shm"))
             self._templates.append(d.templates)
-            (d.base / "config.toml").write_text("[sandbox]\ntemplate = true\n")
-            d.env.update(HYPERRUN_CONFIG=str(d.base / "config.toml"),
-                         HYPERRUN_TEMPLATES=str(d.templates))
+            d.env.update(HYPERRUN_TEMPLATES=str(d.templates))
+        if not defaults and "HYPERRUN_CONFIG" not in env:
+            (d.base / "config.toml").write_text(
+                f"[sandbox]\ntemplate = {str(template).lower()}\npool_size = 0\n")
+            d.env.update(HYPERRUN_CONFIG=str(d.base / "config.toml"))
         d.cli.env.update(d.env)
         d.start()
         return d

@@ -118,6 +118,11 @@ def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
     assert [c.attributes.id for c in pod_stats.linux.containers] == [long]
     listed = d.runtime.ListContainerStats(cri.ListContainerStatsRequest()).stats
     assert [s.attributes.id for s in listed] == [long]
+    of_pod = cri.ContainerStatsFilter(pod_sandbox_id=pod)  # a full id: looked up by key
+    assert [s.attributes.id for s in d.runtime.ListContainerStats(
+        cri.ListContainerStatsRequest(filter=of_pod)).stats] == [long]
+    assert [s.attributes.id for s in d.runtime.ListPodSandboxStats(cri.ListPodSandboxStatsRequest(
+        filter=cri.PodSandboxStatsFilter(id=pod[:8]))).stats] == [pod]
 
     # Exec through the streaming server, as a websocket client (v4.channel.k8s.io).
     import json
@@ -160,6 +165,14 @@ def test_cri_pod_lifecycle_survives_daemon_kill(daemon, pushed):
     assert [c.id for c in d.runtime.ListContainers(cri.ListContainersRequest(filter=running)).containers] == [long]
     by_label = cri.ContainerFilter(label_selector={"c": "short"})
     assert [c.id for c in d.runtime.ListContainers(cri.ListContainersRequest(filter=by_label)).containers] == [short]
+    for f in (cri.ContainerFilter(id=long), cri.ContainerFilter(id=long[:12]),
+              cri.ContainerFilter(pod_sandbox_id=pod, state=running.state)):
+        assert [c.id for c in d.runtime.ListContainers(
+            cri.ListContainersRequest(filter=f)).containers] == [long], f
+    assert not d.runtime.ListContainers(cri.ListContainersRequest(
+        filter=cri.ContainerFilter(id="0" * 64))).containers
+    assert [p.id for p in d.runtime.ListPodSandbox(cri.ListPodSandboxRequest(
+        filter=cri.PodSandboxFilter(id=pod))).items] == [pod]
 
     # kill -9 of the daemon: the VM and its containers go on; a new daemon re-attaches.
     vms = qemu_pids() - before

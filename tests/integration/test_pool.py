@@ -127,3 +127,27 @@ def test_spares_of_a_killed_daemon_are_removed_at_its_restart(pool_daemon, cni_e
     assert not [n for n in netns if of_vms(n, old)]
     d.stop()
     assert not daemon_qemus(d) and not vm_ids(d)
+
+
+def test_a_daemon_with_no_config_makes_a_template_then_keeps_a_pool(daemon_factory, pushed):
+    """The defaults (no config file, no option): the daemon starts nothing
+    until its first pod, which makes the template and is restored from it
+    (template "auto") and starts the pool (pool_size "auto", sized from
+    the host's available memory: this host has room for one at least); the
+    second `hyperrun run --rm IMAGE true` then takes a spare. How each pod
+    was started is in the daemon's log."""
+    d = daemon_factory(defaults=True)
+    image = pushed.ref("busybox:latest")
+    d.pull(image)
+    info = json.loads(d.runtime.Status(cri.StatusRequest(verbose=True)).info["config"])
+    assert info["template"] is True and info["pool"]["size"] >= 1, info
+    assert info["pool"]["ready"] == 0 and not daemon_qemus(d)  # nothing before the first need
+    d.cli("run", "--rm", image, "true", check=True)
+    assert [e["started"] for e in d.events("sandbox started")] == ["template"]
+    assert list(d.templates.iterdir()), "no template was made"
+    wait_until(lambda: pool(d)["ready"] >= 1, 180, "a spare is ready", interval=0.2,
+               state=lambda: pool(d))
+    d.cli("run", "--rm", image, "true", check=True)
+    assert [e["started"] for e in d.events("sandbox started")] == ["template", "pool"]
+    d.stop()
+    assert not daemon_qemus(d) and not vm_ids(d)

@@ -11,14 +11,14 @@ def test_defaults_and_file(tmp_path):
     path.write_text("[sandbox]\nvcpus = 2\nmemory_mib = 512\n")
     d = config.load(path)
     assert (d.vcpus, d.memory_mib, d.machine) == (2, 512, "microvm")
-    path.write_text("[sandbox]\nvcpu = 2\n")
-    with pytest.raises(config.ConfigError, match="unknown key sandbox.vcpu"):
-        config.load(path)
-    path.write_text("[sandbox]\nmemory_mib = '1G'\n")
-    with pytest.raises(config.ConfigError, match="must be int"):
-        config.load(path)
-    path.write_text("[sandbox\n")
-    with pytest.raises(config.ConfigError):
+    refused(path, "[sandbox]\nvcpu = 2\n", "unknown key sandbox.vcpu")
+    refused(path, "[sandbox]\nmemory_mib = '1G'\n", "must be int")
+    refused(path, "[sandbox\n", None)
+
+
+def refused(path, text: str, match: str | None) -> None:
+    path.write_text(text)
+    with pytest.raises(config.ConfigError, match=match):
         config.load(path)
 
 
@@ -54,3 +54,38 @@ def test_clone_cache_size(tmp_path):
         clone = clone_config(booted, template, cache_mib)
         os.close(clone.incoming_fd)
         assert clone.tb_size_mib == expected and clone.incoming and not clone.memory_shared
+
+
+def test_auto_templates_and_pool(tmp_path):
+    """By default ("auto") a daemon makes templates and keeps a pool sized
+    from the host's available memory; a run without a daemon does neither;
+    explicit values stay as they are."""
+    d = config.SandboxDefaults()
+    assert (d.template, d.pool_size) == ("auto", "auto")
+    daemon = config.resolve(d, daemon=True, available_mib=16 << 10)
+    assert (daemon.template, daemon.pool_size) == (True, config.POOL_AUTO_MAX)
+    assert config.resolve(d, daemon=True, available_mib=3000).pool_size == 1
+    assert config.resolve(d, daemon=True, available_mib=1000).pool_size == 0
+    embedded = config.resolve(d, daemon=False, available_mib=16 << 10)
+    assert (embedded.template, embedded.pool_size) == (False, 0)
+    assert d.template == "auto"  # resolve leaves its argument alone
+    path = tmp_path / "config.toml"
+    path.write_text('[sandbox]\ntemplate = false\npool_size = 3\n')
+    explicit = config.resolve(config.load(path), daemon=True, available_mib=0)
+    assert (explicit.template, explicit.pool_size) == (False, 3)
+    path.write_text('[sandbox]\ntemplate = "auto"\npool_size = "auto"\n')
+    assert (config.load(path).template, config.load(path).pool_size) == ("auto", "auto")
+    refused(path, '[sandbox]\npool_size = "many"\n', 'pool_size must be int or "auto"')
+    refused(path, '[sandbox]\ntemplate = "yes"\n', 'template must be bool or "auto"')
+
+
+def test_template_vms_keep_the_lapic_timer():
+    """Under TCG a booted VM skips the LAPIC timer's calibration
+    (nolapic_timer); a template's VM keeps it, so clones idle tickless."""
+    from hyperrun.sandbox.config import SandboxConfig
+
+    from dataclasses import replace
+
+    booted = replace(SandboxConfig().vm_config(), accel="tcg")
+    assert "nolapic_timer" in booted.cmdline().split()
+    assert "nolapic_timer" not in replace(booted, lapic_timer=True).cmdline().split()
