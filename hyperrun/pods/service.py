@@ -108,6 +108,7 @@ class PodService:
         self.pods: dict[str, Pod] = {}  # every pod with a record
         self._starting: list[PodSpec] = []  # pods being started, not yet recorded
         self.names = NameServer(self._addresses)  # the pods' DNS: network/dns.py
+        self.networks.on_released = self.names.stop  # a project's network gone
 
     def _pod(self, pod_id: str) -> Pod:
         if (pod := self.pods.get(pod_id)) is None:
