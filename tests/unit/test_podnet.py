@@ -116,3 +116,53 @@ def test_ulimits_as_docker_takes_them():
     for bad in ("nofile=2:1", "files=1", "nofile=x", "nofile"):
         with pytest.raises(cli_server.RunError, match="--ulimit"):
             cli_server.ulimits([bad])
+
+
+class _FakeSandboxNetworks:
+    """What PodNetworks asks of SandboxNetworks and its projects."""
+
+    def __init__(self):
+        self.calls = []
+        self.projects = self
+        self.released = {"hyperrun-one"}
+
+    def add(self, sandbox_id, netlist=None, **kw):
+        self.calls.append(("add", sandbox_id, netlist))
+        return info()
+
+    def teardown(self, sandbox_id):
+        self.calls.append(("teardown", sandbox_id))
+        return "hyperrun-one"
+
+    def lock(self):
+        import threading
+        return threading.Lock()
+
+    def ensure(self, project):
+        self.calls.append(("ensure", project))
+        return f"conf-of-{project}"
+
+    def gateway(self, name):
+        return "10.90.0.1"
+
+    def release(self, name):
+        self.calls.append(("release", name))
+        return name in self.released
+
+
+def test_a_compose_pod_gets_its_projects_network_which_goes_with_its_last_pod():
+    fake = _FakeSandboxNetworks()
+    nets = podnet.PodNetworks("none", fake)
+    stopped = []
+    nets.on_released = stopped.append
+    spec = PodSpec("one-web-1", labels={"com.docker.compose.project": "one"})
+    network = nets.complete("sb", "cni", spec)
+    assert fake.calls == [("ensure", "one"), ("add", "sb", "conf-of-one")]
+    nets.complete("sb2", "cni", PodSpec("plain"))
+    assert fake.calls[-1] == ("add", "sb2", None)  # the conf dir's network
+    nets.teardown("sb", network)
+    assert fake.calls[-2:] == [("teardown", "sb"), ("release", "hyperrun-one")]
+    assert stopped == ["10.90.0.1"]  # its name server's socket goes too
+    fake.released = set()
+    nets.teardown("sb", network)
+    assert stopped == ["10.90.0.1"]
