@@ -182,8 +182,16 @@ class PodNetworks:
             return PodNetwork("cni", self.networks.add(sandbox_id, **add))
         projects = self.networks.projects
         with projects.lock():  # not removed between its config and the ADD
-            netlist = projects.ensure(project)
-            info = self.networks.add(sandbox_id, netlist=netlist, **add)
+            try:
+                netlist = projects.ensure(project)
+            except BaseException:
+                self.networks.teardown(sandbox_id)  # the prepared netns
+                raise
+            try:
+                info = self.networks.add(sandbox_id, netlist=netlist, **add)
+            except BaseException:  # add undid its part; a network made for it goes
+                self._release(netlist.name)
+                raise
         return PodNetwork("cni", info)
 
     def teardown(self, sandbox_id: str, network: PodNetwork) -> None:
