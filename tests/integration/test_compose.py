@@ -3,7 +3,8 @@ each service in its own VM on the CNI network) up with one command
 against an image the test builds from Debian's packages; the page, a post
 added through it, a re-created database found again by its name, Docker's
 file limit in the containers, and nothing left on the host after `down`
-(issue 17)."""
+(issue 17); two projects, each on a network of its own that the other's
+pods cannot reach, and that `down` removes."""
 import ipaddress
 import json
 import re
