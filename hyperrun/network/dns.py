@@ -46,6 +46,7 @@ class NameServer:
         self.lookup = lookup
         self.upstream = upstream
         self._transports: dict[str, asyncio.DatagramTransport] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve_on(self, address: str, port: int = PORT) -> bool:
         """Listen on address:port (once per address); False if it cannot."""
@@ -61,10 +62,26 @@ class NameServer:
             sock.close()
             logger.warning("no name server for the pods", address=address, error=str(exc))
             return False
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=sock)
         self._transports[address] = transport
         return True
+
+    def stop(self, address: str) -> None:
+        """Stop listening on address (its network is gone); from any thread."""
+        def close() -> None:
+            if transport := self._transports.pop(address, None):
+                transport.close()
+        if self._loop is None or self._loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            close()
+        else:
+            self._loop.call_soon_threadsafe(close)
 
     def close(self) -> None:
         for transport in self._transports.values():

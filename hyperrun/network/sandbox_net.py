@@ -26,6 +26,7 @@ from hyperrun.paths import data_root
 from hyperrun.specs import PortMapping
 
 from . import cni, default_config, netns, tap
+from .projects import ProjectNetworks
 
 logger = log.get("network")
 
@@ -98,6 +99,9 @@ class SandboxNetworks:
         self.ifname = ifname
         self.tap_name = tap_name
         self.client = cni.Client(self.bin_dirs, self.cache_dir)
+        # Compose projects' own networks, beside the cache: in the data root.
+        self.projects = ProjectNetworks(self.cache_dir.parent / "networks", self.conf_dir,
+                                        self.client, self.ifname)
 
     def netns_path(self, sandbox_id: str) -> Path:
         return self.netns_dir / f"{self.netns_prefix}{sandbox_id}"
@@ -126,10 +130,12 @@ class SandboxNetworks:
             raise
 
     def add(self, sandbox_id: str, *, pod_name: str = "", pod_namespace: str = "",
-            pod_uid: str = "", port_mappings: Iterable[PortMapping] = ()) -> NetworkInfo:
+            pod_uid: str = "", port_mappings: Iterable[PortMapping] = (),
+            netlist: cni.NetworkConfigList | None = None) -> NetworkInfo:
         """CNI ADD in the prepared netns, and the tap joined to the new
-        interface. On any failure, the network (netns included) is torn
-        down before the error is raised."""
+        interface; on the conf dir's network unless netlist is given (a
+        project's: projects.py). On any failure, the network (netns
+        included) is torn down before the error is raised."""
         path = self.netns_path(sandbox_id)
         args = [("IgnoreUnknown", "1"),  # else bridge and host-local refuse the K8S_ args
                 ("K8S_POD_NAMESPACE", pod_namespace), ("K8S_POD_NAME", pod_name),
@@ -140,7 +146,7 @@ class SandboxNetworks:
         att = cni.Attachment(sandbox_id, str(path), self.ifname, tuple(args),
                              {"portMappings": ports} if ports else {})
         try:
-            netlist = cni.load_config(self.conf_dir)
+            netlist = netlist or cni.load_config(self.conf_dir)
             if not netns.is_netns(path):
                 raise FileNotFoundError(f"sandbox {sandbox_id} has no prepared netns at {path}")
             result = self.client.add(netlist, att)
@@ -176,9 +182,10 @@ class SandboxNetworks:
             raise cni.CNIError(f"sandbox {sandbox_id} has no network")
         self.client.check(entry.config, entry.attachment, entry.result)
 
-    def teardown(self, sandbox_id: str) -> None:
+    def teardown(self, sandbox_id: str) -> str:
         """CNI DEL (from the cache: the config, args and result of ADD),
-        then the netns, which takes the tap and its filters along.
+        then the netns, which takes the tap and its filters along; returns
+        the name of the CNI network it left ("" if none was cached).
         Idempotent; fine when the netns, the interface or the cache is
         already gone. If a plugin fails, the cache and netns stay so that a
         later teardown can try again."""
@@ -197,6 +204,7 @@ class SandboxNetworks:
             self.client.forget(sandbox_id, self.ifname)
             logger.info("network deleted", sandbox=sandbox_id, placeholder_netns=placeholder)
         netns.remove(path)
+        return entry.config.name if entry is not None else ""
 
     def _stand_in_interface(self, path: Path, entry: cni.CacheEntry) -> None:
         """If the CNI interface is gone from the netns, put a stand-in with

@@ -109,6 +109,7 @@ class PodService:
         self._starting: list[PodSpec] = []  # pods being started, not yet recorded
         self.names = NameServer(self._addresses)  # the pods' DNS: network/dns.py
         self.health = HealthWatch()  # one sweep of health checks for every running VM
+        self.networks.on_released = self.names.stop  # a project's network gone
 
     def _pod(self, pod_id: str) -> Pod:
         if (pod := self.pods.get(pod_id)) is None:

@@ -16,14 +16,14 @@ from __future__ import annotations
 import errno
 import ipaddress
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from hyperrun import errdefs
 from hyperrun import log
 from hyperrun.network import NetworkInfo, SandboxNetworks, cni_available, install_default_config
-from hyperrun.specs import PodSpec, PortMapping
+from hyperrun.specs import PROJECT_LABEL, PodSpec, PortMapping
 from hyperrun.proto import agent_pb2 as apb
 from hyperrun.vm.config import Nic
 
@@ -95,6 +95,8 @@ class PodNetworks:
         self._kind = kind
         self._cni: tuple[bool, str] | None = None
         self._probing = threading.Lock()  # kind_for runs in the loop, prepare in threads
+        # Told the gateway of a project network removed (its name server goes).
+        self.on_released: Callable[[str], None] = lambda gateway: None
 
     def _probe(self) -> tuple[bool, str]:
         with self._probing:
@@ -173,17 +175,45 @@ class PodNetworks:
                                routes=[{"dst": "0.0.0.0/0", "gw": USER_GATEWAY}],
                                dns={"nameservers": [USER_DNS]})
             return PodNetwork("user", info)
-        info = self.networks.add(sandbox_id, pod_name=spec.name, pod_namespace=spec.namespace,
-                                 pod_uid=spec.uid, port_mappings=spec.ports)
+        add = dict(pod_name=spec.name, pod_namespace=spec.namespace, pod_uid=spec.uid,
+                   port_mappings=spec.ports)
+        project = spec.labels.get(PROJECT_LABEL)
+        if not project:
+            return PodNetwork("cni", self.networks.add(sandbox_id, **add))
+        projects = self.networks.projects
+        with projects.lock():  # not removed between its config and the ADD
+            try:
+                netlist = projects.ensure(project)
+            except BaseException:
+                self.networks.teardown(sandbox_id)  # the prepared netns
+                raise
+            try:
+                info = self.networks.add(sandbox_id, netlist=netlist, **add)
+            except BaseException:  # add undid its part; a network made for it goes
+                self._release(netlist.name)
+                raise
         return PodNetwork("cni", info)
 
     def teardown(self, sandbox_id: str, network: PodNetwork) -> None:
-        """Blocking; idempotent. The VM must be gone (its tap fd holds the netns)."""
+        """Blocking; idempotent. The VM must be gone (its tap fd holds the
+        netns). A project's network goes with its last pod."""
         if network.kind == "cni":
-            self.networks.teardown(sandbox_id)
+            name = self.networks.teardown(sandbox_id)
+            if not name and network.info:
+                name = network.info.network
+            if name:
+                self._release(name)
+
+    def _release(self, name: str) -> None:
+        gateway = self.networks.projects.gateway(name)
+        if self.networks.projects.release(name) and gateway:
+            self.on_released(gateway)
 
     def collect_stale(self, known_ids) -> list[str]:
-        return self.networks.collect_stale(known_ids)
+        stale = self.networks.collect_stale(known_ids)
+        for name in sorted(self.networks.projects.names()):
+            self._release(name)
+        return stale
 
 
 def _overlap(a: PortMapping, b: PortMapping) -> bool:

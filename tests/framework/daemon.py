@@ -142,7 +142,23 @@ class Daemon:
                     os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+        self._remove_networks()
         shutil.rmtree(self.base, ignore_errors=True)
+
+    def _remove_networks(self) -> None:
+        """What a failed test left of its pods' networks (their VMs gone):
+        CNI DEL from the daemon's cache, and its compose projects' networks."""
+        root = Path(self.env["HYPERRUN_ROOT"])
+        if not (root / "cni").is_dir() and not (root / "networks").is_dir():
+            return
+        from hyperrun.network import SandboxNetworks
+
+        nets = SandboxNetworks(cache_dir=root / "cni")
+        try:
+            nets.collect_stale(set())
+            nets.projects.release_unused()
+        except Exception as e:  # the test's own failure matters more
+            print(f"networks of {root} not all removed: {e}")
 
 
 class DaemonFactory:

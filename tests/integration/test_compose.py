@@ -3,7 +3,9 @@ each service in its own VM on the CNI network) up with one command
 against an image the test builds from Debian's packages; the page, a post
 added through it, a re-created database found again by its name, Docker's
 file limit in the containers, and nothing left on the host after `down`
-(issue 17)."""
+(issue 17); two projects, each on a network of its own that the other's
+pods cannot reach, and that `down` removes."""
+import ipaddress
 import json
 import re
 import time
@@ -15,7 +17,7 @@ import pytest
 
 from tests.framework import Cli, qemu_pids, wait_until
 from tests.conftest import REPORTS
-from tests.framework.host import network_state, state_diff
+from tests.framework.host import host_links, iptables_state, network_state, state_diff
 
 pytestmark = pytest.mark.vm
 BLOG = Path(__file__).resolve().parents[2] / "examples" / "blog"
@@ -151,6 +153,19 @@ services:
     r = cli(*two, "exec", "-T", "client", "nslookup", "web", check=False)
     assert r.returncode != 0, r  # project one's service, not two's
 
+    # Each project its own network: subnets apart, and no way across.
+    (other,) = json.loads(cli("inspect", "two-client-1").stdout)
+    other_ip = other["NetworkSettings"]["IPAddress"]
+    assert ipaddress.ip_network(f"{web_ip}/24", strict=False) != \
+        ipaddress.ip_network(f"{other_ip}/24", strict=False), (web_ip, other_ip)
+    get = ("timeout", "5", "wget", "-qO-", f"http://{web_ip}/")  # wget -T: SIGSEGV here
+    assert cli(*one, "exec", "-T", "client", *get).stdout == b"web\n"
+    r = cli(*two, "exec", "-T", "client", *get, check=False)
+    assert r.returncode != 0 and r.stdout == b"", r  # project one's web, from project two
+    networks = project_networks(netd)
+    assert sorted(n["project"] for n in networks.values()) == ["one", "two"], networks
+    assert {n["bridge"] for n in networks.values()} <= host_links()
+
     def flaky():
         (info,) = json.loads(cli("inspect", "one-flaky-1").stdout)
         return info["Config"]["Labels"].get("io.hyperrun.restarts") == "2" and \
@@ -168,6 +183,20 @@ services:
     for project in (one, two):
         cli(*project, "down", timeout=300)
     wait_until(lambda: not qemu_pids(netd.run_dir), 30, "no VM left")
+    # Nothing of the projects' networks left: bridges, rules, leases, configs.
+    assert project_networks(netd) == {}
+    assert not {n["bridge"] for n in networks.values()} & host_links()
+    rules = iptables_state()
+    for name, n in networks.items():
+        assert n["bridge"] not in rules and n["subnet"].rsplit(".", 1)[0] + "." not in rules
+        root = Path(netd.env["HYPERRUN_ROOT"]) / "networks"
+        assert not (root / "ipam" / name).exists() and not (root / f"{name}.conflist").exists()
+
+
+def project_networks(d) -> dict:
+    """The daemon's record of its projects' networks (network/projects.py)."""
+    path = Path(d.env["HYPERRUN_ROOT"]) / "networks" / "state.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def test_up_attached_follows_the_output_and_ctrl_c_stops(netd, pushed, tmp_path):

@@ -398,3 +398,78 @@ def test_collect_stale_removes_leftovers_of_lost_records(nets, leases):
     wait_until(lambda: bridge_ports() == [], 5, "the bridge without ports", interval=0.05,
                state=bridge_ports)
     assert snapshot(leases) == before
+
+
+# -- compose projects' own networks ----------------------------------------------
+
+SERVER = """
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 80)); s.listen()
+while True:
+    c, _ = s.accept(); c.sendall(b"ok"); c.close()
+"""
+CLIENT = """
+import socket, sys
+try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2)
+    print(s.recv(2).decode())
+except OSError as e:
+    print(e); sys.exit(1)
+"""
+
+
+def _plain_pod(nets, sandbox_id: str, project: str, ports=()):
+    """A netns on the project's network with no tap: eth0 itself answers."""
+    path = nets.netns_path(sandbox_id)
+    netns.create(path)
+    netlist = nets.projects.ensure(project)
+    caps = {"portMappings": [p.to_cni() for p in ports]} if ports else {}
+    att = cni.Attachment(sandbox_id, str(path), "eth0", (("IgnoreUnknown", "1"),), caps)
+    result = nets.client.add(netlist, att)
+    ip = result.sandbox_ips("eth0", str(path))[0]
+    return path, ip.address.split("/")[0], ip.gateway
+
+
+def _connect(path, ip: str, port: int) -> bool:
+    r = subprocess.run(["nsenter", f"--net={path}", "python3", "-c", CLIENT, ip, str(port)],
+                       capture_output=True, text=True, timeout=30)
+    return r.returncode == 0 and r.stdout.strip() == "ok"
+
+
+def test_project_networks_apart_isolated_and_removed(nets):
+    ids = {"a1": sid("pa"), "a2": sid("pa"), "b1": sid("pb")}
+    server = None
+    try:
+        a1, a1_ip, a_gw = _plain_pod(nets, ids["a1"], "pa", [PortMapping(38091, 80)])
+        a2, a2_ip, _ = _plain_pod(nets, ids["a2"], "pa")
+        b1, b1_ip, b_gw = _plain_pod(nets, ids["b1"], "pb")
+        assert ipaddress.ip_network(f"{a1_ip}/24", strict=False) == \
+            ipaddress.ip_network(f"{a2_ip}/24", strict=False)
+        assert ipaddress.ip_network(f"{a1_ip}/24", strict=False) != \
+            ipaddress.ip_network(f"{b1_ip}/24", strict=False)
+        assert not ipaddress.ip_address(a1_ip) in ipaddress.ip_network(SUBNET)
+        server = subprocess.Popen(["nsenter", f"--net={a1}", "python3", "-c", SERVER])
+        wait_until(lambda: _connect(a2, a1_ip, 80), 20, "the same project's pod reached")
+        assert not _connect(b1, a1_ip, 80)  # another project's: dropped
+        assert _connect(b1, b_gw, 38091)  # its published port: reachable (DNAT)
+        assert _connect(a2, a_gw, 38091)
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        for sandbox_id in ids.values():
+            nets.teardown(sandbox_id)
+    networks = nets.projects._state()
+    bridges = {n["bridge"] for n in networks.values()}
+    assert bridges and bridges <= host_links()
+    for name in list(networks):
+        assert nets.projects.release(name)
+    assert not bridges & host_links()
+    assert nets.projects.names() == set()
+    assert not list((nets.projects.root / "ipam").glob("*"))
+    # No rule of theirs (other tests' pods may come and go meanwhile).
+    marks = [*bridges, *(n["subnet"].rsplit(".", 1)[0] + "." for n in networks.values()),
+             '"hyperrun-p']
+    assert [line for line in iptables_state().splitlines()
+            if any(m in line for m in marks)] == []

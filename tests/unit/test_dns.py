@@ -49,3 +49,19 @@ def test_pod_names_and_forwarding():
             server.close()
             upstream.close()
     asyncio.run(main())
+
+
+def test_stop_lets_go_of_an_address_from_any_thread():
+    async def main():
+        server = NameServer(lambda name, client: [])
+        assert await server.serve_on("127.0.0.1", 15355)
+        await asyncio.to_thread(server.stop, "127.0.0.1")  # a network removed in a thread
+        done = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(done.set_result, None)
+        await done  # after the close the thread handed the loop (callbacks run in order)
+        assert "127.0.0.1" not in server._transports
+        assert await server.serve_on("127.0.0.1", 15355)  # the port is free again
+        server.stop("127.0.0.1")
+        server.stop("127.0.0.2")  # never served: nothing to do
+        server.close()
+    asyncio.run(main())

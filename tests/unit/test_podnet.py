@@ -1,5 +1,7 @@
 """The pod network's policy (sandbox/podnet.py) and the CLI's -p/-v parsing:
 what the guest and QEMU are told, without VMs."""
+import dataclasses
+
 import pytest
 
 from hyperrun.api import cli_server
@@ -116,3 +118,67 @@ def test_ulimits_as_docker_takes_them():
     for bad in ("nofile=2:1", "files=1", "nofile=x", "nofile"):
         with pytest.raises(cli_server.RunError, match="--ulimit"):
             cli_server.ulimits([bad])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Conf:
+    name: str
+
+
+class _FakeSandboxNetworks:
+    """What PodNetworks asks of SandboxNetworks and its projects."""
+
+    def __init__(self):
+        self.calls = []
+        self.projects = self
+        self.released = {"hyperrun-one"}
+
+    def add(self, sandbox_id, netlist=None, **kw):
+        self.calls.append(("add", sandbox_id, netlist))
+        return info()
+
+    def teardown(self, sandbox_id):
+        self.calls.append(("teardown", sandbox_id))
+        return "hyperrun-one"
+
+    def lock(self):
+        import threading
+        return threading.Lock()
+
+    def ensure(self, project):
+        self.calls.append(("ensure", project))
+        return _Conf(f"conf-of-{project}")
+
+    def gateway(self, name):
+        return "10.90.0.1"
+
+    def release(self, name):
+        self.calls.append(("release", name))
+        return name in self.released
+
+
+def test_a_compose_pod_gets_its_projects_network_which_goes_with_its_last_pod():
+    fake = _FakeSandboxNetworks()
+    nets = podnet.PodNetworks("none", fake)
+    stopped = []
+    nets.on_released = stopped.append
+    spec = PodSpec("one-web-1", labels={"com.docker.compose.project": "one"})
+    network = nets.complete("sb", "cni", spec)
+    assert fake.calls == [("ensure", "one"), ("add", "sb", _Conf("conf-of-one"))]
+    nets.complete("sb2", "cni", PodSpec("plain"))
+    assert fake.calls[-1] == ("add", "sb2", None)  # the conf dir's network
+    nets.teardown("sb", network)
+    assert fake.calls[-2:] == [("teardown", "sb"), ("release", "hyperrun-one")]
+    assert stopped == ["10.90.0.1"]  # its name server's socket goes too
+    fake.released = set()
+    nets.teardown("sb", network)
+    assert stopped == ["10.90.0.1"]
+
+    # A failed ADD: the network made for it is released again.
+    def failing_add(sandbox_id, netlist=None, **kw):
+        raise OSError("plugin failed")
+    fake.add = failing_add
+    fake.calls.clear()
+    with pytest.raises(OSError):
+        nets.complete("sb3", "cni", spec)
+    assert fake.calls == [("ensure", "one"), ("release", "conf-of-one")]
