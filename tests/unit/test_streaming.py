@@ -30,6 +30,7 @@ class FakeProcess:
         self.queues = {"stdout": asyncio.Queue(), "stderr": asyncio.Queue()}
         self.code = code
         self.resizes: list[tuple[int, int]] = []
+        self.events: list[tuple] = []  # resizes and writes, in the order they reached it
         self.stdin_closed = False
         self.waited = False
         self.abandoned = asyncio.Event()
@@ -51,6 +52,7 @@ class FakeProcess:
         return await self.queues[stream].get()
 
     async def write(self, data: bytes) -> None:
+        self.events.append(("write", data))
         if not self._done.is_set():
             self.queues["stdout"].put_nowait(data)
 
@@ -60,7 +62,10 @@ class FakeProcess:
             self._finish()
 
     async def resize(self, rows: int, cols: int) -> None:
+        for _ in range(5):  # a round trip to the guest: other tasks run meanwhile
+            await asyncio.sleep(0)
         self.resizes.append((rows, cols))
+        self.events.append(("resize", rows, cols))
 
     async def wait(self) -> int:
         await self._done.wait()
@@ -362,6 +367,8 @@ def test_websocket_v5_stdin_close_signal_and_resize():
         proc = backend.procs[0]
         assert proc.stdin_closed and proc.waited
         assert proc.resizes == [(30, 100), (40, 120)]
+        # The first size reached the process before the input sent after it.
+        assert proc.events[:2] == [("resize", 30, 100), ("write", b"hello\n")]
     run(body)
 
 

@@ -165,37 +165,71 @@ async def run(backend: Backend, kind: str, info, ch: Channels) -> None:
             if sink is not None:
                 await sink.close()
 
+    # A terminal's size goes to the process before any input that came
+    # after it: a client sends the size first, then types, and a shell
+    # asked `stty size` must not answer with the size it had before. The
+    # two channels have pumps of their own; stdin waits for the resize
+    # pump to have applied what it had been sent.
+    sizes = asyncio.Condition()
+    resizing = [False]
+
+    def sizes_applied() -> bool:
+        return ch.resize is None or ch.resize.ended or \
+            not (ch.resize.pending or resizing[0])
+
     async def pump_stdin(inbox: Inbox) -> None:
         try:
             while data := await inbox.read():
+                async with sizes:
+                    await sizes.wait_for(sizes_applied)
                 await proc.write(data)
         except Exception as exc:
             _log.info("stdin copy ended", error=str(exc))
         try:
+            async with sizes:  # its end, too, after the sizes sent before it
+                await sizes.wait_for(sizes_applied)
             await proc.close_stdin()
         except Exception as exc:
             _log.info("closing stdin failed", error=str(exc))
 
     async def pump_resize(inbox: Inbox) -> None:
         decoder, buffer = json.JSONDecoder(), ""
-        while data := await inbox.read():
-            buffer += data.decode("utf-8", "replace")
-            while buffer := buffer.lstrip():
+        try:
+            while data := await inbox.read():
+                resizing[0] = True  # set before any switch: stdin waits for it
+                buffer += data.decode("utf-8", "replace")
+                if not await apply_sizes(decoder, buffer := buffer.lstrip(), keep := []):
+                    return  # not JSON after all: stop, as the kubelet
+                buffer = keep[0]
+                resizing[0] = False
+                async with sizes:
+                    sizes.notify_all()
+        finally:
+            resizing[0] = False
+            async with sizes:
+                sizes.notify_all()
+
+    async def apply_sizes(decoder, buffer: str, keep: list) -> bool:
+        """Apply every whole size message of buffer; keep what is left of it;
+        False if it cannot be JSON."""
+        while buffer := buffer.lstrip():
+            try:
+                event, end = decoder.raw_decode(buffer)
+            except json.JSONDecodeError:
+                if len(buffer) > 4096:
+                    return False
+                break
+            buffer = buffer[end:]
+            size = {str(k).lower(): v for k, v in event.items()} \
+                if isinstance(event, dict) else {}
+            width, height = size.get("width"), size.get("height")
+            if isinstance(width, int) and isinstance(height, int) and width and height:
                 try:
-                    event, end = decoder.raw_decode(buffer)
-                except json.JSONDecodeError:
-                    if len(buffer) > 4096:  # not JSON after all: stop, as the kubelet
-                        return
-                    break
-                buffer = buffer[end:]
-                size = {str(k).lower(): v for k, v in event.items()} \
-                    if isinstance(event, dict) else {}
-                width, height = size.get("width"), size.get("height")
-                if isinstance(width, int) and isinstance(height, int) and width and height:
-                    try:
-                        await proc.resize(rows=height, cols=width)
-                    except Exception as exc:
-                        _log.info("resize failed", error=str(exc))
+                    await proc.resize(rows=height, cols=width)
+                except Exception as exc:
+                    _log.info("resize failed", error=str(exc))
+        keep.append(buffer)
+        return True
 
     side = []
     if ch.stdin is not None:

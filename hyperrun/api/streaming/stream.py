@@ -33,6 +33,11 @@ class Inbox:
     def ended(self) -> bool:
         return self._ended
 
+    @property
+    def pending(self) -> bool:
+        """Data received and not read yet."""
+        return bool(self._chunks)
+
     def put(self, data: bytes) -> None:
         if self._ended or not data:
             return
