@@ -49,7 +49,9 @@ def test_a_sweep_asks_quiet_agents_at_a_bounded_rate_and_kills_a_hung_one(monkey
         hung = Sandbox(VM(), Agent(hung=True))
         monitors = [asyncio.create_task(s.monitor(watch)) for s in [*quiet, busy, hung]]
         start = loop.time()
+        deadline = start + 10  # 0.2 s of timeout at 40 checks a second: far less
         while not hung.vm.killed:
+            assert loop.time() < deadline, "the hung agent's VM was never killed"
             busy.agent.last_reply = loop.time()  # its calls are answered all the time
             await asyncio.sleep(0.01)
         elapsed = loop.time() - start
