@@ -481,10 +481,9 @@ class _CriClient:
 
 def _busybox_registry(base: Path):
     """The bench's busybox in a loopback registry: (layout, registry, ref)."""
-    from hyperrun.sample_images import Layout, build_busybox, start_registry
+    from hyperrun.sample_images import start_registry
 
-    layout = Layout(base / "oci")
-    build_busybox(layout, "busybox", base)
+    layout = _busybox_layout(base)
     registry = start_registry(base / "registry")
     try:
         registry.push(layout.path, "busybox", "busybox:latest")
